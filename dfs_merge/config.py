@@ -1,0 +1,162 @@
+"""The run config (YAML) and the helpers that read YAML files with one-line errors.
+
+The config is a pydantic model so that an unknown key or a wrong type is refused
+with a message naming the field, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dfs_merge.errors import ConfigError, DfsMergeError
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line naming the first offending field and what is wrong with it."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{where}: {msg}{extra}"
+
+
+def read_yaml(path: str | Path, error: type[DfsMergeError] = ConfigError) -> dict[str, Any]:
+    """Read a YAML mapping, raising `error` with one line when the file is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise error(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a text file so that a reader sees either the old or the new content, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ConstraintsConfig(BaseModel):
+    """Limits on the routes a genome may decode to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pin_ends: bool = True
+    min_hops: int = Field(1, ge=1)
+    max_hops: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ConstraintsConfig:
+        if self.max_hops is not None and self.max_hops < self.min_hops:
+            raise ValueError(f"max_hops ({self.max_hops}) is below min_hops ({self.min_hops})")
+        return self
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs; see DESIGN.md, section 'Run config'."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(min_length=1)
+    repeats: int = Field(1, ge=1)
+    scaling: Literal["slot", "transition", "none"] = "slot"
+    constraints: ConstraintsConfig = ConstraintsConfig()
+
+    tasks: dict[str, float] = Field(min_length=1)
+    metrics: dict[str, str] = {}
+    report_tasks: list[str] = []
+    limit: int | None = Field(None, ge=1)
+    eval_suites: list[str] = []
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(2048, ge=16)
+    num_fewshot: int | None = Field(None, ge=0)
+    prefix_cache_mb: float = Field(0, ge=0)
+
+    objectives: list[Literal["score", "hops"]] = ["score"]
+    algorithm: Literal["ga", "nsga2", "cmaes", "random"] = "ga"
+    population: int = Field(16, ge=2)
+    generations: int = Field(10, ge=0)
+    seed: int = 0
+    crossover_prob: float = Field(0.7, ge=0, le=1)
+    mutation_prob: float = Field(0.3, ge=0, le=1)
+    bit_flip_prob: float | None = Field(None, gt=0, le=1)
+    scale_sigma: float = Field(0.1, gt=0)
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    cma_sigma: float = Field(0.5, gt=0)
+    elite: int = Field(1, ge=0)
+    tournament: int = Field(3, ge=2)
+
+    workers: int = Field(1, ge=1)
+    ray: str | None = None
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int | None = Field(None, ge=1)
+    out: str = "runs/run"
+
+    @field_validator("objectives")
+    @classmethod
+    def _score_first(cls, v: list[str]) -> list[str]:
+        if not v or v[0] != "score" or len(set(v)) != len(v):
+            raise ValueError("must be [score] or [score, hops]")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.algorithm == "nsga2" and self.objectives != ["score", "hops"]:
+            raise ValueError("algorithm nsga2 needs objectives [score, hops]")
+        if self.elite >= self.population:
+            raise ValueError(f"elite ({self.elite}) must be below population ({self.population})")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(self.scale_range)}")
+        unknown = set(self.metrics) - set(self.tasks) - set(self.report_tasks)
+        if unknown:
+            raise ValueError(f"metrics names tasks that are neither in tasks nor report_tasks: {sorted(unknown)}")
+        return self
+
+
+def load_config(path: str | Path, **overrides: Any) -> RunConfig:
+    """Load and validate a run config; relative source and suite paths resolve against the config's folder
+    when they exist there, else against the current directory."""
+    data = read_yaml(path)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {describe_validation_error(err)}") from None
+    base = Path(path).resolve().parent
+    cfg.sources = [_resolve(s, base) for s in cfg.sources]
+    cfg.eval_suites = [_resolve(s, base) for s in cfg.eval_suites]
+    return cfg
+
+
+def _resolve(p: str, base: Path) -> str:
+    """A path relative to the config's folder if it exists there; names and other paths unchanged."""
+    candidate = base / p
+    if not Path(p).is_absolute() and not Path(p).exists() and candidate.exists():
+        return str(candidate)
+    return p

@@ -1,0 +1,404 @@
+"""The paper's data-flow genome, its YAML file format, and decoding it into a `Route`.
+
+Layout (DESIGN.md): the decoder layers of all sources in a fixed order (all of
+source 0's layers, then source 1's, ...), repeated `repeats` times, give T = M x r
+slots. One inclusion bit per slot; the route is the included slots in slot order.
+Scaling is one value per slot (`slot`), the paper's M x M matrix indexed by
+(previous layer, this layer) (`transition`), or absent (`none`). Decoding always
+yields one scale per hop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dfs_merge.config import ConstraintsConfig, describe_validation_error, read_yaml, write_atomic
+from dfs_merge.errors import GenomeError
+
+FORMAT = "dfs-merge/genome@1"
+Scaling = Literal["slot", "transition", "none"]
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One step of a route: the hidden state, multiplied by `scale`, goes through `layer` of `source`."""
+
+    source: int
+    layer: int
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Route:
+    """The ordered hops a hidden state takes from the embeddings to the final norm."""
+
+    hops: tuple[Hop, ...]
+
+    def __len__(self) -> int:
+        return len(self.hops)
+
+    def __iter__(self) -> Iterator[Hop]:
+        return iter(self.hops)
+
+    def __getitem__(self, i: int) -> Hop:
+        return self.hops[i]
+
+    @property
+    def scales(self) -> list[float]:
+        return [h.scale for h in self.hops]
+
+    def text(self) -> str:
+        """Readable form: runs of consecutive layers of one source, e.g. `0:0-19, 0:10-29`."""
+        parts = []
+        for source, start, end in self.runs():
+            parts.append(f"{source}:{start}" if start == end else f"{source}:{start}-{end}")
+        return ", ".join(parts)
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(source, first layer, last layer) for each run of consecutive layers of one source."""
+        runs: list[list[int]] = []
+        for h in self.hops:
+            if runs and runs[-1][0] == h.source and runs[-1][2] + 1 == h.layer:
+                runs[-1][2] = h.layer
+            else:
+                runs.append([h.source, h.layer, h.layer])
+        return [tuple(r) for r in runs]  # type: ignore[misc]
+
+    def key(self) -> str:
+        """Canonical key: equal for any two genomes that decode to the same hops and scales."""
+        text = ",".join(f"{h.source}:{h.layer}@{h.scale:.6g}" for h in self.hops)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    @classmethod
+    def parse(cls, text: str, scales: Sequence[float] | None = None) -> Route:
+        """Parse the readable form (`0:0-19, 1:10-29`); `scales` gives one value per hop (default 1)."""
+        hops: list[tuple[int, int]] = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            m = re.fullmatch(r"(\d+)\s*:\s*(\d+)(?:\s*-\s*(\d+))?", part)
+            if not m:
+                raise GenomeError(f"route: cannot read {part!r}; expected SOURCE:FIRST-LAST such as 0:0-19")
+            src, first = int(m.group(1)), int(m.group(2))
+            last = int(m.group(3)) if m.group(3) is not None else first
+            step = 1 if last >= first else -1
+            hops.extend((src, layer) for layer in range(first, last + step, step))
+        if scales is None:
+            scales = [1.0] * len(hops)
+        if len(scales) != len(hops):
+            raise GenomeError(f"hop_scales: expected {len(hops)} values (one per hop), got {len(scales)}")
+        return cls(tuple(Hop(s, layer, float(x)) for (s, layer), x in zip(hops, scales, strict=True)))
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where each slot of the genome points: `layers[m]` decoder layers per source, repeated `repeats` times."""
+
+    layers: tuple[int, ...]
+    repeats: int = 1
+
+    @property
+    def M(self) -> int:  # noqa: N802 - the paper's name
+        return sum(self.layers)
+
+    @property
+    def T(self) -> int:  # noqa: N802 - the paper's name
+        return self.M * self.repeats
+
+    def offset(self, source: int) -> int:
+        """Index of `source`'s first layer among all M layers."""
+        return sum(self.layers[:source])
+
+    def slot(self, i: int) -> tuple[int, int, int]:
+        """(repetition, source, layer) of slot i."""
+        rep, g = divmod(i, self.M)
+        for source, n in enumerate(self.layers):
+            if g < n:
+                return rep, source, g
+            g -= n
+        raise IndexError(i)
+
+    def index(self, rep: int, source: int, layer: int) -> int:
+        """Slot index of (repetition, source, layer)."""
+        return rep * self.M + self.offset(source) + layer
+
+    def blocks(self) -> list[tuple[int, int, int, int]]:
+        """(repetition, source, first slot, length) of each contiguous block of one source's layers."""
+        out = []
+        for rep in range(self.repeats):
+            for source, n in enumerate(self.layers):
+                out.append((rep, source, self.index(rep, source, 0), n))
+        return out
+
+
+@dataclass(frozen=True)
+class Genome:
+    """Inclusion bits and scales over a `SlotLayout`, with the constraints its route must meet."""
+
+    sources: tuple[str, ...]
+    layout: SlotLayout
+    bits: tuple[int, ...]
+    scaling: Scaling = "slot"
+    scales: tuple[float, ...] = ()
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    scores: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if len(self.sources) != len(self.layout.layers):
+            raise GenomeError(f"sources: {len(self.sources)} paths but {len(self.layout.layers)} layer counts")
+        if len(self.bits) != self.layout.T:
+            raise GenomeError(
+                f"bits: expected {self.layout.T} ({self.layout.M} layers x {self.layout.repeats} repeats), "
+                f"got {len(self.bits)}"
+            )
+        want = {"slot": self.layout.T, "transition": self.layout.M**2, "none": 0}[self.scaling]
+        if len(self.scales) != want:
+            raise GenomeError(f"scales: scaling {self.scaling!r} needs {want} values, got {len(self.scales)}")
+
+    # ---- decoding -----------------------------------------------------------------
+    def decode(self) -> Route:
+        """The route: included slots in order, with the pinned first/last base layers added if missing."""
+        lay = self.layout
+        picked = [lay.slot(i) for i, b in enumerate(self.bits) if b]
+        hops: list[tuple[int, int, float | None]] = [
+            (s, layer, self.scales[i] if self.scaling == "slot" else None)
+            for i, (_, s, layer) in zip((i for i, b in enumerate(self.bits) if b), picked, strict=True)
+        ]
+        if self.constraints.pin_ends:
+            last = lay.layers[0] - 1
+            if not hops or hops[0][:2] != (0, 0):
+                hops.insert(0, (0, 0, 1.0))
+            if hops[-1][:2] != (0, last):
+                hops.append((0, last, 1.0 if self.scaling == "slot" else None))
+        out = []
+        for k, (s, layer, scale) in enumerate(hops):
+            if scale is None:  # transition or none
+                if self.scaling == "transition" and k > 0:
+                    prev = lay.offset(hops[k - 1][0]) + hops[k - 1][1]
+                    scale = self.scales[prev * lay.M + lay.offset(s) + layer]
+                else:
+                    scale = 1.0
+            out.append(Hop(s, layer, float(scale)))
+        return Route(tuple(out))
+
+    def check(self) -> Route:
+        """Decode and enforce the hop constraints; raises GenomeError naming the violation."""
+        route = self.decode()
+        c = self.constraints
+        if len(route) == 0:
+            raise GenomeError("genome decodes to zero hops (no slot is included)")
+        if len(route) < c.min_hops:
+            raise GenomeError(f"route has {len(route)} hops, below min_hops {c.min_hops}")
+        if c.max_hops is not None and len(route) > c.max_hops:
+            raise GenomeError(f"route has {len(route)} hops, above max_hops {c.max_hops}")
+        return route
+
+    def key(self) -> str:
+        """Canonical key of the decoded route (see `Route.key`)."""
+        return self.decode().key()
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def empty(
+        cls,
+        sources: Sequence[str],
+        layers: Sequence[int],
+        repeats: int = 1,
+        scaling: Scaling = "slot",
+        constraints: ConstraintsConfig | None = None,
+    ) -> Genome:
+        """All bits off, all scales 1."""
+        layout = SlotLayout(tuple(int(n) for n in layers), int(repeats))
+        n_scales = {"slot": layout.T, "transition": layout.M**2, "none": 0}[scaling]
+        return cls(
+            tuple(str(s) for s in sources),
+            layout,
+            (0,) * layout.T,
+            scaling,
+            (1.0,) * n_scales,
+            constraints or ConstraintsConfig(),
+        )
+
+    def with_bits(self, bits: Sequence[int], scales: Sequence[float] | None = None) -> Genome:
+        """A copy with other bits (and scales), same layout and constraints; scores dropped."""
+        return replace(
+            self,
+            bits=tuple(int(b) for b in bits),
+            scales=tuple(float(x) for x in (self.scales if scales is None else scales)),
+            scores={},
+        )
+
+    @classmethod
+    def from_route(
+        cls,
+        route: Route,
+        sources: Sequence[str],
+        layers: Sequence[int],
+        repeats: int,
+        scaling: Scaling = "slot",
+        constraints: ConstraintsConfig | None = None,
+    ) -> Genome:
+        """Encode a route: each hop takes the next slot of its layer; refused if the layout cannot hold it."""
+        g = cls.empty(sources, layers, repeats, scaling, constraints)
+        lay = g.layout
+        bits = [0] * lay.T
+        scales = list(g.scales)
+        pos = -1
+        prev: int | None = None
+        for k, h in enumerate(route):
+            if not 0 <= h.source < len(lay.layers) or not 0 <= h.layer < lay.layers[h.source]:
+                raise GenomeError(f"hop {k} ({h.source}:{h.layer}) names no layer of the sources")
+            rep = next(
+                (r for r in range(lay.repeats) if lay.index(r, h.source, h.layer) > pos), None
+            )
+            if rep is None:
+                raise GenomeError(
+                    f"hop {k} ({h.source}:{h.layer}) cannot follow the previous hops with repeats={lay.repeats}"
+                )
+            pos = lay.index(rep, h.source, h.layer)
+            bits[pos] = 1
+            this = lay.offset(h.source) + h.layer
+            if scaling == "slot":
+                scales[pos] = h.scale
+            elif scaling == "transition" and prev is not None:
+                cell = prev * lay.M + this
+                if scales[cell] != 1.0 and scales[cell] != h.scale:
+                    raise GenomeError(f"hop {k}: transition {prev}->{this} already has another scale")
+                scales[cell] = h.scale
+            elif h.scale != 1.0 and not (scaling == "transition" and prev is None):
+                raise GenomeError(f"hop {k} has scale {h.scale} but scaling is {scaling!r}")
+            prev = this
+        out = g.with_bits(bits, scales)
+        if out.decode().key() != route.key():
+            raise GenomeError(
+                f"route {route.text()} cannot be expressed exactly in this layout "
+                f"(it decodes to {out.decode().text()}; check pin_ends and the first hop's scale)"
+            )
+        return out
+
+
+# ---- seeds ------------------------------------------------------------------------
+def seed_genomes(template: Genome) -> list[Genome]:
+    """Generation-0 seeds: model 0 unchanged, then each other source alone where its depth equals model 0's."""
+    lay = template.layout
+    seeds = []
+    for source, n in enumerate(lay.layers):
+        if n != lay.layers[0]:
+            continue
+        bits = [0] * lay.T
+        start = lay.index(0, source, 0)
+        bits[start : start + n] = [1] * n
+        seeds.append(template.with_bits(bits, [1.0] * len(template.scales)))
+    return seeds
+
+
+# ---- the file format ----------------------------------------------------------------
+class _SourceEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    layers: int = Field(ge=1)
+
+
+class _GenomeFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["dfs-merge/genome@1"]
+    sources: list[_SourceEntry] = Field(min_length=1)
+    repeats: int = Field(1, ge=1)
+    scaling: Scaling = "slot"
+    constraints: ConstraintsConfig = ConstraintsConfig()
+    route: str | None = None
+    hops: int | None = None
+    hop_scales: list[float] | None = None
+    bits: str | list[str] | None = None
+    scales: list[float] | list[list[float]] | None = None
+    scores: dict[str, Any] = {}
+
+
+def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
+    """Validate a genome mapping (as read from YAML) and build the Genome; errors name the field."""
+    if "format" not in data:
+        raise GenomeError(f"{where}: not a dfs-merge genome (no 'format: {FORMAT}' key)")
+    try:
+        f = _GenomeFile.model_validate(data)
+    except ValidationError as err:
+        raise GenomeError(f"{where}: {describe_validation_error(err)}") from None
+    sources = [s.path for s in f.sources]
+    layers = [s.layers for s in f.sources]
+    try:
+        if f.bits is None:
+            if f.route is None:
+                raise GenomeError("needs either 'bits' or 'route'")
+            route = Route.parse(f.route, f.hop_scales)
+            g = Genome.from_route(route, sources, layers, f.repeats, f.scaling, f.constraints)
+        else:
+            text = "".join(f.bits) if isinstance(f.bits, list) else f.bits
+            text = re.sub(r"\s", "", text)
+            if set(text) - {"0", "1"}:
+                raise GenomeError("bits: only 0 and 1 are allowed")
+            scales = f.scales or []
+            flat = [float(x) for row in scales for x in (row if isinstance(row, list) else [row])]
+            if f.scaling != "none" and not scales:
+                n = SlotLayout(tuple(layers), f.repeats)
+                flat = [1.0] * (n.T if f.scaling == "slot" else n.M**2)
+            g = Genome(tuple(sources), SlotLayout(tuple(layers), f.repeats), tuple(int(c) for c in text),
+                       f.scaling, tuple(flat), f.constraints)
+            if f.route is not None and Route.parse(f.route).text() != g.decode().text():
+                raise GenomeError(f"route: {f.route!r} does not match the bits, which decode to {g.decode().text()!r}")
+        g.check()
+    except GenomeError as err:
+        raise GenomeError(f"{where}: {err}") from None
+    return replace(g, scores=dict(f.scores))
+
+
+def genome_to_dict(g: Genome) -> dict[str, Any]:
+    """The YAML mapping of a genome: bits and scales in one row per (repetition, source) block."""
+    route = g.decode()
+    blocks = g.layout.blocks()
+    data: dict[str, Any] = {
+        "format": FORMAT,
+        "sources": [{"path": p, "layers": n} for p, n in zip(g.sources, g.layout.layers, strict=True)],
+        "repeats": g.layout.repeats,
+        "scaling": g.scaling,
+        "constraints": g.constraints.model_dump(),
+        "route": route.text(),
+        "hops": len(route),
+        "hop_scales": [round(x, 6) for x in route.scales],
+        "bits": ["".join(map(str, g.bits[start : start + n])) for _, _, start, n in blocks],
+    }
+    if g.scaling == "slot":
+        data["scales"] = [list(g.scales[start : start + n]) for _, _, start, n in blocks]
+    elif g.scaling == "transition":
+        m = g.layout.M
+        data["scales"] = [list(g.scales[i * m : (i + 1) * m]) for i in range(m)]
+    if g.scores:
+        data["scores"] = g.scores
+    return data
+
+
+class _FlowLists(yaml.SafeDumper):
+    """Dumper that writes lists of numbers on one line, keeping genome files readable."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(x, (int, float)) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_FlowLists.add_representer(list, _represent_list)
+
+
+def save_genome(g: Genome, path: str | Path) -> None:
+    """Write a genome file atomically."""
+    text = yaml.dump(genome_to_dict(g), Dumper=_FlowLists, sort_keys=False, width=200)
+    write_atomic(path, text)
+
+
+def load_genome(path: str | Path) -> Genome:
+    """Read and validate a genome file; any problem is a GenomeError naming the file and the field."""
+    return genome_from_dict(read_yaml(path, GenomeError), str(path))

@@ -1,0 +1,205 @@
+"""Loading the source models once, checking they can be stitched, and exposing the layer pool.
+
+Source 0 is the base: it supplies the tokenizer, the embeddings, the final norm and
+the LM head. Every source supplies its decoder layers. A source may be a local
+Hugging Face folder (safetensors), a GGUF file, or a packaged model name (see
+`model_store`); the same path given twice (a self-merge) is loaded once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from dfs_merge.errors import IncompatibleSources, SourceError
+from dfs_merge.families import Family, family_for, supported_model_types
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Source:
+    """One loaded source model."""
+
+    path: str
+    model: PreTrainedModel
+    family: Family
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.family.layers(self.model)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present; a request for CUDA without it is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SourceError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def locate(path: str) -> Path:
+    """A local HF folder for `path`: a folder as is; a GGUF file or packaged model name converted once."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise SourceError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return p
+    is_gguf = p.suffix == ".gguf" and p.is_file()
+    is_name = not p.exists() and "/" not in path
+    if is_gguf or is_name:
+        from dfs_merge import model_store  # converting needs the optional gguf reader; import it only here
+
+        try:
+            return Path(model_store.fetch(path))
+        except model_store.ModelStoreError as err:
+            raise SourceError(str(err)) from None
+    if p.exists():
+        raise SourceError(f"{path}: not a model folder or .gguf file")
+    raise SourceError(f"{path}: no such model folder")
+
+
+def read_config(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Family]:
+    """The HF config of a model folder and the family that handles it."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+    except (OSError, json.JSONDecodeError) as err:
+        raise SourceError(f"{folder}: unreadable config.json ({err})") from None
+    family = family_for(model_type)
+    if family is None:
+        raise SourceError(
+            f"{folder}: unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - any loader failure is the user's file
+        raise SourceError(f"{folder}: cannot read the model config ({type(err).__name__}: {err})") from None
+    return config.get_text_config(decoder=True), family
+
+
+def check_compatible(configs: list[tuple[Any, Family]], tokenizers: list[Any] | None = None) -> None:
+    """Refuse sources that cannot share a hidden space, naming the first field that differs."""
+    base_cfg, base_fam = configs[0]
+    for i, (cfg, fam) in enumerate(configs[1:], start=1):
+        if fam is not base_fam:
+            raise IncompatibleSources(
+                f"sources 0 and {i} differ in family: {base_fam.name} ({base_cfg.model_type}) "
+                f"vs {fam.name} ({cfg.model_type})"
+            )
+        for field in base_fam.compat_fields:
+            a, b = base_fam.config_value(base_cfg, field), fam.config_value(cfg, field)
+            if a != b:
+                raise IncompatibleSources(f"sources 0 and {i} differ in {field}: {a} vs {b}")
+    if tokenizers:
+        base_vocab = tokenizers[0].get_vocab()
+        for i, tok in enumerate(tokenizers[1:], start=1):
+            vocab = tok.get_vocab()
+            if vocab != base_vocab:
+                diff = len(set(vocab.items()) ^ set(base_vocab.items()))
+                raise IncompatibleSources(
+                    f"sources 0 and {i} differ in tokenizer: {len(base_vocab)} vs {len(vocab)} tokens, "
+                    f"{diff} entries differ"
+                )
+
+
+class SourcePool:
+    """The loaded sources: the layer pool `(source, layer)` and the base's embeddings, norm, head, tokenizer."""
+
+    def __init__(self, sources: list[Source], tokenizer: Any, paths: list[str] | None = None):
+        self.sources = sources
+        self.tokenizer = tokenizer
+        self.paths = paths or [s.path for s in sources]
+
+    @classmethod
+    def load(
+        cls,
+        paths: list[str],
+        device: str = "cpu",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ) -> SourcePool:
+        """Load each distinct source once, after checking configs and tokenizers are compatible."""
+        if not paths:
+            raise SourceError("no sources given")
+        if dtype not in DTYPES:
+            raise SourceError(f"dtype {dtype!r} not one of {', '.join(DTYPES)}")
+        dev = resolve_device(device)
+        folders = [locate(p) for p in paths]
+        distinct = list(dict.fromkeys(f.resolve() for f in folders))
+        configs = {f: read_config(f, trust_remote_code) for f in distinct}
+        tokenizers = {f: _load_tokenizer(f, trust_remote_code) for f in distinct}
+        check_compatible(
+            [configs[f.resolve()] for f in folders], [tokenizers[f.resolve()] for f in folders]
+        )
+        models: dict[Path, PreTrainedModel] = {}
+        for f in distinct:
+            log.info("loading %s", f)
+            models[f] = _load_model(f, DTYPES[dtype], dev, trust_remote_code)
+        sources = [Source(str(p), models[f.resolve()], configs[f.resolve()][1]) for p, f in zip(paths, folders, strict=True)]
+        return cls(sources, tokenizers[folders[0].resolve()], list(paths))
+
+    @property
+    def base(self) -> Source:
+        return self.sources[0]
+
+    @property
+    def family(self) -> Family:
+        return self.base.family
+
+    @property
+    def layers_per_source(self) -> tuple[int, ...]:
+        return tuple(len(s.layers) for s in self.sources)
+
+    def layer(self, source: int, layer: int) -> nn.Module:
+        """The decoder layer `layer` of source `source`, shared, never copied."""
+        return self.sources[source].layers[layer]
+
+    def layer_type(self, source: int, layer: int) -> str:
+        """The attention type of a pool layer, from its own source's config."""
+        src = self.sources[source]
+        return src.family.layer_type(src.config, layer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.model.dtype
+
+
+def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001
+        raise SourceError(f"{folder}: cannot load its tokenizer ({type(err).__name__}: {err})") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_model(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> PreTrainedModel:
+    has_safetensors = any(folder.glob("*.safetensors"))
+    if not has_safetensors:
+        raise SourceError(f"{folder}: no .safetensors weights (pickled weights are not loaded, for safety)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except Exception as err:  # noqa: BLE001
+        raise SourceError(f"{folder}: cannot load the model ({type(err).__name__}: {err})") from None
+    return model.to(device).eval().requires_grad_(False)
