@@ -1,0 +1,147 @@
+"""Loading sources: the pool, compatibility checks, and one-line errors from the API and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HIDDEN, save_source, tiny_llama_config
+
+from dfs_merge.cli import main
+from dfs_merge.errors import IncompatibleSources, SourceError
+from dfs_merge.genome import Hop, Route, load_genome, save_genome, seed_genomes
+from dfs_merge.sources import SourcePool
+from dfs_merge.stitch import stitch
+
+
+@pytest.fixture(scope="module")
+def odd_sources(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """Sources that must be refused next to the tiny Llama: wider, another family, another tokenizer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("odd")
+    cfg = tiny_llama_config(len(tiny_tokenizer))
+    wide = tiny_llama_config(len(tiny_tokenizer))
+    wide.hidden_size = cfg.hidden_size * 2
+    gemma_cfg = Gemma3TextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=4, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads,
+    )
+    other_tok = type(tiny_tokenizer).from_pretrained(save_source(LlamaForCausalLM(cfg), tiny_tokenizer, root / "tmp"))
+    other_tok.add_tokens(["<extra>"])
+    dirs = {
+        "wide": save_source(LlamaForCausalLM(wide), tiny_tokenizer, root / "wide"),
+        "gemma": save_source(Gemma3ForCausalLM(gemma_cfg), tiny_tokenizer, root / "gemma"),
+        "other_tok": save_source(LlamaForCausalLM(cfg), other_tok, root / "other_tok"),
+    }
+    (root / "not_a_model").mkdir()
+    (root / "not_a_model" / "notes.txt").write_text("hello")
+    dirs["not_a_model"] = root / "not_a_model"
+    pickled = root / "pickled"
+    save_source(LlamaForCausalLM(cfg), tiny_tokenizer, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    torch.save({}, pickled / "pytorch_model.bin")
+    dirs["pickled"] = pickled
+    return dirs
+
+
+def test_pool_exposes_layers_and_loads_a_self_merge_once(tiny_source_dirs):
+    a, b = (str(p) for p in tiny_source_dirs)
+    pool = SourcePool.load([a, b, a])
+    assert pool.layers_per_source == (4, 4, 4)
+    assert pool.sources[0].model is pool.sources[2].model
+    assert pool.sources[1].model is not pool.sources[0].model
+    assert pool.layer(2, 3) is pool.layer(0, 3)
+    assert pool.tokenizer.pad_token is not None
+    assert all(not p.requires_grad for p in pool.base.model.parameters())
+
+
+def test_identity_route_over_loaded_folder_matches_plain_load(tiny_source_dirs, tiny_pool):
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_source_dirs[0])
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = stitch(tiny_pool, Route(tuple(Hop(0, i) for i in range(4))))
+    assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+@pytest.mark.parametrize(
+    ("second", "error", "message"),
+    [
+        ("wide", IncompatibleSources, f"sources 0 and 1 differ in hidden_size: {HIDDEN} vs {2 * HIDDEN}"),
+        ("gemma", IncompatibleSources, r"sources 0 and 1 differ in family: llama \(llama\) vs gemma3 \(gemma3_text\)"),
+        ("other_tok", IncompatibleSources, r"sources 0 and 1 differ in tokenizer"),
+        ("not_a_model", SourceError, r"not a Hugging Face model folder \(no config.json\)"),
+        ("pickled", SourceError, r"no .safetensors weights"),
+    ],
+)
+def test_incompatible_or_unusable_sources_are_refused(tiny_source_dirs, odd_sources, second, error, message):
+    with pytest.raises(error, match=message):
+        SourcePool.load([str(tiny_source_dirs[0]), str(odd_sources[second])])
+
+
+def test_missing_model_is_refused(tmp_path):
+    with pytest.raises(SourceError, match="no such model folder"):
+        SourcePool.load([str(tmp_path / "nope" / "model")])
+
+
+def test_unsupported_architecture_is_named(tmp_path, tiny_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = save_source(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tiny_tokenizer))), tiny_tokenizer, tmp_path / "gpt2")
+    with pytest.raises(SourceError, match=r"unsupported architecture 'gpt2'; supported: .*llama"):
+        SourcePool.load([str(folder)])
+
+
+def run_cli(*argv: str, capsys) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_show_prints_route(tmp_path, tiny_source_dirs, capsys):
+    from dfs_merge.genome import Genome
+
+    g = seed_genomes(Genome.empty([str(p) for p in tiny_source_dirs], (4, 4), 2))[0]
+    path = tmp_path / "g.yaml"
+    save_genome(g, path)
+    code, out, _ = run_cli("show", str(path), "--png", str(tmp_path / "route.png"), capsys=capsys)
+    assert code == 0
+    assert "route: 0:0-3" in out and "hops: 4" in out
+    assert (tmp_path / "route.png").stat().st_size > 1000
+    assert load_genome(path) == g
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("format: dfs-merge/genome@1\nsources: [{path: a, layers: 4}]\nbits: '101'\n", "bits: expected 4"),
+        ("format: dfs-merge/genome@1\nsources: [{path: a, layers: 4}]\nbits: '0000'\nconstraints: {pin_ends: false}\n", "zero hops"),
+        ("name: not a genome\n", "not a dfs-merge genome"),
+    ],
+)
+def test_cli_bad_genome_is_one_line_exit_2(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, out, err = run_cli("show", str(path), capsys=capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and err.startswith("dfs-merge: error:")
+
+
+def test_cli_export_with_missing_sources_is_one_line(tmp_path, capsys):
+    path = tmp_path / "g.genome.yaml"
+    path.write_text(f"format: dfs-merge/genome@1\nsources: [{{path: {tmp_path / 'gone'}, layers: 4}}]\nroute: 0:0-3\n")
+    code, _, err = run_cli("export", str(path), "--out", str(tmp_path / "x"), capsys=capsys)
+    assert code == 2 and "no such model folder" in err and err.count("\n") == 1
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    exe = Path(sys.executable).parent / "dfs-merge"
+    proc = subprocess.run([str(exe), "show", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"dfs-merge: error: {tmp_path / 'missing.yaml'}: no such file"
