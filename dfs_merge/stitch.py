@@ -11,6 +11,8 @@ handling, `generate` and everything lm-eval's `HFLM` needs come from transformer
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -42,17 +44,114 @@ class HopCache:
         return getattr(self._cache, name)
 
 
+class ActivationCache:
+    """A memory-bounded LRU of hidden states after route prefixes, shared by the candidates of a process.
+
+    Key: (evaluation batch, route prefix with its scales). Candidates whose routes share
+    a prefix compute only their suffix. Used for full-sequence forwards without a KV
+    cache (loglikelihood and perplexity scoring); `generate` bypasses it. The suffix is
+    computed by the same operations on the same inputs, so results are bit-identical.
+    """
+
+    def __init__(self, max_mb: float):
+        self.max_bytes = int(max_mb * 2**20)
+        self.used = 0
+        self.hits = 0
+        self.misses = 0
+        self.hops_skipped = 0
+        self._store: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> torch.Tensor | None:
+        value = self._store.get(key)
+        if value is not None:
+            self._store.move_to_end(key)
+        return value
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._store
+
+    def put(self, key: tuple[str, str], value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes or key in self._store:
+            return
+        self._store[key] = value
+        self.used += size
+        while self.used > self.max_bytes:
+            _, old = self._store.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
+
+    def stats(self) -> dict[str, float]:
+        """Hit counts and memory in use, for logs and benchmarks."""
+        total = self.hits + self.misses
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hits / total if total else 0.0,
+            "hops_skipped": self.hops_skipped,
+            "entries": len(self._store),
+            "mb": self.used / 2**20,
+        }
+
+
+class _PrefixRun:
+    """Per-model state of one cached forward: which batch it is and from which hop computing resumes."""
+
+    def __init__(self, cache: ActivationCache, prefix_keys: list[str]):
+        self.cache = cache
+        self.prefix_keys = prefix_keys
+        self.batch: str | None = None
+        self.resume_at = -1
+
+    def start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+            self.batch = None
+            return
+        mask = kwargs.get("attention_mask")
+        digest = hashlib.sha1(ids.detach().cpu().numpy().tobytes())
+        digest.update(str(tuple(ids.shape)).encode())
+        if mask is not None:
+            digest.update(mask.detach().cpu().numpy().tobytes())
+        self.batch = digest.hexdigest()
+        self.resume_at = next(
+            (k for k in range(len(self.prefix_keys) - 1, -1, -1) if (self.batch, self.prefix_keys[k]) in self.cache),
+            -1,
+        )
+        if self.resume_at >= 0:
+            self.cache.hits += 1
+            self.cache.hops_skipped += self.resume_at + 1
+        else:
+            self.cache.misses += 1
+
+    def stop(self, *_: Any) -> None:
+        self.batch = None
+
+
 class HopLayer(nn.Module):
     """One hop of a route: scale the residual stream, then run a shared pool layer in this hop's cache slot."""
 
-    def __init__(self, layer: nn.Module, hop: int, scale: float, attention_type: str):
+    def __init__(self, layer: nn.Module, hop: int, scale: float, attention_type: str, prefix: _PrefixRun | None = None):
         super().__init__()
         self.layer = layer
         self.hop = hop
         self.scale = float(scale)
         self.attention_type = attention_type
+        self._prefix = prefix
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        run = self._prefix
+        if run is not None and run.batch is not None:
+            if self.hop < run.resume_at:
+                return hidden_states  # a later hop's cached output replaces everything up to it
+            key = (run.batch, run.prefix_keys[self.hop])
+            if self.hop == run.resume_at:
+                return run.cache.get(key)
+            out = self._run(hidden_states, args, kwargs)
+            run.cache.put(key, out)
+            return out
+        return self._run(hidden_states, args, kwargs)
+
+    def _run(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         if self.scale != 1.0:
             hidden_states = hidden_states * self.scale
         for name in _CACHE_KWARGS:
@@ -64,8 +163,12 @@ class HopLayer(nn.Module):
         return f"hop={self.hop}, scale={self.scale:g}"
 
 
-def stitch(pool: SourcePool, route: Route) -> PreTrainedModel:
-    """Build the causal LM for `route` over `pool`: O(hops) small objects, no parameter copied."""
+def stitch(pool: SourcePool, route: Route, activation_cache: ActivationCache | None = None) -> PreTrainedModel:
+    """Build the causal LM for `route` over `pool`: O(hops) small objects, no parameter copied.
+
+    With an `activation_cache`, full-sequence forwards reuse hidden states of route
+    prefixes that other candidates of this process already computed on the same batch.
+    """
     if len(route) == 0:
         raise GenomeError("route is empty: a model needs at least one hop")
     for k, h in enumerate(route):
@@ -85,10 +188,18 @@ def stitch(pool: SourcePool, route: Route) -> PreTrainedModel:
     inner, base_inner = family.inner_model(shell), family.inner_model(base)
     layers_name = family.layers_attr.split(".")[-1]
     _adopt_children(inner, base_inner, keep=layers_name)
-    hops = [HopLayer(pool.layer(h.source, h.layer), k, h.scale, pool.layer_type(h.source, h.layer)) for k, h in enumerate(route)]
+    prefix = _PrefixRun(activation_cache, prefix_keys(route)) if activation_cache is not None else None
+    hops = [
+        HopLayer(pool.layer(h.source, h.layer), k, h.scale, pool.layer_type(h.source, h.layer), prefix)
+        for k, h in enumerate(route)
+    ]
     setattr(inner, layers_name, nn.ModuleList(hops))
+    if prefix is not None:
+        inner.register_forward_pre_hook(prefix.start, with_kwargs=True)
+        inner.register_forward_hook(prefix.stop)
 
     config.num_hidden_layers = len(route)
+    config.use_cache = False  # scoring forwards need no KV cache; generate() still asks for one
     if hasattr(config, "layer_types"):
         config.layer_types = [hop.attention_type for hop in hops]
     shell.generation_config = copy.deepcopy(base.generation_config)
@@ -98,6 +209,15 @@ def stitch(pool: SourcePool, route: Route) -> PreTrainedModel:
     if leftover:
         raise RuntimeError(f"stitched model kept unset tensors: {leftover[:3]} (family {family.name})")
     return shell
+
+
+def prefix_keys(route: Route) -> list[str]:
+    """Key of each route prefix (hops 0..k with their scales): equal prefixes give equal keys."""
+    keys, digest = [], hashlib.sha1()
+    for h in route:
+        digest.update(f"{h.source}:{h.layer}@{h.scale!r};".encode())
+        keys.append(digest.copy().hexdigest())
+    return keys
 
 
 def _adopt_children(shell: nn.Module, donor: nn.Module, keep: str) -> None:

@@ -124,3 +124,37 @@ def test_empty_or_out_of_range_routes_are_refused(llama_pool):
         stitch(llama_pool, Route(()))
     with pytest.raises(GenomeError, match="hop 1 names layer 1:7"):
         stitch(llama_pool, Route((Hop(0, 0), Hop(1, 7))))
+
+
+def test_prefix_activation_cache_is_bit_identical_and_skips_shared_prefixes(llama_pool):
+    from dfs_merge.stitch import ActivationCache
+
+    routes = [
+        Route.parse("0:0-3, 0:1-3", [1, 1, 1, 1, 0.8, 1.2, 1]),
+        Route.parse("0:0-3, 0:1-2, 1:3", [1, 1, 1, 1, 0.8, 1.2, 1]),  # shares 6 hops with the first
+        Route.parse("0:0-3, 0:1-3", [1, 1, 1, 1, 0.8, 1.1, 1]),  # shares 5 (scales are part of the key)
+        Route.parse("0:0-3, 0:1-3", [1, 1, 1, 1, 0.8, 1.2, 1]),  # the first again: a full hit
+    ]
+    cache = ActivationCache(max_mb=64)
+    batches = [TOKENS, TOKENS[:, :9]]
+    for route in routes:
+        plain, cached = stitch(llama_pool, route), stitch(llama_pool, route, activation_cache=cache)
+        for ids in batches:
+            assert torch.equal(cached(ids).logits, plain(ids).logits)
+    stats = cache.stats()
+    assert stats["misses"] == 2 and stats["hits"] == 6
+    assert stats["hops_skipped"] == 2 * (6 + 5 + 7)
+    # generate() with a KV cache bypasses the activation cache and still matches the plain model.
+    kw = dict(attention_mask=torch.ones_like(TOKENS), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = stitch(llama_pool, routes[1], activation_cache=cache)
+    assert torch.equal(cached.generate(TOKENS, **kw), stitch(llama_pool, routes[1]).generate(TOKENS, **kw))
+
+
+def test_activation_cache_respects_its_memory_bound():
+    from dfs_merge.stitch import ActivationCache
+
+    cache = ActivationCache(max_mb=1)
+    for i in range(10):
+        cache.put(("b", str(i)), torch.zeros(64, 1024))  # 256 KB each
+    assert cache.used <= 2**20 and cache.stats()["entries"] == 4
+    assert ("b", "9") in cache and ("b", "0") not in cache
