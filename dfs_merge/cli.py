@@ -49,7 +49,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from dfs_merge.config import load_config
-    from dfs_merge.evaluation_report import evaluate_for_cli
+    from dfs_merge.report import evaluate_for_cli
 
     cfg = load_config(args.config)
     evaluate_for_cli(cfg, genome=args.genome, split=args.split, sources_only=args.sources_only)

@@ -109,12 +109,16 @@ class RunConfig(BaseModel):
     cma_sigma: float = Field(0.5, gt=0)
     elite: int = Field(1, ge=0)
     tournament: int = Field(3, ge=2)
+    # ga / nsga2 / random: a new candidate whose route was already evaluated is mutated again, up to this
+    # many times, so that each generation spends its slots on new routes (0: keep such duplicates).
+    resample_duplicates: int = Field(10, ge=0)
 
     workers: int = Field(1, ge=1)
     ray: str | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: int | None = Field(None, ge=1)
+    trust_remote_code: bool = False
     out: str = "runs/run"
 
     @field_validator("objectives")

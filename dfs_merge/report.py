@@ -1,0 +1,74 @@
+"""Scoring named candidates side by side and printing the tables the CLI shows.
+
+Used by `dfs-merge eval` (one genome, the base, or each source alone) and by the
+demo's comparison table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from dfs_merge.config import RunConfig
+from dfs_merge.errors import GenomeError
+from dfs_merge.fitness import Evaluation, Fitness
+from dfs_merge.genome import Genome, Hop, Route, load_genome
+from dfs_merge.sources import SourcePool
+from dfs_merge.stitch import stitch
+
+
+def identity_route(pool: SourcePool) -> Route:
+    """All of the base's layers in order, scales 1: the base model unchanged."""
+    return Route(tuple(Hop(0, i) for i in range(pool.layers_per_source[0])))
+
+
+def route_of(genome: Genome, pool: SourcePool) -> Route:
+    """The genome's checked route, refused when its layout does not fit the loaded sources."""
+    if tuple(genome.layout.layers) != pool.layers_per_source:
+        raise GenomeError(
+            f"genome has sources with {list(genome.layout.layers)} layers, the config's sources have "
+            f"{list(pool.layers_per_source)}"
+        )
+    return genome.check()
+
+
+def score_routes(pool: SourcePool, fitness: Fitness, routes: Mapping[str, Route]) -> dict[str, Evaluation]:
+    """Stitch and score each named route."""
+    return {name: fitness.score(stitch(pool, r), pool.tokenizer, hops=len(r)) for name, r in routes.items()}
+
+
+def task_table(evals: Mapping[str, Evaluation]) -> str:
+    """One row per (candidate, task): metric, value, documents, seconds; then each candidate's score."""
+    lines = [f"{'candidate':<22} {'task':<22} {'metric':<16} {'value':>10} {'docs':>5} {'seconds':>8}"]
+    for name, ev in evals.items():
+        if ev.error:
+            lines.append(f"{name:<22} failed: {ev.error}")
+            continue
+        for t in ev.tasks.values():
+            lines.append(f"{name:<22} {t.task:<22} {t.metric:<16} {t.value:>10.4f} {t.docs:>5} {t.seconds:>8.2f}")
+        lines.append(f"{name:<22} {'(weighted score)':<22} {'':<16} {ev.score:>10.4f} {'':>5} {ev.seconds:>8.2f}  hops {ev.hops}")
+    return "\n".join(lines)
+
+
+def evaluate_for_cli(
+    cfg: RunConfig,
+    genome: str | Path | None = None,
+    split: str = "dev",
+    sources_only: bool = False,
+    out: Callable[[str], None] = print,
+) -> dict[str, Evaluation]:
+    """`dfs-merge eval`: score a genome file, the base unchanged, or each source's own model; print the table."""
+    g = load_genome(genome) if genome else None
+    pool = SourcePool.load(cfg.sources, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    fitness = Fitness.from_config(cfg, split=split)
+    if sources_only:
+        evals = {
+            f"source {i}": fitness.score(src.model, pool.tokenizer, hops=len(src.layers))
+            for i, src in enumerate(pool.sources)
+        }
+    elif g is not None:
+        evals = score_routes(pool, fitness, {Path(genome).name: route_of(g, pool)})
+    else:
+        evals = score_routes(pool, fitness, {"base": identity_route(pool)})
+    out(task_table(evals))
+    return evals

@@ -1,0 +1,231 @@
+"""The run directory (`out:`): what a run writes, and reading it back to resume.
+
+```
+config.yaml         the config as run
+evals.jsonl         one line per evaluation, appended and fsynced the moment it finishes
+checkpoint.json     the whole search state after the last finished generation (atomic)
+best.genome.yaml    the best genome so far, with its scores
+pareto/             nsga2: one genome file per member of the Pareto front
+pareto.json         nsga2: the front as a table
+history.png         best and mean score per generation
+```
+
+Nothing is pickled: every file is text (YAML or JSON) that a person can read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfs_merge.config import RunConfig, write_atomic
+from dfs_merge.errors import ConfigError
+from dfs_merge.genome import Genome, save_genome
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "dfs-merge/checkpoint@1"
+# Config keys that may differ between a run and its resumption: they change how, not what, is computed.
+RESUMABLE_KEYS = frozenset({"generations", "workers", "ray", "threads", "device", "out", "report_tasks"})
+
+
+class RunDir:
+    """One run's folder; `open` checks it, the other methods read and write its files."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._evals_file: Any = None
+
+    # ---- paths -------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def evals(self) -> Path:
+        return self.path / "evals.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.json"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.genome.yaml"
+
+    @property
+    def pareto_dir(self) -> Path:
+        return self.path / "pareto"
+
+    @property
+    def pareto_json(self) -> Path:
+        return self.path / "pareto.json"
+
+    @property
+    def history(self) -> Path:
+        return self.path / "history.png"
+
+    def paths(self) -> dict[str, Path]:
+        """Every file a run may write, by name."""
+        return {
+            "out": self.path,
+            "config": self.config,
+            "evals": self.evals,
+            "checkpoint": self.checkpoint,
+            "best": self.best,
+            "pareto": self.pareto_dir,
+            "pareto_json": self.pareto_json,
+            "history": self.history,
+        }
+
+    # ---- opening -----------------------------------------------------------------------
+    @classmethod
+    def open(cls, cfg: RunConfig, resume: bool) -> RunDir:
+        """Check `cfg.out` (writable; empty unless resuming; same config when resuming) and write config.yaml."""
+        rd = cls(cfg.out)
+        path = rd.path
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"out: {path} is a file, not a folder")
+        existing = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        if existing and not resume:
+            raise ConfigError(
+                f"out: {path} is not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
+                "resume the run there (--resume) or choose another folder"
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".probe."):
+                pass
+        except OSError as err:
+            raise ConfigError(f"out: {path} is not writable ({err.strerror or err})") from None
+        if resume and rd.config.is_file():
+            rd._check_same_config(cfg)
+        write_atomic(rd.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return rd
+
+    def _check_same_config(self, cfg: RunConfig) -> None:
+        """Refuse to resume with a config that would change what is computed."""
+        try:
+            old = yaml.safe_load(self.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{self.config}: cannot read the config of the run to resume ({err})") from None
+        new = cfg.model_dump(mode="json")
+        for key in new:
+            if key in RESUMABLE_KEYS:
+                continue
+            if old.get(key) != new[key]:
+                raise ConfigError(
+                    f"resume: {key} differs from the run in {self.path} ({old.get(key)!r} vs {new[key]!r}); "
+                    f"only {', '.join(sorted(RESUMABLE_KEYS - {'out'}))} may change"
+                )
+
+    # ---- evaluations -------------------------------------------------------------------
+    def read_evals(self) -> list[dict[str, Any]]:
+        """Every complete evaluation line; a truncated last line (a killed write) is cut off the file."""
+        if not self.evals.is_file():
+            return []
+        data = self.evals.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning("%s: dropping a truncated last line (%d bytes)", self.evals, len(data) - end)
+            with open(self.evals, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        records = []
+        for n, line in enumerate(data[:end].splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: line %d is not valid JSON; ignored", self.evals, n)
+        return records
+
+    def append_eval(self, record: dict[str, Any]) -> None:
+        """Append one evaluation as a JSON line, flushed and fsynced before returning."""
+        if self._evals_file is None:
+            self._evals_file = open(self.evals, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        self._evals_file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._evals_file.flush()
+        os.fsync(self._evals_file.fileno())
+
+    def close(self) -> None:
+        """Close the evaluation log."""
+        if self._evals_file is not None:
+            self._evals_file.close()
+            self._evals_file = None
+
+    # ---- checkpoint --------------------------------------------------------------------
+    def read_checkpoint(self) -> dict[str, Any] | None:
+        """The last checkpoint, or None when the run has none yet."""
+        if not self.checkpoint.is_file():
+            return None
+        try:
+            state = json.loads(self.checkpoint.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{self.checkpoint}: unreadable checkpoint ({err})") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{self.checkpoint}: not a {CHECKPOINT_FORMAT} checkpoint")
+        return state
+
+    def write_checkpoint(self, state: dict[str, Any]) -> None:
+        """Replace the checkpoint atomically."""
+        write_atomic(self.checkpoint, json.dumps({"format": CHECKPOINT_FORMAT, **state}, allow_nan=False))
+
+    # ---- results -----------------------------------------------------------------------
+    def write_best(self, genome: Genome) -> None:
+        """Write the best genome (with its scores) atomically."""
+        save_genome(genome, self.best)
+
+    def write_pareto(self, members: list[tuple[Genome, dict[str, Any]]]) -> list[Path]:
+        """Write the front: pareto/NN-<hops>hops-<key>.genome.yaml per member and pareto.json; stale files go."""
+        self.pareto_dir.mkdir(exist_ok=True)
+        files, rows = [], []
+        for i, (genome, row) in enumerate(members):
+            path = self.pareto_dir / f"{i:02d}-{row['hops']}hops-{row['key']}.genome.yaml"
+            save_genome(genome, path)
+            files.append(path)
+            rows.append({**row, "file": str(path.relative_to(self.path))})
+        for old in self.pareto_dir.glob("*.genome.yaml"):
+            if old not in files:
+                old.unlink()
+        write_atomic(self.pareto_json, json.dumps(rows, indent=1, allow_nan=False))
+        return files
+
+    def plot_history(self, history: list[dict[str, Any]]) -> Path | None:
+        """Draw best and mean score per generation into history.png (Agg, no display needed)."""
+        if not history:
+            return None
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+
+        gens = [h["generation"] for h in history]
+        fig = Figure(figsize=(6, 3.5), dpi=110)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot(gens, [h["best"] for h in history], marker="o", label="best so far")
+        means = [(g, h["mean"]) for g, h in zip(gens, history, strict=True) if h.get("mean") is not None]
+        if means:
+            ax.plot(*zip(*means, strict=True), marker=".", label="population mean")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("generation")
+        ax.set_ylabel("score (dev)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".history.", suffix=".png")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format="png")
+            os.replace(tmp, self.history)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return self.history

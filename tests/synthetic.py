@@ -1,0 +1,97 @@
+"""Cheap synthetic fitnesses and fake sources for the evolution tests (no model is loaded).
+
+`TargetRoute` scores a genome by how close its decoded route is to a known target
+route (edit distance over hops, plus a small penalty for scales away from 1), so the
+optimum is known (0.0). It is a picklable top-level class, so every evaluation
+backend (in-process, process pool, Ray) can run it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from dfs_merge.config import RunConfig
+from dfs_merge.fitness import Evaluation, TaskResult
+from dfs_merge.genome import Genome, Route
+
+LAYERS = 4  # per fake source
+TARGET = "0:0-1, 1:1-3, 0:2-3"  # 7 hops; reachable with 2 sources x 4 layers x 2 repeats
+
+
+def write_fake_sources(folder: Path, n: int = 2, layers: int = LAYERS) -> list[str]:
+    """Source folders holding only a Llama config.json: enough to lay out slots, never loaded."""
+    out = []
+    for i in range(n):
+        d = folder / f"src{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 64,
+        }))
+        out.append(str(d))
+    return out
+
+
+def make_config(sources: list[str], out: Path, **kw: Any) -> RunConfig:
+    """A run config over fake sources with small defaults (population 8, 6 generations)."""
+    data: dict[str, Any] = {
+        "sources": sources, "repeats": 2, "scaling": "slot", "tasks": {"synthetic": 1.0},
+        "population": 8, "generations": 6, "seed": 0, "out": str(out),
+    }
+    data.update(kw)
+    return RunConfig(**data)
+
+
+def edit_distance(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    """Levenshtein distance between two hop sequences."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, start=1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
+def evals(out: Path) -> list[dict[str, Any]]:
+    """The lines of a run's evals.jsonl."""
+    return [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+
+
+def outcome(out: Path) -> tuple:
+    """What must match between two runs that should be the same search: best genome file, evaluated keys,
+    counters, history (without timings), final population, CMA-ES state."""
+    state = json.loads((out / "checkpoint.json").read_text())
+    history = [{k: v for k, v in h.items() if k != "seconds"} for h in state["history"]]
+    return ((out / "best.genome.yaml").read_text(), {e["key"] for e in evals(out)}, state["counters"], history,
+            [e["key"] for e in state["population"]], state["cma"])
+
+
+class TargetRoute:
+    """Score = -(edit distance of the route's hops to TARGET) - 0.1 * sum |scale - 1|; optimum 0.
+
+    `sleep` seconds per call (for kill tests); `fail_hops`: raise for routes of these lengths;
+    `calls` lists the keys this object evaluated (in-process only).
+    """
+
+    def __init__(self, target: str = TARGET, sleep: float = 0.0, fail_hops: tuple[int, ...] = ()):
+        self.target = [(h.source, h.layer) for h in Route.parse(target)]
+        self.sleep = sleep
+        self.fail_hops = tuple(fail_hops)
+        self.calls: list[str] = []
+
+    def __call__(self, genome: Genome) -> Evaluation:
+        route = genome.check()
+        self.calls.append(route.key())
+        if self.sleep:
+            time.sleep(self.sleep)
+        if len(route) in self.fail_hops:
+            raise RuntimeError(f"synthetic failure for a {len(route)}-hop route")
+        hops = [(h.source, h.layer) for h in route]
+        value = -float(edit_distance(hops, self.target)) - 0.1 * sum(abs(s - 1.0) for s in route.scales)
+        task = TaskResult("synthetic", "neg_distance", value, True, 1, 0.0)
+        return Evaluation(score=value, hops=len(route), tasks={"synthetic": task}, seconds=0.0)

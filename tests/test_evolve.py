@@ -1,0 +1,367 @@
+"""Evolution: algorithms, constraints, de-duplication, run directory, checkpoint and exact resume.
+
+Most tests use the synthetic `TargetRoute` fitness (tests/synthetic.py) over fake sources
+(config.json only), so no model is loaded; one test runs real lm-eval tasks on tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from synthetic import TARGET, TargetRoute, evals, make_config, outcome, write_fake_sources
+
+from dfs_merge.config import ConstraintsConfig, load_config
+from dfs_merge.errors import ConfigError
+from dfs_merge.evolve import RunRandom, repair, run_evolution, scale_genes
+from dfs_merge.fitness import WORST_SCORE
+from dfs_merge.genome import Genome, Route, genome_from_dict, seed_genomes
+
+TESTS = Path(__file__).resolve().parent
+QUIET = {"progress": False, "log": lambda *_: None}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> list[str]:
+    return write_fake_sources(tmp_path_factory.mktemp("fake_sources"))
+
+
+def dominates(a: tuple[float, int], b: tuple[float, int]) -> bool:
+    """(score max, hops min) domination."""
+    return a[0] >= b[0] and a[1] <= b[1] and a != b
+
+
+# ---- constraints and operators ---------------------------------------------------------------
+def test_repair_meets_hop_limits_and_never_empty(sources):
+    c = ConstraintsConfig(pin_ends=False, min_hops=3, max_hops=6)
+    template = Genome.empty(sources, [4, 4], 2, "slot", c)
+    rng = random.Random(1)
+    for _ in range(200):
+        g = template.with_bits([rng.randint(0, 1) for _ in range(template.layout.T)])
+        fixed = repair(g, rng)
+        assert 3 <= len(fixed.check()) <= 6
+    empty = repair(template, rng)  # all bits off
+    assert len(empty.decode()) == 3
+
+
+def test_scale_genes_follow_the_route(sources):
+    g = Genome.from_route(Route.parse(TARGET), sources, [4, 4], 2, "transition")
+    cells = scale_genes(g)
+    assert len(cells) == len(g.decode()) - 1  # one transition per hop after the first
+    slot = Genome.from_route(Route.parse(TARGET), sources, [4, 4], 2, "slot")
+    assert scale_genes(slot) == [i for i, b in enumerate(slot.bits) if b]
+
+
+def test_run_random_state_round_trips_through_json():
+    rng = RunRandom(5)
+    with rng.active():
+        random.random()
+    copy = RunRandom.from_json(json.loads(json.dumps(rng.to_json())))
+    outer = random.random()
+    with rng.active():
+        a = (random.random(), __import__("numpy").random.standard_normal())
+    with copy.active():
+        b = (random.random(), __import__("numpy").random.standard_normal())
+    assert a == b
+    assert random.random() != outer  # the global generator went on undisturbed
+
+
+# ---- algorithms -----------------------------------------------------------------------------
+def test_ga_elitism_never_loses_the_best(sources, tmp_path):
+    fn = TargetRoute()
+    r = run_evolution(make_config(sources, tmp_path / "run", generations=8, elite=2), evaluate=fn, **QUIET)
+    gen_best = [h["gen_best"] for h in r.history]
+    assert gen_best == sorted(gen_best), gen_best  # the population's best never drops
+    assert [h["best"] for h in r.history] == gen_best
+    assert r.best_eval.score == max(e["score"] for e in evals(tmp_path / "run"))
+    assert r.best_eval.score > r.history[0]["best"]  # and it improved on the seeds
+
+
+GA_VS_RANDOM_SEEDS = (0, 1, 2, 3, 4)
+GA_VS_RANDOM_MARGIN = 0.5  # mean best score, in edit-distance units; measured about 1.0 (see report)
+
+
+def test_ga_beats_random_at_equal_budget(sources, tmp_path):
+    """Same population and generations (8 x 9 candidates), seeds 0-4: ga's mean best score beats random's
+    by at least GA_VS_RANDOM_MARGIN while evaluating no more routes than random."""
+    best = {"ga": [], "random": []}
+    spent = {"ga": 0, "random": 0}
+    for seed in GA_VS_RANDOM_SEEDS:
+        for alg in best:
+            cfg = make_config(sources, tmp_path / f"{alg}{seed}", algorithm=alg, seed=seed, generations=8)
+            r = run_evolution(cfg, evaluate=TargetRoute(), **QUIET)
+            best[alg].append(r.best_eval.score)
+            spent[alg] += r.evaluations
+    mean = {alg: sum(v) / len(v) for alg, v in best.items()}
+    assert spent["ga"] <= spent["random"], spent
+    assert mean["ga"] >= mean["random"] + GA_VS_RANDOM_MARGIN, (best, mean)
+
+
+def test_nsga2_front_is_non_dominated(sources, tmp_path):
+    out = tmp_path / "run"
+    cfg = make_config(sources, out, algorithm="nsga2", objectives=["score", "hops"], generations=6)
+    r = run_evolution(cfg, evaluate=TargetRoute(), **QUIET)
+    front = [(e.score, e.hops) for _, e in r.pareto]
+    assert len(front) >= 2
+    for a in front:
+        assert not any(dominates(b, a) for b in front)
+    # the front of everything evaluated: nothing in the log dominates a member
+    everything = [(e["score"], e["hops"]) for e in evals(out) if e["error"] is None]
+    for a in front:
+        assert not any(dominates(b, a) for b in everything)
+    rows = json.loads((out / "pareto.json").read_text())
+    assert [(row["score"], row["hops"]) for row in rows] == front
+    files = sorted((out / "pareto").glob("*.genome.yaml"))
+    assert len(files) == len(front)
+    assert all("dev" in yaml.safe_load(f.read_text())["scores"] for f in files)
+
+
+def test_cmaes_starts_from_model_zero_and_decodes_valid_routes(sources, tmp_path):
+    out = tmp_path / "run"
+    cfg = make_config(sources, out, algorithm="cmaes", generations=4, population=6)
+    r = run_evolution(cfg, evaluate=TargetRoute(), **QUIET)
+    lines = evals(out)
+    gen0 = {e["genome"]["route"] for e in lines if e["generation"] == 0}
+    assert "0:0-3" in gen0  # model 0 unchanged is in the first candidate set
+    for e in lines:
+        route = genome_from_dict(e["genome"]).check()
+        assert len(route) == e["hops"] >= 1
+    state = json.loads((out / "checkpoint.json").read_text())["cma"]
+    assert len(state["centroid"]) == 16 + 16 and len(state["C"]) == 32
+    assert r.best_eval.score >= max(e["score"] for e in lines if e["generation"] == 0)
+
+
+@pytest.mark.parametrize("scaling,n_scales", [("none", 0), ("transition", 64)])
+def test_scaling_none_and_transition(sources, tmp_path, scaling, n_scales):
+    out = tmp_path / "run"
+    r = run_evolution(make_config(sources, out, scaling=scaling, generations=3), evaluate=TargetRoute(), **QUIET)
+    assert len(r.best.scales) == n_scales
+    for e in evals(out):
+        assert len(genome_from_dict(e["genome"]).scales) == n_scales
+    if scaling == "none":
+        assert all(s == 1.0 for s in r.best.decode().scales)
+
+
+def test_generation_zero_holds_the_seeds(sources, tmp_path):
+    out = tmp_path / "run"
+    run_evolution(make_config(sources, out, generations=0), evaluate=TargetRoute(), **QUIET)
+    template = Genome.empty(sources, [4, 4], 2, "slot")
+    seed_keys = {g.key() for g in seed_genomes(template)}
+    assert len(seed_keys) == 2
+    assert seed_keys <= {e["key"] for e in evals(out) if e["generation"] == 0}
+
+
+def test_duplicate_genomes_are_evaluated_once(sources, tmp_path):
+    out = tmp_path / "run"
+    fn = TargetRoute()
+    cfg = make_config(sources, out, generations=8, population=6, resample_duplicates=0)
+    r = run_evolution(cfg, evaluate=fn, **QUIET)
+    assert r.cache_hits > 0
+    assert len(fn.calls) == len(set(fn.calls)) == r.evaluations
+    keys = [e["key"] for e in evals(out)]
+    assert len(keys) == len(set(keys)) == r.evaluations
+
+
+def test_failing_candidates_do_not_stop_the_run(sources, tmp_path):
+    out = tmp_path / "run"
+    fn = TargetRoute(fail_hops=(5, 6))
+    r = run_evolution(make_config(sources, out, generations=4), evaluate=fn, **QUIET)
+    failed = [e for e in evals(out) if e["error"]]
+    assert failed and r.errors == len(failed)
+    assert all(e["score"] == WORST_SCORE and "synthetic failure" in e["error"] for e in failed)
+    assert r.best_eval.error is None and r.best_eval.hops not in (5, 6)
+
+
+# ---- run directory --------------------------------------------------------------------------
+def test_run_directory_files(sources, tmp_path):
+    out = tmp_path / "run"
+    r = run_evolution(make_config(sources, out, generations=2), evaluate=TargetRoute(), **QUIET)
+    for name in ("config.yaml", "evals.jsonl", "checkpoint.json", "best.genome.yaml", "history.png"):
+        assert (out / name).is_file(), name
+    assert (out / "history.png").read_bytes()[:4] == b"\x89PNG"
+    assert load_config(out / "config.yaml").model_dump() == make_config(sources, out, generations=2).model_dump()
+    best = yaml.safe_load((out / "best.genome.yaml").read_text())
+    assert best["scores"]["dev"]["score"] == r.best_eval.score
+    assert genome_from_dict(best).key() == r.best.key()
+    state = json.loads((out / "checkpoint.json").read_text())
+    assert state["generation"] == 2 and state["finished"] and len(state["population"]) == 8
+    assert {"python", "numpy"} <= set(state["rng"])
+    line = evals(out)[0]
+    assert {"generation", "key", "genome", "objectives", "tasks", "seconds", "error"} <= set(line)
+
+
+def test_report_tasks_scored_for_the_best(sources, tmp_path):
+    out = tmp_path / "run"
+    cfg = make_config(sources, out, generations=2, report_tasks=["synthetic_test"])
+    r = run_evolution(cfg, evaluate=TargetRoute(), report_evaluate=TargetRoute(target="0:0-3"), **QUIET)
+    scores = yaml.safe_load((out / "best.genome.yaml").read_text())["scores"]
+    assert scores["dev"]["score"] == r.best_eval.score
+    assert r.test_eval is not None and scores["test"]["score"] == r.test_eval.score
+
+
+def test_bad_configs_are_one_line_config_errors(sources, tmp_path):
+    def cfg_file(**kw) -> Path:
+        data = {"sources": sources, "tasks": {"synthetic": 1.0}, "out": str(tmp_path / "o"), **kw}
+        p = tmp_path / "cfg.yaml"
+        p.write_text(yaml.safe_dump(data))
+        return p
+
+    for bad, needle in [({"bogus": 1}, "bogus: unknown key"), ({"population": "many"}, "population"),
+                        ({"population": 1}, "population"), ({"algorithm": "pso"}, "algorithm")]:
+        with pytest.raises(ConfigError, match=needle) as err:
+            load_config(cfg_file(**bad))
+        assert "\n" not in str(err.value)
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="not writable|is a file") as err:
+        run_evolution(make_config(sources, blocker / "run"), evaluate=TargetRoute(), **QUIET)
+    assert "\n" not in str(err.value)
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not empty") as err:
+        run_evolution(make_config(sources, full), evaluate=TargetRoute(), **QUIET)
+    assert "\n" not in str(err.value)
+
+    impossible = make_config(sources, tmp_path / "imp", constraints={"max_hops": 1})
+    with pytest.raises(ConfigError, match="constraints"):
+        run_evolution(impossible, evaluate=TargetRoute(), **QUIET)
+
+
+def test_resume_refuses_a_changed_config(sources, tmp_path):
+    out = tmp_path / "run"
+    run_evolution(make_config(sources, out, generations=1), evaluate=TargetRoute(), **QUIET)
+    with pytest.raises(ConfigError, match="seed differs"):
+        run_evolution(make_config(sources, out, generations=1, seed=9), resume=True, evaluate=TargetRoute(), **QUIET)
+
+
+# ---- resume ---------------------------------------------------------------------------------
+class Interrupt(BaseException):
+    """Stands for a kill: not an Exception, so the evaluator does not turn it into a failed candidate."""
+
+
+class DiesAfter(TargetRoute):
+    """Evaluates `n` genomes, then 'dies' (raises Interrupt) on the next one."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def __call__(self, genome: Genome):
+        if len(self.calls) >= self.n:
+            raise Interrupt
+        return super().__call__(genome)
+
+
+@pytest.mark.parametrize("algorithm", ["ga", "nsga2", "cmaes", "random"])
+def test_resume_after_interruption_matches_uninterrupted_run(sources, tmp_path, algorithm):
+    kw = {"algorithm": algorithm, "generations": 5, "population": 6, "seed": 3}
+    if algorithm == "nsga2":
+        kw["objectives"] = ["score", "hops"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_evolution(make_config(sources, straight, **kw), evaluate=TargetRoute(), **QUIET)
+
+    with pytest.raises(Interrupt):  # dies in the middle of generation 2
+        run_evolution(make_config(sources, broken, **kw), evaluate=DiesAfter(15), **QUIET)
+    done = json.loads((broken / "checkpoint.json").read_text())["generation"]
+    assert done < 5 and len(evals(broken)) == 15
+    with (broken / "evals.jsonl").open("a") as f:
+        f.write('{"generation": 9, "key": "trunc')  # a write cut short by the kill
+    fn = TargetRoute()
+    run_evolution(make_config(sources, broken, **kw), resume=True, evaluate=fn, **QUIET)
+    before = {e["key"] for e in evals(broken)[:15]}
+    assert not before & set(fn.calls)  # nothing logged before the kill was computed again
+    keys = [e["key"] for e in evals(broken)]
+    assert len(keys) == len(set(keys))
+    assert outcome(broken) == outcome(straight)
+
+
+def test_resume_extends_a_finished_run(sources, tmp_path):
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    run_evolution(make_config(sources, straight, generations=5), evaluate=TargetRoute(), **QUIET)
+    run_evolution(make_config(sources, extended, generations=2), evaluate=TargetRoute(), **QUIET)
+    fn = TargetRoute()
+    r = run_evolution(make_config(sources, extended, generations=2), resume=True, evaluate=fn, **QUIET)
+    assert fn.calls == [] and r.generations == 2  # finished: nothing to do
+    run_evolution(make_config(sources, extended, generations=5), resume=True, evaluate=TargetRoute(), **QUIET)
+    assert outcome(extended) == outcome(straight)
+
+
+RESUME_SCRIPT = """\
+import json, sys
+sys.path.insert(0, {tests!r})
+from synthetic import TargetRoute, make_config
+from dfs_merge.evolve import run_evolution
+from pathlib import Path
+cfg = make_config({sources!r}, Path({out!r}), generations=5, population=6, seed=7)
+run_evolution(cfg, resume={resume}, evaluate=TargetRoute(sleep={sleep}), progress=False)
+"""
+
+
+def test_sigkill_mid_generation_then_resume_matches_uninterrupted_run(sources, tmp_path):
+    """A real process killed with SIGKILL while it evaluates, resumed in another process."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_evolution(make_config(sources, straight, generations=5, population=6, seed=7), evaluate=TargetRoute(),
+                  **QUIET)
+
+    def script(resume: bool, sleep: float) -> Path:
+        p = tmp_path / f"run_{resume}.py"
+        p.write_text(RESUME_SCRIPT.format(tests=str(TESTS), sources=sources, out=str(killed), resume=resume,
+                                          sleep=sleep))
+        return p
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(script(False, 0.15))], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    log = killed / "evals.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_text().count("\n") >= 16:  # mid generation 2 or 3
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    state = json.loads((killed / "checkpoint.json").read_text())
+    assert state["generation"] < 5 and not state["finished"]
+    logged = {e["key"] for e in evals(killed)}
+
+    res = subprocess.run([sys.executable, str(script(True, 0.0))], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming after generation" in res.stdout
+    keys = [e["key"] for e in evals(killed)]
+    assert len(keys) == len(set(keys))  # no key evaluated twice across the kill
+    assert logged <= set(keys)
+    assert outcome(killed) == outcome(straight)
+
+
+# ---- a real fitness -------------------------------------------------------------------------
+def test_real_lm_eval_task_on_tiny_models(tiny_source_dirs, tiny_suite_dir, tmp_path):
+    """Two tiny random Llamas, the tiny multiple-choice task as fitness, perplexity as report task."""
+    out = tmp_path / "run"
+    cfg = make_config(
+        [str(p) for p in tiny_source_dirs], out, repeats=1, population=4, generations=1,
+        tasks={"tiny_mc": 1.0}, report_tasks=["tiny_ppl"], eval_suites=[str(tiny_suite_dir)], batch_size=8,
+        constraints={"max_hops": 6},
+    )
+    r = run_evolution(cfg, **QUIET)
+    lines = evals(out)
+    assert lines and all(e["error"] is None for e in lines), [e["error"] for e in lines]
+    assert all(0.0 <= e["tasks"]["tiny_mc"] <= 1.0 and e["hops"] <= 6 for e in lines)
+    best = yaml.safe_load((out / "best.genome.yaml").read_text())
+    assert best["scores"]["dev"]["tasks"]["tiny_mc"]["metric"] == "acc"
+    assert best["scores"]["test"]["tasks"]["tiny_ppl"]["value"] > 0
+    assert r.test_eval is not None and r.test_eval.error is None
+    assert best["route"] == r.best.decode().text()
