@@ -1,0 +1,184 @@
+"""The bundled lm-eval suites (eval_suites/): they load offline, their splits keep their promises,
+and every task scores to finite numbers on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+SUITES = Path(__file__).resolve().parent.parent / "eval_suites"
+
+# task -> (output type, least number of documents, fields every document has)
+TASKS = {
+    "prose_ppl_dev": ("loglikelihood_rolling", 40, {"id", "text"}),
+    "prose_ppl_test": ("loglikelihood_rolling", 40, {"id", "text"}),
+    "cloze_mc_dev": ("multiple_choice", 300, {"id", "query", "choices", "gold", "answer"}),
+    "cloze_mc_test": ("multiple_choice", 200, {"id", "query", "choices", "gold", "answer"}),
+    "arith_gen_dev": ("generate_until", 100, {"id", "question", "answer"}),
+    "arith_gen_test": ("generate_until", 100, {"id", "question", "answer"}),
+}
+PAIRS = [("prose_ppl", "text"), ("cloze_mc", "query"), ("arith_gen", "question")]
+METRICS = {
+    "prose_ppl": ["word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"],
+    "cloze_mc": ["acc,none", "acc_norm,none"],
+    "arith_gen": ["exact_match,strip"],
+}
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME")}
+    os.environ.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path_factory.mktemp("hfhome"))
+    )
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def task_dict(offline, tmp_path_factory):
+    from lm_eval.tasks import TaskManager
+
+    # a working directory far from eval_suites/: relative data_files must still be found
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("elsewhere"))
+    try:
+        tm = TaskManager(include_path=str(SUITES), include_defaults=False)
+        missing = set(TASKS) - set(tm.all_tasks)
+        assert not missing, f"not indexed: {missing}"
+        loaded = tm.load(list(TASKS))
+        for task in loaded["tasks"].values():  # the dataset is read at load time; touch it here too
+            list(task.test_docs())
+    finally:
+        os.chdir(cwd)
+    return loaded
+
+
+def _docs(task_dict, name):
+    return list(task_dict["tasks"][name].test_docs())
+
+
+def test_every_task_is_indexed_and_typed(task_dict):
+    for name, (output_type, _, _) in TASKS.items():
+        assert name in task_dict["tasks"]
+        assert task_dict["tasks"][name].OUTPUT_TYPE == output_type, name
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_sizes_and_fields(task_dict, name):
+    _, least, fields = TASKS[name]
+    docs = _docs(task_dict, name)
+    assert len(docs) >= least
+    for d in docs:
+        assert fields <= set(d), (name, d)
+    ids = [d["id"] for d in docs]
+    assert len(set(ids)) == len(ids)
+    if name.startswith("prose_ppl"):
+        words = [len(d["text"].split()) for d in docs]
+        assert 100 <= min(words) and max(words) <= 350, (min(words), max(words))
+    if name.startswith("cloze_mc"):
+        for d in docs:
+            assert len(d["choices"]) == 4 and len(set(d["choices"])) == 4
+            assert d["choices"][d["gold"]] == d["answer"]
+            assert all(len(c.split()) <= 3 for c in d["choices"])
+        golds = [d["gold"] for d in docs]
+        assert min(golds.count(g) for g in range(4)) > len(docs) / 8  # the answer's place varies
+    if name.startswith("arith_gen"):
+        for d in docs:
+            a, op, b = d["question"].split()
+            want = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            assert d["answer"] == str(want)
+
+
+@pytest.mark.parametrize("prefix,field", PAIRS)
+def test_dev_and_test_are_disjoint(task_dict, prefix, field):
+    dev = {d[field] for d in _docs(task_dict, f"{prefix}_dev")}
+    test = {d[field] for d in _docs(task_dict, f"{prefix}_test")}
+    assert not dev & test
+    if prefix == "prose_ppl":  # different chapters of the book
+        assert {d["chapter"] for d in _docs(task_dict, "prose_ppl_dev")}.isdisjoint(
+            d["chapter"] for d in _docs(task_dict, "prose_ppl_test")
+        )
+        assert not any(t[:200] in d for t in test for d in dev)
+
+
+def test_data_files_stay_relative_to_the_suite_folder():
+    """The YAMLs name paths relative to eval_suites/ and load them through local_data.load."""
+    import yaml
+
+    for name in TASKS:
+        text = (SUITES / f"{name}.yaml").read_text()
+        cfg = yaml.safe_load(text)
+        path = cfg["dataset_kwargs"]["data_files"]["test"]
+        assert not Path(path).is_absolute()
+        assert (SUITES / path).is_file()
+
+
+def test_loader_accepts_absolute_paths():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_suite_local_data", SUITES / "local_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ds = mod.load(data_files={"test": str(SUITES / "data" / "arith_gen_dev.jsonl")}, version=1.0)
+    assert len(ds["test"]) >= 100
+
+
+def _tiny_lm():
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    sample = [json.loads(line)["text"] for line in (SUITES / "data" / "prose_ppl_dev.jsonl").open()][:5]
+    tok.train_from_iterator(sample + ["0123456789 + - * ="], trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=hf_tok.eos_token_id,
+        pad_token_id=hf_tok.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval(), hf_tok
+
+
+def test_every_task_scores_finite_on_a_tiny_model(task_dict):
+    import torch
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    torch.set_num_threads(1)
+    model, tok = _tiny_lm()
+    lm = HFLM(pretrained=model, tokenizer=tok, backend="causal", max_length=1024, batch_size=8)
+    out = evaluate(lm=lm, task_dict=task_dict, limit=3, bootstrap_iters=0, log_samples=False)
+    for name in TASKS:
+        res = out["results"][name]
+        for metric in METRICS[name.rsplit("_", 1)[0]]:
+            value = res[metric]
+            assert math.isfinite(float(value)), (name, metric, value)
+        assert res["sample_len"] == 3
