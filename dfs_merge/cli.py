@@ -63,6 +63,12 @@ def cmd_evolve(args: argparse.Namespace) -> None:
     run_evolution(cfg, resume=args.resume)
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from dfs_merge.demo import run_demo
+
+    run_demo(args.config)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from dfs_merge import export
     from dfs_merge.genome import load_genome
@@ -114,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue the run in the config's out: folder")
     s.add_argument("--out", help="run directory (overrides the config's out:)")
     s.set_defaults(func=cmd_evolve)
+
+    s = sub.add_parser("demo", help="evolve, export the winner, and compare it with the base (what `make demo` runs)")
+    s.add_argument("config", nargs="?", default="genomes/demo.yaml")
+    s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("export", help="write a genome as a Hugging Face checkpoint or a mergekit config")
     s.add_argument("genome")

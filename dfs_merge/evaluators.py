@@ -41,6 +41,7 @@ class ModelEvaluator:
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self._pool: Any = None
         self._fitness: Any = None
+        self._activations: Any = None
 
     def setup(self) -> None:
         """Load the sources and build the fitness tasks, once."""
@@ -51,7 +52,13 @@ class ModelEvaluator:
         if self._pool is None:
             from dfs_merge.sources import SourcePool
 
-            self._pool = SourcePool.load(list(self.cfg.sources), device=self.cfg.device, dtype=self.cfg.dtype)
+            self._pool = SourcePool.load(
+                list(self.cfg.sources), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code
+            )
+        if self._activations is None and self.cfg.prefix_cache_mb > 0:
+            from dfs_merge.stitch import ActivationCache
+
+            self._activations = ActivationCache(self.cfg.prefix_cache_mb)
         if self._fitness is None:
             from dfs_merge.fitness import Fitness
 
@@ -62,6 +69,7 @@ class ModelEvaluator:
         """The same work on another split, sharing the loaded sources (a second copy is not loaded)."""
         other = ModelEvaluator(self.cfg, split, self.cache_dir)
         other._pool = self._pool
+        other._activations = self._activations
         return other
 
     def __call__(self, genome: Genome) -> Evaluation:
@@ -69,12 +77,13 @@ class ModelEvaluator:
 
         self.setup()
         route = genome.check()
-        model = stitch(self._pool, route)
+        model = stitch(self._pool, route, activation_cache=self._activations)
         return self._fitness.score(model, self._pool.tokenizer, hops=len(route))
 
     def __getstate__(self) -> dict[str, Any]:
         # Loaded models and tasks stay in their process; a worker builds its own in setup().
-        return {"cfg": self.cfg, "split": self.split, "cache_dir": self.cache_dir, "_pool": None, "_fitness": None}
+        return {"cfg": self.cfg, "split": self.split, "cache_dir": self.cache_dir, "_pool": None, "_fitness": None,
+                "_activations": None}
 
 
 def setup_evaluator(fn: GenomeEvaluator) -> None:

@@ -202,6 +202,8 @@ def stitch(pool: SourcePool, route: Route, activation_cache: ActivationCache | N
     config.use_cache = False  # scoring forwards need no KV cache; generate() still asks for one
     if hasattr(config, "layer_types"):
         config.layer_types = [hop.attention_type for hop in hops]
+        if hasattr(inner, "has_sliding_layers"):  # Qwen2 and kin decide at init whether to build sliding masks
+            inner.has_sliding_layers = "sliding_attention" in config.layer_types
     shell.generation_config = copy.deepcopy(base.generation_config)
     shell.route = route
     shell.eval()

@@ -6,7 +6,14 @@ import copy
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from dfs_merge.errors import GenomeError
 from dfs_merge.families import family_for
@@ -33,6 +40,16 @@ def tiny_gemma3(seed: int) -> Gemma3ForCausalLM:
     return Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
 
 
+def tiny_qwen2_sliding(seed: int) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=2,
+    )
+    assert "sliding_attention" in cfg.layer_types
+    return Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
+
+
 def pool_of(*models) -> SourcePool:
     return SourcePool([Source(f"m{i}", m, family_for(m.config.model_type)) for i, m in enumerate(models)], None)
 
@@ -47,6 +64,11 @@ def gemma_pool() -> SourcePool:
     return pool_of(tiny_gemma3(0))
 
 
+@pytest.fixture(scope="module")
+def qwen_pool() -> SourcePool:
+    return pool_of(tiny_qwen2_sliding(0))
+
+
 TOKENS = torch.randint(3, 96, (2, 14), generator=torch.Generator().manual_seed(0))
 
 
@@ -54,7 +76,7 @@ def identity(pool: SourcePool) -> Route:
     return Route(tuple(Hop(0, i) for i in range(pool.layers_per_source[0])))
 
 
-@pytest.mark.parametrize("pool_name", ["llama_pool", "gemma_pool"])
+@pytest.mark.parametrize("pool_name", ["llama_pool", "gemma_pool", "qwen_pool"])
 def test_identity_route_reproduces_base_logits_exactly(request, pool_name):
     pool = request.getfixturevalue(pool_name)
     model = stitch(pool, identity(pool))
@@ -77,7 +99,7 @@ def test_scale_multiplies_the_stream_entering_the_hop(llama_pool):
 REPEATED = Route.parse("0:0-3, 1:1-3, 0:2-3", [1, 1, 1, 1, 0.8, 1.2, 1, 1, 0.9])
 
 
-@pytest.mark.parametrize(("pool_name", "route"), [("llama_pool", REPEATED), ("gemma_pool", Route.parse("0:0-5, 0:2-5"))])
+@pytest.mark.parametrize(("pool_name", "route"), [("llama_pool", REPEATED), ("gemma_pool", Route.parse("0:0-5, 0:2-5")), ("qwen_pool", Route.parse("0:0-3, 0:1-3"))],)
 def test_repeated_layers_generate_identically_with_and_without_cache(request, pool_name, route):
     pool = request.getfixturevalue(pool_name)
     model = stitch(pool, route)

@@ -1,0 +1,178 @@
+"""The main job end to end: evolve a route, export the winner, and show what was gained.
+
+`dfs-merge demo CONFIG` (what `make demo` runs) evolves the config (resuming a run
+already in its `out:` folder, so a second demo reuses every evaluation), picks the
+smallest Pareto member that keeps at least 95% of the base's dev score (or the best
+one), exports it as a Hugging Face checkpoint, and prints a table of the base, the
+exported model and the naive deepening on the dev and held-out test tasks, the
+files it wrote, and a generation sample of the base and the exported model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dfs_merge.baselines import naive_deepening_route
+from dfs_merge.config import RunConfig, load_config, write_atomic
+from dfs_merge.evaluators import ModelEvaluator
+from dfs_merge.evolve import RunResult, run_evolution
+from dfs_merge.export import export_checkpoint
+from dfs_merge.fitness import Evaluation, Fitness
+from dfs_merge.genome import Genome, Route
+from dfs_merge.plots import route_png
+from dfs_merge.report import identity_route, score_routes
+from dfs_merge.sources import SourcePool
+from dfs_merge.stitch import stitch
+
+KEEP = 0.95
+PROMPT = "Write three short sentences about the sea."
+
+
+@dataclass
+class Row:
+    """One model of the comparison table."""
+
+    name: str
+    hops: int
+    params: int
+    dev: Evaluation
+    test: Evaluation | None
+
+
+def parameter_count(pool: SourcePool, route: Route) -> int:
+    """Parameters of the route as an exported checkpoint: the base's non-layer tensors plus each hop's layer."""
+    base = pool.base.model
+    layer_ids = {id(p) for layer in pool.base.layers for p in layer.parameters()}
+    outside = sum(p.numel() for p in base.parameters() if id(p) not in layer_ids)
+    return outside + sum(sum(p.numel() for p in pool.layer(h.source, h.layer).parameters()) for h in route)
+
+
+def choose(pareto: Sequence[tuple[Genome, Evaluation]], base_score: float, keep: float = KEEP) -> Genome:
+    """The smallest member scoring at least `keep` of the base (sign-safe), else the best-scoring one."""
+    floor = base_score - (1 - keep) * abs(base_score)
+    good = [(g, ev) for g, ev in pareto if ev.ok and ev.score >= floor]
+    if good:
+        return min(good, key=lambda m: (m[1].hops, -m[1].score))[0]
+    return max(pareto, key=lambda m: m[1].score)[0]
+
+
+def sample(model: torch.nn.Module, tokenizer, prompt: str = PROMPT, tokens: int = 48) -> str:
+    """Greedy continuation of a chat prompt, first three non-empty lines."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = tokenizer(text, return_tensors="pt").to(model.device)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    return "\n".join([line for line in answer.splitlines() if line.strip()][:3])
+
+
+def table(rows: Sequence[Row], cfg: RunConfig) -> str:
+    """Markdown table: hops, parameters, then each task's primary metric on dev and on test."""
+    pairs = list(zip(cfg.tasks, cfg.report_tasks or [None] * len(cfg.tasks), strict=False))
+    head = ["model", "hops", "params (M)", "dev score"]
+    for dev, test in pairs:
+        metric = rows[0].dev.tasks[dev].metric if dev in rows[0].dev.tasks else "?"
+        head += [f"{dev} {metric}"] + ([f"{test} {metric}"] if test else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.name, str(r.hops), f"{r.params / 1e6:.1f}", f"{r.dev.score:.4f}"]
+        for dev, test in pairs:
+            cells.append(_metric(r.dev, dev))
+            if test:
+                cells.append(_metric(r.test, test))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _metric(ev: Evaluation | None, task: str) -> str:
+    if ev is None or task not in ev.tasks:
+        return "-"
+    return f"{ev.tasks[task].value:.4f}"
+
+
+def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
+    """Evolve, choose, export, compare; returns what it printed as data (also written to the run folder)."""
+    start = time.perf_counter()
+    cfg = load_config(config)
+    run_dir = Path(cfg.out)
+    evaluator = ModelEvaluator(cfg, "dev")
+    report = evaluator.for_split("test") if cfg.report_tasks else None
+    result: RunResult = run_evolution(
+        cfg, resume=(run_dir / "checkpoint.json").exists(), evaluate=evaluator, report_evaluate=report
+    )
+    evaluator.setup()
+    pool: SourcePool = evaluator._pool  # loaded once, shared with the table below
+    dev = Fitness.from_config(cfg, "dev")
+    test = Fitness.from_config(cfg, "test") if cfg.report_tasks else None
+    routes = {"base": identity_route(pool), "naive deepening": naive_deepening_route(pool.layers_per_source[0])}
+    dev_evals = score_routes(pool, dev, routes)
+    test_evals = score_routes(pool, test, routes) if test else {}
+
+    front = result.pareto or [(result.best, result.best_eval)]
+    chosen = choose(front, dev_evals["base"].score)
+    exported_dir = run_dir / "exported"
+    out(f"exporting {len(chosen.decode())} hops ({chosen.decode().text()}) to {exported_dir}")
+    export_checkpoint(pool, chosen, exported_dir, force=True, verify=True)
+
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(exported_dir).eval()
+    hops = exported.config.num_hidden_layers
+    exported_dev = dev.score(exported, pool.tokenizer, hops=hops)
+    exported_test = test.score(exported, pool.tokenizer, hops=hops) if test else None
+
+    rows = [
+        Row("base SmolLM2" if "smollm2" in pool.paths[0].lower() else "base", len(routes["base"]),
+            parameter_count(pool, routes["base"]), dev_evals["base"], test_evals.get("base")),
+        Row("exported (evolved)", hops, parameter_count(pool, chosen.decode()), exported_dev, exported_test),
+        Row("naive deepening 0-19 + 10-29" if len(routes["base"]) == 30 else "naive deepening",
+            len(routes["naive deepening"]), parameter_count(pool, routes["naive deepening"]),
+            dev_evals["naive deepening"], test_evals.get("naive deepening")),
+    ]
+    picture = route_png(chosen, run_dir / "route.png")
+    md = table(rows, cfg)
+    samples = {"base": sample(stitch(pool, routes["base"]), pool.tokenizer), "exported": sample(exported, pool.tokenizer)}
+    seconds = time.perf_counter() - start
+    stamp = datetime.date.today().isoformat()
+
+    out("")
+    out(f"dfs-merge demo ({config}, {stamp}): {result.evaluations} evaluations over {result.generations} generations")
+    out(md)
+    out("")
+    out("files:")
+    for label, path in [("run directory", run_dir), ("history", result.paths.get("history")),
+                        ("route picture", picture), ("exported checkpoint", exported_dir)]:
+        out(f"  {label:<20} {path}")
+    out("")
+    out(f"prompt: {PROMPT}")
+    for name, text in samples.items():
+        out(f"--- {name}:")
+        out(text)
+    out(f"\ndemo took {seconds:.0f} s")
+
+    summary = {
+        "date": stamp,
+        "config": str(config),
+        "chosen_route": chosen.decode().text(),
+        "table_markdown": md,
+        "rows": [
+            {"name": r.name, "hops": r.hops, "params": r.params, "dev": r.dev.to_dict(),
+             "test": r.test.to_dict() if r.test else None}
+            for r in rows
+        ],
+        "samples": samples,
+        "seconds": round(seconds, 1),
+        "evaluations": result.evaluations,
+    }
+    write_atomic(run_dir / "demo.json", json.dumps(summary, indent=2) + "\n")
+    return summary
