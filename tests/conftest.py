@@ -1,0 +1,274 @@
+"""Shared test fixtures: tiny Llama sources written as HF folders, a loaded pool, a tiny eval suite.
+
+Everything is built offline and deterministically:
+
+- `tiny_tokenizer`: a byte-level BPE tokenizer (vocabulary 320) trained on a built-in text,
+  wrapped as a `PreTrainedTokenizerFast` with `<s>` (bos, prepended like Llama's), `</s>`
+  (eos) and `<pad>`. Byte-level, so any text encodes and decodes losslessly.
+- `tiny_source_dirs`: two randomly initialised `LlamaForCausalLM` (hidden 48, 4 layers,
+  same config, seeds 0 and 1) saved with safetensors, each with the tokenizer.
+- `tiny_trained_dir`: the same shape, trained for a few seconds on the built-in text, for
+  tests that need a model whose quality a broken route can measurably damage.
+- `tiny_pool`: the two random sources loaded as a `SourcePool`.
+- `tiny_suite_dir`: a folder of three lm-eval tasks over tiny local JSONL files
+  (multiple choice, rolling perplexity, greedy generation), data paths relative to the
+  YAMLs, like the bundled `eval_suites/`.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 48, 4, 4, 2, 320
+
+CORPUS = """\
+Alice was beginning to get very tired of sitting by her sister on the bank, and of having
+nothing to do: once or twice she had peeped into the book her sister was reading, but it had
+no pictures or conversations in it, and what is the use of a book, thought Alice, without
+pictures or conversations? So she was considering in her own mind, as well as she could, for
+the hot day made her feel very sleepy and stupid, whether the pleasure of making a daisy-chain
+would be worth the trouble of getting up and picking the daisies, when suddenly a White Rabbit
+with pink eyes ran close by her. There was nothing so very remarkable in that; nor did Alice
+think it so very much out of the way to hear the Rabbit say to itself, Oh dear! Oh dear! I
+shall be late! The cat sat on the mat. The dog ran to the park. The bird sang in the tree.
+Question: 3 + 4 = ? Answer: 7. Question: 12 + 5 = ? Answer: 17. Question: 9 - 2 = ? Answer: 7.
+Question: 20 + 22 = ? Answer: 42. Question: 8 + 1 = ? Answer: 9. 0 1 2 3 4 5 6 7 8 9 10 11
+"""
+
+# Tasks of the tiny suite: the same shapes as the bundled eval_suites (mc, ppl, gen).
+MC_ROWS = [
+    {"query": "The cat sat on the", "choices": ["mat", "sky", "tree", "river"], "gold": 0},
+    {"query": "The dog ran to the", "choices": ["moon", "park", "book", "cup"], "gold": 1},
+    {"query": "The bird sang in the", "choices": ["car", "bank", "tree", "shoe"], "gold": 2},
+    {"query": "Alice was beginning to get very", "choices": ["blue", "loud", "round", "tired"], "gold": 3},
+    {"query": "what is the use of a", "choices": ["book", "rabbit", "sister", "daisy"], "gold": 0},
+    {"query": "a White Rabbit with pink", "choices": ["shoes", "eyes", "hats", "wings"], "gold": 1},
+]
+PPL_ROWS = [
+    {"text": "Alice was beginning to get very tired of sitting by her sister on the bank."},
+    {"text": "So she was considering in her own mind, as well as she could, for the hot day."},
+    {"text": "There was nothing so very remarkable in that; nor did Alice think it so very much."},
+    {"text": "The cat sat on the mat. The dog ran to the park. The bird sang in the tree."},
+]
+GEN_ROWS = [
+    {"question": "3 + 4", "answer": "7"},
+    {"question": "12 + 5", "answer": "17"},
+    {"question": "9 - 2", "answer": "7"},
+    {"question": "20 + 22", "answer": "42"},
+    {"question": "8 + 1", "answer": "9"},
+]
+
+TINY_TASK_YAMLS = {
+    "tiny_mc": """\
+        task: tiny_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: data/tiny_mc.jsonl
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{query}}"
+        doc_to_choice: "{{choices}}"
+        doc_to_target: gold
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+          - metric: acc_norm
+            aggregation: mean
+            higher_is_better: true
+        metadata:
+          version: 1
+        """,
+    "tiny_ppl": """\
+        task: tiny_ppl
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: data/tiny_ppl.jsonl
+        test_split: test
+        output_type: loglikelihood_rolling
+        doc_to_text: ""
+        doc_to_target: "{{text}}"
+        metric_list:
+          - metric: word_perplexity
+            aggregation: weighted_perplexity
+            higher_is_better: false
+          - metric: byte_perplexity
+            aggregation: weighted_perplexity
+            higher_is_better: false
+          - metric: bits_per_byte
+            aggregation: bits_per_byte
+            higher_is_better: false
+        metadata:
+          version: 1
+        """,
+    "tiny_gen": """\
+        task: tiny_gen
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: data/tiny_gen.jsonl
+        test_split: test
+        fewshot_split: test
+        num_fewshot: 2
+        output_type: generate_until
+        doc_to_text: "Question: {{question}} = ? Answer:"
+        doc_to_target: "{{answer}}"
+        generation_kwargs:
+          until: ["\\n", "."]
+          do_sample: false
+          max_gen_toks: 6
+        metric_list:
+          - metric: exact_match
+            aggregation: mean
+            higher_is_better: true
+            ignore_case: true
+            ignore_punctuation: true
+        metadata:
+          version: 1
+        """,
+}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSON lines (one object a line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_tiny_suite(folder: Path) -> Path:
+    """Write the three tiny tasks (YAML + JSONL under `data/`) into `folder`; returns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "data" / "tiny_mc.jsonl", MC_ROWS)
+    write_jsonl(folder / "data" / "tiny_ppl.jsonl", PPL_ROWS)
+    write_jsonl(folder / "data" / "tiny_gen.jsonl", GEN_ROWS)
+    for name, text in TINY_TASK_YAMLS.items():
+        (folder / f"{name}.yaml").write_text(textwrap.dedent(text))
+    return folder
+
+
+def build_tokenizer():
+    """The tiny byte-level BPE tokenizer as a `PreTrainedTokenizerFast` (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=4096
+    )
+
+
+def tiny_llama_config(vocab_size: int):
+    """The LlamaConfig every tiny source uses."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def save_source(model, tokenizer, folder: Path) -> Path:
+    """Save a model (safetensors) and tokenizer as an HF folder."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def train_briefly(model, tokenizer, steps: int = 40, seed: int = 0) -> None:
+    """A few seconds of next-token training on the built-in corpus, enough to beat uniform by far."""
+    import torch
+
+    torch.manual_seed(seed)
+    ids = torch.tensor(tokenizer(CORPUS)["input_ids"])
+    seq, batch = 32, 8
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,))
+        x = torch.stack([ids[s : s + seq] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny tokenizer (see `build_tokenizer`)."""
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_source_dirs(tmp_path_factory, tiny_tokenizer) -> list[Path]:
+    """Two random tiny Llama sources (same config, seeds 0 and 1) as HF folders."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_sources")
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer))).eval()
+        dirs.append(save_source(model, tiny_tokenizer, root / f"source{seed}"))
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama (same shape as the random sources) trained briefly on the built-in corpus."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: one thread is several times faster on a busy 2-core machine
+    try:
+        train_briefly(model, tiny_tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    return save_source(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_trained") / "trained")
+
+
+@pytest.fixture(scope="session")
+def tiny_pool(tiny_source_dirs):
+    """The two random tiny sources loaded as a `SourcePool` (float32, CPU)."""
+    from dfs_merge.sources import SourcePool
+
+    return SourcePool.load([str(p) for p in tiny_source_dirs])
+
+
+@pytest.fixture(scope="session")
+def tiny_suite_dir(tmp_path_factory) -> Path:
+    """A suite folder with tasks tiny_mc (6 docs), tiny_ppl (4 docs), tiny_gen (5 docs, 2-shot)."""
+    return write_tiny_suite(tmp_path_factory.mktemp("tiny_suite"))
