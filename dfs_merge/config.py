@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dfs_merge.errors import ConfigError, DfsMergeError
 
@@ -89,7 +97,9 @@ class RunConfig(BaseModel):
     tasks: dict[str, float] = Field(min_length=1)
     metrics: dict[str, str] = {}
     report_tasks: list[str] = []
-    limit: int | None = Field(None, ge=1)
+    # Documents per task: one number for all, or {task: number}; the same documents for every candidate.
+    limit: PositiveInt | dict[str, PositiveInt] | None = None
+    report_limit: PositiveInt | dict[str, PositiveInt] | None = None  # for report_tasks; None: all documents
     eval_suites: list[str] = []
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=16)
@@ -137,6 +147,10 @@ class RunConfig(BaseModel):
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(self.scale_range)}")
+        for key, names in (("limit", self.tasks), ("report_limit", self.report_tasks)):
+            value = getattr(self, key)
+            if isinstance(value, dict) and set(value) - set(names):
+                raise ValueError(f"{key} names tasks it does not apply to: {sorted(set(value) - set(names))}")
         unknown = set(self.metrics) - set(self.tasks) - set(self.report_tasks)
         if unknown:
             raise ValueError(f"metrics names tasks that are neither in tasks nor report_tasks: {sorted(unknown)}")

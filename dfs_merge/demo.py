@@ -106,10 +106,8 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     cfg = load_config(config)
     run_dir = Path(cfg.out)
     evaluator = ModelEvaluator(cfg, "dev")
-    report = evaluator.for_split("test") if cfg.report_tasks else None
-    result: RunResult = run_evolution(
-        cfg, resume=(run_dir / "checkpoint.json").exists(), evaluate=evaluator, report_evaluate=report
-    )
+    # The held-out scores are computed once below, for the table; the run itself needs only dev scores.
+    result: RunResult = run_evolution(cfg, resume=(run_dir / "checkpoint.json").exists(), evaluate=evaluator)
     evaluator.setup()
     pool: SourcePool = evaluator._pool  # loaded once, shared with the table below
     dev = Fitness.from_config(cfg, "dev")

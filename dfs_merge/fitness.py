@@ -461,7 +461,7 @@ class Fitness:
         tasks: Mapping[str, float],
         *,
         metrics: Mapping[str, str] | None = None,
-        limit: int | None = None,
+        limit: int | Mapping[str, int] | None = None,
         suites: Sequence[str | Path] = (),
         batch_size: int = 8,
         max_length: int = 2048,
@@ -478,11 +478,15 @@ class Fitness:
         unknown = set(metrics or {}) - set(tasks)
         if unknown:
             raise FitnessError(f"metrics names tasks that are not scored: {', '.join(sorted(unknown))}")
-        if limit is not None and limit < 1:
-            raise FitnessError(f"limit must be at least 1, got {limit}")
+        limits = dict(limit) if isinstance(limit, Mapping) else dict.fromkeys(tasks, limit)
+        for name, n in limits.items():
+            if name not in tasks:
+                raise FitnessError(f"limit names task {name!r}, which is not scored")
+            if n is not None and n < 1:
+                raise FitnessError(f"limit must be at least 1, got {n} for task {name}")
         self.weights: dict[str, float] = {k: float(v) for k, v in tasks.items()}
         self.metric_overrides = dict(metrics or {})
-        self.limit = limit
+        self.limits: dict[str, int | None] = {name: limits.get(name) for name in tasks}
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.num_fewshot = num_fewshot
@@ -509,7 +513,8 @@ class Fitness:
 
         Report tasks take the weight of the dev task whose name they are with `_test` for
         `_dev` (`arith_test` <- `arith_dev`), else 1; metric overrides map the same way.
-        `test` uses every document unless `limit=` is given in `overrides`.
+        `dev` uses `cfg.limit`; `test` uses `cfg.report_limit` (every document when unset). A limit
+        is one number for all tasks or a mapping task -> number (tasks it omits use every document).
         """
         if split == "dev":
             tasks = dict(cfg.tasks)
@@ -525,7 +530,7 @@ class Fitness:
                 m = cfg.metrics.get(t) or cfg.metrics.get(dev_of.get(t, ""))
                 if m:
                     metrics[t] = m
-            limit = None
+            limit = cfg.report_limit
         else:
             raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
         kwargs: dict[str, Any] = dict(
@@ -618,10 +623,10 @@ class Fitness:
         metric, filt, hib = _primary_metric(name, task, self.metric_overrides.get(name))
         try:
             if self.reuse_requests:
-                _freeze_requests(task, self.limit)
+                _freeze_requests(task, self.limits[name])
                 docs = len({inst.doc_id for inst in task.instances})
             else:
-                task.build_all_requests(limit=self.limit, rank=0, world_size=1)  # fail here, not per candidate
+                task.build_all_requests(limit=self.limits[name], rank=0, world_size=1)  # fail here, not per candidate
                 docs = len({inst.doc_id for inst in task.instances})
         except Exception as err:  # noqa: BLE001
             raise FitnessError(f"task {name}{where}: cannot build its requests ({_one_line(err)})") from None
@@ -710,7 +715,7 @@ class Fitness:
                 res = evaluate(
                     lm=lm,
                     task_dict={"tasks": {name: spec.task}, "groups": {}, "group_map": {}},
-                    limit=self.limit,
+                    limit=self.limits[name],
                     bootstrap_iters=0,
                     log_samples=False,
                 )

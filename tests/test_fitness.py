@@ -279,10 +279,13 @@ def test_from_config_maps_dev_weights_onto_report_tasks(tmp_path, cache_dir):
         eval_suites=[str(suite)], limit=2, seed=5,
     )
     dev = Fitness.from_config(cfg, "dev", cache_dir=cache_dir)
-    assert dev.weights == {"mc_dev": 3.0} and dev.limit == 2 and dev.seed == 5
+    assert dev.weights == {"mc_dev": 3.0} and dev.limits == {"mc_dev": 2} and dev.seed == 5
     assert dev.describe()["mc_dev"]["metric"] == "acc_norm"
     test = Fitness.from_config(cfg, "test", cache_dir=cache_dir)
-    assert test.weights == {"mc_test": 3.0, "tiny_ppl": 1.0} and test.limit is None
+    assert test.weights == {"mc_test": 3.0, "tiny_ppl": 1.0} and test.limits == {"mc_test": None, "tiny_ppl": None}
+    assert test.describe()["mc_test"]["docs"] == 6
+    per_task = Fitness.from_config(cfg.model_copy(update={"report_limit": {"mc_test": 3}}), "test", cache_dir=cache_dir)
+    assert per_task.limits == {"mc_test": 3, "tiny_ppl": None} and per_task.describe()["mc_test"]["docs"] == 3
     assert test.describe()["mc_test"]["metric"] == "acc_norm"
     assert test.describe()["tiny_ppl"]["metric"] == "bits_per_byte"
 
