@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from dfs_merge.errors import FitnessError
 from dfs_merge.genome import Hop, Route
 from dfs_merge.sources import SourcePool
 
@@ -91,3 +94,24 @@ def naive_deepening_route(layers: int) -> Route:
     """Layers 0 .. 2L/3-1 then L/3 .. L-1 of the base, scales 1 (0-19 + 10-29 for 30 layers)."""
     first_end, second_start = round(2 * layers / 3), round(layers / 3)
     return Route(tuple(Hop(0, i) for i in [*range(first_end), *range(second_start, layers)]))
+
+
+def calibration_texts(path: str | Path, n: int = 16, field: str = "text") -> list[str]:
+    """The first `n` texts of a JSONL file (default: the bundled prose dev split, never a test split)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    texts = [str(r[field]) for r in rows if field in r][:n]
+    if not texts:
+        raise FitnessError(f"{path}: no rows with a {field!r} field to calibrate on")
+    return texts
+
+
+def baseline_routes(pool: SourcePool, texts: Sequence[str], sizes: Sequence[int] = (2, 4, 6, 8)) -> dict[str, Route]:
+    """Every heuristic of this module as named routes over the base: ShortGPT and angular pruning per n, deepening."""
+    stats = layer_stats(pool, texts)
+    routes: dict[str, Route] = {"base": Route(tuple(Hop(0, i) for i in range(len(stats.block_influence))))}
+    for n in sizes:
+        routes[f"shortgpt -{n}"] = shortgpt_route(stats, n)
+        route, start = angular_block_route(stats, n)
+        routes[f"angular -{n} ({start}-{start + n - 1})"] = route
+    routes["naive deepening"] = naive_deepening_route(len(stats.block_influence))
+    return routes

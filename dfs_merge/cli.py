@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dfs_merge.errors import DfsMergeError
 
@@ -53,6 +54,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config)
     evaluate_for_cli(cfg, genome=args.genome, split=args.split, sources_only=args.sources_only)
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    from dfs_merge.config import load_config
+    from dfs_merge.report import baselines_for_cli
+
+    cfg = load_config(args.config)
+    sizes = tuple(int(n) for n in args.sizes.split(","))
+    baselines_for_cli(cfg, args.calibration, split=args.split, sizes=sizes)
 
 
 def cmd_evolve(args: argparse.Namespace) -> None:
@@ -114,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", choices=["dev", "test"], default="dev")
     s.add_argument("--sources-only", action="store_true", help="score each source alone")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("baseline", help="score ShortGPT, angular-distance pruning and naive deepening of the base")
+    s.add_argument("config")
+    s.add_argument("--calibration", default=str(Path(__file__).resolve().parent.parent / "eval_suites/data/prose_ppl_dev.jsonl"),
+                   help="JSONL with a 'text' field to measure layer similarity on (default: the bundled prose dev split)")
+    s.add_argument("--sizes", default="2,4,6,8", help="numbers of layers to remove, comma-separated")
+    s.add_argument("--split", choices=["dev", "test"], default="test")
+    s.set_defaults(func=cmd_baseline)
 
     s = sub.add_parser("evolve", help="run the evolutionary search of a config")
     s.add_argument("config")

@@ -72,3 +72,22 @@ def evaluate_for_cli(
         evals = score_routes(pool, fitness, {"base": identity_route(pool)})
     out(task_table(evals))
     return evals
+
+
+def baselines_for_cli(
+    cfg: RunConfig,
+    calibration: str | Path,
+    split: str = "test",
+    sizes: tuple[int, ...] = (2, 4, 6, 8),
+    out: Callable[[str], None] = print,
+) -> dict[str, Evaluation]:
+    """`dfs-merge baseline`: score ShortGPT, angular-distance pruning and naive deepening of the base."""
+    from dfs_merge.baselines import baseline_routes, calibration_texts
+
+    pool = SourcePool.load(cfg.sources[:1], device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    routes = baseline_routes(pool, calibration_texts(calibration), sizes)
+    for name, route in routes.items():
+        out(f"{name:<28} {len(route):>3} hops  {route.text()}")
+    evals = score_routes(pool, Fitness.from_config(cfg, split=split), routes)
+    out(task_table(evals))
+    return evals
