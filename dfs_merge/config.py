@@ -6,8 +6,6 @@ with a message naming the field, before any model is loaded.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,22 +48,6 @@ def read_yaml(path: str | Path, error: type[DfsMergeError] = ConfigError) -> dic
     if not isinstance(data, dict):
         raise error(f"{path}: expected a YAML mapping, got {type(data).__name__}")
     return data
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a text file so that a reader sees either the old or the new content, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ConstraintsConfig(BaseModel):

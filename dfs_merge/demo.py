@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from dfs_merge.atomic import write_atomic
 from dfs_merge.baselines import naive_deepening_route
-from dfs_merge.config import RunConfig, load_config, write_atomic
+from dfs_merge.config import RunConfig, load_config
 from dfs_merge.evaluators import ModelEvaluator
 from dfs_merge.evolve import RunResult, run_evolution
 from dfs_merge.export import export_checkpoint

@@ -50,7 +50,8 @@ import torch
 import yaml
 
 import dfs_merge
-from dfs_merge.config import ConstraintsConfig, read_yaml, write_atomic
+from dfs_merge.atomic import fsync_dir, fsync_tree, write_atomic
+from dfs_merge.config import ConstraintsConfig, read_yaml
 from dfs_merge.errors import DfsMergeError, ExportError, GenomeError, SourceError
 from dfs_merge.families import Family
 from dfs_merge.genome import Genome, Hop, Route, Scaling, save_genome
@@ -163,7 +164,7 @@ def export_checkpoint(
             log.info("verify: %s", result.text())
             _check_verified(result, pool.dtype)
         _write_card(pool, genome, route, staging, out.name, result, command)
-        _fsync_tree(staging)
+        fsync_tree(staging)
         _publish(staging, out, force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -528,27 +529,6 @@ def _remove_stale(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _publish(staging: Path, out: Path, force: bool) -> None:
     """Rename the finished folder into place; with `force`, the old one is moved away first, then deleted."""
     old = None
@@ -563,7 +543,7 @@ def _publish(staging: Path, out: Path, force: bool) -> None:
         if old is not None:
             os.rename(old, out)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dfs_merge.config import ConstraintsConfig, describe_validation_error, read_yaml, write_atomic
+from dfs_merge.atomic import write_atomic
+from dfs_merge.config import ConstraintsConfig, describe_validation_error, read_yaml
 from dfs_merge.errors import GenomeError
 
 FORMAT = "dfs-merge/genome@1"

@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dfs_merge.atomic import fsync_tree
 from dfs_merge.errors import DfsMergeError
 
 if TYPE_CHECKING:
@@ -356,22 +357,6 @@ def _scratch_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush a folder's files and the folder itself, so the rename publishes durable data."""
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open a folder
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(staging: Path, out_dir: Path) -> None:
     """Rename a finished ``staging`` folder to ``out_dir``, replacing an old one."""
     old = None
@@ -422,7 +407,7 @@ def convert_gguf(
         _dequantise_into(gguf_file, staging, dtype)
         seconds = time.perf_counter() - start
         _write_marker(staging, gguf_file, dtype, source, seconds)
-        _fsync_tree(staging)
+        fsync_tree(staging)
         _publish(staging, out_dir)
     log.info("converted %s in %.1f s: %s", gguf_file.name, seconds, out_dir)
     return out_dir

@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from dfs_merge.config import RunConfig, write_atomic
+from dfs_merge.atomic import write_atomic
+from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError
 from dfs_merge.genome import Genome, save_genome
 
