@@ -108,7 +108,9 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     run_dir = Path(cfg.out)
     evaluator = ModelEvaluator(cfg, "dev")
     # The held-out scores are computed once below, for the table; the run itself needs only dev scores.
-    result: RunResult = run_evolution(cfg, resume=(run_dir / "checkpoint.json").exists(), evaluate=evaluator)
+    result: RunResult = run_evolution(
+        cfg, resume=(run_dir / "checkpoint.json").exists(), evaluate=evaluator, report=False
+    )
     evaluator.setup()
     pool: SourcePool = evaluator._pool  # loaded once, shared with the table below
     dev = Fitness.from_config(cfg, "dev")

@@ -752,6 +752,7 @@ def run_evolution(
     resume: bool = False,
     evaluate: GenomeEvaluator | None = None,
     report_evaluate: GenomeEvaluator | None = None,
+    report: bool = True,
     progress: bool = True,
     log: Callable[[str], Any] = print,
 ) -> RunResult:
@@ -760,7 +761,7 @@ def run_evolution(
     `evaluate` replaces the real per-genome work (stitch + lm-eval) with any picklable
     `Genome -> Evaluation` callable; `report_evaluate` likewise for the report tasks
     (by default the real work on the test split when `report_tasks` is set and
-    `evaluate` is not given).
+    `evaluate` is not given). `report=False` skips scoring the winners on the report tasks.
     """
     template = Genome.empty(cfg.sources, layer_counts(cfg.sources), cfg.repeats, cfg.scaling, cfg.constraints)
     try:
@@ -782,7 +783,7 @@ def run_evolution(
         evaluator.close()  # free the workers before the report starts its own
         if report_evaluate is None and isinstance(fn, ModelEvaluator) and cfg.report_tasks:
             report_evaluate = fn.for_split("test")  # in-process: shares the sources already loaded
-        return evo.finish(report_evaluate)
+        return evo.finish(report_evaluate if report else None)
     finally:
         evaluator.close()
         rundir.close()
