@@ -2,8 +2,8 @@
 
 `dfs-merge demo CONFIG` (what `make demo` runs) evolves the config (resuming a run
 already in its `out:` folder, so a second demo reuses every evaluation), picks the
-smallest Pareto member that keeps at least 95% of the base's dev score (or the best
-one), exports it as a Hugging Face checkpoint, and prints a table of the base, the
+smallest Pareto member that keeps at least 95% of the base's dev quality (the mean
+over tasks of value/base, inverted for lower-is-better metrics; or the best one), exports it as a Hugging Face checkpoint, and prints a table of the base, the
 exported model and the naive deepening on the dev and held-out test tasks, the
 files it wrote, and a generation sample of the base and the exported model.
 """
@@ -55,10 +55,20 @@ def parameter_count(pool: SourcePool, route: Route) -> int:
     return outside + sum(sum(p.numel() for p in pool.layer(h.source, h.layer).parameters()) for h in route)
 
 
-def choose(pareto: Sequence[tuple[Genome, Evaluation]], base_score: float, keep: float = KEEP) -> Genome:
-    """The smallest member scoring at least `keep` of the base (sign-safe), else the best-scoring one."""
-    floor = base_score - (1 - keep) * abs(base_score)
-    good = [(g, ev) for g, ev in pareto if ev.ok and ev.score >= floor]
+def retention(ev: Evaluation, base: Evaluation) -> float:
+    """Mean share of the base's quality kept, per task: value/base where higher is better, base/value otherwise."""
+    shares = []
+    for name, b in base.tasks.items():
+        v = ev.tasks.get(name)
+        if v is None or not ev.ok:
+            return 0.0
+        shares.append(v.value / b.value if b.higher_is_better else b.value / v.value if v.value else 0.0)
+    return sum(shares) / len(shares) if shares else 0.0
+
+
+def choose(pareto: Sequence[tuple[Genome, Evaluation]], base: Evaluation, keep: float = KEEP) -> Genome:
+    """The member with the fewest hops that keeps at least `keep` of the base's dev quality, else the best one."""
+    good = [(g, ev) for g, ev in pareto if ev.ok and retention(ev, base) >= keep]
     if good:
         return min(good, key=lambda m: (m[1].hops, -m[1].score))[0]
     return max(pareto, key=lambda m: m[1].score)[0]
@@ -120,7 +130,7 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     test_evals = score_routes(pool, test, routes) if test else {}
 
     front = result.pareto or [(result.best, result.best_eval)]
-    chosen = choose(front, dev_evals["base"].score)
+    chosen = choose(front, dev_evals["base"])
     exported_dir = run_dir / "exported"
     out(f"exporting {len(chosen.decode())} hops ({chosen.decode().text()}) to {exported_dir}")
     export_checkpoint(pool, chosen, exported_dir, force=True, verify=True)
