@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench models clean
+.PHONY: install test test-fast lint demo bench models clean zoo zoo-table
 
 install: $(STAMP)
 
@@ -35,6 +35,15 @@ test: install $(VENV)/.smollm2
 test-fast: install
 	# everything but the slow tests on the real SmolLM2
 	$(PY) -m pytest -q -m "not slow"
+
+# Retrain the zoo from scratch into build/zoo (~25 min on 2 cores) and check it matches models/zoo bit for bit.
+zoo: install
+	$(PY) -m dfs_merge.zoo train base j m --out build/zoo
+	$(PY) -m dfs_merge.zoo verify build/zoo
+
+# The zoo table: evolve over the committed zoo (finished runs resume), score every row on the test split.
+zoo-table: install
+	$(PY) -m dfs_merge.zoo table --out build/zoo/table.md
 
 lint: install
 	$(VENV)/bin/ruff check dfs_merge tests bench

@@ -103,6 +103,12 @@ def cmd_import_mergekit(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {len(g.decode())} hops, route {g.decode().text()}")
 
 
+def cmd_zoo(args: argparse.Namespace) -> None:
+    from dfs_merge.zoo import main_zoo
+
+    main_zoo(args.zoo_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="dfs-merge", description="Evolve layer routes through existing language models.")
@@ -159,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int)
     s.add_argument("--scaling", choices=["slot", "transition", "none"], default="slot")
     s.set_defaults(func=cmd_import_mergekit)
+    s = sub.add_parser("zoo", help="the small two-language model family of the cross-skill experiment (train, table, ...)")
+    s.add_argument("zoo_args", nargs=argparse.REMAINDER, help="train | suites | check | verify | merge | table ...")
+    s.set_defaults(func=cmd_zoo)
     return p
 
 
