@@ -44,15 +44,15 @@ from dfs_merge.sources import SourcePool  # noqa: E402
 from dfs_merge.stitch import stitch  # noqa: E402
 
 
-def tiny_model_dir(root: Path) -> Path:
-    """A random tiny Llama (the test fixtures' shape) saved as an HF folder."""
+def tiny_model_dir(root: Path, seed: int = 0) -> Path:
+    """A random tiny Llama (the test fixtures' shape, weights from `seed`) saved as an HF folder."""
     from conftest import build_tokenizer, save_source, tiny_llama_config
     from transformers import LlamaForCausalLM
 
     tok = build_tokenizer()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(len(tok))).eval()
-    return save_source(model, tok, root / "tiny")
+    return save_source(model, tok, root / ("tiny" if seed == 0 else f"tiny-{seed}"))
 
 
 def smollm2_dir() -> Path | None:
@@ -66,16 +66,34 @@ def smollm2_dir() -> Path | None:
         return None
 
 
-def record_batches(model: torch.nn.Module) -> tuple[list[torch.Tensor], Any]:
-    """Install a pre-hook that keeps a copy of every input_ids the model is called with."""
-    seen: list[torch.Tensor] = []
+class _Hooks:
+    """Several hook handles removed as one."""
 
-    def hook(_module: Any, args: tuple, kwargs: dict) -> None:
+    def __init__(self, *handles: Any):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def record_batches(model: torch.nn.Module, seconds: list[float] | None = None) -> tuple[list[torch.Tensor], Any]:
+    """Install hooks that keep a copy of every input_ids the model is called with and, when `seconds`
+    is given, append to it how long each forward took (the forward passes inside a fitness call)."""
+    seen: list[torch.Tensor] = []
+    started: list[float] = []
+
+    def pre(_module: Any, args: tuple, kwargs: dict) -> None:
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is not None:
             seen.append(ids.detach().clone())
+        started.append(time.perf_counter())
 
-    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+    def post(*_: Any) -> None:
+        if seconds is not None and started:
+            seconds.append(time.perf_counter() - started.pop())
+
+    return seen, _Hooks(model.register_forward_pre_hook(pre, with_kwargs=True), model.register_forward_hook(post))
 
 
 def time_floor(model: torch.nn.Module, batches: list[torch.Tensor], repeats: int) -> list[float]:

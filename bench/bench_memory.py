@@ -11,12 +11,11 @@ bench/results/memory.json.
 from __future__ import annotations
 
 import gc
-import json
 import random
-from pathlib import Path
 
 import psutil
 import torch
+from bench_common import RESULTS, machine, write_result
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dfs_merge.families import family_for
@@ -31,30 +30,40 @@ SMOLLM2_SHAPE = dict(
 
 
 def rss_mb() -> float:
+    """This process's resident memory in MB, after a garbage collection."""
     gc.collect()
     return psutil.Process().memory_info().rss / 2**20
 
 
 def random_route(rng: random.Random, layers: int = 30, hops: int = 40) -> Route:
-    picks = sorted(rng.sample(range(2 * layers), hops))
+    """`hops` hops over two repetitions of source 0's layers (at most 2 x layers), random scales."""
+    picks = sorted(rng.sample(range(2 * layers), min(hops, 2 * layers)))
     return Route(tuple(Hop(0, p % layers, rng.uniform(0.8, 1.2)) for p in picks))
+
+
+def live_candidates_rss(pool: SourcePool, counts: tuple[int, ...] = (1, 32, 100), hops: int = 40,
+                        seed: int = 0) -> dict[int, float]:
+    """Process RSS (MB) with n stitched candidates (random routes, repeats and scales) alive, for each n."""
+    rng = random.Random(seed)
+    alive: list = []
+    table = {}
+    for n in counts:
+        while len(alive) < n:
+            alive.append(stitch(pool, random_route(rng, pool.layers_per_source[0], hops)))
+        table[n] = rss_mb()
+    return table
 
 
 def main() -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval().requires_grad_(False)
     pool = SourcePool([Source("random-smollm2-shape", model, family_for("llama"))], None)
-    rng = random.Random(0)
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     before = rss_mb()
-    alive = []
-    table = {}
-    for n in (1, 32, 100):
-        while len(alive) < n:
-            alive.append(stitch(pool, random_route(rng)))
-        table[n] = rss_mb()
+    table = live_candidates_rss(pool)
     one = table[1]
     result = {
+        "machine": machine(),
         "model": "random weights, SmolLM2-135M shape (30 layers, hidden 576)",
         "weights_mb": round(weights_mb, 1),
         "rss_before_mb": round(before, 1),
@@ -67,9 +76,7 @@ def main() -> dict:
     for n, v in table.items():
         print(f"{n:>16}  {v:>8.1f}")
     print(f"per extra candidate: {result['mb_per_extra_candidate'] * 1024:.1f} KB; 32 vs 1: {result['ratio_32_vs_1']:.4f}x")
-    out = Path(__file__).parent / "results" / "memory.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(RESULTS / "memory.json", result)
     return result
 
 

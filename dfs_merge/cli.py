@@ -106,7 +106,9 @@ def cmd_import_mergekit(args: argparse.Namespace) -> None:
 def cmd_zoo(args: argparse.Namespace) -> None:
     from dfs_merge.zoo import main_zoo
 
-    main_zoo(args.zoo_args)
+    code = main_zoo(args.zoo_args)
+    if code:
+        raise SystemExit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
