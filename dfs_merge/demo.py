@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,8 +75,8 @@ def choose(pareto: Sequence[tuple[Genome, Evaluation]], base: Evaluation, keep: 
     return max(pareto, key=lambda m: m[1].score)[0]
 
 
-def sample(model: torch.nn.Module, tokenizer, prompt: str = PROMPT, tokens: int = 48) -> str:
-    """Greedy continuation of a chat prompt, first three non-empty lines."""
+def sample(model: torch.nn.Module, tokenizer, prompt: str = PROMPT, tokens: int = 40) -> str:
+    """Greedy continuation of a chat prompt, wrapped to at most three lines."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
@@ -84,7 +85,7 @@ def sample(model: torch.nn.Module, tokenizer, prompt: str = PROMPT, tokens: int 
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-    return "\n".join([line for line in answer.splitlines() if line.strip()][:3])
+    return "\n".join(textwrap.wrap(" ".join(answer.split()), width=100)[:3])
 
 
 def table(rows: Sequence[Row], cfg: RunConfig) -> str:
