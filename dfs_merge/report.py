@@ -59,8 +59,8 @@ def evaluate_for_cli(
 ) -> dict[str, Evaluation]:
     """`dfs-merge eval`: score a genome file, the base unchanged, or each source's own model; print the table."""
     g = load_genome(genome) if genome else None
+    fitness = Fitness.from_config(cfg, split=split)  # a bad task fails before any model is loaded
     pool = SourcePool.load(cfg.sources, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    fitness = Fitness.from_config(cfg, split=split)
     if sources_only:
         evals = {
             f"source {i}": fitness.score(src.model, pool.tokenizer, hops=len(src.layers))
@@ -84,10 +84,12 @@ def baselines_for_cli(
     """`dfs-merge baseline`: score ShortGPT, angular-distance pruning and naive deepening of the base."""
     from dfs_merge.baselines import baseline_routes, calibration_texts
 
+    fitness = Fitness.from_config(cfg, split=split)
+    texts = calibration_texts(calibration)
     pool = SourcePool.load(cfg.sources[:1], device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    routes = baseline_routes(pool, calibration_texts(calibration), sizes)
+    routes = baseline_routes(pool, texts, sizes)
     for name, route in routes.items():
         out(f"{name:<28} {len(route):>3} hops  {route.text()}")
-    evals = score_routes(pool, Fitness.from_config(cfg, split=split), routes)
+    evals = score_routes(pool, fitness, routes)
     out(task_table(evals))
     return evals

@@ -145,3 +145,16 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run([str(exe), "show", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"dfs-merge: error: {tmp_path / 'missing.yaml'}: no such file"
+
+
+def test_cli_eval_prints_the_task_table_and_refuses_unknown_tasks(tmp_path, tiny_source_dirs, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"sources: [{tiny_source_dirs[0]}]\ntasks: {{cloze_mc_dev: 1.0, prose_ppl_dev: 1.0}}\nlimit: 2\nmax_length: 256\n"
+    )
+    code, out, _ = run_cli("eval", str(cfg), capsys=capsys)
+    assert code == 0
+    assert "cloze_mc_dev" in out and "acc" in out and "prose_ppl_dev" in out and "bits_per_byte" in out
+    cfg.write_text(f"sources: [{tiny_source_dirs[0]}]\ntasks: {{no_such_task: 1.0}}\n")
+    code, _, err = run_cli("eval", str(cfg), capsys=capsys)
+    assert code == 2 and "no_such_task" in err and err.count("\n") == 1
