@@ -45,6 +45,12 @@ zoo: install
 zoo-table: install
 	$(PY) -m dfs_merge.zoo table --out build/zoo/table.md
 
+# Benchmarks (not timed tests): throughput vs mergekit write-then-load and the forward floor, prefix cache,
+# worker scaling, memory. Writes bench/results/*.json and a summary of the targets.
+bench: install
+	$(PIP) install -q -e ".[bench]"
+	$(PY) bench/run_all.py
+
 lint: install
 	$(VENV)/bin/ruff check dfs_merge tests bench
 

@@ -1,0 +1,109 @@
+"""`make bench`: run the bench scripts one after another, each in its own process, then check the targets.
+
+Each script writes its own bench/results/<name>.json; this one then reads them and writes
+bench/results/summary.json: every target of issue 6 with the measured figure, whether it is
+met, and the load average it was measured under.
+
+    .venv/bin/python bench/run_all.py                          # throughput, prefix_cache, scaling, memory
+    .venv/bin/python bench/run_all.py --only scaling,memory    # a subset (also: fitness)
+    .venv/bin/python bench/run_all.py --summary-only           # only re-read the results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench_common import REPO, RESULTS, loadavg, write_result
+
+SCRIPTS = {
+    "throughput": "bench_throughput.py",
+    "prefix_cache": "bench_prefix_cache.py",
+    "scaling": "bench_scaling.py",
+    "memory": "bench_memory.py",
+    "fitness": "bench_fitness.py",  # not by default: bench_throughput measures its A and C figures too
+}
+DEFAULT = "throughput,prefix_cache,scaling,memory"
+
+
+def _read(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def targets() -> list[dict[str, Any]]:
+    """Each target with its measured figure(s), read from the result files that exist."""
+    out: list[dict[str, Any]] = []
+
+    def add(target: str, figure: str, value: float, ok: bool, load: Any, date: str | None) -> None:
+        out.append({"target": target, "figure": figure, "value": value, "met": ok, "loadavg": load, "date": date})
+
+    tp = _read("throughput")
+    if tp:
+        date = tp["machine"]["date"]
+        for m in tp["models"]:
+            for r in m["tasks"]:
+                load = r["runs"][-1]["loadavg"]
+                if m["model"] == "smollm2":
+                    add("A/C <= 1.15 (SmolLM2, no prefix cache)", f"{r['task']} A/C", r["A_over_C"],
+                        r["A_over_C"] <= 1.15, load, date)
+                    add("A/C <= 1.15 (SmolLM2, no prefix cache)", f"{r['task']} A / forward inside A",
+                        r["A_over_forward_in_A"], r["A_over_forward_in_A"] <= 1.15, load, date)
+                    if r["task"].startswith("cloze_mc"):
+                        add("B/A >= 5 (SmolLM2, multiple choice)", f"{r['task']} B/A", r["B_over_A"],
+                            r["B_over_A"] >= 5, load, date)
+            mem = m["memory"]
+            add("32 live candidates < 1.1x the memory of one", f"{m['model']} RSS 32/1", mem["ratio_32_vs_1"],
+                mem["ratio_32_vs_1"] < 1.1, tp["machine"]["loadavg"], date)
+    pc = _read("prefix_cache")
+    if pc:
+        for g in pc["generations"]:
+            add("prefix cache: one ga generation <= 0.5x uncached", f"generation {g['generation']} cached/uncached",
+                g["ratio_cached_over_uncached"], g["ratio_cached_over_uncached"] <= 0.5 and g["all_identical"],
+                g["loadavg"], pc["machine"]["date"])
+    sc = _read("scaling")
+    if sc:
+        for r in sc["rows"]:
+            add("2 workers >= 1.6x the throughput of 1", f"{r['backend']} 2/1 workers", r["ratio_2_vs_1"],
+                r["ratio_2_vs_1"] >= 1.6, sc["loadavg_end"], sc["machine"]["date"])
+            if "per_core_2_vs_1" in r:  # what 2 workers give where each gets a whole core (the machine's load aside)
+                projected = 2 * r["per_core_2_vs_1"]
+                add("2 workers >= 1.6x the throughput of 1", f"{r['backend']} 2/1, projected to 2 free cores",
+                    round(projected, 3), projected >= 1.6, sc["loadavg_end"], sc["machine"]["date"])
+    mem = _read("memory")
+    if mem:
+        add("32 live candidates < 1.1x the memory of one", "random SmolLM2-shape RSS 32/1", mem["ratio_32_vs_1"],
+            mem["ratio_32_vs_1"] < 1.1, (mem.get("machine") or {}).get("loadavg"), (mem.get("machine") or {}).get("date"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=DEFAULT, help=f"comma list of {', '.join(SCRIPTS)}")
+    ap.add_argument("--summary-only", action="store_true", help="run nothing; summarise the existing results")
+    args = ap.parse_args(argv)
+    failed = []
+    if not args.summary_only:
+        for name in args.only.split(","):
+            print(f"\n=== {name}: {SCRIPTS[name]} (load {loadavg()})", flush=True)
+            t = time.perf_counter()
+            rc = subprocess.call([sys.executable, str(REPO / "bench" / SCRIPTS[name])], cwd=REPO)
+            print(f"=== {name}: exit {rc} after {time.perf_counter() - t:.0f}s", flush=True)
+            if rc:
+                failed.append(name)
+    rows = targets()
+    print(f"\n{'target':50} {'figure':42} {'value':>8}  met   load")
+    for r in rows:
+        print(f"{r['target']:50} {r['figure']:42} {r['value']:>8.3f}  {'yes' if r['met'] else 'NO ':3}  {r['loadavg']}")
+    write_result(RESULTS / "summary.json", {"targets": rows, "failed_scripts": failed})
+    if failed:
+        sys.exit(f"bench: {', '.join(failed)} failed")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The bench scripts still run: each main() on the tiny models with tiny sizes (a few seconds in all)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def test_throughput_runs_a_b_c_on_the_tiny_model(tmp_path):
+    import bench_throughput
+
+    out = tmp_path / "throughput.json"
+    bench_throughput.main(["--models", "tiny", "--tasks", "cloze_mc_dev:2,prose_ppl_dev:1", "--repeats", "1",
+                           "--threads", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (model,) = result["models"]
+    assert model["hops"] == 6 and model["memory"]["ratio_32_vs_1"] < 1.1
+    for row in model["tasks"]:
+        assert row["a_equals_b"], row  # mergekit's model scores what the stitched one scores
+        assert row["A_s"] > 0 and row["C_s"] > 0 and row["B_write_s"] > 0 and row["B_load_s"] > 0
+
+
+def test_prefix_cache_bench_is_identical_with_and_without_the_cache(tmp_path, tiny_source_dirs):
+    import bench_prefix_cache
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "sources": [str(p) for p in tiny_source_dirs], "repeats": 2,
+        "constraints": {"pin_ends": True, "min_hops": 3, "max_hops": 12},
+        "tasks": {"cloze_mc_dev": 1.0}, "limit": 1, "population": 4, "out": str(tmp_path / "run"),
+    }))
+    out = tmp_path / "prefix_cache.json"
+    bench_prefix_cache.main(["--config", str(config), "--population", "4", "--max-genomes", "2", "--limit", "1",
+                             "--cache-mb", "64", "--threads", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [g["generation"] for g in result["generations"]] == [0, 1]
+    assert all(g["all_identical"] for g in result["generations"])
+
+
+def test_scaling_genomes_are_distinct_and_valid(tiny_source_dirs):
+    from bench_scaling import random_genomes
+
+    from dfs_merge.config import RunConfig
+
+    cfg = RunConfig(sources=[str(p) for p in tiny_source_dirs], repeats=2, tasks={"cloze_mc_dev": 1.0},
+                    constraints={"min_hops": 4, "max_hops": 12})
+    genomes = random_genomes(cfg, 6)
+    assert len({g.key() for g in genomes}) == 6
+    assert all(4 <= len(g.check()) <= 12 for g in genomes)
+
+
+def test_summary_reads_whatever_results_exist():
+    import run_all
+
+    for row in run_all.targets():
+        assert {"target", "figure", "value", "met"} <= set(row)
