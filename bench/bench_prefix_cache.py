@@ -16,6 +16,7 @@
 
     .venv/bin/python bench/bench_prefix_cache.py                     # ~6 min on 2 busy cores
     .venv/bin/python bench/bench_prefix_cache.py --generations 1 --limit 8
+    .venv/bin/python bench/bench_prefix_cache.py --scaling none --seed 2 --out bench/results/prefix_cache_noscale.json
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def unbounded_skip_shares(generations: list[list[Route]], warm: bool = True) -> 
 def route_sharing(cfg: Any, generations: int = 4, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
     """Unbounded-cache skip shares from the routes alone (no model), for several seeds and both scalings."""
     table: dict[str, Any] = {}
-    for scaling in (cfg.scaling, "none"):
+    for scaling in dict.fromkeys((cfg.scaling, "none")):
         for seed in seeds:
             c = cfg.model_copy(update={"scaling": scaling, "seed": seed})
             gens = generation_genomes(c, generations - 1)
@@ -105,6 +106,7 @@ def score_generation(pool: SourcePool, fit: Fitness, cache: ActivationCache, gen
         route = g.check()
         timed: dict[str, float] = {}
         evs: dict[str, Evaluation] = {}
+        skipped = cache.hops_skipped
         for kind in (("plain", "cached") if i % 2 == 0 else ("cached", "plain")):
             t = time.perf_counter()
             model = stitch(pool, route, activation_cache=cache if kind == "cached" else None)
@@ -112,7 +114,8 @@ def score_generation(pool: SourcePool, fit: Fitness, cache: ActivationCache, gen
             timed[kind] = time.perf_counter() - t
         same = evs["plain"].ok and evs["cached"].ok and values(evs["plain"]) == values(evs["cached"])
         rows.append({"key": g.key(), "hops": len(route), "route": route.text(), "plain_s": round(timed["plain"], 3),
-                     "cached_s": round(timed["cached"], 3), "identical": same, "values": values(evs["plain"]),
+                     "cached_s": round(timed["cached"], 3), "hops_skipped": cache.hops_skipped - skipped,
+                     "identical": same, "values": values(evs["plain"]),
                      "loadavg": loadavg()})
         print(f"  {label} {i + 1:2}/{len(genomes)} {len(route):2} hops  plain {timed['plain']:6.2f}s  cached "
               f"{timed['cached']:6.2f}s  identical {same}  load {loadavg()}", file=sys.stderr, flush=True)
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--config", type=Path, default=REPO / "genomes" / "demo.yaml", help="run config (sources, tasks)")
     ap.add_argument("--generations", default="0,1", help="comma list, ascending: the generations scored")
     ap.add_argument("--population", type=int, default=16)
+    ap.add_argument("--scaling", choices=["slot", "transition", "none"], default=None, help="override the config's")
+    ap.add_argument("--seed", type=int, default=None, help="override the config's run seed")
     ap.add_argument("--max-genomes", type=int, default=None, help="score only the first N of each generation")
     ap.add_argument("--limit", type=int, default=4, help="documents per task (demo: 8; halved to fit the time)")
     ap.add_argument("--cache-mb", type=float, default=4096, help="the ActivationCache's bound")
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     wanted = [int(x) for x in args.generations.split(",")]
 
-    cfg = load_config(args.config, algorithm="ga", population=args.population, limit=args.limit, workers=1)
+    cfg = load_config(args.config, algorithm="ga", population=args.population, limit=args.limit, workers=1,
+                      scaling=args.scaling, seed=args.seed)
     started = machine()
     by_gen = generation_genomes(cfg, max(wanted))
     routes = {k: [g.check() for g in gs] for k, gs in by_gen.items()}
