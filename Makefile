@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench models clean zoo zoo-table
+.PHONY: install test test-fast lint demo bench models clean zoo zoo-table study-smollm2
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ models: $(VENV)/.smollm2
 
 demo: $(VENV)/.smollm2
 	$(VENV)/bin/dfs-merge demo genomes/demo.yaml
+
+# SmolLM2's own layer path evolved (and the scaling: none ablation) against ShortGPT, angular-distance pruning and
+# naive deepening, scored held out; writes runs/smollm2-self/results.md and pareto.png (~50 min on 2 cores; resumes).
+study-smollm2: $(VENV)/.smollm2
+	$(VENV)/bin/dfs-merge study genomes/smollm2-self.yaml
 
 test: install $(VENV)/.smollm2
 	$(VENV)/bin/ruff check dfs_merge tests bench

@@ -79,6 +79,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.config)
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    from dfs_merge.study import run_study
+
+    run_study(args.config, sizes=tuple(int(n) for n in args.sizes.split(",")), prune_hops=args.prune_hops,
+              ablation=not args.no_ablation)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from dfs_merge import export
     from dfs_merge.genome import load_genome
@@ -150,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="evolve, export the winner, and compare it with the base (what `make demo` runs)")
     s.add_argument("config", nargs="?", default="genomes/demo.yaml")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("study", help="a self-merge study: evolution (and its scaling ablation) against the pruning "
+                       "heuristics, held-out table, Pareto plot, export of the best pruned member")
+    s.add_argument("config", nargs="?", default="genomes/smollm2-self.yaml")
+    s.add_argument("--sizes", default="2,4,6,8", help="numbers of layers the heuristics remove, comma-separated")
+    s.add_argument("--prune-hops", type=int, default=26, help="export the best front member with at most this many hops")
+    s.add_argument("--no-ablation", action="store_true", help="skip the scaling: none rerun")
+    s.set_defaults(func=cmd_study)
 
     s = sub.add_parser("export", help="write a genome as a Hugging Face checkpoint or a mergekit config")
     s.add_argument("genome")

@@ -75,6 +75,9 @@ class RunConfig(BaseModel):
     repeats: int = Field(1, ge=1)
     scaling: Literal["slot", "transition", "none"] = "slot"
     constraints: ConstraintsConfig = ConstraintsConfig()
+    # Routes put into generation 0 next to the sources themselves, in `dfs-merge show` text form
+    # ("0:0-12, 0:14-29"): a hand-made frankenmerge, or a pruning heuristic's route, to start from.
+    seed_routes: list[str] = []
 
     tasks: dict[str, float] = Field(min_length=1)
     metrics: dict[str, str] = {}

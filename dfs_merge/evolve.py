@@ -378,7 +378,7 @@ class Evolution:
         return offspring
 
     def seeds(self) -> list[Genome]:
-        return [repair(s, random) for s in seed_genomes(self.template)][: self.cfg.population]
+        return [repair(s, random) for s in seed_genomes(self.template, self.cfg.seed_routes)][: self.cfg.population]
 
     # ---- evaluation ----------------------------------------------------------------------
     def evaluate(self, inds: Sequence[Any], gen: int) -> None:
@@ -768,6 +768,10 @@ def run_evolution(
         repair(seed_genomes(template)[0], random.Random(0))
     except GenomeError as err:
         raise ConfigError(f"constraints: no route over these sources meets them ({err})") from None
+    try:
+        seed_genomes(template, cfg.seed_routes)
+    except GenomeError as err:
+        raise ConfigError(f"seed_routes: {err}") from None
     rundir = RunDir.open(cfg, resume)
     records = rundir.read_evals() if resume else []
     state = rundir.read_checkpoint() if resume else None

@@ -285,8 +285,9 @@ class Genome:
 
 
 # ---- seeds ------------------------------------------------------------------------
-def seed_genomes(template: Genome) -> list[Genome]:
-    """Generation-0 seeds: model 0 unchanged, then each other source alone where its depth equals model 0's."""
+def seed_genomes(template: Genome, routes: Sequence[str] = ()) -> list[Genome]:
+    """Generation-0 seeds: model 0 unchanged, then each other source alone where its depth equals model 0's,
+    then each of `routes` (route texts; one that the layout cannot hold is refused with a GenomeError)."""
     lay = template.layout
     seeds = []
     for source, n in enumerate(lay.layers):
@@ -296,7 +297,15 @@ def seed_genomes(template: Genome) -> list[Genome]:
         start = lay.index(0, source, 0)
         bits[start : start + n] = [1] * n
         seeds.append(template.with_bits(bits, [1.0] * len(template.scales)))
-    return seeds
+    for text in routes:
+        try:
+            g = Genome.from_route(Route.parse(text), template.sources, lay.layers, lay.repeats, template.scaling,
+                                  template.constraints)
+        except GenomeError as err:
+            raise GenomeError(f"seed route {text!r}: {err}") from None
+        seeds.append(g)
+    unique = {g.key(): g for g in reversed(seeds)}  # a route given twice (or equal to a source) seeds once
+    return [g for g in seeds if unique.get(g.key()) is g]
 
 
 # ---- the file format ----------------------------------------------------------------

@@ -1,0 +1,293 @@
+"""A self-merge study: evolution against the published layer-pruning and deepening heuristics.
+
+`dfs-merge study CONFIG` (what `make study-smollm2` runs) takes a one-source nsga2 config
+with objectives [score, hops] and:
+
+1. measures the heuristics' routes on the base (`baselines.baseline_routes`: ShortGPT and
+   angular-distance block pruning for each n, naive deepening);
+2. evolves the config with those routes among the generation-0 seeds (`seed_routes`), then
+   reruns the same search with `scaling: none` (the paper's ablation of the scales);
+3. scores on the held-out split the base, every heuristic and every member of both final
+   fronts (chosen on dev only);
+4. compares, for each heuristic, the best held-out score of the front at no more hops;
+   writes `results.md`, `results.json` and `pareto.png`; exports the best pruned member
+   (best dev score at `prune_hops` or fewer) and generates from it.
+
+Everything resumes: each evolution resumes from its folder, held-out scores are appended
+to `test_scores.jsonl` the moment they are made and reused.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dfs_merge.atomic import write_atomic
+from dfs_merge.baselines import baseline_routes, calibration_texts
+from dfs_merge.config import load_config
+from dfs_merge.errors import ConfigError, GenomeError
+from dfs_merge.evaluators import ModelEvaluator
+from dfs_merge.evolve import run_evolution
+from dfs_merge.fitness import Evaluation, Fitness
+from dfs_merge.genome import Genome, Route, seed_genomes
+from dfs_merge.sources import SourcePool
+from dfs_merge.stitch import ActivationCache, stitch
+
+PROMPTS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Write two sentences about why the sky looks blue.",
+    "Give me three tips for staying focused while studying.",
+)
+
+
+@dataclass
+class Point:
+    """One scored model of the study: where it comes from, its route, dev and held-out evaluations."""
+
+    name: str
+    kind: str  # base | shortgpt | angular | deepening | evolved | evolved (scaling none)
+    route: Route
+    dev: Evaluation | None
+    test: Evaluation
+
+    @property
+    def hops(self) -> int:
+        return len(self.route)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "hops": self.hops, "route": self.route.text(),
+                "scales": self.route.scales, "dev": self.dev.to_dict() if self.dev else None,
+                "test": self.test.to_dict()}
+
+
+class HeldOutScores:
+    """Held-out evaluations by route key, appended to a JSONL file as they are made and reused on resume."""
+
+    def __init__(self, path: Path, pool: SourcePool, fitness: Fitness, cache: ActivationCache | None):
+        self.path, self.pool, self.fitness, self.cache = path, pool, fitness, cache
+        self.known: dict[str, Evaluation] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    self.known[row["key"]] = Evaluation.from_dict(row["eval"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a kill: scored again
+
+    def __call__(self, route: Route) -> Evaluation:
+        key = route.key()
+        if key not in self.known:
+            model = stitch(self.pool, route, activation_cache=self.cache)
+            ev = self.fitness.score(model, self.pool.tokenizer, hops=len(route))
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "route": route.text(), "eval": ev.to_dict()}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.known[key] = ev
+        return self.known[key]
+
+
+def heuristic_kind(name: str) -> str:
+    """'shortgpt', 'angular', 'deepening' or 'base' from a `baseline_routes` name."""
+    return {"shortgpt": "shortgpt", "angular": "angular", "naive": "deepening"}.get(name.split()[0], "base")
+
+
+def compare(points: Sequence[Point], front_kind: str) -> list[dict[str, Any]]:
+    """For each pruning heuristic: the best held-out score among `front_kind` members with no more hops."""
+    front = [p for p in points if p.kind == front_kind and p.test.ok]
+    rows = []
+    for h in points:
+        if h.kind not in ("shortgpt", "angular"):
+            continue
+        fits = [p for p in front if p.hops <= h.hops]
+        best = max(fits, key=lambda p: p.test.score, default=None)
+        diff = None if best is None else best.test.score - h.test.score
+        verdict = "no member" if best is None else "better" if diff > 0 else "equal" if diff == 0 else "worse"
+        rows.append({"heuristic": h.name, "hops": h.hops, "heuristic_test": h.test.score,
+                     "front_member": best.name if best else None, "front_hops": best.hops if best else None,
+                     "front_test": best.test.score if best else None, "difference": diff, "verdict": verdict})
+    return rows
+
+
+def points_table(points: Sequence[Point], tasks: Sequence[str], report_tasks: Sequence[str]) -> str:
+    """Markdown: one row per point, hops, dev score, then each held-out task's metric and the held-out score."""
+    first = next(p for p in points if p.test.ok)
+    head = ["model", "kind", "hops", "dev score"]
+    head += [f"{t} {first.test.tasks[t].metric}" for t in report_tasks] + ["test score"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in sorted(points, key=lambda p: (p.kind != "base", p.kind, p.hops, p.name)):
+        cells = [p.name, p.kind, str(p.hops), f"{p.dev.score:.4f}" if p.dev and p.dev.ok else "-"]
+        cells += [f"{p.test.tasks[t].value:.4f}" if t in p.test.tasks else "-" for t in report_tasks]
+        cells.append(f"{p.test.score:.4f}" if p.test.ok else f"failed: {p.test.error}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table(rows: Sequence[dict[str, Any]], label: str) -> str:
+    """Markdown: each heuristic against the best front member with no more hops."""
+    lines = [f"| heuristic | hops | its test score | best {label} member at <= hops | hops | test score | difference |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["front_member"] is None:
+            lines.append(f"| {r['heuristic']} | {r['hops']} | {r['heuristic_test']:.4f} | none | - | - | - |")
+            continue
+        lines.append(f"| {r['heuristic']} | {r['hops']} | {r['heuristic_test']:.4f} | {r['front_member']} | "
+                     f"{r['front_hops']} | {r['front_test']:.4f} | {r['difference']:+.4f} ({r['verdict']}) |")
+    return "\n".join(lines)
+
+
+def pareto_png(points: Sequence[Point], report_tasks: Sequence[str], path: Path) -> Path:
+    """Held-out score and each held-out metric against hops: both fronts as lines, the heuristics as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [p for p in points if p.test.ok]
+    panels = [("test score", lambda ev: ev.score)] + [
+        (f"{t}\n{ok[0].test.tasks[t].metric}", lambda ev, t=t: ev.tasks[t].value) for t in report_tasks]
+    style = {"evolved": ("tab:blue", "o", "-"), "evolved (scaling none)": ("tab:orange", "o", "--"),
+             "shortgpt": ("tab:red", "^", ""), "angular": ("tab:green", "s", ""),
+             "deepening": ("tab:purple", "X", ""), "base": ("black", "*", "")}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.2), dpi=110)
+    for ax, (title, value) in zip(axes, panels, strict=True):
+        for kind, (color, marker, line) in style.items():
+            group = sorted((p for p in ok if p.kind == kind), key=lambda p: p.hops)
+            if group:
+                ax.plot([p.hops for p in group], [value(p.test) for p in group], color=color, marker=marker,
+                        linestyle=line or "none", label=f"{kind} front" if kind.startswith("evolved") else kind,
+                        markersize=9 if marker in "*X" else 6)
+        ax.set_xlabel("hops")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def choose_pruned(front: Sequence[tuple[Genome, Evaluation]], max_hops: int) -> Genome | None:
+    """The front member with the best dev score among those with at most `max_hops` hops."""
+    fits = [(g, ev) for g, ev in front if ev.ok and ev.hops <= max_hops]
+    return max(fits, key=lambda m: m[1].score)[0] if fits else None
+
+
+def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hops: int = 26,
+              ablation: bool = True, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the whole study of a config; returns what it wrote to `results.json`."""
+    from dfs_merge.demo import sample
+    from dfs_merge.export import export_checkpoint
+
+    started = time.perf_counter()
+    cfg = load_config(config)
+    if len(cfg.sources) != 1 or cfg.algorithm != "nsga2" or not cfg.report_tasks:
+        raise ConfigError(f"{config}: a study needs one source, algorithm nsga2 and report_tasks")
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    evaluator = ModelEvaluator(cfg, "dev")
+    evaluator.setup()
+    pool: SourcePool = evaluator._pool
+    layers = pool.layers_per_source[0]
+
+    out(f"[1/4] heuristics on {len(calibration_texts(_calibration()))} calibration texts (the prose dev split)")
+    heuristics = baseline_routes(pool, calibration_texts(_calibration()), sizes)
+    for name, route in heuristics.items():
+        out(f"  {name:<26} {len(route):>3} hops  {route.text()}")
+    template = Genome.empty(cfg.sources, (layers,), cfg.repeats, cfg.scaling, cfg.constraints)
+    seeds = []
+    for name, route in heuristics.items():
+        if heuristic_kind(name) not in ("shortgpt", "angular"):
+            continue
+        try:
+            seed_genomes(template, [route.text()])
+            seeds.append(route.text())
+        except GenomeError as err:
+            out(f"  {name}: not a seed ({err})")
+    runs = {"evolved": cfg.model_copy(update={"seed_routes": seeds, "out": str(root / "evolved")})}
+    if ablation:
+        runs["evolved (scaling none)"] = runs["evolved"].model_copy(
+            update={"scaling": "none", "out": str(root / "evolved-scaling-none")})
+
+    fronts: dict[str, list[tuple[Genome, Evaluation]]] = {}
+    run_info: dict[str, Any] = {}
+    for i, (label, run_cfg) in enumerate(runs.items()):
+        out(f"[2/4] evolution {i + 1}/{len(runs)}: {label} -> {run_cfg.out}")
+        t0 = time.perf_counter()
+        result = run_evolution(run_cfg, resume=(Path(run_cfg.out) / "config.yaml").exists(), evaluate=evaluator,
+                               report=False, log=out)
+        fronts[label] = result.pareto
+        run_info[label] = {"out": run_cfg.out, "evaluations": result.evaluations, "generations": result.generations,
+                           "seconds_this_call": round(time.perf_counter() - t0, 1), "front": len(result.pareto)}
+
+    out("[3/4] held-out scores: base, heuristics, both fronts")
+    held_out = HeldOutScores(root / "test_scores.jsonl", pool, Fitness.from_config(cfg, "test"),
+                             ActivationCache(cfg.prefix_cache_mb) if cfg.prefix_cache_mb else None)
+    dev = Fitness.from_config(cfg, "dev")
+    points: list[Point] = []
+    for name, route in heuristics.items():
+        dev_ev = dev.score(stitch(pool, route), pool.tokenizer, hops=len(route))
+        points.append(Point(name, heuristic_kind(name), route, dev_ev, held_out(route)))
+        out(f"  {name:<26} {len(route):>3} hops  test score {points[-1].test.score:.4f}")
+    for label, front in fronts.items():
+        for g, ev in sorted(front, key=lambda m: m[1].hops):
+            route = g.decode()
+            points.append(Point(f"{label} {len(route)}", label, route, ev, held_out(route)))
+            out(f"  {points[-1].name:<26} {len(route):>3} hops  test score {points[-1].test.score:.4f}")
+
+    out("[4/4] tables, plot, export of the best pruned member")
+    comparisons = {label: compare(points, label) for label in fronts}
+    plot = pareto_png(points, cfg.report_tasks, root / "pareto.png")
+    pruned = choose_pruned(fronts["evolved"], prune_hops)
+    export: dict[str, Any] = {"max_hops": prune_hops, "route": None}
+    if pruned is not None:
+        from transformers import AutoModelForCausalLM
+
+        folder = export_checkpoint(pool, pruned, root / "pruned", force=True, verify=True)
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        base_model = stitch(pool, heuristics["base"])
+        export = {"max_hops": prune_hops, "route": pruned.decode().text(), "hops": len(pruned.decode()),
+                  "folder": str(folder),
+                  "samples": [{"prompt": p, "exported": sample(model, pool.tokenizer, p, tokens=60),
+                               "base": sample(base_model, pool.tokenizer, p, tokens=60)} for p in PROMPTS]}
+    else:
+        out(f"  no front member has {prune_hops} hops or fewer: nothing exported")
+
+    stamp = datetime.date.today().isoformat()
+    md = [f"# Study: {config} ({stamp}, seed {cfg.seed})", "",
+          f"Layers: {layers}; heuristics for n = {', '.join(map(str, sizes))}; evolution seeded with the "
+          f"heuristics' pruned routes; fronts chosen on dev, scored on {', '.join(cfg.report_tasks)}.", "",
+          points_table(points, list(cfg.tasks), cfg.report_tasks), ""]
+    for label, rows in comparisons.items():
+        md += [f"## {label} front vs the pruning heuristics (held-out score, higher is better)", "",
+               comparison_table(rows, label), ""]
+    for s in export.get("samples", []):
+        md += [f"**{s['prompt']}**", "", f"- exported ({export['hops']} hops): {s['exported']}",
+               f"- base: {s['base']}", ""]
+    summary = {
+        "date": stamp, "config": str(config), "seed": cfg.seed, "sizes": list(sizes), "seed_routes": seeds,
+        "runs": run_info,
+        "points": [p.to_dict() for p in points], "comparisons": comparisons, "export": export,
+        "plot": str(plot), "seconds_this_call": round(time.perf_counter() - started, 1),
+    }
+    write_atomic(root / "results.md", "\n".join(md) + "\n")
+    write_atomic(root / "results.json", json.dumps(summary, indent=2) + "\n")
+    out("\n".join(md))
+    out(f"wrote {root / 'results.md'}, {root / 'results.json'}, {plot}"
+        + (f", {export['folder']}" if export.get("folder") else ""))
+    return summary
+
+
+def _calibration() -> Path:
+    from dfs_merge.fitness import default_suites_dir
+
+    return default_suites_dir() / "data" / "prose_ppl_dev.jsonl"

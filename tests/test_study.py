@@ -1,0 +1,103 @@
+"""The self-merge study, shrunk: tiny sources, heuristics for n = 1, 2, two short nsga2 runs, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dfs_merge.cli import main
+from dfs_merge.config import load_config
+from dfs_merge.fitness import Fitness
+from dfs_merge.genome import Genome, Route, seed_genomes
+from dfs_merge.sources import SourcePool
+from dfs_merge.stitch import stitch
+
+
+@pytest.fixture
+def study_config(tmp_path, tiny_trained_dir) -> str:
+    cfg = {
+        "sources": [str(tiny_trained_dir)],
+        "repeats": 2,
+        "scaling": "slot",
+        # unpinned: the tiny model's heuristics drop its last layer, which a pinned route would put back
+        "constraints": {"pin_ends": False, "min_hops": 2, "max_hops": 6},
+        "tasks": {"prose_ppl_dev": 1.0, "cloze_mc_dev": 1.0},
+        "report_tasks": ["prose_ppl_test", "cloze_mc_test"],
+        "limit": {"prose_ppl_dev": 2, "cloze_mc_dev": 4},
+        "report_limit": 3,
+        "max_length": 256,
+        "prefix_cache_mb": 64,
+        "objectives": ["score", "hops"],
+        "algorithm": "nsga2",
+        "population": 6,
+        "generations": 1,
+        "seed": 0,
+        "out": str(tmp_path / "study"),
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, capsys):
+    from transformers import AutoModelForCausalLM
+
+    assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(study_config)
+    root = Path(cfg.out)
+    res = json.loads((root / "results.json").read_text())
+    kinds = [p["kind"] for p in res["points"]]
+    assert kinds.count("shortgpt") == 2 and kinds.count("angular") == 2
+    assert {"base", "deepening", "evolved", "evolved (scaling none)"} <= set(kinds)
+    assert "front vs the pruning heuristics" in out and (root / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The heuristics' pruned routes were in generation 0 of both runs.
+    heuristic_keys = {Route.parse(p["route"]).key() for p in res["points"] if p["kind"] in ("shortgpt", "angular")}
+    for run in ("evolved", "evolved-scaling-none"):
+        gen0 = {json.loads(line)["key"] for line in (root / run / "evals.jsonl").read_text().splitlines()
+                if json.loads(line)["generation"] == 0}
+        assert heuristic_keys <= gen0
+    assert {Route.parse(t).key() for t in res["seed_routes"]} == heuristic_keys
+
+    # Held-out scores are the fitness of the stitched route, and each comparison follows from them.
+    pool = SourcePool.load(cfg.sources)
+    base = next(p for p in res["points"] if p["kind"] == "base")
+    direct = Fitness.from_config(cfg, "test").score(stitch(pool, Route.parse(base["route"])), pool.tokenizer, hops=4)
+    assert base["test"]["score"] == direct.score
+    for row in res["comparisons"]["evolved"]:
+        fits = [p["test"]["score"] for p in res["points"] if p["kind"] == "evolved" and p["hops"] <= row["hops"]]
+        assert row["front_test"] == max(fits)
+        assert row["verdict"] == ("better" if max(fits) > row["heuristic_test"] else
+                                  "equal" if max(fits) == row["heuristic_test"] else "worse")
+
+    # The best pruned member is exported and loads as a plain checkpoint.
+    assert res["export"]["hops"] <= 3 and len(res["export"]["samples"]) == 3
+    model = AutoModelForCausalLM.from_pretrained(res["export"]["folder"])
+    assert model.config.num_hidden_layers == res["export"]["hops"]
+
+    # A second study reuses every evaluation, dev and held out.
+    counts = {f: (root / f).read_text().count("\n") for f in
+              ("test_scores.jsonl", "evolved/evals.jsonl", "evolved-scaling-none/evals.jsonl")}
+    assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 0
+    assert {f: (root / f).read_text().count("\n") for f in counts} == counts
+
+
+def test_seed_routes_are_checked_before_anything_runs(tmp_path, tiny_source_dirs, capsys):
+    cfg = {"sources": [str(tiny_source_dirs[0])], "repeats": 1, "tasks": {"cloze_mc_dev": 1.0},
+           "seed_routes": ["0:0-1, 0:1-3"], "out": str(tmp_path / "run")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["evolve", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dfs-merge: error: seed_routes: seed route '0:0-1, 0:1-3'") and "repeats=1" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_seed_genomes_add_routes_once():
+    template = Genome.empty(["m"], (4,), 2, "slot")
+    seeds = seed_genomes(template, ["0:0-3", "0:0-1, 0:1-3", "0:0-1, 0:1-3"])
+    assert [g.decode().text() for g in seeds] == ["0:0-3", "0:0-1, 0:1-3"]
