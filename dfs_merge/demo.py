@@ -122,6 +122,7 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     result: RunResult = run_evolution(
         cfg, resume=(run_dir / "checkpoint.json").exists(), evaluate=evaluator, report=False
     )
+    phases = {"evolution": time.perf_counter() - start}
     evaluator.setup()
     pool: SourcePool = evaluator._pool  # loaded once, shared with the table below
     dev = Fitness.from_config(cfg, "dev")
@@ -132,9 +133,11 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
 
     front = result.pareto or [(result.best, result.best_eval)]
     chosen = choose(front, dev_evals["base"])
+    phases["base and deepening scored"] = time.perf_counter() - start - sum(phases.values())
     exported_dir = run_dir / "exported"
     out(f"exporting {len(chosen.decode())} hops ({chosen.decode().text()}) to {exported_dir}")
     export_checkpoint(pool, chosen, exported_dir, force=True, verify=True)
+    phases["export"] = time.perf_counter() - start - sum(phases.values())
 
     from transformers import AutoModelForCausalLM
 
@@ -155,6 +158,7 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     md = table(rows, cfg)
     samples = {"base": sample(stitch(pool, routes["base"]), pool.tokenizer), "exported": sample(exported, pool.tokenizer)}
     seconds = time.perf_counter() - start
+    phases["exported scored, samples"] = seconds - sum(phases.values())
     stamp = datetime.date.today().isoformat()
 
     out("")
@@ -170,7 +174,7 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     for name, text in samples.items():
         out(f"--- {name}:")
         out(text)
-    out(f"\ndemo took {seconds:.0f} s")
+    out(f"\ndemo took {seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + ")")
 
     summary = {
         "date": stamp,
@@ -184,6 +188,7 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
         ],
         "samples": samples,
         "seconds": round(seconds, 1),
+        "phases_s": {k: round(v, 1) for k, v in phases.items()},
         "evaluations": result.evaluations,
     }
     write_atomic(run_dir / "demo.json", json.dumps(summary, indent=2) + "\n")

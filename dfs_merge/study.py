@@ -20,6 +20,7 @@ to `test_scores.jsonl` the moment they are made and reused.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import time
@@ -39,6 +40,7 @@ from dfs_merge.genome import Genome, Route, seed_genomes
 from dfs_merge.sources import SourcePool
 from dfs_merge.stitch import ActivationCache, stitch
 
+PRINT = functools.partial(print, flush=True)  # progress lines reach a log file as they happen
 PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
     "Write two sentences about why the sky looks blue.",
@@ -183,7 +185,7 @@ def choose_pruned(front: Sequence[tuple[Genome, Evaluation]], max_hops: int) -> 
 
 
 def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hops: int = 26,
-              ablation: bool = True, out: Callable[[str], None] = print) -> dict[str, Any]:
+              ablation: bool = True, out: Callable[[str], None] = PRINT) -> dict[str, Any]:
     """Run (or resume) the whole study of a config; returns what it wrote to `results.json`."""
     from dfs_merge.demo import sample
     from dfs_merge.export import export_checkpoint
