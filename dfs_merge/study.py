@@ -14,7 +14,8 @@ with objectives [score, hops] and:
    (best dev score at `prune_hops` or fewer) and generates from it.
 
 Everything resumes: each evolution resumes from its folder, held-out scores are appended
-to `test_scores.jsonl` the moment they are made and reused.
+to `test_scores.jsonl` (the heuristics' dev scores to `dev_scores.jsonl`) the moment they
+are made, and reused.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class Point:
                 "test": self.test.to_dict()}
 
 
-class HeldOutScores:
-    """Held-out evaluations by route key, appended to a JSONL file as they are made and reused on resume."""
+class ScoreLog:
+    """One split's evaluations by route key, appended to a JSONL file as they are made and reused on resume."""
 
     def __init__(self, path: Path, pool: SourcePool, fitness: Fitness, cache: ActivationCache | None):
         self.path, self.pool, self.fitness, self.cache = path, pool, fitness, cache
@@ -232,13 +233,12 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
                            "seconds_this_call": round(time.perf_counter() - t0, 1), "front": len(result.pareto)}
 
     out("[3/4] held-out scores: base, heuristics, both fronts")
-    held_out = HeldOutScores(root / "test_scores.jsonl", pool, Fitness.from_config(cfg, "test"),
-                             ActivationCache(cfg.prefix_cache_mb) if cfg.prefix_cache_mb else None)
-    dev = Fitness.from_config(cfg, "dev")
+    cache = ActivationCache(cfg.prefix_cache_mb) if cfg.prefix_cache_mb else None
+    held_out = ScoreLog(root / "test_scores.jsonl", pool, Fitness.from_config(cfg, "test"), cache)
+    dev = ScoreLog(root / "dev_scores.jsonl", pool, evaluator._fitness, cache)
     points: list[Point] = []
     for name, route in heuristics.items():
-        dev_ev = dev.score(stitch(pool, route), pool.tokenizer, hops=len(route))
-        points.append(Point(name, heuristic_kind(name), route, dev_ev, held_out(route)))
+        points.append(Point(name, heuristic_kind(name), route, dev(route), held_out(route)))
         out(f"  {name:<26} {len(route):>3} hops  test score {points[-1].test.score:.4f}")
     for label, front in fronts.items():
         for g, ev in sorted(front, key=lambda m: m[1].hops):

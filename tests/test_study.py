@@ -81,7 +81,7 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
 
     # A second study reuses every evaluation, dev and held out.
     counts = {f: (root / f).read_text().count("\n") for f in
-              ("test_scores.jsonl", "evolved/evals.jsonl", "evolved-scaling-none/evals.jsonl")}
+              ("test_scores.jsonl", "dev_scores.jsonl", "evolved/evals.jsonl", "evolved-scaling-none/evals.jsonl")}
     assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 0
     assert {f: (root / f).read_text().count("\n") for f in counts} == counts
 
