@@ -122,12 +122,14 @@ def points_table(points: Sequence[Point], tasks: Sequence[str], report_tasks: Se
     """Markdown: one row per point, hops, dev score, then each held-out task's metric and the held-out score."""
     first = next(p for p in points if p.test.ok)
     head = ["model", "kind", "hops", "dev score"]
-    head += [f"{t} {first.test.tasks[t].metric}" for t in report_tasks] + ["test score"]
+    head += [f"{t} {first.test.tasks[t].metric}" for t in report_tasks] + ["test score", "route"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in sorted(points, key=lambda p: (p.kind != "base", p.kind, p.hops, p.name)):
         cells = [p.name, p.kind, str(p.hops), f"{p.dev.score:.4f}" if p.dev and p.dev.ok else "-"]
         cells += [f"{p.test.tasks[t].value:.4f}" if t in p.test.tasks else "-" for t in report_tasks]
         cells.append(f"{p.test.score:.4f}" if p.test.ok else f"failed: {p.test.error}")
+        scaled = any(h.scale != 1.0 for h in p.route)
+        cells.append(f"`{p.route.text()}`" + (" (scaled)" if scaled else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -141,6 +141,35 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def write_self_merge_config(folder: Path, source: Path, name: str, **overrides) -> str:
+    """A demo-like config (one tiny source, repeats 2, nsga2 on [score, hops], the bundled prose and
+    cloze tasks with few documents) written as `folder/name.yaml`; its run goes to `folder/name`."""
+    import yaml
+
+    cfg = {
+        "sources": [str(source)],
+        "repeats": 2,
+        "scaling": "slot",
+        "constraints": {"pin_ends": True, "min_hops": 2, "max_hops": 6},
+        "tasks": {"prose_ppl_dev": 1.0, "cloze_mc_dev": 1.0},
+        "report_tasks": ["prose_ppl_test", "cloze_mc_test"],
+        "limit": {"prose_ppl_dev": 2, "cloze_mc_dev": 4},
+        "report_limit": 3,
+        "max_length": 256,
+        "prefix_cache_mb": 64,
+        "objectives": ["score", "hops"],
+        "algorithm": "nsga2",
+        "population": 4,
+        "generations": 2,
+        "seed": 0,
+        "out": str(folder / name),
+        **overrides,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
 def write_tiny_suite(folder: Path) -> Path:
     """Write the three tiny tasks (YAML + JSONL under `data/`) into `folder`; returns it."""
     folder.mkdir(parents=True, exist_ok=True)

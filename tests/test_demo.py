@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import write_self_merge_config
 
 from dfs_merge.cli import main
 from dfs_merge.config import load_config
@@ -15,27 +15,7 @@ from dfs_merge.fitness import Fitness
 
 @pytest.fixture
 def demo_config(tmp_path, tiny_source_dirs) -> str:
-    cfg = {
-        "sources": [str(tiny_source_dirs[0])],
-        "repeats": 2,
-        "scaling": "slot",
-        "constraints": {"pin_ends": True, "min_hops": 2, "max_hops": 6},
-        "tasks": {"prose_ppl_dev": 1.0, "cloze_mc_dev": 1.0},
-        "report_tasks": ["prose_ppl_test", "cloze_mc_test"],
-        "limit": {"prose_ppl_dev": 2, "cloze_mc_dev": 4},
-        "report_limit": 3,
-        "max_length": 256,
-        "prefix_cache_mb": 64,
-        "objectives": ["score", "hops"],
-        "algorithm": "nsga2",
-        "population": 4,
-        "generations": 2,
-        "seed": 0,
-        "out": str(tmp_path / "run"),
-    }
-    path = tmp_path / "demo.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    return write_self_merge_config(tmp_path, tiny_source_dirs[0], "run")
 
 
 def test_demo_runs_end_to_end_and_its_table_matches_lm_eval_on_the_export(demo_config, capsys):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_self_merge_config
 
 from dfs_merge.cli import main
 from dfs_merge.config import load_config
@@ -18,28 +19,9 @@ from dfs_merge.stitch import stitch
 
 @pytest.fixture
 def study_config(tmp_path, tiny_trained_dir) -> str:
-    cfg = {
-        "sources": [str(tiny_trained_dir)],
-        "repeats": 2,
-        "scaling": "slot",
-        # unpinned: the tiny model's heuristics drop its last layer, which a pinned route would put back
-        "constraints": {"pin_ends": False, "min_hops": 2, "max_hops": 6},
-        "tasks": {"prose_ppl_dev": 1.0, "cloze_mc_dev": 1.0},
-        "report_tasks": ["prose_ppl_test", "cloze_mc_test"],
-        "limit": {"prose_ppl_dev": 2, "cloze_mc_dev": 4},
-        "report_limit": 3,
-        "max_length": 256,
-        "prefix_cache_mb": 64,
-        "objectives": ["score", "hops"],
-        "algorithm": "nsga2",
-        "population": 6,
-        "generations": 1,
-        "seed": 0,
-        "out": str(tmp_path / "study"),
-    }
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    # unpinned: the tiny model's heuristics drop its last layer, which a pinned route would put back
+    return write_self_merge_config(tmp_path, tiny_trained_dir, "study", population=6, generations=1,
+                                   constraints={"pin_ends": False, "min_hops": 2, "max_hops": 6})
 
 
 def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, capsys):
