@@ -14,6 +14,17 @@ from pathlib import Path
 from dfs_merge.errors import DfsMergeError
 
 
+def layer_counts_arg(text: str) -> tuple[int, ...]:
+    """`--sizes 2,4,6,8`: positive integers, comma-separated."""
+    try:
+        sizes = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def cmd_show(args: argparse.Namespace) -> None:
     from dfs_merge.genome import load_genome
 
@@ -61,8 +72,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     from dfs_merge.report import baselines_for_cli
 
     cfg = load_config(args.config)
-    sizes = tuple(int(n) for n in args.sizes.split(","))
-    baselines_for_cli(cfg, args.calibration, split=args.split, sizes=sizes)
+    baselines_for_cli(cfg, args.calibration, split=args.split, sizes=args.sizes)
 
 
 def cmd_evolve(args: argparse.Namespace) -> None:
@@ -82,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_study(args: argparse.Namespace) -> None:
     from dfs_merge.study import run_study
 
-    run_study(args.config, sizes=tuple(int(n) for n in args.sizes.split(",")), prune_hops=args.prune_hops,
+    run_study(args.config, sizes=args.sizes, prune_hops=args.prune_hops,
               ablation=not args.no_ablation)
 
 
@@ -144,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--calibration", default=str(Path(__file__).resolve().parent.parent / "eval_suites/data/prose_ppl_dev.jsonl"),
                    help="JSONL with a 'text' field to measure layer similarity on (default: the bundled prose dev split)")
-    s.add_argument("--sizes", default="2,4,6,8", help="numbers of layers to remove, comma-separated")
+    s.add_argument("--sizes", type=layer_counts_arg, default=(2, 4, 6, 8), help="numbers of layers to remove, comma-separated")
     s.add_argument("--split", choices=["dev", "test"], default="test")
     s.set_defaults(func=cmd_baseline)
 
@@ -161,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("study", help="a self-merge study: evolution (and its scaling ablation) against the pruning "
                        "heuristics, held-out table, Pareto plot, export of the best pruned member")
     s.add_argument("config", nargs="?", default="genomes/smollm2-self.yaml")
-    s.add_argument("--sizes", default="2,4,6,8", help="numbers of layers the heuristics remove, comma-separated")
+    s.add_argument("--sizes", type=layer_counts_arg, default=(2, 4, 6, 8),
+                   help="numbers of layers the heuristics remove, comma-separated")
     s.add_argument("--prune-hops", type=int, default=26, help="export the best front member with at most this many hops")
     s.add_argument("--no-ablation", action="store_true", help="skip the scaling: none rerun")
     s.set_defaults(func=cmd_study)

@@ -769,9 +769,12 @@ def run_evolution(
     except GenomeError as err:
         raise ConfigError(f"constraints: no route over these sources meets them ({err})") from None
     try:
-        seed_genomes(template, cfg.seed_routes)
+        seeds = seed_genomes(template, cfg.seed_routes)
     except GenomeError as err:
         raise ConfigError(f"seed_routes: {err}") from None
+    if len(seeds) > cfg.population:
+        raise ConfigError(f"seed_routes: {len(seeds)} distinct seeds (with the sources themselves) do not fit "
+                          f"population {cfg.population}")
     rundir = RunDir.open(cfg, resume)
     records = rundir.read_evals() if resume else []
     state = rundir.read_checkpoint() if resume else None

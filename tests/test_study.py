@@ -79,6 +79,19 @@ def test_seed_routes_are_checked_before_anything_runs(tmp_path, tiny_source_dirs
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
+def test_more_seeds_than_population_and_bad_sizes_are_one_line(tmp_path, tiny_source_dirs, capsys):
+    cfg = {"sources": [str(tiny_source_dirs[0])], "repeats": 2, "tasks": {"cloze_mc_dev": 1.0}, "population": 2,
+           "seed_routes": ["0:0, 0:2-3", "0:0-1, 0:3"], "out": str(tmp_path / "run")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["evolve", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dfs-merge: error: seed_routes: 3 distinct seeds (with the sources themselves) do not fit population 2")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", str(path), "--sizes", "2,x"])
+    assert exit_info.value.code == 2 and "expected positive integers separated by commas" in capsys.readouterr().err
+
+
 def test_seed_genomes_add_routes_once():
     template = Genome.empty(["m"], (4,), 2, "slot")
     seeds = seed_genomes(template, ["0:0-3", "0:0-1, 0:1-3", "0:0-1, 0:1-3"])
