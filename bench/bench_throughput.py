@@ -40,9 +40,9 @@ from bench_common import RESULTS, loadavg, machine, median, write_result
 from bench_fitness import record_batches, smollm2_dir, time_floor, tiny_model_dir
 from bench_memory import live_candidates_rss
 
-from dfs_merge.export import write_mergekit_config
 from dfs_merge.fitness import Fitness
 from dfs_merge.genome import Genome, Route
+from dfs_merge.mergekit_config import write_mergekit_config
 from dfs_merge.sources import SourcePool
 from dfs_merge.stitch import stitch
 

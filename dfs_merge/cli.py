@@ -102,7 +102,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     g = load_genome(args.genome)
     if args.format == "mergekit":
-        print(f"wrote {export.write_mergekit_config(g, args.out, force=args.force)}")
+        from dfs_merge.mergekit_config import write_mergekit_config
+
+        print(f"wrote {write_mergekit_config(g, args.out, force=args.force)}")
         return
     from dfs_merge.sources import SourcePool
 
@@ -112,10 +114,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_import_mergekit(args: argparse.Namespace) -> None:
-    from dfs_merge import export
     from dfs_merge.genome import save_genome
+    from dfs_merge.mergekit_config import import_mergekit
 
-    g = export.import_mergekit(args.config, repeats=args.repeats, scaling=args.scaling)
+    g = import_mergekit(args.config, repeats=args.repeats, scaling=args.scaling)
     save_genome(g, args.out)
     print(f"wrote {args.out}: {len(g.decode())} hops, route {g.decode().text()}")
 

@@ -17,17 +17,9 @@ import yaml
 from dfs_merge import export
 from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import ExportError, GenomeError, SourceError
-from dfs_merge.export import (
-    export_checkpoint,
-    export_genome,
-    import_mergekit,
-    mergekit_slices,
-    parse_size,
-    running_products,
-    verify_export,
-    write_mergekit_config,
-)
+from dfs_merge.export import export_checkpoint, export_genome, parse_size, running_products, verify_export
 from dfs_merge.genome import Genome, Route, load_genome
+from dfs_merge.mergekit_config import import_mergekit, mergekit_slices, write_mergekit_config
 from dfs_merge.sources import SourcePool
 from dfs_merge.stitch import stitch
 

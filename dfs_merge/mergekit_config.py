@@ -1,0 +1,384 @@
+"""mergekit `passthrough` configs: a route written as one, and one read back into a genome.
+
+`write_mergekit_config` writes the same model as a mergekit 0.1.5 `passthrough`
+config (`mergekit-yaml cfg.yaml OUT` builds it); `import_mergekit` reads such a
+config back into a genome.
+
+mergekit semantics this module relies on (mergekit 0.1.5, `plan.py`, `config.py`,
+`merge_methods/passthrough.py`):
+
+- a slice's `parameters.scale` multiplies every tensor it resolves to; a list of
+  `{filter, value}` resolves per tensor to the first entry whose `filter` is a
+  substring of the output tensor name (no filter, or `*`, matches all); no match
+  leaves the tensor as is;
+- the embeddings come from the first slice's model, the final norm and LM head
+  from the last slice's model; a `layer_range` of `[0, 0]` contributes no layer,
+  so an empty slice of the base pins them to the base;
+- the output config is the `base_model`'s with `num_hidden_layers` replaced, and
+  with `copy_tokenizer` (the default) the base's tokenizer and generation config
+  files are copied verbatim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import dfs_merge
+from dfs_merge.atomic import write_atomic
+from dfs_merge.config import ConstraintsConfig, read_yaml
+from dfs_merge.errors import ExportError, GenomeError, SourceError
+from dfs_merge.export import LAYER_NAMES, NON_LAYER_NAMES, running_products
+from dfs_merge.families import Family
+from dfs_merge.genome import Genome, Hop, Route, Scaling
+from dfs_merge.sources import locate, read_config
+
+# --------------------------------------------------------------------------- mergekit out
+
+
+@dataclass(frozen=True)
+class _Slice:
+    source: int
+    start: int  # first layer
+    end: int  # exclusive
+    product: float  # running scale product of every hop in the slice
+
+
+def mergekit_slices(route: Route) -> list[_Slice]:
+    """Fewest slices for mergekit: runs of consecutive layers of one source with one running product."""
+    out: list[_Slice] = []
+    for h, p in zip(route, running_products(route), strict=True):
+        last = out[-1] if out else None
+        if last is not None and last.source == h.source and last.end == h.layer and last.product == p:
+            out[-1] = _Slice(last.source, last.start, last.end + 1, p)
+        else:
+            out.append(_Slice(h.source, h.layer, h.layer + 1, p))
+    return out
+
+
+def _residual_writers(family: Family) -> tuple[str, ...] | None:
+    """The tensors `family.fold_scale` divides by the factor (and leaves all else alone), or None.
+
+    Probed on a fake layer state, so a family whose fold is not a plain division (Gemma's
+    norm gains) is recognised as one mergekit's multiplicative scale cannot express.
+    """
+    writers = tuple(getattr(family, "residual_writers", ()) or ())
+    if not writers:
+        return None
+    state = {n: torch.ones(2) for n in LAYER_NAMES}
+    state.update({f"{w}.weight": torch.ones(2) for w in writers})
+    family.fold_scale(state, 4.0)
+    scaled = {n for n, v in state.items() if not torch.equal(v, torch.ones(2))}
+    ok = scaled == {f"{w}.weight" for w in writers} and all(torch.equal(state[n], torch.full((2,), 0.25)) for n in scaled)
+    return writers if ok else None
+
+
+def _dtype_name(config: Any) -> str:
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(d).replace("torch.", "") if d is not None else "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def write_mergekit_config(
+    genome: Genome, out: str | Path, *, force: bool = False, dtype: str | None = None
+) -> Path:
+    """Write a mergekit `passthrough` config that builds the same model as `export_checkpoint`.
+
+    Slices group consecutive layers of one source with one running scale product; a slice
+    whose product P is not 1 gets `scale: 1/P` on the family's residual writers (Llama:
+    `o_proj`, `down_proj`), exactly the fold of `export_checkpoint`. Empty base slices
+    (`layer_range: [0, 0]`) are added first / last where needed so that embeddings, final
+    norm and head come from the base. `base_model` is the base: mergekit takes the output
+    config from it and, with `copy_tokenizer` (its default), copies the base's tokenizer and
+    generation config files verbatim. `tokenizer_source` is left unset on purpose: it would
+    rebuild the vocabulary and reset `vocab_size` to the tokenizer's length, which changes
+    models whose embedding matrix is padded. `dtype` defaults to the base's stored dtype.
+    Families whose fold mergekit cannot express (Gemma 3) are an ExportError.
+    """
+    route = genome.check()
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise ExportError(f"{out}: already exists; pass force=True (--force) to replace it")
+    folders = [locate(p).resolve() for p in genome.sources]
+    configs = [read_config(f) for f in folders]
+    for i, ((cfg, _), n) in enumerate(zip(configs, genome.layout.layers, strict=True)):
+        if cfg.num_hidden_layers != n:
+            raise SourceError(f"source {i} ({genome.sources[i]}) has {cfg.num_hidden_layers} layers, the genome says {n}")
+    base_cfg, family = configs[0]
+    if any(h.scale != 1.0 for h in route) and _residual_writers(family) is None:
+        raise ExportError(
+            f"mergekit output is not supported for the {family.name} family with hop scales other than 1: "
+            "its scales fold into norm gains, which mergekit's multiplicative scale cannot express"
+        )
+    base_types = getattr(base_cfg, "layer_types", None)
+    if base_types is not None:
+        types = [family.layer_type(configs[h.source][0], h.layer) for h in route]
+        if list(base_types) != types:
+            raise ExportError(
+                f"mergekit output is not supported for this {family.name} route: mergekit keeps the base's "
+                "layer_types, which differ from the route's attention types"
+            )
+    writers = _residual_writers(family) or ()
+    slices = mergekit_slices(route)
+    entries: list[dict[str, Any]] = []
+    if slices[0].source != 0:
+        entries.append({"sources": [{"model": str(folders[0]), "layer_range": [0, 0]}]})
+    for s in slices:
+        src: dict[str, Any] = {"model": str(folders[s.source]), "layer_range": [s.start, s.end]}
+        if s.product != 1.0:
+            value = 1.0 / s.product
+            src["parameters"] = {
+                "scale": [{"filter": w, "value": value} for w in writers] + [{"value": 1.0}]
+            }
+        entries.append({"sources": [src]})
+    if slices[-1].source != 0:
+        entries.append({"sources": [{"model": str(folders[0]), "layer_range": [0, 0]}]})
+    data = {
+        "merge_method": "passthrough",
+        "base_model": str(folders[0]),
+        "dtype": dtype or _dtype_name(base_cfg),
+        "slices": entries,
+    }
+    header = (
+        f"# mergekit passthrough config written by dfs-merge {dfs_merge.__version__}\n"
+        f"# route ({len(route)} hops): {route.text()}\n"
+        f"# genome key {genome.key()}; sources: {', '.join(genome.sources)}\n"
+        f"# build: mergekit-yaml {out.name} OUTPUT_DIR  (the base's tokenizer is copied)\n"
+    )
+    write_atomic(out, header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=200))
+    return out
+
+
+# --------------------------------------------------------------------------- mergekit in
+
+
+def _resolve_setting(setting: Any, tensor: str, t: float) -> float | None:
+    """mergekit's `evaluate_setting` for a numeric parameter: filters, then gradients over `t`."""
+    if setting is None:
+        return None
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, bool) or isinstance(setting, str):
+        raise ValueError(f"not a number: {setting!r}")
+    if isinstance(setting, (int, float)):
+        return float(setting)
+    if not isinstance(setting, list):
+        raise ValueError(f"unexpected value {setting!r}")
+    if not setting:
+        return None
+    if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * float(setting[i0]) + frac * float(setting[i1])
+    for cond in setting:
+        if not isinstance(cond, dict) or "value" not in cond:
+            raise ValueError(f"expected {{filter, value}} entries, got {cond!r}")
+        filt = cond.get("filter")
+        if filt is None or filt == "*" or (tensor and str(filt) in tensor):
+            return _resolve_setting(cond["value"], tensor, t)
+    return None
+
+
+def _model_name(entry: Any, where: str) -> str:
+    model = entry.get("model") if isinstance(entry, dict) else None
+    if isinstance(model, dict):  # mergekit's long form {model: {path: ...}, lora: ...}
+        if model.get("lora"):
+            raise GenomeError(f"{where}: LoRA model references are not supported")
+        inner = model.get("model")
+        model = inner.get("path") if isinstance(inner, dict) else None
+    if not isinstance(model, str) or not model:
+        raise GenomeError(f"{where}: needs a 'model' path")
+    if "+" in model and not Path(model).exists():
+        raise GenomeError(f"{where}: LoRA model references ({model}) are not supported")
+    return model
+
+
+def _same_path(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False
+
+
+def import_mergekit(
+    config_path: str | Path,
+    *,
+    repeats: int | None = None,
+    scaling: Scaling = "slot",
+    sources: Sequence[str] | None = None,
+) -> Genome:
+    """Turn a mergekit `passthrough` config into a genome.
+
+    Sources are `sources` if given, else `base_model` (when set) and then the slices'
+    models in order of first appearance. Layer counts come from each source's
+    config.json (no weights are loaded). Hop scales are recovered from the slices'
+    `scale` on the residual writers (the inverse running product); any other scaled
+    tensor is refused. `repeats` defaults to the smallest that expresses the route; a
+    route the layout cannot express is a GenomeError naming the slice. `pin_ends` is
+    kept when the route starts and ends with the base's first and last layer.
+    """
+    path = Path(config_path)
+    data = read_yaml(path, GenomeError)
+    where = str(path)
+    method = data.get("merge_method")
+    if method != "passthrough":
+        raise GenomeError(f"{where}: merge_method is {method!r}; only 'passthrough' configs describe a route")
+    raw = data.get("slices")
+    if not isinstance(raw, list) or not raw:
+        raise GenomeError(f"{where}: a passthrough config needs a 'slices' list (models/modules forms are not routes)")
+    top_params = (data.get("parameters") or {}).get("scale")
+
+    # sources
+    named: list[tuple[str, list[int], Any]] = []  # (model, [start, end), scale setting) per slice
+    for i, sl in enumerate(raw):
+        w = f"{where}: slice {i}"
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or len(sl["sources"]) != 1:
+            raise GenomeError(f"{w}: a passthrough slice needs exactly one entry under 'sources'")
+        entry = sl["sources"][0]
+        model = _model_name(entry, w)
+        rng = entry.get("layer_range")
+        if (
+            not isinstance(rng, (list, tuple)) or len(rng) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in rng) or not 0 <= rng[0] <= rng[1]
+        ):
+            raise GenomeError(f"{w}: layer_range must be [start, end] with 0 <= start <= end, got {rng!r}")
+        setting = (entry.get("parameters") or {}).get("scale")
+        if setting is None:
+            setting = (sl.get("parameters") or {}).get("scale")
+        if setting is None:
+            setting = top_params
+        named.append((model, [int(rng[0]), int(rng[1])], setting))
+    base_model = data.get("base_model")
+    if isinstance(base_model, dict):
+        base_model = _model_name({"model": base_model}, f"{where}: base_model")
+    if sources is None:
+        order = ([base_model] if isinstance(base_model, str) else []) + [m for m, _, _ in named]
+        src_list: list[str] = []
+        for m in order:
+            if not any(_same_path(m, s) for s in src_list):
+                src_list.append(m)
+    else:
+        src_list = [str(s) for s in sources]
+        if not src_list:
+            raise GenomeError(f"{where}: sources is empty")
+    index_of: list[int] = []
+    for i, (m, _, _) in enumerate(named):
+        k = next((j for j, s in enumerate(src_list) if _same_path(m, s)), None)
+        if k is None:
+            raise GenomeError(f"{where}: slice {i}: model {m} is not one of the sources ({', '.join(src_list)})")
+        index_of.append(k)
+
+    tok = data.get("tokenizer_source")
+    if isinstance(data.get("tokenizer"), dict):
+        tok = data["tokenizer"].get("source", tok)
+    if tok is not None and tok != "base" and not (isinstance(tok, str) and _same_path(tok, src_list[0])):
+        raise GenomeError(f"{where}: tokenizer_source {tok!r}: a genome always uses the base's tokenizer")
+
+    # layer counts, from config.json only
+    layers: list[int] = []
+    families: list[Family] = []
+    for s in src_list:
+        cfg, fam = read_config(locate(s))
+        layers.append(int(cfg.num_hidden_layers))
+        families.append(fam)
+    family = families[0]
+    writers = _residual_writers(family)
+
+    # hops and their running products
+    hops: list[tuple[int, int, float, int]] = []  # (source, layer, product, slice)
+    for i, ((m, (start, end), setting), src) in enumerate(zip(named, index_of, strict=True)):
+        w = f"{where}: slice {i} ({m} [{start}, {end}])"
+        if end > layers[src]:
+            raise GenomeError(f"{w}: layer_range ends past the model's {layers[src]} layers")
+        n = end - start
+        for j in range(n):
+            t = j / (n - 1) if n > 1 else 1.0
+            product = _slice_product(setting, writers, len(hops), t, w)
+            hops.append((src, start + j, product, i))
+        if n == 0 and setting is not None and i in (0, len(named) - 1):
+            _slice_product(setting, writers, len(hops), 1.0, w)  # the base's embeddings / head must stay unscaled
+    if not hops:
+        raise GenomeError(f"{where}: the slices contain no layer")
+    first_model, last_model = index_of[0], index_of[-1]
+    if first_model != 0 or last_model != 0:
+        which = "first" if first_model != 0 else "last"
+        slice_i = 0 if which == "first" else len(named) - 1
+        raise GenomeError(
+            f"{where}: slice {slice_i}: mergekit takes the embeddings / final norm and head from the {which} slice's "
+            f"model ({named[slice_i][0]}), but a genome takes them from the base ({src_list[0]}); add an empty "
+            "base slice (layer_range [0, 0]) there"
+        )
+
+    scales, prev = [], 1.0
+    for _, _, p, _ in hops:
+        scales.append(float(f"{p / prev:.12g}"))
+        prev = p
+    if scaling == "none" and any(s != 1.0 for s in scales):
+        raise GenomeError(f"{where}: the config scales hops but scaling is 'none'")
+    route = Route(tuple(Hop(s, layer, sc) for (s, layer, _, _), sc in zip(hops, scales, strict=True)))
+
+    # the slot layout
+    offsets = [sum(layers[:i]) for i in range(len(layers))]
+    reps = [0]  # the repetition each hop lands in when every hop takes the next free slot
+    for k in range(1, len(hops)):
+        here, before = offsets[hops[k][0]] + hops[k][1], offsets[hops[k - 1][0]] + hops[k - 1][1]
+        reps.append(reps[-1] + (here <= before))
+    need = reps[-1] + 1
+    r = repeats if repeats is not None else need
+    if r < 1:
+        raise GenomeError(f"{where}: repeats must be at least 1, got {r}")
+    if need > r:
+        k = next(k for k, x in enumerate(reps) if x >= r)
+        s, layer, _, i = hops[k]
+        raise GenomeError(
+            f"{where}: slice {i} ({named[i][0]} [{named[i][1][0]}, {named[i][1][1]}]): hop {k} ({s}:{layer}) "
+            f"does not fit in repeats={r}; the route needs repeats >= {need}"
+        )
+    pin = route[0].source == 0 and route[0].layer == 0 and route[-1].source == 0 and route[-1].layer == layers[0] - 1
+    constraints = ConstraintsConfig(pin_ends=pin)
+    try:
+        genome = Genome.from_route(route, src_list, layers, r, scaling, constraints)
+        genome.check()
+    except GenomeError as err:
+        raise GenomeError(f"{where}: {err}") from None
+    return genome
+
+
+def _slice_product(setting: Any, writers: tuple[str, ...] | None, hop: int, t: float, where: str) -> float:
+    """The running product P of output layer `hop`: its residual writers are scaled by 1/P, all else by 1."""
+    if setting is None:
+        return 1.0
+    mine = {f"{w}.weight" for w in writers or ()}
+    names = [*NON_LAYER_NAMES, *(f"model.layers.{hop}.{n}" for n in LAYER_NAMES if n not in mine)]
+    try:
+        probe = {n: _resolve_setting(setting, n, t) for n in names}
+        values = [_resolve_setting(setting, f"model.layers.{hop}.{w}.weight", t) for w in writers or ()]
+    except ValueError as err:
+        raise GenomeError(f"{where}: scale: {err}") from None
+    others = {n: v for n, v in probe.items() if v is not None and v != 1.0}
+    if others:
+        name = next(iter(others))
+        raise GenomeError(
+            f"{where}: scale {others[name]:g} on {name} cannot be read as a hop scale "
+            "(only the residual writers may be scaled)"
+        )
+    vals = {1.0 if v is None else v for v in values}
+    if not vals:
+        return 1.0
+    if len(vals) > 1:
+        raise GenomeError(f"{where}: the residual writers ({', '.join(writers or ())}) have different scales {sorted(vals)}")
+    v = vals.pop()
+    if not (math.isfinite(v) and v > 0):
+        raise GenomeError(f"{where}: scale {v} on the residual writers is not a positive number")
+    return 1.0 / v
+
