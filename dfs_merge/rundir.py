@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from dfs_merge.atomic import write_atomic
+from dfs_merge.atomic import append_jsonl, read_jsonl, write_atomic
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError
 from dfs_merge.genome import Genome, save_genome
@@ -129,33 +129,13 @@ class RunDir:
     # ---- evaluations -------------------------------------------------------------------
     def read_evals(self) -> list[dict[str, Any]]:
         """Every complete evaluation line; a truncated last line (a killed write) is cut off the file."""
-        if not self.evals.is_file():
-            return []
-        data = self.evals.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            log.warning("%s: dropping a truncated last line (%d bytes)", self.evals, len(data) - end)
-            with open(self.evals, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
-        records = []
-        for n, line in enumerate(data[:end].splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s: line %d is not valid JSON; ignored", self.evals, n)
-        return records
+        return read_jsonl(self.evals)
 
     def append_eval(self, record: dict[str, Any]) -> None:
         """Append one evaluation as a JSON line, flushed and fsynced before returning."""
         if self._evals_file is None:
             self._evals_file = open(self.evals, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
-        self._evals_file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._evals_file.flush()
-        os.fsync(self._evals_file.fileno())
+        append_jsonl(self._evals_file, record)
 
     def close(self) -> None:
         """Close the evaluation log."""
