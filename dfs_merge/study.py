@@ -14,8 +14,8 @@ with objectives [score, hops] and:
    (best dev score at `prune_hops` or fewer) and generates from it.
 
 Everything resumes: each evolution resumes from its folder, held-out scores are appended
-to `test_scores.jsonl` (the heuristics' dev scores to `dev_scores.jsonl`) the moment they
-are made, and reused.
+to `test_scores.jsonl` (the dev scores of heuristics the searches did not score to
+`dev_scores.jsonl`) the moment they are made, and reused.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dfs_merge.atomic import write_atomic
+from dfs_merge.atomic import append_jsonl, read_jsonl, write_atomic
 from dfs_merge.baselines import baseline_routes, calibration_texts
 from dfs_merge.config import load_config
 from dfs_merge.errors import ConfigError, GenomeError
@@ -38,6 +38,7 @@ from dfs_merge.evaluators import ModelEvaluator
 from dfs_merge.evolve import run_evolution
 from dfs_merge.fitness import Evaluation, Fitness
 from dfs_merge.genome import Genome, Route, seed_genomes
+from dfs_merge.rundir import RunDir
 from dfs_merge.sources import SourcePool
 from dfs_merge.stitch import ActivationCache, stitch
 
@@ -74,24 +75,19 @@ class ScoreLog:
 
     def __init__(self, path: Path, pool: SourcePool, fitness: Fitness, cache: ActivationCache | None):
         self.path, self.pool, self.fitness, self.cache = path, pool, fitness, cache
-        self.known: dict[str, Evaluation] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                    self.known[row["key"]] = Evaluation.from_dict(row["eval"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut by a kill: scored again
+        self.known = {r["key"]: Evaluation.from_dict(r["eval"]) for r in read_jsonl(path)}
+
+    def remember(self, key: str, ev: Evaluation) -> None:
+        """Take an evaluation made elsewhere (a search's) as this split's, without logging it again."""
+        self.known.setdefault(key, ev)
 
     def __call__(self, route: Route) -> Evaluation:
         key = route.key()
         if key not in self.known:
             model = stitch(self.pool, route, activation_cache=self.cache)
             ev = self.fitness.score(model, self.pool.tokenizer, hops=len(route))
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"key": key, "route": route.text(), "eval": ev.to_dict()}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            with open(self.path, "a", encoding="utf-8") as f:
+                append_jsonl(f, {"key": key, "route": route.text(), "eval": ev.to_dict()})
             self.known[key] = ev
         return self.known[key]
 
@@ -225,12 +221,14 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
 
     fronts: dict[str, list[tuple[Genome, Evaluation]]] = {}
     run_info: dict[str, Any] = {}
+    searched: dict[str, Evaluation] = {}  # every dev evaluation of both searches, by route key
     for i, (label, run_cfg) in enumerate(runs.items()):
         out(f"[2/4] evolution {i + 1}/{len(runs)}: {label} -> {run_cfg.out}")
         t0 = time.perf_counter()
         result = run_evolution(run_cfg, resume=(Path(run_cfg.out) / "config.yaml").exists(), evaluate=evaluator,
                                report=False, log=out)
         fronts[label] = result.pareto
+        searched.update({r["key"]: Evaluation.from_dict(r["evaluation"]) for r in RunDir(run_cfg.out).read_evals()})
         run_info[label] = {"out": run_cfg.out, "evaluations": result.evaluations, "generations": result.generations,
                            "seconds_this_call": round(time.perf_counter() - t0, 1), "front": len(result.pareto)}
 
@@ -238,6 +236,8 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
     cache = ActivationCache(cfg.prefix_cache_mb) if cfg.prefix_cache_mb else None
     held_out = ScoreLog(root / "test_scores.jsonl", pool, Fitness.from_config(cfg, "test"), cache)
     dev = ScoreLog(root / "dev_scores.jsonl", pool, evaluator._fitness, cache)
+    for key, ev in searched.items():  # the seeded heuristics were scored on dev in generation 0 already
+        dev.remember(key, ev)
     points: list[Point] = []
     for name, route in heuristics.items():
         points.append(Point(name, heuristic_kind(name), route, dev(route), held_out(route)))
