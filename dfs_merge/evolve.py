@@ -765,13 +765,13 @@ def run_evolution(
     """
     template = Genome.empty(cfg.sources, layer_counts(cfg.sources), cfg.repeats, cfg.scaling, cfg.constraints)
     try:
-        repair(seed_genomes(template)[0], random.Random(0))
-    except GenomeError as err:
-        raise ConfigError(f"constraints: no route over these sources meets them ({err})") from None
-    try:
         seeds = seed_genomes(template, cfg.seed_routes)
     except GenomeError as err:
         raise ConfigError(f"seed_routes: {err}") from None
+    try:
+        repair(seeds[0], random.Random(0))
+    except GenomeError as err:
+        raise ConfigError(f"constraints: no route over these sources meets them ({err})") from None
     if len(seeds) > cfg.population:
         raise ConfigError(f"seed_routes: {len(seeds)} distinct seeds (with the sources themselves) do not fit "
                           f"population {cfg.population}")
