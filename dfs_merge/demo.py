@@ -122,7 +122,13 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     result: RunResult = run_evolution(
         cfg, resume=(run_dir / "checkpoint.json").exists(), evaluate=evaluator, report=False
     )
-    phases = {"evolution": time.perf_counter() - start}
+    phases: dict[str, float] = {}
+
+    def mark(phase: str) -> None:
+        """Record the seconds since the previous mark (or the start) under `phase`."""
+        phases[phase] = time.perf_counter() - start - sum(phases.values())
+
+    mark("evolution")
     evaluator.setup()
     pool: SourcePool = evaluator._pool  # loaded once, shared with the table below
     dev = Fitness.from_config(cfg, "dev")
@@ -133,11 +139,11 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
 
     front = result.pareto or [(result.best, result.best_eval)]
     chosen = choose(front, dev_evals["base"])
-    phases["base and deepening scored"] = time.perf_counter() - start - sum(phases.values())
+    mark("base and deepening scored")
     exported_dir = run_dir / "exported"
     out(f"exporting {len(chosen.decode())} hops ({chosen.decode().text()}) to {exported_dir}")
     export_checkpoint(pool, chosen, exported_dir, force=True, verify=True)
-    phases["export"] = time.perf_counter() - start - sum(phases.values())
+    mark("export")
 
     from transformers import AutoModelForCausalLM
 
@@ -157,8 +163,8 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     picture = route_png(chosen, run_dir / "route.png")
     md = table(rows, cfg)
     samples = {"base": sample(stitch(pool, routes["base"]), pool.tokenizer), "exported": sample(exported, pool.tokenizer)}
-    seconds = time.perf_counter() - start
-    phases["exported scored, samples"] = seconds - sum(phases.values())
+    mark("exported scored, samples")
+    seconds = sum(phases.values())
     stamp = datetime.date.today().isoformat()
 
     out("")
