@@ -66,6 +66,11 @@ def smollm2_dir() -> Path | None:
         return None
 
 
+def model_dir(name: str, tmp: Path) -> Path | None:
+    """The folder of a benchmarked model by name: "tiny" (built under `tmp`) or "smollm2"; None otherwise."""
+    return tiny_model_dir(tmp) if name == "tiny" else smollm2_dir() if name == "smollm2" else None
+
+
 class _Hooks:
     """Several hook handles removed as one."""
 
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            folder = tiny_model_dir(Path(tmp)) if name == "tiny" else smollm2_dir() if name == "smollm2" else None
+            folder = model_dir(name, Path(tmp))
             if folder is None:
                 continue
             print(f"[{name}] benchmarking on {args.task}, {args.limit} docs ...", file=sys.stderr, flush=True)

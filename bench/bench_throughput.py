@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import yaml
 from bench_common import RESULTS, loadavg, machine, median, write_result
-from bench_fitness import record_batches, smollm2_dir, time_floor, tiny_model_dir
+from bench_fitness import model_dir, record_batches, time_floor
 from bench_memory import live_candidates_rss
 
 from dfs_merge.fitness import Fitness
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            folder = tiny_model_dir(Path(tmp)) if name == "tiny" else smollm2_dir() if name == "smollm2" else None
+            folder = model_dir(name, Path(tmp))
             if folder is None:
                 continue
             models.append(bench_model(name, folder, tasks, args, Path(tmp)))
