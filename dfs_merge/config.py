@@ -85,6 +85,11 @@ class RunConfig(BaseModel):
     # Documents per task: one number for all, or {task: number}; the same documents for every candidate.
     limit: PositiveInt | dict[str, PositiveInt] | None = None
     report_limit: PositiveInt | dict[str, PositiveInt] | None = None  # for report_tasks; None: all documents
+    # Final choice on a validation split the search never saw: the `select_top` best candidates by dev score
+    # (per hop count under nsga2) are scored on `select_tasks` and the best there is chosen. Empty: dev decides.
+    select_tasks: list[str] = []
+    select_limit: PositiveInt | dict[str, PositiveInt] | None = None
+    select_top: int = Field(3, ge=1)
     eval_suites: list[str] = []
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=16)
@@ -132,13 +137,15 @@ class RunConfig(BaseModel):
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(self.scale_range)}")
-        for key, names in (("limit", self.tasks), ("report_limit", self.report_tasks)):
+        for key, names in (("limit", self.tasks), ("report_limit", self.report_tasks),
+                           ("select_limit", self.select_tasks)):
             value = getattr(self, key)
             if isinstance(value, dict) and set(value) - set(names):
                 raise ValueError(f"{key} names tasks it does not apply to: {sorted(set(value) - set(names))}")
-        unknown = set(self.metrics) - set(self.tasks) - set(self.report_tasks)
+        unknown = set(self.metrics) - set(self.tasks) - set(self.report_tasks) - set(self.select_tasks)
         if unknown:
-            raise ValueError(f"metrics names tasks that are neither in tasks nor report_tasks: {sorted(unknown)}")
+            raise ValueError(f"metrics names tasks that are in none of tasks, report_tasks, select_tasks: "
+                             f"{sorted(unknown)}")
         return self
 
 

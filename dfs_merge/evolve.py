@@ -41,6 +41,7 @@ import numpy as np
 from deap import algorithms, base, cma, tools
 from tqdm import tqdm
 
+from dfs_merge import selection
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError
 from dfs_merge.evaluators import Evaluator, GenomeEvaluator, ModelEvaluator, make_evaluator
@@ -338,6 +339,8 @@ class Evolution:
         self.pareto = tools.ParetoFront(similar=same_key)
         self.history: list[dict[str, Any]] = []
         self.report: dict[str, Evaluation] = {}
+        self.val: dict[str, Evaluation] = {}  # validation scores of the final shortlist (select_tasks)
+        self.chosen: dict[Any, Member] = {}  # the final choice on validation: "best", and each front hop count
         self.finished = False
         self._plotted = time.monotonic()
         self.strategy: cma.Strategy | None = self._new_strategy() if cfg.algorithm == "cmaes" else None
@@ -571,27 +574,37 @@ class Evolution:
             f"errors {self.counters['errors']}  {seconds:.1f}s"
         )
 
+    def best(self) -> Member:
+        """The best member: the final choice on validation once made, else the best dev score."""
+        return self.chosen.get("best", self.hof[0])
+
+    def scored(self, m: Member) -> Genome:
+        """The member's genome with its dev (and validation, held-out) scores attached."""
+        scores = {"dev": scores_of(self.memo[m.key])}
+        for split, known in (("val", self.val), ("test", self.report)):
+            if m.key in known:
+                scores[split] = scores_of(known[m.key])
+        return replace(m.genome, scores=scores)
+
     def best_genome(self) -> Genome:
-        best = self.hof[0]
-        scores = {"dev": scores_of(self.memo[best.key])}
-        if best.key in self.report:
-            scores["test"] = scores_of(self.report[best.key])
-        return replace(best.genome, scores=scores)
+        return self.scored(self.best())
 
     def front(self) -> list[Member]:
-        """The Pareto front, fewest hops first."""
+        """The Pareto front, fewest hops first; after the final choice, its member at each hop count."""
+        if self.chosen:
+            return [self.chosen[h] for h in sorted(k for k in self.chosen if k != "best")]
         return sorted(self.pareto, key=lambda m: (self.memo[m.key].hops, -self.memo[m.key].score, m.key))
 
     def write_pareto(self) -> None:
         rows = []
         for m in self.front():
             ev = self.memo[m.key]
-            scores = {"dev": scores_of(ev)}
             row: dict[str, Any] = {"key": m.key, "hops": ev.hops, "score": ev.score, "route": m.genome.decode().text()}
+            if m.key in self.val:
+                row["val_score"] = self.val[m.key].score
             if m.key in self.report:
-                scores["test"] = scores_of(self.report[m.key])
                 row["test_score"] = self.report[m.key].score
-            rows.append((replace(m.genome, scores=scores), row))
+            rows.append((self.scored(m), row))
         self.rundir.write_pareto(rows)
 
     # ---- checkpoint ----------------------------------------------------------------------
@@ -618,6 +631,8 @@ class Evolution:
             "history": self.history,
             "report": {k: ev.to_dict() for k, ev in self.report.items()},
             "report_tasks": list(self.cfg.report_tasks),
+            "val": {k: ev.to_dict() for k, ev in self.val.items()},
+            "select_tasks": list(self.cfg.select_tasks),
         })
 
     def restore(self, records: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
@@ -645,6 +660,8 @@ class Evolution:
         self.history = list(state["history"])
         if state.get("report_tasks") == list(self.cfg.report_tasks):  # else: scored again on the new tasks
             self.report = {k: Evaluation.from_dict(v) for k, v in state.get("report", {}).items()}
+        if state.get("select_tasks") == list(self.cfg.select_tasks):
+            self.val = {k: Evaluation.from_dict(v) for k, v in state.get("val", {}).items()}
         if self.strategy is not None and state.get("cma"):
             restore_cma(self.strategy, state["cma"])
         pop = []
@@ -675,10 +692,35 @@ class Evolution:
             seen = self.step(gen)
             self.after_generation(gen, seen, time.perf_counter() - t0)
 
-    def finish(self, report_fn: GenomeEvaluator | None) -> RunResult:
-        """Score the best genome (and the front) on the report tasks; write the final files."""
+    def select(self, select_fn: GenomeEvaluator) -> None:
+        """The final choice on validation (`selection.py`): the `select_top` best by dev overall, and at each
+        hop count of an nsga2 front, are scored on `select_tasks`; the best there replace dev's choice."""
         cfg = self.cfg
-        best = self.hof[0]
+        genomes = {r["key"]: genome_from_dict(r["genome"], "evals.jsonl") for r in self.rundir.read_evals()}
+        evaluated = [(genomes[k], ev) for k, ev in self.memo.items() if k in genomes]
+        lists: dict[Any, list[selection.Candidate]] = {"best": selection.shortlist(evaluated, cfg.select_top)[None]}
+        if cfg.algorithm == "nsga2":
+            lists.update(selection.per_hop_count(evaluated, {self.memo[m.key].hops for m in self.pareto}, cfg.select_top))
+        todo = list({c.genome.key(): c.genome for cs in lists.values() for c in cs if c.genome.key() not in self.val}
+                    .values())
+        if todo:
+            self.log(f"scoring {len(todo)} shortlisted genome(s) on the validation tasks {', '.join(cfg.select_tasks)}")
+            try:
+                with make_evaluator(cfg, select_fn) as ev:
+                    for key, e in ev.submit(todo):
+                        self.val[key] = e
+            except DfsMergeError as err:
+                self.log(f"warning: the validation tasks could not be scored, dev decides: {err}")
+                return
+        self.chosen = {k: self.member(c.genome) for k, c in selection.choose(lists, lambda g: self.val[g.key()]).items()}
+
+    def finish(self, report_fn: GenomeEvaluator | None, select_fn: GenomeEvaluator | None = None) -> RunResult:
+        """Make the final choice on validation (if configured), score the best genome (and the front) on the
+        report tasks; write the final files."""
+        cfg = self.cfg
+        if select_fn is not None and cfg.select_tasks:
+            self.select(select_fn)
+        best = self.best()
         targets = [best] + (self.front() if cfg.algorithm == "nsga2" else [])
         todo = list({m.key: m.genome for m in targets if m.key not in self.report}.values())
         if report_fn is not None and cfg.report_tasks and todo:
@@ -696,9 +738,10 @@ class Evolution:
         self.rundir.plot_history(self.history)
         self.checkpoint()
         best_ev = self.memo[best.key]
-        test = self.report.get(best.key)
+        test, val = self.report.get(best.key), self.val.get(best.key) if self.chosen else None
         self.log(
-            f"best: {best_ev.score:.4f} dev" + (f", {test.score:.4f} test" if test else "")
+            f"best: {best_ev.score:.4f} dev" + (f", {val.score:.4f} val" if val else "")
+            + (f", {test.score:.4f} test" if test else "")
             + f", {best_ev.hops} hops: {best.genome.decode().text()} -> {self.rundir.best}"
         )
         return RunResult(
@@ -752,6 +795,7 @@ def run_evolution(
     resume: bool = False,
     evaluate: GenomeEvaluator | None = None,
     report_evaluate: GenomeEvaluator | None = None,
+    select_evaluate: GenomeEvaluator | None = None,
     report: bool = True,
     progress: bool = True,
     log: Callable[[str], Any] = print,
@@ -761,7 +805,9 @@ def run_evolution(
     `evaluate` replaces the real per-genome work (stitch + lm-eval) with any picklable
     `Genome -> Evaluation` callable; `report_evaluate` likewise for the report tasks
     (by default the real work on the test split when `report_tasks` is set and
-    `evaluate` is not given). `report=False` skips scoring the winners on the report tasks.
+    `evaluate` is not given); the final choice on `select_tasks` uses the real work on the
+    validation split, or `select_evaluate`. `report=False` skips scoring the winners on the report
+    tasks and that choice.
     """
     template = Genome.empty(cfg.sources, layer_counts(cfg.sources), cfg.repeats, cfg.scaling, cfg.constraints)
     try:
@@ -790,7 +836,9 @@ def run_evolution(
         evaluator.close()  # free the workers before the report starts its own
         if report_evaluate is None and isinstance(fn, ModelEvaluator) and cfg.report_tasks:
             report_evaluate = fn.for_split("test")  # in-process: shares the sources already loaded
-        return evo.finish(report_evaluate if report else None)
+        if select_evaluate is None and isinstance(fn, ModelEvaluator) and cfg.select_tasks:
+            select_evaluate = fn.for_split("val")
+        return evo.finish(report_evaluate if report else None, select_evaluate if report else None)
     finally:
         evaluator.close()
         rundir.close()

@@ -505,34 +505,36 @@ class Fitness:
     def from_config(
         cls,
         cfg: RunConfig,
-        split: Literal["dev", "test"] = "dev",
+        split: Literal["dev", "val", "test"] = "dev",
         cache_dir: str | Path | None = None,
         **overrides: Any,
     ) -> Fitness:
-        """The fitness of a run config: `dev` scores `cfg.tasks`; `test` scores `cfg.report_tasks`.
+        """The fitness of a run config: `dev` scores `cfg.tasks`, `val` `cfg.select_tasks`, `test` `cfg.report_tasks`.
 
-        Report tasks take the weight of the dev task whose name they are with `_test` for
-        `_dev` (`arith_test` <- `arith_dev`), else 1; metric overrides map the same way.
-        `dev` uses `cfg.limit`; `test` uses `cfg.report_limit` (every document when unset). A limit
-        is one number for all tasks or a mapping task -> number (tasks it omits use every document).
+        Validation and report tasks take the weight of the dev task whose name they are with `_dev` for
+        `_val` / `_test` (`arith_test` <- `arith_dev`), else 1; metric overrides map the same way.
+        Each split uses its own limit (`limit`, `select_limit`, `report_limit`; every document when unset).
+        A limit is one number for all tasks or a mapping task -> number (tasks it omits use every document).
         """
         if split == "dev":
             tasks = dict(cfg.tasks)
             metrics = {k: v for k, v in cfg.metrics.items() if k in tasks}
             limit = cfg.limit
-        elif split == "test":
-            if not cfg.report_tasks:
-                raise FitnessError("the config lists no report_tasks to score on the test split")
-            dev_of = {t: t[: -len("_test")] + "_dev" for t in cfg.report_tasks if t.endswith("_test")}
-            tasks = {t: float(cfg.tasks.get(dev_of.get(t, ""), 1.0)) for t in cfg.report_tasks}
+        elif split in ("val", "test"):
+            names, limit, key = ((cfg.select_tasks, cfg.select_limit, "select_tasks") if split == "val"
+                                 else (cfg.report_tasks, cfg.report_limit, "report_tasks"))
+            if not names:
+                raise FitnessError(f"the config lists no {key} to score on the {split} split")
+            suffix = f"_{split}"
+            dev_of = {t: t[: -len(suffix)] + "_dev" for t in names if t.endswith(suffix)}
+            tasks = {t: float(cfg.tasks.get(dev_of.get(t, ""), 1.0)) for t in names}
             metrics = {}
             for t in tasks:
                 m = cfg.metrics.get(t) or cfg.metrics.get(dev_of.get(t, ""))
                 if m:
                     metrics[t] = m
-            limit = cfg.report_limit
         else:
-            raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
+            raise ValueError(f"split must be 'dev', 'val' or 'test', got {split!r}")
         kwargs: dict[str, Any] = dict(
             metrics=metrics,
             limit=limit,

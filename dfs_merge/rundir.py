@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "dfs-merge/checkpoint@1"
 # Config keys that may differ between a run and its resumption: they change how, not what, is computed.
-RESUMABLE_KEYS = frozenset({"generations", "workers", "ray", "threads", "device", "out", "report_tasks"})
+RESUMABLE_KEYS = frozenset({"generations", "workers", "ray", "threads", "device", "out", "report_tasks",
+                            "select_tasks", "select_limit", "select_top"})
 
 
 class RunDir:

@@ -7,15 +7,18 @@ with objectives [score, hops] and:
    angular-distance block pruning for each n, naive deepening);
 2. evolves the config with those routes among the generation-0 seeds (`seed_routes`), then
    reruns the same search with `scaling: none` (the paper's ablation of the scales);
-3. scores on the held-out split the base, every heuristic and every member of both final
-   fronts (chosen on dev only);
-4. compares, for each heuristic, the best held-out score of the front at no more hops;
-   writes `results.md`, `results.json` and `pareto.png`; exports the best pruned member
-   (best dev score at `prune_hops` or fewer) and generates from it.
+3. picks each run's member at every hop count of its final front: with `select_tasks`, the one
+   with the best validation score among the `select_top` best by dev at that hop count
+   (`selection.py`), else the best by dev; scores on the held-out split the base, every
+   heuristic and every picked member;
+4. compares, for each heuristic, the front member at no more hops that the selection score
+   (validation, else dev) prefers, by its held-out score; writes `results.md`, `results.json`
+   and `pareto.png`; exports the pruned member the selection score prefers at `prune_hops` or
+   fewer hops and generates from it. The held-out split never chooses anything.
 
-Everything resumes: each evolution resumes from its folder, held-out scores are appended
-to `test_scores.jsonl` (the dev scores of heuristics the searches did not score to
-`dev_scores.jsonl`) the moment they are made, and reused.
+Everything resumes: each evolution resumes from its folder, validation and held-out scores
+are appended to `val_scores.jsonl` / `test_scores.jsonl` (the dev scores of heuristics the
+searches did not score to `dev_scores.jsonl`) the moment they are made, and reused.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from dfs_merge.errors import ConfigError, GenomeError
 from dfs_merge.evaluators import ModelEvaluator
 from dfs_merge.evolve import run_evolution
 from dfs_merge.fitness import Evaluation, Fitness
-from dfs_merge.genome import Genome, Route, seed_genomes
+from dfs_merge.genome import Genome, Route, genome_from_dict, seed_genomes
 from dfs_merge.rundir import RunDir
+from dfs_merge.selection import Candidate, choose, per_hop_count
 from dfs_merge.sources import SourcePool
 from dfs_merge.stitch import ActivationCache, stitch
 
@@ -52,22 +56,29 @@ PROMPTS = (
 
 @dataclass
 class Point:
-    """One scored model of the study: where it comes from, its route, dev and held-out evaluations."""
+    """One scored model of the study: where it comes from, its route, dev, validation and held-out evaluations."""
 
     name: str
     kind: str  # base | shortgpt | angular | deepening | evolved | evolved (scaling none)
     route: Route
     dev: Evaluation | None
     test: Evaluation
+    val: Evaluation | None = None
 
     @property
     def hops(self) -> int:
         return len(self.route)
 
+    @property
+    def selection_score(self) -> float:
+        """What chooses between front members: the validation score when there is one, else dev."""
+        ev = self.val if self.val is not None and self.val.ok else self.dev
+        return ev.score if ev is not None and ev.ok else float("-inf")
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "hops": self.hops, "route": self.route.text(),
                 "scales": self.route.scales, "dev": self.dev.to_dict() if self.dev else None,
-                "test": self.test.to_dict()}
+                "val": self.val.to_dict() if self.val else None, "test": self.test.to_dict()}
 
 
 class ScoreLog:
@@ -98,14 +109,15 @@ def heuristic_kind(name: str) -> str:
 
 
 def compare(points: Sequence[Point], front_kind: str) -> list[dict[str, Any]]:
-    """For each pruning heuristic: the best held-out score among `front_kind` members with no more hops."""
+    """For each pruning heuristic: the held-out score of the `front_kind` member with no more hops that the
+    selection score (validation, else dev) prefers; the held-out split only reports."""
     front = [p for p in points if p.kind == front_kind and p.test.ok]
     rows = []
     for h in points:
         if h.kind not in ("shortgpt", "angular"):
             continue
         fits = [p for p in front if p.hops <= h.hops]
-        best = max(fits, key=lambda p: p.test.score, default=None)
+        best = max(fits, key=lambda p: (p.selection_score, p.hops), default=None)
         diff = None if best is None else best.test.score - h.test.score
         verdict = "no member" if best is None else "better" if diff > 0 else "equal" if diff == 0 else "worse"
         rows.append({"heuristic": h.name, "hops": h.hops, "heuristic_test": h.test.score,
@@ -115,13 +127,16 @@ def compare(points: Sequence[Point], front_kind: str) -> list[dict[str, Any]]:
 
 
 def points_table(points: Sequence[Point], tasks: Sequence[str], report_tasks: Sequence[str]) -> str:
-    """Markdown: one row per point, hops, dev score, then each held-out task's metric and the held-out score."""
+    """Markdown: one row per point, hops, dev (and validation) score, each held-out task's metric, held-out score."""
     first = next(p for p in points if p.test.ok)
-    head = ["model", "kind", "hops", "dev score"]
+    with_val = any(p.val is not None for p in points)
+    head = ["model", "kind", "hops", "dev score"] + (["val score"] if with_val else [])
     head += [f"{t} {first.test.tasks[t].metric}" for t in report_tasks] + ["test score", "route"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in sorted(points, key=lambda p: (p.kind != "base", p.kind, p.hops, p.name)):
         cells = [p.name, p.kind, str(p.hops), f"{p.dev.score:.4f}" if p.dev and p.dev.ok else "-"]
+        if with_val:
+            cells.append(f"{p.val.score:.4f}" if p.val and p.val.ok else "-")
         cells += [f"{p.test.tasks[t].value:.4f}" if t in p.test.tasks else "-" for t in report_tasks]
         cells.append(f"{p.test.score:.4f}" if p.test.ok else f"failed: {p.test.error}")
         scaled = any(h.scale != 1.0 for h in p.route)
@@ -177,10 +192,10 @@ def pareto_png(points: Sequence[Point], report_tasks: Sequence[str], path: Path)
     return path
 
 
-def choose_pruned(front: Sequence[tuple[Genome, Evaluation]], max_hops: int) -> Genome | None:
-    """The front member with the best dev score among those with at most `max_hops` hops."""
-    fits = [(g, ev) for g, ev in front if ev.ok and ev.hops <= max_hops]
-    return max(fits, key=lambda m: m[1].score)[0] if fits else None
+def choose_pruned(members: Sequence[Candidate], max_hops: int) -> Genome | None:
+    """The member with at most `max_hops` hops that the selection score (validation, else dev) prefers."""
+    fits = [c for c in members if c.dev.hops <= max_hops]
+    return max(fits, key=lambda c: (c.selection_score, c.dev.hops)).genome if fits else None
 
 
 def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hops: int = 26,
@@ -214,12 +229,14 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
             seeds.append(route.text())
         except GenomeError as err:
             out(f"  {name}: not a seed ({err})")
-    runs = {"evolved": cfg.model_copy(update={"seed_routes": seeds, "out": str(root / "evolved")})}
+    # the study makes the final choice itself (step 3), for the heuristics and both runs alike
+    runs = {"evolved": cfg.model_copy(update={"seed_routes": seeds, "select_tasks": [], "out": str(root / "evolved")})}
     if ablation:
         runs["evolved (scaling none)"] = runs["evolved"].model_copy(
             update={"scaling": "none", "out": str(root / "evolved-scaling-none")})
 
     fronts: dict[str, list[tuple[Genome, Evaluation]]] = {}
+    evaluated: dict[str, list[tuple[Genome, Evaluation]]] = {}
     run_info: dict[str, Any] = {}
     searched: dict[str, Evaluation] = {}  # every dev evaluation of both searches, by route key
     for i, (label, run_cfg) in enumerate(runs.items()):
@@ -228,30 +245,42 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
         result = run_evolution(run_cfg, resume=(Path(run_cfg.out) / "config.yaml").exists(), evaluate=evaluator,
                                report=False, log=out)
         fronts[label] = result.pareto
-        searched.update({r["key"]: Evaluation.from_dict(r["evaluation"]) for r in RunDir(run_cfg.out).read_evals()})
+        rows = RunDir(run_cfg.out).read_evals()
+        evaluated[label] = [(genome_from_dict(r["genome"]), Evaluation.from_dict(r["evaluation"])) for r in rows]
+        searched.update({r["key"]: Evaluation.from_dict(r["evaluation"]) for r in rows})
         run_info[label] = {"out": run_cfg.out, "evaluations": result.evaluations, "generations": result.generations,
                            "seconds_this_call": round(time.perf_counter() - t0, 1), "front": len(result.pareto)}
 
-    out("[3/4] held-out scores: base, heuristics, both fronts")
     cache = ActivationCache(cfg.prefix_cache_mb) if cfg.prefix_cache_mb else None
     held_out = ScoreLog(root / "test_scores.jsonl", pool, Fitness.from_config(cfg, "test"), cache)
+    val = ScoreLog(root / "val_scores.jsonl", pool, Fitness.from_config(cfg, "val"), cache) if cfg.select_tasks else None
     dev = ScoreLog(root / "dev_scores.jsonl", pool, evaluator._fitness, cache)
     for key, ev in searched.items():  # the seeded heuristics were scored on dev in generation 0 already
         dev.remember(key, ev)
+    top = cfg.select_top if val else 1
+    out("[3/4] each front's member per hop count: " + (
+        f"best on {', '.join(cfg.select_tasks)} of the {top} best by dev" if val else "best by dev")
+        + "; held-out scores of the base, the heuristics and those members")
     points: list[Point] = []
     for name, route in heuristics.items():
-        points.append(Point(name, heuristic_kind(name), route, dev(route), held_out(route)))
+        points.append(Point(name, heuristic_kind(name), route, dev(route), held_out(route), val(route) if val else None))
         out(f"  {name:<26} {len(route):>3} hops  test score {points[-1].test.score:.4f}")
+    members: dict[str, list[Candidate]] = {}
     for label, front in fronts.items():
-        for g, ev in sorted(front, key=lambda m: m[1].hops):
-            route = g.decode()
-            points.append(Point(f"{label} {len(route)}", label, route, ev, held_out(route)))
-            out(f"  {points[-1].name:<26} {len(route):>3} hops  test score {points[-1].test.score:.4f}")
+        front_hops = {ev.hops for _, ev in front if ev.ok}
+        lists = per_hop_count(evaluated[label], front_hops, top)
+        chosen = choose(lists, (lambda g: val(g.decode())) if val else None)
+        members[label] = [chosen[h] for h in sorted(chosen)]
+        for c in members[label]:
+            route = c.genome.decode()
+            points.append(Point(f"{label} {len(route)}", label, route, c.dev, held_out(route), c.val))
+            out(f"  {points[-1].name:<26} {len(route):>3} hops  test score {points[-1].test.score:.4f}"
+                + (f" (of {len(lists[c.dev.hops])} shortlisted)" if val else ""))
 
     out("[4/4] tables, plot, export of the best pruned member")
     comparisons = {label: compare(points, label) for label in fronts}
     plot = pareto_png(points, cfg.report_tasks, root / "pareto.png")
-    pruned = choose_pruned(fronts["evolved"], prune_hops)
+    pruned = choose_pruned(members["evolved"], prune_hops)
     export: dict[str, Any] = {"max_hops": prune_hops, "route": None}
     if pruned is not None:
         from transformers import AutoModelForCausalLM
@@ -269,7 +298,10 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
     stamp = datetime.date.today().isoformat()
     md = [f"# Study: {config} ({stamp}, seed {cfg.seed})", "",
           f"Layers: {layers}; heuristics for n = {', '.join(map(str, sizes))}; evolution seeded with the "
-          f"heuristics' pruned routes; fronts chosen on dev, scored on {', '.join(cfg.report_tasks)}.", "",
+          f"heuristics' pruned routes; " + (
+              f"each front member (one per hop count of the dev front) chosen on {', '.join(cfg.select_tasks)} "
+              f"among the {top} best by dev at its hop count" if val else "fronts chosen on dev")
+          + f"; scored on {', '.join(cfg.report_tasks)}, which chooses nothing.", "",
           points_table(points, list(cfg.tasks), cfg.report_tasks), ""]
     for label, rows in comparisons.items():
         md += [f"## {label} front vs the pruning heuristics (held-out score, higher is better)", "",
@@ -279,6 +311,7 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
                f"- base: {s['base']}", ""]
     summary = {
         "date": stamp, "config": str(config), "seed": cfg.seed, "sizes": list(sizes), "seed_routes": seeds,
+        "select": {"tasks": list(cfg.select_tasks), "top": top},
         "runs": run_info,
         "points": [p.to_dict() for p in points], "comparisons": comparisons, "export": export,
         "plot": str(plot), "seconds_this_call": round(time.perf_counter() - started, 1),

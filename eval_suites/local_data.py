@@ -6,6 +6,9 @@ this function as ``custom_dataset`` (``!function`` is resolved next to the YAML 
 ``dataset_kwargs.data_files`` relative to this folder; lm-eval calls
 ``load(**metadata, **dataset_kwargs)``. Absolute paths are used as they are, so a caller that
 rewrites ``data_files`` to absolute paths also works.
+
+``rows: [start, stop]`` in ``dataset_kwargs`` keeps only those rows of every file: the dev and
+validation tasks of a suite are two disjoint slices of one dev file.
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def load(data_files: dict[str, str] | None = None, **_metadata):
-    """A ``datasets.DatasetDict`` with one split per entry of ``data_files``."""
+def load(data_files: dict[str, str] | None = None, rows: list[int] | None = None, **_metadata):
+    """A ``datasets.DatasetDict`` with one split per entry of ``data_files`` (rows ``start:stop`` if given)."""
     import datasets
 
     if not data_files:
         raise ValueError("bundled eval suite: dataset_kwargs.data_files is missing")
     if isinstance(data_files, str):
         data_files = {"test": data_files}
+    keep = slice(*rows) if rows else slice(None)
     return datasets.DatasetDict(
-        {split: datasets.Dataset.from_list(read_jsonl(path)) for split, path in data_files.items()}
+        {split: datasets.Dataset.from_list(read_jsonl(path)[keep]) for split, path in data_files.items()}
     )

@@ -14,9 +14,11 @@ SUITES = Path(__file__).resolve().parent.parent / "eval_suites"
 
 # task -> (output type, least number of documents, fields every document has)
 TASKS = {
-    "prose_ppl_dev": ("loglikelihood_rolling", 40, {"id", "text"}),
+    "prose_ppl_dev": ("loglikelihood_rolling", 20, {"id", "text"}),
+    "prose_ppl_val": ("loglikelihood_rolling", 20, {"id", "text"}),
     "prose_ppl_test": ("loglikelihood_rolling", 40, {"id", "text"}),
-    "cloze_mc_dev": ("multiple_choice", 300, {"id", "query", "choices", "gold", "answer"}),
+    "cloze_mc_dev": ("multiple_choice", 160, {"id", "query", "choices", "gold", "answer"}),
+    "cloze_mc_val": ("multiple_choice", 150, {"id", "query", "choices", "gold", "answer"}),
     "cloze_mc_test": ("multiple_choice", 200, {"id", "query", "choices", "gold", "answer"}),
     "arith_gen_dev": ("generate_until", 100, {"id", "question", "answer"}),
     "arith_gen_test": ("generate_until", 100, {"id", "question", "answer"}),
@@ -103,6 +105,11 @@ def test_dev_and_test_are_disjoint(task_dict, prefix, field):
     dev = {d[field] for d in _docs(task_dict, f"{prefix}_dev")}
     test = {d[field] for d in _docs(task_dict, f"{prefix}_test")}
     assert not dev & test
+    if f"{prefix}_val" in TASKS:  # the validation split: the rest of the dev file, in neither
+        val = [d[field] for d in _docs(task_dict, f"{prefix}_val")]
+        assert not set(val) & (dev | test)
+        whole = [json.loads(line)[field] for line in (SUITES / "data" / f"{prefix}_dev.jsonl").open()]
+        assert sorted(dev | set(val)) == sorted(whole)
     if prefix == "prose_ppl":  # different chapters of the book
         assert {d["chapter"] for d in _docs(task_dict, "prose_ppl_dev")}.isdisjoint(
             d["chapter"] for d in _docs(task_dict, "prose_ppl_test")
@@ -130,6 +137,8 @@ def test_loader_accepts_absolute_paths():
     spec.loader.exec_module(mod)
     ds = mod.load(data_files={"test": str(SUITES / "data" / "arith_gen_dev.jsonl")}, version=1.0)
     assert len(ds["test"]) >= 100
+    part = mod.load(data_files={"test": str(SUITES / "data" / "arith_gen_dev.jsonl")}, rows=[10, 15])
+    assert part["test"]["id"] == ds["test"]["id"][10:15]
 
 
 def _tiny_lm():

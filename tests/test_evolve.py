@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from synthetic import TARGET, TargetRoute, evals, make_config, outcome, write_fa
 from dfs_merge.config import ConstraintsConfig, load_config
 from dfs_merge.errors import ConfigError
 from dfs_merge.evolve import RunRandom, repair, run_evolution, scale_genes
-from dfs_merge.fitness import WORST_SCORE
+from dfs_merge.fitness import WORST_SCORE, Evaluation
 from dfs_merge.genome import Genome, Route, genome_from_dict, seed_genomes
 
 TESTS = Path(__file__).resolve().parent
@@ -207,6 +208,49 @@ def test_report_tasks_scored_for_the_best(sources, tmp_path):
     assert r.test_eval is not None and scores["test"]["score"] == r.test_eval.score
 
 
+class ReversedTarget(TargetRoute):
+    """A validation split that disagrees with dev: the farther from TARGET, the better."""
+
+    def __call__(self, genome: Genome) -> Evaluation:
+        ev = super().__call__(genome)
+        return replace(ev, score=-ev.score)
+
+
+@pytest.mark.parametrize("algorithm", ["ga", "nsga2"])
+def test_final_choice_on_validation_shortlists_by_dev(sources, tmp_path, algorithm):
+    """With select_tasks, the best (and each front hop count's member) is the validation favourite among the
+    select_top best by dev; only those are scored on validation, and a resumed run scores none again."""
+    out = tmp_path / "run"
+    objectives = ["score", "hops"] if algorithm == "nsga2" else ["score"]
+    cfg = make_config(sources, out, generations=2, algorithm=algorithm, objectives=objectives,
+                      select_tasks=["synthetic_val"], select_top=3)
+    r = run_evolution(cfg, evaluate=TargetRoute(), select_evaluate=ReversedTarget(), **QUIET)
+    rows = [e for e in evals(out) if not e["error"]]
+    state = json.loads((out / "checkpoint.json").read_text())
+    scored = {k: v["score"] for k, v in state["val"].items()}
+
+    def expected(group: list[dict]) -> str:
+        top = sorted({e["key"]: e for e in group}.values(), key=lambda e: -e["score"])[:3]
+        assert all(e["key"] in scored for e in top)
+        return max(top, key=lambda e: (scored[e["key"]], e["score"]))["key"]
+
+    best = yaml.safe_load((out / "best.genome.yaml").read_text())
+    assert r.best.key() == expected(rows) and best["scores"]["val"]["score"] == scored[r.best.key()]
+    overruled = r.best.key() != max(rows, key=lambda e: e["score"])["key"]
+    if algorithm == "nsga2":
+        front = json.loads((out / "pareto.json").read_text())
+        assert front and [m["key"] for m in front] == [expected([e for e in rows if e["hops"] == m["hops"]])
+                                                        for m in front]
+        assert all(m["val_score"] == scored[m["key"]] for m in front)
+        overruled |= any(m["score"] < max(e["score"] for e in rows if e["hops"] == m["hops"]) for m in front)
+    assert overruled  # validation chose differently from dev somewhere
+    assert len(scored) < len({e["key"] for e in rows})  # the shortlist only
+
+    again = ReversedTarget()
+    assert run_evolution(cfg, resume=True, evaluate=TargetRoute(), select_evaluate=again, **QUIET).best.key() \
+        == r.best.key() and again.calls == []
+
+
 def test_bad_configs_are_one_line_config_errors(sources, tmp_path):
     def cfg_file(**kw) -> Path:
         data = {"sources": sources, "tasks": {"synthetic": 1.0}, "out": str(tmp_path / "o"), **kw}
@@ -215,7 +259,9 @@ def test_bad_configs_are_one_line_config_errors(sources, tmp_path):
         return p
 
     for bad, needle in [({"bogus": 1}, "bogus: unknown key"), ({"population": "many"}, "population"),
-                        ({"population": 1}, "population"), ({"algorithm": "pso"}, "algorithm")]:
+                        ({"population": 1}, "population"), ({"algorithm": "pso"}, "algorithm"),
+                        ({"select_tasks": ["v"], "select_limit": {"w": 3}}, "select_limit names tasks"),
+                        ({"select_top": 0}, "select_top")]:
         with pytest.raises(ConfigError, match=needle) as err:
             load_config(cfg_file(**bad))
         assert "\n" not in str(err.value)

@@ -21,7 +21,8 @@ from dfs_merge.stitch import stitch
 def study_config(tmp_path, tiny_trained_dir) -> str:
     # unpinned: the tiny model's heuristics drop its last layer, which a pinned route would put back
     return write_self_merge_config(tmp_path, tiny_trained_dir, "study", population=6, generations=1,
-                                   constraints={"pin_ends": False, "min_hops": 2, "max_hops": 6})
+                                   constraints={"pin_ends": False, "min_hops": 2, "max_hops": 6},
+                                   select_tasks=["prose_ppl_val", "cloze_mc_val"], select_limit=3, select_top=2)
 
 
 def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, capsys):
@@ -45,16 +46,33 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
         assert heuristic_keys <= gen0
     assert {Route.parse(t).key() for t in res["seed_routes"]} == heuristic_keys
 
-    # Held-out scores are the fitness of the stitched route, and each comparison follows from them.
+    # Validation and held-out scores are the fitness of the stitched route on that split.
     pool = SourcePool.load(cfg.sources)
     base = next(p for p in res["points"] if p["kind"] == "base")
-    direct = Fitness.from_config(cfg, "test").score(stitch(pool, Route.parse(base["route"])), pool.tokenizer, hops=4)
-    assert base["test"]["score"] == direct.score
+    for split in ("val", "test"):
+        direct = Fitness.from_config(cfg, split).score(stitch(pool, Route.parse(base["route"])), pool.tokenizer)
+        assert base[split]["score"] == direct.score
+
+    # Each hop count's member is the best on validation among the 2 best by dev at that hop count.
+    evals = [json.loads(line)["evaluation"] | {"key": json.loads(line)["key"]}
+             for line in (root / "evolved" / "evals.jsonl").read_text().splitlines()]
+    val_log = {json.loads(line)["key"]: json.loads(line)["eval"]["score"]
+               for line in (root / "val_scores.jsonl").read_text().splitlines()}
+    members = [p for p in res["points"] if p["kind"] == "evolved"]
+    assert res["select"] == {"tasks": ["prose_ppl_val", "cloze_mc_val"], "top": 2} and members
+    for m in members:
+        same_hops = sorted((e for e in evals if e["hops"] == m["hops"] and not e["error"]), key=lambda e: -e["score"])
+        shortlisted = list({e["key"]: e for e in same_hops}.values())[:2]
+        assert all(e["key"] in val_log for e in shortlisted)
+        assert m["val"]["score"] == max(val_log[e["key"]] for e in shortlisted)
+
+    # Each comparison takes the member the validation score prefers and reports its held-out score.
     for row in res["comparisons"]["evolved"]:
-        fits = [p["test"]["score"] for p in res["points"] if p["kind"] == "evolved" and p["hops"] <= row["hops"]]
-        assert row["front_test"] == max(fits)
-        assert row["verdict"] == ("better" if max(fits) > row["heuristic_test"] else
-                                  "equal" if max(fits) == row["heuristic_test"] else "worse")
+        fits = [p for p in members if p["hops"] <= row["hops"]]
+        pick = max(fits, key=lambda p: (p["val"]["score"], p["hops"]))
+        assert (row["front_hops"], row["front_test"]) == (pick["hops"], pick["test"]["score"])
+        assert row["verdict"] == ("better" if pick["test"]["score"] > row["heuristic_test"] else
+                                  "equal" if pick["test"]["score"] == row["heuristic_test"] else "worse")
 
     # The best pruned member is exported and loads as a plain checkpoint.
     assert res["export"]["hops"] <= 3 and len(res["export"]["samples"]) == 3
@@ -63,7 +81,8 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
 
     # A second study reuses every evaluation, dev and held out.
     counts = {f: (root / f).read_text().count("\n") for f in
-              ("test_scores.jsonl", "dev_scores.jsonl", "evolved/evals.jsonl", "evolved-scaling-none/evals.jsonl")}
+              ("test_scores.jsonl", "val_scores.jsonl", "dev_scores.jsonl", "evolved/evals.jsonl",
+               "evolved-scaling-none/evals.jsonl")}
     assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 0
     assert {f: (root / f).read_text().count("\n") for f in counts} == counts
 
