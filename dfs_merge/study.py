@@ -147,7 +147,7 @@ def points_table(points: Sequence[Point], tasks: Sequence[str], report_tasks: Se
 
 def comparison_table(rows: Sequence[dict[str, Any]], label: str) -> str:
     """Markdown: each heuristic against the best front member with no more hops."""
-    lines = [f"| heuristic | hops | its test score | best {label} member at <= hops | hops | test score | difference |",
+    lines = [f"| heuristic | hops | its test score | chosen {label} member at <= hops | hops | test score | difference |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["front_member"] is None:
