@@ -692,6 +692,23 @@ class Evolution:
             seen = self.step(gen)
             self.after_generation(gen, seen, time.perf_counter() - t0)
 
+    def score_split(self, fn: GenomeEvaluator, genomes: Sequence[Genome], known: dict[str, Evaluation], what: str,
+                    tasks: Sequence[str], fallback: str = "") -> bool:
+        """Score the genomes not yet in `known` with `fn` (validation or report tasks) into `known`; a failure is
+        a warning line, not the end of the run. False when the tasks could not be scored."""
+        todo = list({g.key(): g for g in genomes if g.key() not in known}.values())
+        if not todo:
+            return True
+        self.log(f"scoring {len(todo)} genome(s) on the {what} tasks {', '.join(tasks)}")
+        try:
+            with make_evaluator(self.cfg, fn) as ev:
+                for key, e in ev.submit(todo):
+                    known[key] = e
+        except DfsMergeError as err:
+            self.log(f"warning: the {what} tasks could not be scored{', ' + fallback if fallback else ''}: {err}")
+            return False
+        return True
+
     def select(self, select_fn: GenomeEvaluator) -> None:
         """The final choice on validation (`selection.py`): the `select_top` best by dev overall, and at each
         hop count of an nsga2 front, are scored on `select_tasks`; the best there replace dev's choice."""
@@ -701,17 +718,9 @@ class Evolution:
         lists: dict[Any, list[selection.Candidate]] = {"best": selection.shortlist(evaluated, cfg.select_top)[None]}
         if cfg.algorithm == "nsga2":
             lists.update(selection.per_hop_count(evaluated, {self.memo[m.key].hops for m in self.pareto}, cfg.select_top))
-        todo = list({c.genome.key(): c.genome for cs in lists.values() for c in cs if c.genome.key() not in self.val}
-                    .values())
-        if todo:
-            self.log(f"scoring {len(todo)} shortlisted genome(s) on the validation tasks {', '.join(cfg.select_tasks)}")
-            try:
-                with make_evaluator(cfg, select_fn) as ev:
-                    for key, e in ev.submit(todo):
-                        self.val[key] = e
-            except DfsMergeError as err:
-                self.log(f"warning: the validation tasks could not be scored, dev decides: {err}")
-                return
+        shortlisted = [c.genome for cs in lists.values() for c in cs]
+        if not self.score_split(select_fn, shortlisted, self.val, "validation", cfg.select_tasks, "dev decides"):
+            return
         self.chosen = {k: self.member(c.genome) for k, c in selection.choose(lists, lambda g: self.val[g.key()]).items()}
 
     def finish(self, report_fn: GenomeEvaluator | None, select_fn: GenomeEvaluator | None = None) -> RunResult:
@@ -722,15 +731,8 @@ class Evolution:
             self.select(select_fn)
         best = self.best()
         targets = [best] + (self.front() if cfg.algorithm == "nsga2" else [])
-        todo = list({m.key: m.genome for m in targets if m.key not in self.report}.values())
-        if report_fn is not None and cfg.report_tasks and todo:
-            self.log(f"scoring {len(todo)} genome(s) on the report tasks {', '.join(cfg.report_tasks)}")
-            try:
-                with make_evaluator(cfg, report_fn) as ev:
-                    for key, e in ev.submit(todo):
-                        self.report[key] = e
-            except DfsMergeError as err:
-                self.log(f"warning: the report tasks could not be scored: {err}")
+        if report_fn is not None and cfg.report_tasks:
+            self.score_split(report_fn, [m.genome for m in targets], self.report, "report", cfg.report_tasks)
         self.finished = True
         self.rundir.write_best(self.best_genome())
         if cfg.algorithm == "nsga2":

@@ -30,7 +30,13 @@ class Candidate:
     @property
     def selection_score(self) -> float:
         """The score the final choice goes by: validation when scored, else dev."""
-        return (self.val if self.val is not None and self.val.ok else self.dev).score
+        return selection_score(self.dev, self.val)
+
+
+def selection_score(dev: Evaluation | None, val: Evaluation | None) -> float:
+    """Validation's score when it scored, else dev's; minus infinity when neither did."""
+    ev = val if val is not None and val.ok else dev
+    return ev.score if ev is not None and ev.ok else float("-inf")
 
 
 def shortlist(evaluated: Iterable[tuple[Genome, Evaluation]], top: int,

@@ -42,7 +42,7 @@ from dfs_merge.evolve import run_evolution
 from dfs_merge.fitness import Evaluation, Fitness
 from dfs_merge.genome import Genome, Route, genome_from_dict, seed_genomes
 from dfs_merge.rundir import RunDir
-from dfs_merge.selection import Candidate, choose, per_hop_count
+from dfs_merge.selection import Candidate, choose, per_hop_count, selection_score
 from dfs_merge.sources import SourcePool
 from dfs_merge.stitch import ActivationCache, stitch
 
@@ -72,8 +72,7 @@ class Point:
     @property
     def selection_score(self) -> float:
         """What chooses between front members: the validation score when there is one, else dev."""
-        ev = self.val if self.val is not None and self.val.ok else self.dev
-        return ev.score if ev is not None and ev.ok else float("-inf")
+        return selection_score(self.dev, self.val)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "hops": self.hops, "route": self.route.text(),
