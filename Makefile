@@ -43,12 +43,12 @@ test-fast: install
 
 # Retrain the zoo from scratch into build/zoo (~25 min on 2 cores) and check it matches models/zoo bit for bit.
 zoo: install
-	$(PY) -m dfs_merge.zoo train base j m --out build/zoo
-	$(PY) -m dfs_merge.zoo verify build/zoo
+	$(PY) -m dfs_merge.apps.zoo train base j m --out build/zoo
+	$(PY) -m dfs_merge.apps.zoo verify build/zoo
 
 # The zoo table: evolve over the committed zoo (finished runs resume), score every row on the test split.
 zoo-table: install
-	$(PY) -m dfs_merge.zoo table --out build/zoo/table.md
+	$(PY) -m dfs_merge.apps.zoo table --out build/zoo/table.md
 
 # Benchmarks (not timed tests): throughput vs mergekit write-then-load and the forward floor, prefix cache,
 # worker scaling, memory. Writes bench/results/*.json and a summary of the targets.

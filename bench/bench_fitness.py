@@ -38,9 +38,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the tiny model builders live with the test fixtures
 
-from dfs_merge.fitness import Fitness  # noqa: E402
+from dfs_merge.fitness.score import Fitness  # noqa: E402
 from dfs_merge.genome import Route  # noqa: E402
-from dfs_merge.sources import SourcePool  # noqa: E402
+from dfs_merge.models.sources import SourcePool  # noqa: E402
 from dfs_merge.stitch import stitch  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def tiny_model_dir(root: Path, seed: int = 0) -> Path:
 def smollm2_dir() -> Path | None:
     """SmolLM2-135M-Instruct as an HF folder (converted once by model_store), or None when unavailable."""
     try:
-        from dfs_merge.model_store import fetch
+        from dfs_merge.models.store import fetch
 
         return Path(fetch("smollm2-135m-instruct"))
     except Exception as err:  # noqa: BLE001 - the bench just skips the model

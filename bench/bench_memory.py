@@ -18,9 +18,9 @@ import torch
 from bench_common import RESULTS, machine, write_result
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dfs_merge.families import family_for
 from dfs_merge.genome import Hop, Route
-from dfs_merge.sources import Source, SourcePool
+from dfs_merge.models.families import family_for
+from dfs_merge.models.sources import Source, SourcePool
 from dfs_merge.stitch import stitch
 
 SMOLLM2_SHAPE = dict(

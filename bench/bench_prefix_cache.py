@@ -34,11 +34,12 @@ from bench_common import REPO, RESULTS, loadavg, machine, write_result
 from bench_fitness import record_batches
 
 from dfs_merge.config import load_config
-from dfs_merge.evolve import run_evolution
-from dfs_merge.fitness import Evaluation, Fitness
+from dfs_merge.evaluation import Evaluation
+from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Route, genome_from_dict
-from dfs_merge.rundir import RunDir
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
+from dfs_merge.search.evolution import run_evolution
+from dfs_merge.search.rundir import RunDir
 from dfs_merge.stitch import ActivationCache, prefix_keys, stitch
 
 

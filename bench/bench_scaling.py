@@ -29,14 +29,14 @@ from bench_common import RESULTS, loadavg, machine, median, write_result
 from bench_fitness import tiny_model_dir
 
 from dfs_merge.config import RunConfig
-from dfs_merge.evaluators import Evaluator, ModelEvaluator, ProcessPoolEvaluator, RayEvaluator
-from dfs_merge.evolve import repair
 from dfs_merge.genome import Genome
+from dfs_merge.search.backends import Evaluator, ModelEvaluator, ProcessPoolEvaluator, RayEvaluator
+from dfs_merge.search.operators import repair
 
 
 def random_genomes(cfg: RunConfig, n: int, seed: int = 0) -> list[Genome]:
     """`n` distinct random genomes that meet the config's constraints (repaired as a run repairs them)."""
-    from dfs_merge.evolve import layer_counts
+    from dfs_merge.search.evolution import layer_counts
 
     template = Genome.empty(cfg.sources, layer_counts(cfg.sources), cfg.repeats, cfg.scaling, cfg.constraints)
     rng = random.Random(seed)

@@ -40,10 +40,10 @@ from bench_common import RESULTS, loadavg, machine, median, write_result
 from bench_fitness import model_dir, record_batches, time_floor
 from bench_memory import live_candidates_rss
 
-from dfs_merge.fitness import Fitness
+from dfs_merge.export.mergekit import write_mergekit_config
+from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Route
-from dfs_merge.mergekit_config import write_mergekit_config
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
 ROUTES = {"tiny": "0:0-2, 0:1-3", "smollm2": "0:0-19, 0:10-29"}  # the base deepened: first 3/4, then last 3/4

@@ -1,11 +1,22 @@
-"""Writes that a crash cannot leave half done: a file or folder is complete under its name, or absent."""
+"""Writes that a crash cannot leave half done: a file or folder is complete under its name, or absent.
+
+Files: `write_atomic` (text), the JSON-lines logs (`read_jsonl`, `append_jsonl`). Folders: `Staging`,
+the one way a folder (an export, a converted model) is written into a hidden sibling, fsynced and
+renamed into place, with the leftovers of killed writers removed by the next one.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import secrets
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,3 +91,102 @@ def append_jsonl(f: IO[str], record: dict[str, Any]) -> None:
     f.write(json.dumps(record, allow_nan=False) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Staging:
+    """How one kind of folder is published atomically, and how its leftovers are named.
+
+    A folder `out` is written into `.<out name>.<tag>-<pid>-<8 hex>` beside it and renamed
+    to `out` when complete; a replaced `out` is first renamed to `.<out name>.<old_tag>-<pid>-<8 hex>`
+    and deleted after the swap. A killed writer leaves only such hidden siblings, which
+    `remove_leftovers` deletes; `what` names the writer in the log ("export", "conversion").
+    """
+
+    tag: str
+    old_tag: str
+    what: str
+
+    def _sibling(self, out: Path, tag: str) -> Path:
+        return out.parent / f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+    def remove_leftovers(self, out: Path, *, keep_live: bool = True) -> None:
+        """Delete the staging and replaced folders that earlier writers of `out` left beside it.
+
+        With `keep_live`, those of a process that still runs are kept (it may still be writing);
+        without, all are deleted: for a caller that holds a lock that excludes every other writer.
+        """
+        if not out.parent.is_dir():
+            return
+        pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:{re.escape(self.tag)}|{re.escape(self.old_tag)})-(\d+)-[0-9a-f]+")
+        for p in out.parent.iterdir():
+            m = pattern.fullmatch(p.name)
+            if m and not (keep_live and pid_alive(int(m.group(1)))):
+                log.info("removing %s, left by an interrupted %s", p, self.what)
+                _remove(p)
+
+    @contextmanager
+    def scratch(self, out: Path) -> Iterator[Path]:
+        """A fresh, empty folder beside `out` (same file system), always removed afterwards."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # mkdir, not tempfile.mkdtemp: the folder may become `out`, so it keeps the umask's
+        # permissions rather than mkdtemp's private 0o700.
+        path = self._sibling(out, self.tag)
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @contextmanager
+    def folder(
+        self, out: Path, *, replace: bool, refuse: Callable[[Path], BaseException] = FileExistsError
+    ) -> Iterator[Path]:
+        """A fresh folder to write `out` into; when the block ends without an exception it is fsynced
+        and renamed to `out`. An exception removes it and leaves `out` as it was.
+
+        An `out` that exists at the rename is replaced with `replace`; without, `refuse(out)` is raised.
+        """
+        with self.scratch(out) as staging:
+            yield staging
+            fsync_tree(staging)
+            self._publish(staging, out, replace, refuse)
+
+    def _publish(self, staging: Path, out: Path, replace: bool, refuse: Callable[[Path], BaseException]) -> None:
+        """Rename `staging` to `out`; an old `out` is moved away first (and back if the rename fails), then deleted."""
+        old = None
+        if out.exists() or out.is_symlink():
+            if not replace:
+                raise refuse(out)
+            old = self._sibling(out, self.old_tag)
+            os.rename(out, old)
+        try:
+            os.rename(staging, out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out)
+            raise
+        fsync_dir(out.parent)
+        if old is not None:
+            _remove(old)

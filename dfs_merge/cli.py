@@ -9,8 +9,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
+from dfs_merge import CHECKOUT
 from dfs_merge.errors import DfsMergeError
 
 
@@ -48,7 +48,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from dfs_merge import model_store
+    from dfs_merge.models import store as model_store
 
     if args.name:
         print(model_store.fetch(args.name))
@@ -60,16 +60,16 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from dfs_merge.apps.compare import evaluate_for_cli
     from dfs_merge.config import load_config
-    from dfs_merge.report import evaluate_for_cli
 
     cfg = load_config(args.config)
     evaluate_for_cli(cfg, genome=args.genome, split=args.split, sources_only=args.sources_only)
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
+    from dfs_merge.apps.compare import baselines_for_cli
     from dfs_merge.config import load_config
-    from dfs_merge.report import baselines_for_cli
 
     cfg = load_config(args.config)
     baselines_for_cli(cfg, args.calibration, split=args.split, sizes=args.sizes)
@@ -77,36 +77,36 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 def cmd_evolve(args: argparse.Namespace) -> None:
     from dfs_merge.config import load_config
-    from dfs_merge.evolve import run_evolution
+    from dfs_merge.search.evolution import run_evolution
 
     cfg = load_config(args.config, out=args.out)
     run_evolution(cfg, resume=args.resume)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from dfs_merge.demo import run_demo
+    from dfs_merge.apps.demo import run_demo
 
     run_demo(args.config)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from dfs_merge.study import run_study
+    from dfs_merge.apps.study import run_study
 
     run_study(args.config, sizes=args.sizes, prune_hops=args.prune_hops,
               ablation=not args.no_ablation)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from dfs_merge import export
+    from dfs_merge.export import checkpoint as export
     from dfs_merge.genome import load_genome
 
     g = load_genome(args.genome)
     if args.format == "mergekit":
-        from dfs_merge.mergekit_config import write_mergekit_config
+        from dfs_merge.export.mergekit import write_mergekit_config
 
         print(f"wrote {write_mergekit_config(g, args.out, force=args.force)}")
         return
-    from dfs_merge.sources import SourcePool
+    from dfs_merge.models.sources import SourcePool
 
     pool = SourcePool.load(list(g.sources), device=args.device, dtype=args.dtype)
     out = export.export_checkpoint(pool, g, args.out, force=args.force, verify=not args.no_verify)
@@ -114,8 +114,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_import_mergekit(args: argparse.Namespace) -> None:
+    from dfs_merge.export.mergekit import import_mergekit
     from dfs_merge.genome import save_genome
-    from dfs_merge.mergekit_config import import_mergekit
 
     g = import_mergekit(args.config, repeats=args.repeats, scaling=args.scaling)
     save_genome(g, args.out)
@@ -123,7 +123,7 @@ def cmd_import_mergekit(args: argparse.Namespace) -> None:
 
 
 def cmd_zoo(args: argparse.Namespace) -> None:
-    from dfs_merge.zoo import main_zoo
+    from dfs_merge.apps.zoo.family import main_zoo
 
     code = main_zoo(args.zoo_args)
     if code:
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("baseline", help="score ShortGPT, angular-distance pruning and naive deepening of the base")
     s.add_argument("config")
-    s.add_argument("--calibration", default=str(Path(__file__).resolve().parent.parent / "eval_suites/data/prose_ppl_dev.jsonl"),
+    s.add_argument("--calibration", default=str(CHECKOUT / "eval_suites/data/prose_ppl_dev.jsonl"),
                    help="JSONL with a 'text' field to measure layer similarity on (default: the bundled prose dev split)")
     s.add_argument("--sizes", type=layer_counts_arg, default=(2, 4, 6, 8), help="numbers of layers to remove, comma-separated")
     s.add_argument("--split", choices=["dev", "test"], default="test")

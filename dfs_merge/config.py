@@ -66,8 +66,9 @@ class ConstraintsConfig(BaseModel):
         return self
 
 
-class RunConfig(BaseModel):
-    """Everything a run needs; see DESIGN.md, section 'Run config'."""
+class SearchConfig(BaseModel):
+    """What a run computes: the sources, the genome space, the fitness, the algorithm and its seed.
+    None of these may change when a run is resumed."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -81,15 +82,9 @@ class RunConfig(BaseModel):
 
     tasks: dict[str, float] = Field(min_length=1)
     metrics: dict[str, str] = {}
-    report_tasks: list[str] = []
     # Documents per task: one number for all, or {task: number}; the same documents for every candidate.
     limit: PositiveInt | dict[str, PositiveInt] | None = None
     report_limit: PositiveInt | dict[str, PositiveInt] | None = None  # for report_tasks; None: all documents
-    # Final choice on a validation split the search never saw: the `select_top` best candidates by dev score
-    # (per hop count under nsga2) are scored on `select_tasks` and the best there is chosen. Empty: dev decides.
-    select_tasks: list[str] = []
-    select_limit: PositiveInt | dict[str, PositiveInt] | None = None
-    select_top: int = Field(3, ge=1)
     eval_suites: list[str] = []
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=16)
@@ -97,9 +92,8 @@ class RunConfig(BaseModel):
     prefix_cache_mb: float = Field(0, ge=0)
 
     objectives: list[Literal["score", "hops"]] = ["score"]
-    algorithm: Literal["ga", "nsga2", "cmaes", "random"] = "ga"
+    algorithm: str = "ga"  # a name in dfs_merge.search.algorithms.ALGORITHMS: ga | nsga2 | cmaes | random
     population: int = Field(16, ge=2)
-    generations: int = Field(10, ge=0)
     seed: int = 0
     crossover_prob: float = Field(0.7, ge=0, le=1)
     mutation_prob: float = Field(0.3, ge=0, le=1)
@@ -112,14 +106,32 @@ class RunConfig(BaseModel):
     # ga / nsga2 / random: a new candidate whose route was already evaluated is mutated again, up to this
     # many times, so that each generation spends its slots on new routes (0: keep such duplicates).
     resample_duplicates: int = Field(10, ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
 
+
+class RunOptions(BaseModel):
+    """How and how long a run runs, and the scoring after its search: these may change on resume (a changed
+    report or validation setting is scored again; nothing the search computed is)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generations: int = Field(10, ge=0)
+    report_tasks: list[str] = []
+    # Final choice on a validation split the search never saw: the `select_top` best candidates by dev score
+    # (per hop count on a front) are scored on `select_tasks` and the best there is chosen. Empty: dev decides.
+    select_tasks: list[str] = []
+    select_limit: PositiveInt | dict[str, PositiveInt] | None = None
+    select_top: int = Field(3, ge=1)
     workers: int = Field(1, ge=1)
     ray: str | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: int | None = Field(None, ge=1)
-    trust_remote_code: bool = False
     out: str = "runs/run"
+
+
+class RunConfig(RunOptions, SearchConfig):
+    """A run config: one flat YAML mapping holding a `SearchConfig` and its `RunOptions`."""
 
     @field_validator("objectives")
     @classmethod
@@ -128,10 +140,20 @@ class RunConfig(BaseModel):
             raise ValueError("must be [score] or [score, hops]")
         return v
 
+    @field_validator("algorithm")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from dfs_merge.search.algorithms import ALGORITHMS
+
+        if v not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {v!r}; expected one of {', '.join(ALGORITHMS)}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.algorithm == "nsga2" and self.objectives != ["score", "hops"]:
-            raise ValueError("algorithm nsga2 needs objectives [score, hops]")
+        from dfs_merge.search.algorithms import algorithm_class
+
+        algorithm_class(self.algorithm).check(self.objectives)
         if self.elite >= self.population:
             raise ValueError(f"elite ({self.elite}) must be below population ({self.population})")
         lo, hi = self.scale_range
@@ -147,6 +169,10 @@ class RunConfig(BaseModel):
             raise ValueError(f"metrics names tasks that are in none of tasks, report_tasks, select_tasks: "
                              f"{sorted(unknown)}")
         return self
+
+
+RESUMABLE_KEYS = frozenset(RunOptions.model_fields)
+"""The config keys that may differ between a run and its resumption."""
 
 
 def load_config(path: str | Path, **overrides: Any) -> RunConfig:

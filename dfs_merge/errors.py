@@ -32,3 +32,12 @@ class FitnessError(DfsMergeError):
 
 class ExportError(DfsMergeError):
     """An export cannot be written or does not verify."""
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as `Type: message` on one line, at most about `limit` characters: for error messages
+    that wrap a library's exception."""
+    text = " ".join(str(err).split()) or repr(err)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"

@@ -1,10 +1,43 @@
-"""Pictures: a route as a hop-by-layer chart."""
+"""Pictures: every PNG the project writes goes through `save_png`, which a crash cannot leave half written.
+
+`route_png` draws a route as a hop-by-layer chart, `history_png` a run's score per generation.
+matplotlib is imported only when a picture is drawn, with the Agg backend (no display needed).
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dfs_merge.genome import Genome
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` atomically: a reader sees the old file or the new one, never half.
+
+    The picture goes to a temporary `.<name>.*.png.tmp` in the same folder (created if missing),
+    is flushed to disk, then renamed over `path`; on any failure the temporary file is removed.
+    Returns `path`. The figure is not closed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def route_png(genome: Genome, path: str | Path, title: str | None = None) -> Path:
@@ -29,8 +62,37 @@ def route_png(genome: Genome, path: str | Path, title: str | None = None) -> Pat
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        return save_png(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def history_png(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
+    """Draw the best and mean score per generation into `path`; returns it, or None (nothing written)
+    when `history` is empty.
+
+    Each record has `generation` and `best`, and `mean` where the population had one (a record
+    without it is left out of the mean's line).
+    """
+    if not history:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    gens = [h["generation"] for h in history]
+    fig = Figure(figsize=(6, 3.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(gens, [h["best"] for h in history], marker="o", label="best so far")
+    means = [(g, h["mean"]) for g, h in zip(gens, history, strict=True) if h.get("mean") is not None]
+    if means:
+        ax.plot(*zip(*means, strict=True), marker=".", label="population mean")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("generation")
+    ax.set_ylabel("score (dev)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, path)

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from dfs_merge.errors import GenomeError
 from dfs_merge.genome import Route
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 

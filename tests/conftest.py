@@ -292,7 +292,7 @@ def tiny_trained_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pool(tiny_source_dirs):
     """The two random tiny sources loaded as a `SourcePool` (float32, CPU)."""
-    from dfs_merge.sources import SourcePool
+    from dfs_merge.models.sources import SourcePool
 
     return SourcePool.load([str(p) for p in tiny_source_dirs])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dfs_merge.config import RunConfig
-from dfs_merge.fitness import Evaluation, TaskResult
+from dfs_merge.evaluation import Evaluation, TaskResult
 from dfs_merge.genome import Genome, Route
 
 LAYERS = 4  # per fake source

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dfs_merge.baselines import (
+from dfs_merge.apps.baselines import (
     LayerStats,
     angular_block_route,
     baseline_routes,

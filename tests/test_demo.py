@@ -10,7 +10,7 @@ from conftest import write_self_merge_config
 
 from dfs_merge.cli import main
 from dfs_merge.config import load_config
-from dfs_merge.fitness import Fitness
+from dfs_merge.fitness.score import Fitness
 
 
 @pytest.fixture

@@ -10,16 +10,16 @@ import pytest
 from synthetic import TARGET, TargetRoute, make_config, outcome, write_fake_sources
 
 from dfs_merge.errors import ConfigError, DfsMergeError
-from dfs_merge.evaluators import (
+from dfs_merge.evaluation import WORST_SCORE
+from dfs_merge.genome import Genome, Route
+from dfs_merge.search.backends import (
     InProcessEvaluator,
     ModelEvaluator,
     ProcessPoolEvaluator,
     import_ray,
     make_evaluator,
 )
-from dfs_merge.evolve import run_evolution
-from dfs_merge.fitness import WORST_SCORE
-from dfs_merge.genome import Genome, Route
+from dfs_merge.search.evolution import run_evolution
 
 QUIET = {"progress": False, "log": lambda *_: None}
 
@@ -93,10 +93,10 @@ def test_worker_setup_failure_is_one_line(sources):
 def test_model_evaluator_travels_without_its_models(sources, tmp_path):
     cfg = make_config(sources, tmp_path / "o")
     fn = ModelEvaluator(cfg)
-    fn._pool, fn._fitness = object(), object()  # stand-ins for loaded sources and tasks
+    fn.pool, fn.fitness = object(), object()  # stand-ins for loaded sources and tasks
     copy = pickle.loads(pickle.dumps(fn))
-    assert copy._pool is None and copy._fitness is None and copy.cfg == cfg
-    assert fn.for_split("test")._pool is fn._pool
+    assert copy.pool is None and copy.fitness is None and copy.cfg == cfg
+    assert fn.for_split("test").pool is fn.pool
 
 
 def test_make_evaluator_picks_the_backend(sources, tmp_path):

@@ -22,9 +22,11 @@ from synthetic import TARGET, TargetRoute, evals, make_config, outcome, write_fa
 
 from dfs_merge.config import ConstraintsConfig, load_config
 from dfs_merge.errors import ConfigError
-from dfs_merge.evolve import RunRandom, repair, run_evolution, scale_genes
-from dfs_merge.fitness import WORST_SCORE, Evaluation
+from dfs_merge.evaluation import WORST_SCORE, Evaluation
 from dfs_merge.genome import Genome, Route, genome_from_dict, seed_genomes
+from dfs_merge.search.evolution import run_evolution
+from dfs_merge.search.operators import repair, scale_genes
+from dfs_merge.search.state import RunRandom
 
 TESTS = Path(__file__).resolve().parent
 QUIET = {"progress": False, "log": lambda *_: None}
@@ -347,7 +349,7 @@ RESUME_SCRIPT = """\
 import json, sys
 sys.path.insert(0, {tests!r})
 from synthetic import TargetRoute, make_config
-from dfs_merge.evolve import run_evolution
+from dfs_merge.search.evolution import run_evolution
 from pathlib import Path
 cfg = make_config({sources!r}, Path({out!r}), generations=5, population=6, seed=7)
 run_evolution(cfg, resume={resume}, evaluate=TargetRoute(sleep={sleep}), progress=False)

@@ -14,13 +14,19 @@ import pytest
 import torch
 import yaml
 
-from dfs_merge import export
 from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import ExportError, GenomeError, SourceError
-from dfs_merge.export import export_checkpoint, export_genome, parse_size, running_products, verify_export
+from dfs_merge.export import checkpoint as export
+from dfs_merge.export.checkpoint import (
+    export_checkpoint,
+    export_genome,
+    parse_size,
+    running_products,
+    verify_export,
+)
+from dfs_merge.export.mergekit import import_mergekit, mergekit_slices, write_mergekit_config
 from dfs_merge.genome import Genome, Route, load_genome
-from dfs_merge.mergekit_config import import_mergekit, mergekit_slices, write_mergekit_config
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -174,8 +180,8 @@ def test_gemma3_export_folds_into_post_norms(tmp_path):
     """A family with sandwich norms and per-layer attention types exports exactly, without a tokenizer."""
     from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
-    from dfs_merge.families import family_for
-    from dfs_merge.sources import Source
+    from dfs_merge.models.families import family_for
+    from dfs_merge.models.sources import Source
 
     torch.manual_seed(0)
     cfg = Gemma3TextConfig(
@@ -224,9 +230,9 @@ def test_failed_verify_leaves_nothing(tiny_pool, tiny_source_dirs, tmp_path, mon
 
 KILL_SCRIPT = """
 import sys, time
-from dfs_merge import export
+from dfs_merge.export import checkpoint as export
 from dfs_merge.genome import load_genome
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
 real = export._save_shard
 def slow(*args):
     real(*args)
@@ -414,7 +420,7 @@ def test_import_reads_third_party_scale_gradients(tiny_source_dirs, tmp_path):
 @pytest.mark.slow
 def test_smollm2_route_exports_and_round_trips_through_mergekit(tmp_path):
     """SmolLM2-135M, route 0-19 + 10-29 with a scale: export verifies, mergekit-yaml builds the same model."""
-    from dfs_merge import model_store
+    from dfs_merge.models import store as model_store
 
     try:
         folder = model_store.fetch("smollm2-135m-instruct")

@@ -18,9 +18,10 @@ from conftest import GEN_ROWS, MC_ROWS, TINY_TASK_YAMLS, write_jsonl, write_tiny
 
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import FitnessError
-from dfs_merge.fitness import WORST_SCORE, Evaluation, Fitness, TaskResult, default_suites_dir
+from dfs_merge.evaluation import WORST_SCORE, Evaluation, TaskResult
+from dfs_merge.fitness.score import Fitness, default_suites_dir
 from dfs_merge.genome import Route
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
 TASKS = {"tiny_mc": 1.0, "tiny_ppl": 0.5, "tiny_gen": 2.0}
@@ -145,7 +146,7 @@ def test_a_failing_candidate_is_contained(fitness, tiny_pool, caplog):
         raise RuntimeError("CUDA out of memory\nwhile testing")
 
     bad.model.layers[2].forward = boom
-    with caplog.at_level(logging.WARNING, logger="dfs_merge.fitness"):
+    with caplog.at_level(logging.WARNING, logger="dfs_merge.fitness.score"):
         failed = fitness.score(bad, tiny_pool.tokenizer)
     assert failed.score == WORST_SCORE and not failed.ok
     assert "out of memory" in failed.error and "\n" not in failed.error

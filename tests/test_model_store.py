@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from dfs_merge import model_store as ms
 from dfs_merge.errors import DfsMergeError
+from dfs_merge.models import store as ms
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, CONTEXT = 64, 128, 2, 4, 2, 128
 USER_CACHE = os.environ.get(ms.CACHE_ENV)  # before the autouse fixture below replaces it
@@ -211,7 +211,7 @@ def test_killed_conversion_leaves_no_half_folder_and_next_fetch_cleans_up(
         f"""
         import time
         from pathlib import Path
-        from dfs_merge import model_store as ms
+        from dfs_merge.models import store as ms
 
         def slow(gguf_file, dest, dtype):
             (dest / "model.safetensors").write_bytes(b"\\0" * 1000)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dfs_merge.config import ConstraintsConfig
-from dfs_merge.fitness import Evaluation
+from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome
-from dfs_merge.selection import choose, shortlist
+from dfs_merge.search.selection import choose, shortlist
 
 
 def _scored(template: Genome, bits: list[int], dev: float, error: str | None = None) -> tuple[Genome, Evaluation]:

@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from dfs_merge.baselines import naive_deepening_route
+from dfs_merge.apps.baselines import naive_deepening_route
 from dfs_merge.genome import Hop, Route
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
 pytestmark = [

@@ -13,7 +13,7 @@ from conftest import HIDDEN, save_source, tiny_llama_config
 from dfs_merge.cli import main
 from dfs_merge.errors import IncompatibleSources, SourceError
 from dfs_merge.genome import Hop, Route, load_genome, save_genome, seed_genomes
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
 

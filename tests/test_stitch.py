@@ -16,9 +16,9 @@ from transformers import (
 )
 
 from dfs_merge.errors import GenomeError
-from dfs_merge.families import family_for
 from dfs_merge.genome import Hop, Route
-from dfs_merge.sources import Source, SourcePool
+from dfs_merge.models.families import family_for
+from dfs_merge.models.sources import Source, SourcePool
 from dfs_merge.stitch import stitch
 
 

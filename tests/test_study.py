@@ -11,9 +11,9 @@ from conftest import write_self_merge_config
 
 from dfs_merge.cli import main
 from dfs_merge.config import load_config
-from dfs_merge.fitness import Fitness
+from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Route, seed_genomes
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dfs_merge import zoo
-from dfs_merge import zoo_world as world
+from dfs_merge.apps.zoo import family as zoo
+from dfs_merge.apps.zoo import world
 
 HAVE_ZOO = all((zoo.ZOO_DIR / n / "model.safetensors").is_file() for n in ("base", "j", "m"))
 needs_zoo = pytest.mark.skipif(not HAVE_ZOO, reason="committed zoo weights missing (run `make zoo`)")
@@ -66,7 +66,7 @@ def test_suite_files_match_the_generator(tmp_path):
     written = zoo.write_suites(tmp_path)
     for path in written:
         committed = zoo.SUITE_DIR / path.relative_to(tmp_path)
-        assert committed.is_file(), f"{committed} missing: run `python -m dfs_merge.zoo suites`"
+        assert committed.is_file(), f"{committed} missing: run `python -m dfs_merge.apps.zoo suites`"
         assert committed.read_bytes() == path.read_bytes(), f"{committed} is stale"
 
 
@@ -79,7 +79,7 @@ def test_training_is_deterministic(tmp_path):
 @needs_zoo
 def test_committed_zoo_loads_as_a_source_pool_and_keeps_its_scores(splits):
     from dfs_merge.genome import Route
-    from dfs_merge.sources import SourcePool
+    from dfs_merge.models.sources import SourcePool
     from dfs_merge.stitch import stitch
 
     pool = SourcePool.load([str(zoo.ZOO_DIR / "j"), str(zoo.ZOO_DIR / "m")])
@@ -98,7 +98,7 @@ def test_committed_zoo_loads_as_a_source_pool_and_keeps_its_scores(splits):
 @needs_zoo
 def test_two_generation_evolution_on_the_zoo(tmp_path):
     from dfs_merge.config import load_config
-    from dfs_merge.evolve import run_evolution
+    from dfs_merge.search.evolution import run_evolution
 
     cfg = load_config(Path(zoo.ROOT / "genomes" / "zoo.yaml"), population=4, generations=2, limit=16,
                       report_tasks=[], out=str(tmp_path / "run"))

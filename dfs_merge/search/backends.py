@@ -23,9 +23,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from dfs_merge.candidate import CandidateScorer
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError
-from dfs_merge.fitness import WORST_SCORE, Evaluation
+from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict
 
 GenomeEvaluator = Callable[[Genome], Evaluation]
@@ -33,15 +34,18 @@ GenomeEvaluator = Callable[[Genome], Evaluation]
 
 # ---- the work for one genome ------------------------------------------------------------
 class ModelEvaluator:
-    """The real per-genome work: sources and fitness built once per process, then check → stitch → score."""
+    """The real per-genome work: sources and fitness built once per process, then check, stitch and score.
+
+    After `setup()`, `pool`, `fitness` and `activation_cache` are the loaded sources, the built tasks and the
+    prefix cache (None when off), and `scorer` the `CandidateScorer` over them."""
 
     def __init__(self, cfg: RunConfig, split: str = "dev", cache_dir: str | Path | None = None):
         self.cfg = cfg
         self.split = split
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
-        self._pool: Any = None
-        self._fitness: Any = None
-        self._activations: Any = None
+        self.pool: Any = None
+        self.fitness: Any = None
+        self.activation_cache: Any = None
 
     def setup(self) -> None:
         """Load the sources and build the fitness tasks, once."""
@@ -49,41 +53,41 @@ class ModelEvaluator:
             import torch
 
             torch.set_num_threads(int(os.environ[THREADS_ENV]))
-        if self._pool is None:
-            from dfs_merge.sources import SourcePool
+        if self.pool is None:
+            from dfs_merge.models.sources import SourcePool
 
-            self._pool = SourcePool.load(
-                list(self.cfg.sources), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code
-            )
-        if self._activations is None and self.cfg.prefix_cache_mb > 0:
+            self.pool = SourcePool.load(list(self.cfg.sources), self.cfg.device, self.cfg.dtype,
+                                        self.cfg.trust_remote_code)
+        if self.activation_cache is None and self.cfg.prefix_cache_mb > 0:
             from dfs_merge.stitch import ActivationCache
 
-            self._activations = ActivationCache(self.cfg.prefix_cache_mb)
-        if self._fitness is None:
-            from dfs_merge.fitness import Fitness
+            self.activation_cache = ActivationCache(self.cfg.prefix_cache_mb)
+        if self.fitness is None:
+            from dfs_merge.fitness.score import Fitness
 
             kwargs = {"cache_dir": self.cache_dir} if self.cache_dir is not None else {}
-            self._fitness = Fitness.from_config(self.cfg, split=self.split, **kwargs)
+            self.fitness = Fitness.from_config(self.cfg, split=self.split, **kwargs)
+
+    @property
+    def scorer(self) -> CandidateScorer:
+        """Stitch-and-score over the loaded sources (loading them first if needed)."""
+        self.setup()
+        return CandidateScorer(self.pool, self.fitness, self.activation_cache)
 
     def for_split(self, split: str) -> ModelEvaluator:
         """The same work on another split, sharing the loaded sources (a second copy is not loaded)."""
         other = ModelEvaluator(self.cfg, split, self.cache_dir)
-        other._pool = self._pool
-        other._activations = self._activations
+        other.pool = self.pool
+        other.activation_cache = self.activation_cache
         return other
 
     def __call__(self, genome: Genome) -> Evaluation:
-        from dfs_merge.stitch import stitch
-
-        self.setup()
-        route = genome.check()
-        model = stitch(self._pool, route, activation_cache=self._activations)
-        return self._fitness.score(model, self._pool.tokenizer, hops=len(route))
+        return self.scorer(genome.check())
 
     def __getstate__(self) -> dict[str, Any]:
         # Loaded models and tasks stay in their process; a worker builds its own in setup().
-        return {"cfg": self.cfg, "split": self.split, "cache_dir": self.cache_dir, "_pool": None, "_fitness": None,
-                "_activations": None}
+        return {"cfg": self.cfg, "split": self.split, "cache_dir": self.cache_dir, "pool": None, "fitness": None,
+                "activation_cache": None}
 
 
 def setup_evaluator(fn: GenomeEvaluator) -> None:
@@ -106,18 +110,13 @@ def evaluate_safely(fn: GenomeEvaluator, genome: Genome) -> Evaluation:
             hops = len(genome.decode())
         except Exception:  # noqa: BLE001
             hops = 0
-        return Evaluation(
-            score=WORST_SCORE,
-            hops=hops,
-            tasks={},
-            seconds=time.perf_counter() - start,
-            error=f"{type(err).__name__}: {err}".splitlines()[0][:500],
-        )
+        return Evaluation.failed(f"{type(err).__name__}: {err}".splitlines()[0][:500], hops,
+                                 time.perf_counter() - start)
 
 
 def failed(genome: Genome, why: str) -> Evaluation:
     """A failed Evaluation for a genome whose worker died."""
-    return Evaluation(score=WORST_SCORE, hops=len(genome.decode()), tasks={}, seconds=0.0, error=why)
+    return Evaluation.failed(why, len(genome.decode()))
 
 
 def worker_threads(cfg: RunConfig) -> int:
@@ -199,7 +198,7 @@ def _evaluate_in_worker(fn: GenomeEvaluator, genome_dict: dict[str, Any]) -> dic
     try:
         genome = genome_from_dict(genome_dict)
     except Exception as err:  # noqa: BLE001
-        return Evaluation(score=WORST_SCORE, hops=0, tasks={}, seconds=0.0, error=f"{type(err).__name__}: {err}").to_dict()
+        return Evaluation.failed(f"{type(err).__name__}: {err}").to_dict()
     return evaluate_safely(fn, genome).to_dict()
 
 
@@ -358,3 +357,29 @@ def make_evaluator(cfg: RunConfig, fn: GenomeEvaluator) -> Evaluator:
     if cfg.workers > 1:
         return ProcessPoolEvaluator(fn, cfg.workers, worker_threads(cfg))
     return InProcessEvaluator(fn, cfg.threads)
+
+
+class LazyEvaluator(Evaluator):
+    """The configured backend, started on first use, so that a finished run resumes without loading anything."""
+
+    def __init__(self, cfg: RunConfig, fn: GenomeEvaluator):
+        self.cfg = cfg
+        self.fn = fn
+        self.inner: Evaluator | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether the backend was started."""
+        return self.inner is not None
+
+    def submit(self, genomes: Sequence[Genome]) -> Iterator[tuple[str, Evaluation]]:
+        if not genomes:
+            return iter(())
+        if self.inner is None:
+            self.inner = make_evaluator(self.cfg, self.fn)
+        return self.inner.submit(genomes)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None

@@ -34,10 +34,10 @@ import dfs_merge
 from dfs_merge.atomic import write_atomic
 from dfs_merge.config import ConstraintsConfig, read_yaml
 from dfs_merge.errors import ExportError, GenomeError, SourceError
-from dfs_merge.export import LAYER_NAMES, NON_LAYER_NAMES, running_products
-from dfs_merge.families import Family
+from dfs_merge.export.checkpoint import LAYER_NAMES, NON_LAYER_NAMES, running_products
 from dfs_merge.genome import Genome, Hop, Route, Scaling
-from dfs_merge.sources import locate, read_config
+from dfs_merge.models.families import Family
+from dfs_merge.models.sources import locate, read_config
 
 # --------------------------------------------------------------------------- mergekit out
 

@@ -25,16 +25,13 @@ from typing import Any
 import yaml
 
 from dfs_merge.atomic import append_jsonl, read_jsonl, write_atomic
-from dfs_merge.config import RunConfig
+from dfs_merge.config import RESUMABLE_KEYS, RunConfig
 from dfs_merge.errors import ConfigError
 from dfs_merge.genome import Genome, save_genome
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "dfs-merge/checkpoint@1"
-# Config keys that may differ between a run and its resumption: they change how, not what, is computed.
-RESUMABLE_KEYS = frozenset({"generations", "workers", "ray", "threads", "device", "out", "report_tasks",
-                            "select_tasks", "select_limit", "select_top"})
 
 
 class RunDir:

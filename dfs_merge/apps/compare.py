@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from dfs_merge.candidate import CandidateScorer
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import GenomeError
-from dfs_merge.fitness import Evaluation, Fitness
+from dfs_merge.evaluation import Evaluation
+from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Hop, Route, load_genome
-from dfs_merge.sources import SourcePool
-from dfs_merge.stitch import stitch
+from dfs_merge.models.sources import SourcePool
 
 
 def identity_route(pool: SourcePool) -> Route:
@@ -34,7 +35,8 @@ def route_of(genome: Genome, pool: SourcePool) -> Route:
 
 def score_routes(pool: SourcePool, fitness: Fitness, routes: Mapping[str, Route]) -> dict[str, Evaluation]:
     """Stitch and score each named route."""
-    return {name: fitness.score(stitch(pool, r), pool.tokenizer, hops=len(r)) for name, r in routes.items()}
+    score = CandidateScorer(pool, fitness)
+    return {name: score(r) for name, r in routes.items()}
 
 
 def task_table(evals: Mapping[str, Evaluation]) -> str:
@@ -82,7 +84,7 @@ def baselines_for_cli(
     out: Callable[[str], None] = print,
 ) -> dict[str, Evaluation]:
     """`dfs-merge baseline`: score ShortGPT, angular-distance pruning and naive deepening of the base."""
-    from dfs_merge.baselines import baseline_routes, calibration_texts
+    from dfs_merge.apps.baselines import baseline_routes, calibration_texts
 
     fitness = Fitness.from_config(cfg, split=split)
     texts = calibration_texts(calibration)

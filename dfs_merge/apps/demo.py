@@ -20,17 +20,18 @@ from pathlib import Path
 
 import torch
 
+from dfs_merge.apps.baselines import naive_deepening_route
+from dfs_merge.apps.compare import identity_route, score_routes
 from dfs_merge.atomic import write_atomic
-from dfs_merge.baselines import naive_deepening_route
 from dfs_merge.config import RunConfig, load_config
-from dfs_merge.evaluators import ModelEvaluator
-from dfs_merge.evolve import RunResult, run_evolution
-from dfs_merge.export import export_checkpoint
-from dfs_merge.fitness import Evaluation, Fitness
+from dfs_merge.evaluation import Evaluation
+from dfs_merge.export.checkpoint import export_checkpoint
+from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Route
+from dfs_merge.models.sources import SourcePool
 from dfs_merge.plots import route_png
-from dfs_merge.report import identity_route, score_routes
-from dfs_merge.sources import SourcePool
+from dfs_merge.search.backends import ModelEvaluator
+from dfs_merge.search.evolution import RunResult, run_evolution
 from dfs_merge.stitch import stitch
 
 KEEP = 0.95
@@ -130,7 +131,7 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
 
     mark("evolution")
     evaluator.setup()
-    pool: SourcePool = evaluator._pool  # loaded once, shared with the table below
+    pool: SourcePool = evaluator.pool  # loaded once, shared with the table below
     dev = Fitness.from_config(cfg, "dev")
     test = Fitness.from_config(cfg, "test") if cfg.report_tasks else None
     routes = {"base": identity_route(pool), "naive deepening": naive_deepening_route(pool.layers_per_source[0])}

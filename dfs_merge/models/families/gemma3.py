@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dfs_merge.families.base import Family
+from dfs_merge.models.families.base import Family
 
 
 class Gemma3Family(Family):

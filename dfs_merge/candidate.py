@@ -1,0 +1,35 @@
+"""A candidate: a route stitched over the loaded sources and scored on the fitness tasks.
+
+`CandidateScorer` is the one path from a route to its `Evaluation`, used by the search's workers, the
+held-out and validation scoring, the study, the baselines' comparison and the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dfs_merge.evaluation import Evaluation
+from dfs_merge.genome import Route
+
+
+class CandidateScorer:
+    """Stitches routes over `pool` (sharing `activation_cache`, if any) and scores them with `fitness`."""
+
+    def __init__(self, pool: Any, fitness: Any, activation_cache: Any = None):
+        self.pool = pool
+        self.fitness = fitness
+        self.activation_cache = activation_cache
+
+    def model(self, route: Route) -> Any:
+        """The stitched model of `route` (no weight copied)."""
+        from dfs_merge.stitch import stitch
+
+        return stitch(self.pool, route, activation_cache=self.activation_cache)
+
+    def __call__(self, route: Route) -> Evaluation:
+        """Score `route`; a candidate that fails gets a failed Evaluation, never an exception."""
+        return self.fitness.score(self.model(route), self.pool.tokenizer, hops=len(route))
+
+    def with_fitness(self, fitness: Any) -> CandidateScorer:
+        """The same sources and activation cache, scored on other tasks (another split)."""
+        return CandidateScorer(self.pool, fitness, self.activation_cache)

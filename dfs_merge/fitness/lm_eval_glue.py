@@ -1,0 +1,179 @@
+"""What adapts lm-eval (0.4.13) to scoring many candidates in one process: the offline environment,
+quieter logs and progress bars, and the `HFLM` subclass each candidate is wrapped in.
+
+lm-eval, `datasets` and `huggingface_hub` are imported lazily, inside the functions, so that importing
+this module (or the fitness package) stays cheap and `offline_env` can run before any of them is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _default_cache_dir() -> Path:
+    from dfs_merge.models.store import cache_root
+
+    return cache_root() / "lm-eval"
+
+
+def offline_env(cache_dir: str | Path | None = None) -> Path:
+    """Point Hugging Face and lm-eval at `cache_dir` and turn off hub access; returns the folder.
+
+    Sets HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, HF_HOME, HF_DATASETS_CACHE and
+    LM_HARNESS_CACHE_PATH (under `cache_dir`, default `<dfs-merge cache>/lm-eval`), each only
+    where the environment does not set it already: `HF_HUB_OFFLINE=0` lets registry tasks
+    download on a machine that can. Call it before lm-eval is imported (this module imports
+    lm-eval lazily); where `datasets` or `huggingface_hub` were imported already, their
+    offline switches and the datasets cache path are updated too.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(root / "hf"),
+        "HF_DATASETS_CACHE": str(root / "hf" / "datasets"),
+        "LM_HARNESS_CACHE_PATH": str(root / "requests"),
+    }
+    for key, value in wanted.items():
+        os.environ.setdefault(key, value)
+    _sync_imported_hf_modules()
+    return root
+
+
+def _sync_imported_hf_modules() -> None:
+    """Make already-imported `huggingface_hub` / `datasets` honour the environment set above.
+
+    Both read their offline switches and cache path into module constants at import time, so a
+    change to the environment after that import is not seen unless the constants are updated too.
+    """
+    import sys
+
+    true = {"1", "ON", "YES", "TRUE"}
+    hub_offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in true
+    ds_offline = os.environ.get("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "")).upper() in true
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None and hasattr(hub, "HF_HUB_OFFLINE"):
+        hub.HF_HUB_OFFLINE = hub_offline
+    ds = sys.modules.get("datasets.config")
+    if ds is not None:
+        ds.HF_HUB_OFFLINE = ds_offline
+        ds.HF_DATASETS_OFFLINE = ds_offline
+        ds.HF_DATASETS_CACHE = Path(os.environ["HF_DATASETS_CACHE"])
+
+
+# --------------------------------------------------------------------------- logs and progress bars
+
+
+class _DropChatter(logging.Filter):
+    """Drops lm-eval warnings that are noise here: HFLM's two for every candidate built from a model
+    object, and the hint about the `--metadata` CLI flag for every task with a `custom_dataset`."""
+
+    PHRASES = (
+        "model kwarg is not of type `str`",
+        "Passed an already-initialized model",
+        "Custom kwargs can be passed to `--metadata`",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(p in msg for p in self.PHRASES)
+
+
+@functools.cache
+def quiet_lm_eval() -> None:
+    """lm-eval logs INFO lines per task and per call: keep WARNING and above, minus per-candidate chatter."""
+    logger = logging.getLogger("lm_eval")
+    if logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    for name in ("lm_eval.models.huggingface", "lm_eval.api.task"):
+        logging.getLogger(name).addFilter(_DropChatter())
+
+
+@contextlib.contextmanager
+def no_request_bars() -> Iterator[None]:
+    """Hide the progress bar that `Task.build_all_requests` draws (lm-eval offers no switch for it)."""
+    import lm_eval.api.task as task_module
+
+    original = task_module.tqdm
+    task_module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = original
+
+
+@contextlib.contextmanager
+def no_build_bars() -> Iterator[None]:
+    """Hide the progress bars drawn while tasks are built: `datasets`' (loading data) and lm-eval's
+    request bar; `datasets`' bars are turned back on afterwards if they were on."""
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        with no_request_bars():
+            yield
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+# --------------------------------------------------------------------------- the LM wrapper
+
+
+@functools.cache
+def candidate_lm_class() -> type:
+    """HFLM, minus progress bars, plus tokenisation memoised across candidates (built lazily).
+
+    `HFLM(pretrained=<model object>)` is cheap to construct (about 1 ms: no config or weights are
+    loaded for a model object), so each candidate gets a fresh one. Every candidate shares the base's
+    tokenizer, so a tokenisation made for one candidate holds for all: it is kept in `memo`, a dict the
+    caller keeps per tokenizer.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class CandidateLM(HFLM):
+        """An `HFLM` over a model object whose tokenisations are shared through `memo`."""
+
+        def __init__(self, *args: Any, memo: dict[Any, list[int] | tuple[list[int], list[int]]], **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._memo = memo
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                       left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+            if kwargs:
+                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            key = ("encode", string, add_special_tokens, left_truncate_len)
+            hit = self._memo.get(key)
+            if hit is None:
+                hit = self._memo[key] = super().tok_encode(string, add_special_tokens, left_truncate_len)
+            return list(hit)
+
+        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            key = ("pair", context, continuation)
+            hit = self._memo.get(key)
+            if hit is None:
+                hit = self._memo[key] = super()._encode_pair(context, continuation)
+            return list(hit[0]), list(hit[1])
+
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().generate_until(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests: Any, disable_tqdm: bool = False,
+                                  override_bs: int | None = None) -> Any:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+
+    return CandidateLM

@@ -1,0 +1,267 @@
+"""Fitness: a stitched model scored on lm-eval tasks that were built once per process.
+
+`Fitness(tasks={...})` finds each task in the bundled `eval_suites/` folders (and any
+extra suite folders), loads its data and builds its requests **once** (`tasks.py`).
+`score(model, tokenizer)` then runs `lm_eval.evaluator.evaluate` on those same task objects
+for every candidate and combines each task's primary metric into one weighted score (higher
+is better). A candidate that raises, runs out of memory or produces NaN/inf gets
+`WORST_SCORE` and a one-line `error`; it never stops the run.
+
+This module owns `Fitness` (its construction, `from_config`, `score`, `describe`, `tasks`);
+how lm-eval is adapted to it lives in `lm_eval_glue.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from dfs_merge.errors import FitnessError, one_line
+from dfs_merge.evaluation import Evaluation, TaskResult
+from dfs_merge.fitness.lm_eval_glue import (
+    candidate_lm_class,
+    no_build_bars,
+    no_request_bars,
+    offline_env,
+    quiet_lm_eval,
+)
+from dfs_merge.fitness.tasks import TaskSpec, build_tasks, default_suites_dir, suite_dirs
+
+if TYPE_CHECKING:
+    from dfs_merge.config import RunConfig
+
+__all__ = ["Fitness", "default_suites_dir", "offline_env"]  # the last two: re-exported for their importers
+
+log = logging.getLogger(__name__)
+
+
+class Fitness:
+    """lm-eval tasks built once; `score(model, tokenizer)` evaluates one candidate on all of them.
+
+    `tasks` maps each task name to its weight; `metrics` overrides a task's primary metric
+    (`metric` or `metric,filter`); `limit` caps the documents, for every task or per task; `suites`
+    adds suite folders after the bundled one; `cache_dir` is where `offline_env` points Hugging Face
+    and lm-eval. `reuse_requests=False` lets lm-eval rebuild every request per candidate (same results,
+    slower).
+    """
+
+    def __init__(
+        self,
+        tasks: Mapping[str, float],
+        *,
+        metrics: Mapping[str, str] | None = None,
+        limit: int | Mapping[str, int] | None = None,
+        suites: Sequence[str | Path] = (),
+        batch_size: int = 8,
+        max_length: int = 2048,
+        num_fewshot: int | None = None,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        reuse_requests: bool = True,
+    ):
+        if not tasks:
+            raise FitnessError("no tasks given: fitness needs at least one lm-eval task")
+        for name, w in tasks.items():
+            if not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise FitnessError(f"task {name}: weight {w!r} is not a finite number")
+        unknown = set(metrics or {}) - set(tasks)
+        if unknown:
+            raise FitnessError(f"metrics names tasks that are not scored: {', '.join(sorted(unknown))}")
+        limits = dict(limit) if isinstance(limit, Mapping) else dict.fromkeys(tasks, limit)
+        for name, n in limits.items():
+            if name not in tasks:
+                raise FitnessError(f"limit names task {name!r}, which is not scored")
+            if n is not None and n < 1:
+                raise FitnessError(f"limit must be at least 1, got {n} for task {name}")
+        self.weights: dict[str, float] = {k: float(v) for k, v in tasks.items()}
+        self.metric_overrides = dict(metrics or {})
+        self.limits: dict[str, int | None] = {name: limits.get(name) for name in tasks}
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.num_fewshot = num_fewshot
+        self.seed = int(seed)
+        self.reuse_requests = reuse_requests
+        self.cache_dir = offline_env(cache_dir)
+        self.suite_dirs = suite_dirs(suites)
+        self.build_count = 0
+        self._memos: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+        self.build_seconds = 0.0
+        self._specs: dict[str, TaskSpec] = self._build()
+
+    # ---- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: RunConfig,
+        split: Literal["dev", "val", "test"] = "dev",
+        cache_dir: str | Path | None = None,
+        **overrides: Any,
+    ) -> Fitness:
+        """The fitness of a run config: `dev` scores `cfg.tasks`, `val` `cfg.select_tasks`, `test` `cfg.report_tasks`.
+
+        Validation and report tasks take the weight of the dev task whose name they are with `_dev` for
+        `_val` / `_test` (`arith_test` <- `arith_dev`), else 1; metric overrides map the same way.
+        Each split uses its own limit (`limit`, `select_limit`, `report_limit`; every document when unset).
+        A limit is one number for all tasks or a mapping task -> number (tasks it omits use every document).
+        """
+        if split == "dev":
+            tasks = dict(cfg.tasks)
+            metrics = {k: v for k, v in cfg.metrics.items() if k in tasks}
+            limit = cfg.limit
+        elif split in ("val", "test"):
+            names, limit, key = ((cfg.select_tasks, cfg.select_limit, "select_tasks") if split == "val"
+                                 else (cfg.report_tasks, cfg.report_limit, "report_tasks"))
+            if not names:
+                raise FitnessError(f"the config lists no {key} to score on the {split} split")
+            suffix = f"_{split}"
+            dev_of = {t: t[: -len(suffix)] + "_dev" for t in names if t.endswith(suffix)}
+            tasks = {t: float(cfg.tasks.get(dev_of.get(t, ""), 1.0)) for t in names}
+            metrics = {}
+            for t in tasks:
+                m = cfg.metrics.get(t) or cfg.metrics.get(dev_of.get(t, ""))
+                if m:
+                    metrics[t] = m
+        else:
+            raise ValueError(f"split must be 'dev', 'val' or 'test', got {split!r}")
+        kwargs: dict[str, Any] = dict(
+            metrics=metrics,
+            limit=limit,
+            suites=cfg.eval_suites,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            num_fewshot=cfg.num_fewshot,
+            seed=cfg.seed,
+            cache_dir=cache_dir,
+        )
+        kwargs.update(overrides)
+        return cls(tasks, **kwargs)
+
+    def _build(self) -> dict[str, TaskSpec]:
+        """Index the suites, load every task and its data, check it, and build its requests: once."""
+        t0 = time.perf_counter()
+        quiet_lm_eval()
+        self.build_count += 1
+        with no_build_bars():
+            specs = build_tasks(
+                self.weights, self.suite_dirs, metrics=self.metric_overrides, limits=self.limits,
+                num_fewshot=self.num_fewshot, seed=self.seed, reuse_requests=self.reuse_requests,
+            )
+        self.build_seconds = time.perf_counter() - t0
+        return specs
+
+    # ---- scoring --------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> dict[str, Any]:
+        """The built lm-eval task objects, by name."""
+        return {name: s.task for name, s in self._specs.items()}
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Per task: weight, metric, whether higher is better, number of documents."""
+        return {
+            name: {"weight": self.weights[name], "metric": s.label, "higher_is_better": s.higher_is_better,
+                   "docs": s.docs}
+            for name, s in self._specs.items()
+        }
+
+    def score(self, model: Any, tokenizer: Any, hops: int | None = None) -> Evaluation:
+        """Evaluate one candidate on every task; a failure yields `WORST_SCORE` and `error`, never an exception."""
+        t0 = time.perf_counter()
+        if hops is None:
+            hops = _hops_of(model)
+        try:
+            results = self._evaluate(model, tokenizer)
+        except Exception as err:  # noqa: BLE001 - a candidate's failure must not stop the run
+            reason = one_line(err)
+            _release_memory(err)
+            log.warning("candidate with %d hops failed: %s", hops, reason)
+            return Evaluation.failed(reason, hops, time.perf_counter() - t0)
+        bad = [r for r in results.values() if not math.isfinite(r.value)]
+        if bad:
+            reason = "; ".join(f"task {r.task}: {r.metric} is {r.value}" for r in bad)
+            log.warning("candidate with %d hops failed: %s", hops, reason)
+            return Evaluation.failed(reason, hops, time.perf_counter() - t0, results)
+        total = math.fsum(self.weights[name] * r.signed for name, r in results.items())
+        return Evaluation(total, hops, results, time.perf_counter() - t0)
+
+    def _lm(self, model: Any, tokenizer: Any) -> Any:
+        """A fresh `CandidateLM` over `model`, sharing the tokenisations memoised for `tokenizer`.
+
+        `use_cache` is never passed: lm-eval's cache is keyed on the request, not the model.
+        """
+        memo = self._memos.get(tokenizer)
+        if memo is None:
+            memo = self._memos[tokenizer] = {}
+        max_length = self.max_length
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            max_length = min(max_length, positions)
+        return candidate_lm_class()(
+            pretrained=model, tokenizer=tokenizer, backend="causal", max_length=max_length,
+            batch_size=self.batch_size, memo=memo,
+        )
+
+    def _evaluate(self, model: Any, tokenizer: Any) -> dict[str, TaskResult]:
+        """Each task's primary metric for one candidate; raises on any failure (`score` contains it)."""
+        import torch
+        from lm_eval.evaluator import evaluate
+
+        lm = self._lm(model, tokenizer)
+        out: dict[str, TaskResult] = {}
+        with torch.inference_mode(), no_request_bars():
+            for name, spec in self._specs.items():
+                t = time.perf_counter()
+                # The sampler's RNG keeps advancing across evaluate() calls: without this reset every
+                # candidate would see other few-shot examples.
+                spec.task.set_fewshot_seed(self.seed)
+                res = evaluate(
+                    lm=lm,
+                    task_dict={"tasks": {name: spec.task}, "groups": {}, "group_map": {}},
+                    limit=self.limits[name],
+                    bootstrap_iters=0,
+                    log_samples=False,
+                )
+                if res is None:
+                    raise RuntimeError("lm-eval returned no results (not rank 0?)")
+                metrics = res["results"][name]
+                if spec.key not in metrics:
+                    raise RuntimeError(f"task {name}: lm-eval reported no {spec.key} (has {', '.join(metrics)})")
+                out[name] = TaskResult(
+                    task=name,
+                    metric=spec.label,
+                    value=float(metrics[spec.key]),
+                    higher_is_better=spec.higher_is_better,
+                    docs=spec.docs,
+                    seconds=time.perf_counter() - t,
+                )
+        return out
+
+
+def _hops_of(model: Any) -> int:
+    """A candidate's hops: the length of its route, else the decoder layers of a plain model."""
+    route = getattr(model, "route", None)
+    if route is not None:
+        return len(route)
+    return int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0)
+
+
+def _release_memory(err: BaseException) -> None:
+    """After an out-of-memory failure, give the allocator's cached blocks back before the next candidate."""
+    import gc
+
+    gc.collect()
+    if "out of memory" in str(err).lower():
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+

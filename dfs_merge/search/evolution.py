@@ -1,0 +1,317 @@
+"""The search loop: ask the algorithm, evaluate through the ledger, tell it, checkpoint; then the final choice.
+
+Every candidate is repaired to meet the hop constraints before it is evaluated, generation 0 always
+holds the seeds, and a genome whose canonical key was already evaluated is not evaluated again.
+
+Determinism: all the algorithm's randomness comes from the run's own Python and numpy random states
+(`state.RunRandom`), active only while the algorithm draws (never while a candidate is evaluated) and
+saved in every checkpoint. Results are matched to candidates by key, so the order in which parallel
+workers finish changes nothing. A run killed at any moment and resumed reaches the same result as one
+that was never interrupted, and re-uses every evaluation already in evals.jsonl.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from deap import tools
+
+from dfs_merge.config import RunConfig
+from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError
+from dfs_merge.evaluation import Evaluation
+from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict, seed_genomes
+from dfs_merge.models.layers import layer_counts
+from dfs_merge.search import selection
+from dfs_merge.search.algorithms import algorithm_class
+from dfs_merge.search.backends import Evaluator, GenomeEvaluator, LazyEvaluator, ModelEvaluator, make_evaluator
+from dfs_merge.search.ledger import Ledger
+from dfs_merge.search.operators import member, repair, restore_members, same_key
+from dfs_merge.search.rundir import RunDir
+from dfs_merge.search.state import RunRandom
+
+PLOT_EVERY_S = 60.0  # history.png is redrawn after a generation when this long has passed (and at the end)
+
+
+@dataclass
+class RunResult:
+    """What a run produced (also on disk under `out`)."""
+
+    best: Genome
+    best_eval: Evaluation
+    test_eval: Evaluation | None
+    pareto: list[tuple[Genome, Evaluation]]
+    out: Path
+    paths: dict[str, Path]
+    generations: int
+    evaluations: int
+    cache_hits: int
+    errors: int
+    recovered: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Evolution:
+    """One run's search state and its generation loop."""
+
+    def __init__(self, cfg: RunConfig, template: Genome, rundir: RunDir, evaluator: Evaluator,
+                 log: Callable[[str], Any] = print, progress: bool = True):
+        self.cfg = cfg
+        self.rundir = rundir
+        self.log = log
+        self.ledger = Ledger(rundir, evaluator, cfg.objectives, progress)
+        self.algo = algorithm_class(cfg.algorithm)(cfg, template, self.ledger.known)
+        self.rng = RunRandom(cfg.seed)
+        self.hof = tools.HallOfFame(1, similar=same_key)
+        self.generation = -1
+        self.recovered = 0
+        self.history: list[dict[str, Any]] = []
+        self.report: dict[str, Evaluation] = {}  # held-out scores of the best (and the front)
+        self.val: dict[str, Evaluation] = {}  # validation scores of the final shortlist (select_tasks)
+        self.chosen: dict[Any, Any] = {}  # the final choice on validation: "best", and each front hop count
+        self.finished = False
+        self._plotted = time.monotonic()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        """Generations from the one after the checkpoint up to `cfg.generations`."""
+        if self.generation >= 0:
+            self.log(f"resuming after generation {self.generation} ({self.ledger.counters['evaluations']} "
+                     f"evaluations; {self.recovered} more recovered from {self.rundir.evals.name})")
+        for gen in range(self.generation + 1, self.cfg.generations + 1):
+            t0 = time.perf_counter()
+            with self.rng.active():
+                asked = self.algo.ask(gen)
+            self.ledger.evaluate(asked, gen, self.cfg.generations)
+            with self.rng.active():
+                seen = self.algo.tell(gen, asked)
+            self.after_generation(gen, seen, time.perf_counter() - t0)
+
+    def after_generation(self, gen: int, seen: list[Any], seconds: float) -> None:
+        """Update hall of fame and front, history, best genome, checkpoint; print the summary line."""
+        self.hof.update(seen)
+        if self.algo.front is not None:
+            self.algo.front.update([i for i in seen if self.ledger[i.key].ok])
+        best_ev = self.ledger[self.hof[0].key]
+        ok = [e.score for e in (self.ledger[i.key] for i in self.algo.population) if e.ok]
+        mean = sum(ok) / len(ok) if ok else None
+        counters = self.ledger.counters
+        self.history.append({
+            "generation": gen, "best": best_ev.score, "best_hops": best_ev.hops, "gen_best": max(ok) if ok else None,
+            "mean": mean, **counters, "seconds": round(seconds, 3),
+        })
+        self.generation = gen
+        self.write_results(plot=time.monotonic() - self._plotted > PLOT_EVERY_S)  # a long run's picture stays fresh
+        mean_text = f"{mean:.4f}" if mean is not None else "n/a"
+        self.log(
+            f"gen {gen}/{self.cfg.generations}  best {best_ev.score:.4f} ({best_ev.hops} hops)  mean {mean_text}  "
+            f"evals {counters['evaluations']}  cache hits {counters['cache_hits']}  errors {counters['errors']}  "
+            f"{seconds:.1f}s"
+        )
+
+    # ---- results -------------------------------------------------------------------------
+    def member(self, genome: Genome) -> Any:
+        """An evaluated genome as a member of the hall of fame, the front or the final choice."""
+        return member(genome, self.algo.fitness_cls, self.ledger.objectives_of)
+
+    def best(self) -> Any:
+        """The best member: the final choice on validation once made, else the best dev score."""
+        return self.chosen.get("best", self.hof[0])
+
+    def scored(self, m: Any) -> Genome:
+        """The member's genome with its dev (and validation, held-out) scores attached."""
+        scores = {"dev": self.ledger[m.key].summary()}
+        for split, known in (("val", self.val), ("test", self.report)):
+            if m.key in known:
+                scores[split] = known[m.key].summary()
+        return replace(m.genome, scores=scores)
+
+    def front(self) -> list[Any]:
+        """The Pareto front, fewest hops first; after the final choice, its member at each hop count."""
+        if self.chosen:
+            return [self.chosen[h] for h in sorted(k for k in self.chosen if k != "best")]
+        if self.algo.front is None:
+            return []
+        return sorted(self.algo.front, key=lambda m: (self.ledger[m.key].hops, -self.ledger[m.key].score, m.key))
+
+    def write_results(self, plot: bool) -> None:
+        """best.genome.yaml, the front (where the algorithm has one), history.png if `plot`, the checkpoint."""
+        self.rundir.write_best(self.scored(self.best()))
+        if self.algo.front is not None:
+            rows = []
+            for m in self.front():
+                ev = self.ledger[m.key]
+                row: dict[str, Any] = {"key": m.key, "hops": ev.hops, "score": ev.score,
+                                       "route": m.genome.decode().text()}
+                for name, known in (("val_score", self.val), ("test_score", self.report)):
+                    if m.key in known:
+                        row[name] = known[m.key].score
+                rows.append((self.scored(m), row))
+            self.rundir.write_pareto(rows)
+        if plot:
+            self.rundir.plot_history(self.history)
+            self._plotted = time.monotonic()
+        self.checkpoint()
+
+    # ---- checkpoint ----------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Write the whole search state atomically."""
+        self.rundir.write_checkpoint({
+            "generation": self.generation,
+            "finished": self.finished,
+            "algorithm": self.cfg.algorithm,
+            "seed": self.cfg.seed,
+            **self.algo.state(),
+            "hall_of_fame": [{"key": m.key, "genome": genome_to_dict(m.genome)} for m in self.hof],
+            "rng": self.rng.to_json(),
+            "counters": dict(self.ledger.counters),
+            "history": self.history,
+            "report": {k: ev.to_dict() for k, ev in self.report.items()},
+            "report_tasks": list(self.cfg.report_tasks),
+            "val": {k: ev.to_dict() for k, ev in self.val.items()},
+            "select_tasks": list(self.cfg.select_tasks),
+        })
+
+    def restore(self, records: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
+        """Re-use logged evaluations and continue from the checkpoint (if any)."""
+        done_gen = state["generation"] if state else -1
+        self.recovered = self.ledger.recover(records, done_gen)
+        if state is None:
+            return
+        if state.get("algorithm") != self.cfg.algorithm:
+            raise ConfigError(f"resume: the checkpoint is of algorithm {state.get('algorithm')}, not {self.cfg.algorithm}")
+        missing = [e["key"] for e in state["population"] + state["hall_of_fame"] if e["key"] not in self.ledger]
+        if missing:
+            raise ConfigError(f"resume: {self.rundir.evals} lacks the evaluation of {len(missing)} checkpointed genomes")
+        self.generation = done_gen
+        self.finished = bool(state.get("finished")) and done_gen >= self.cfg.generations
+        self.rng = RunRandom.from_json(state["rng"])
+        self.ledger.counters = dict(state["counters"])
+        self.history = list(state["history"])
+        if state.get("report_tasks") == list(self.cfg.report_tasks):  # else: scored again on the new tasks
+            self.report = {k: Evaluation.from_dict(v) for k, v in state.get("report", {}).items()}
+        if state.get("select_tasks") == list(self.cfg.select_tasks):
+            self.val = {k: Evaluation.from_dict(v) for k, v in state.get("val", {}).items()}
+        self.algo.restore(state, self.ledger.objectives_of)
+        restore_members(self.hof, [self.member(genome_from_dict(e["genome"], "checkpoint")) for e in state["hall_of_fame"]])
+
+    # ---- the final choice and the report -------------------------------------------------
+    def score_split(self, fn: GenomeEvaluator, genomes: Sequence[Genome], known: dict[str, Evaluation], what: str,
+                    tasks: Sequence[str], fallback: str = "") -> bool:
+        """Score the genomes not yet in `known` with `fn` (validation or report tasks) into `known`; a failure is
+        a warning line, not the end of the run. False when the tasks could not be scored."""
+        todo = list({g.key(): g for g in genomes if g.key() not in known}.values())
+        if not todo:
+            return True
+        self.log(f"scoring {len(todo)} genome(s) on the {what} tasks {', '.join(tasks)}")
+        try:
+            with make_evaluator(self.cfg, fn) as ev:
+                for key, e in ev.submit(todo):
+                    known[key] = e
+        except DfsMergeError as err:
+            self.log(f"warning: the {what} tasks could not be scored{', ' + fallback if fallback else ''}: {err}")
+            return False
+        return True
+
+    def select(self, select_fn: GenomeEvaluator) -> None:
+        """The final choice on validation (`selection.py`): the `select_top` best by dev overall, and at each
+        hop count of a front, are scored on `select_tasks`; the best there replace dev's choice."""
+        cfg = self.cfg
+        genomes = {r["key"]: genome_from_dict(r["genome"], "evals.jsonl") for r in self.rundir.read_evals()}
+        evaluated = [(genomes[k], ev) for k, ev in self.ledger.memo.items() if k in genomes]
+        lists: dict[Any, list[selection.Candidate]] = {"best": selection.shortlist(evaluated, cfg.select_top)[None]}
+        if self.algo.front is not None:
+            hop_counts = {self.ledger[m.key].hops for m in self.algo.front}
+            lists.update(selection.per_hop_count(evaluated, hop_counts, cfg.select_top))
+        shortlisted = [c.genome for cs in lists.values() for c in cs]
+        if not self.score_split(select_fn, shortlisted, self.val, "validation", cfg.select_tasks, "dev decides"):
+            return
+        chosen = selection.choose(lists, lambda g: self.val[g.key()])
+        self.chosen = {k: self.member(c.genome) for k, c in chosen.items()}
+
+    def finish(self, report_fn: GenomeEvaluator | None, select_fn: GenomeEvaluator | None = None) -> RunResult:
+        """Make the final choice on validation (if configured), score the best genome (and the front) on the
+        report tasks; write the final files."""
+        cfg = self.cfg
+        if select_fn is not None and cfg.select_tasks:
+            self.select(select_fn)
+        best = self.best()
+        if report_fn is not None and cfg.report_tasks:
+            targets = [best, *self.front()]
+            self.score_split(report_fn, [m.genome for m in targets], self.report, "report", cfg.report_tasks)
+        self.finished = True
+        self.write_results(plot=True)
+        best_ev = self.ledger[best.key]
+        test, val = self.report.get(best.key), self.val.get(best.key) if self.chosen else None
+        self.log(
+            f"best: {best_ev.score:.4f} dev" + (f", {val.score:.4f} val" if val else "")
+            + (f", {test.score:.4f} test" if test else "")
+            + f", {best_ev.hops} hops: {best.genome.decode().text()} -> {self.rundir.best}"
+        )
+        c = self.ledger.counters
+        return RunResult(
+            best=self.scored(best), best_eval=best_ev, test_eval=test,
+            pareto=[(m.genome, self.ledger[m.key]) for m in self.front()],
+            out=self.rundir.path, paths=self.rundir.paths(), generations=self.generation,
+            evaluations=c["evaluations"], cache_hits=c["cache_hits"], errors=c["errors"], recovered=self.recovered,
+            history=self.history,
+        )
+
+
+def run_evolution(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    evaluate: GenomeEvaluator | None = None,
+    report_evaluate: GenomeEvaluator | None = None,
+    select_evaluate: GenomeEvaluator | None = None,
+    report: bool = True,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+) -> RunResult:
+    """Run (or resume) the search a config describes, writing everything under `cfg.out`.
+
+    `evaluate` replaces the real per-genome work (stitch + lm-eval) with any picklable
+    `Genome -> Evaluation` callable; `report_evaluate` likewise for the report tasks
+    (by default the real work on the test split when `report_tasks` is set and
+    `evaluate` is not given); the final choice on `select_tasks` uses the real work on the
+    validation split, or `select_evaluate`. `report=False` skips scoring the winners on the report
+    tasks and that choice.
+    """
+    template = Genome.empty(cfg.sources, layer_counts(cfg.sources), cfg.repeats, cfg.scaling, cfg.constraints)
+    try:
+        seeds = seed_genomes(template, cfg.seed_routes)
+    except GenomeError as err:
+        raise ConfigError(f"seed_routes: {err}") from None
+    try:
+        repair(seeds[0], random.Random(0))
+    except GenomeError as err:
+        raise ConfigError(f"constraints: no route over these sources meets them ({err})") from None
+    if len(seeds) > cfg.population:
+        raise ConfigError(f"seed_routes: {len(seeds)} distinct seeds (with the sources themselves) do not fit "
+                          f"population {cfg.population}")
+    rundir = RunDir.open(cfg, resume)
+    records = rundir.read_evals() if resume else []
+    state = rundir.read_checkpoint() if resume else None
+    if resume and state is None and not records:
+        log(f"nothing to resume in {rundir.path}; starting a new run")
+    fn: GenomeEvaluator = evaluate if evaluate is not None else ModelEvaluator(cfg, "dev")
+    evaluator = LazyEvaluator(cfg, fn)
+    try:
+        evo = Evolution(cfg, template, rundir, evaluator, log, progress)
+        evo.restore(records, state)
+        if not evo.finished:
+            evo.run()
+        evaluator.close()  # free the workers before the report starts its own
+        if report_evaluate is None and isinstance(fn, ModelEvaluator) and cfg.report_tasks:
+            report_evaluate = fn.for_split("test")  # in-process: shares the sources already loaded
+        if select_evaluate is None and isinstance(fn, ModelEvaluator) and cfg.select_tasks:
+            select_evaluate = fn.for_split("val")
+        return evo.finish(report_evaluate if report else None, select_evaluate if report else None)
+    finally:
+        evaluator.close()
+        rundir.close()

@@ -1,0 +1,100 @@
+"""The evaluation ledger: every evaluation of a run by genome key, appended to `evals.jsonl` as it arrives.
+
+A key already in the ledger is never evaluated again. On resume the ledger is rebuilt from the log;
+evaluations logged after the last checkpoint are "unclaimed" until the generation being redone asks
+for them again, so they are counted once, in that generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from dfs_merge.evaluation import Evaluation
+from dfs_merge.genome import Genome, genome_to_dict
+from dfs_merge.search.backends import Evaluator
+from dfs_merge.search.rundir import RunDir
+
+
+class Ledger:
+    """Memo of evaluations, their log records and the run's counters."""
+
+    def __init__(self, rundir: RunDir, evaluator: Evaluator, objectives: Sequence[str], progress: bool = True):
+        self.rundir = rundir
+        self.evaluator = evaluator
+        self.objectives = list(objectives)
+        self.progress = progress
+        self.memo: dict[str, Evaluation] = {}
+        self.unclaimed: set[str] = set()  # in evals.jsonl from a generation the checkpoint does not cover
+        self.counters = {"evaluations": 0, "cache_hits": 0, "errors": 0}
+
+    def __getitem__(self, key: str) -> Evaluation:
+        return self.memo[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.memo
+
+    def known(self, key: str) -> bool:
+        """Evaluated earlier in this run (entries recovered for the generation being redone do not count)."""
+        return key in self.memo and key not in self.unclaimed
+
+    def objectives_of(self, key: str) -> tuple[float, ...]:
+        """The objective values of a logged evaluation."""
+        return self.memo[key].objectives(self.objectives)
+
+    def recover(self, records: list[dict[str, Any]], done_generation: int) -> int:
+        """Take the logged evaluations; those of generations after `done_generation` stay unclaimed.
+        Returns how many are unclaimed."""
+        for rec in records:
+            key = rec.get("key")
+            if not key or key in self.memo or "evaluation" not in rec:
+                continue
+            self.memo[key] = Evaluation.from_dict(rec["evaluation"])
+            if rec.get("generation", 0) > done_generation:
+                self.unclaimed.add(key)
+        return len(self.unclaimed)
+
+    def evaluate(self, individuals: Sequence[Any], gen: int, total: int) -> None:
+        """Give each individual (with `genome` and `key`) its fitness; only keys never seen are evaluated."""
+        todo: dict[str, Genome] = {}
+        for ind in individuals:
+            k = ind.key
+            if k in self.unclaimed:  # evaluated before the run was killed: counts as this generation's
+                self.unclaimed.discard(k)
+                self._count(self.memo[k])
+            elif k in self.memo or k in todo:
+                self.counters["cache_hits"] += 1
+            else:
+                todo[k] = ind.genome
+        bar = tqdm(total=len(todo), desc=f"gen {gen}/{total}", unit="eval", leave=False,
+                   disable=not self.progress or not todo, dynamic_ncols=True)
+        try:
+            for k, ev in self.evaluator.submit(list(todo.values())):
+                self.memo[k] = ev
+                self._count(ev)
+                self.rundir.append_eval(self._record(gen, k, todo[k], ev))
+                bar.update()
+        finally:
+            bar.close()
+        for ind in individuals:
+            ind.fitness.values = self.objectives_of(ind.key)
+
+    def _count(self, ev: Evaluation) -> None:
+        self.counters["evaluations"] += 1
+        self.counters["errors"] += ev.error is not None
+
+    def _record(self, gen: int, key: str, g: Genome, ev: Evaluation) -> dict[str, Any]:
+        return {
+            "generation": gen,
+            "key": key,
+            "objectives": list(ev.objectives(self.objectives)),
+            "score": ev.score,
+            "hops": ev.hops,
+            "tasks": {name: r.value for name, r in ev.tasks.items()},
+            "seconds": round(ev.seconds, 4),
+            "error": ev.error,
+            "genome": genome_to_dict(g),
+            "evaluation": ev.to_dict(),
+        }
