@@ -36,7 +36,7 @@ from dfs_merge.search.operators import repair
 
 def random_genomes(cfg: RunConfig, n: int, seed: int = 0) -> list[Genome]:
     """`n` distinct random genomes that meet the config's constraints (repaired as a run repairs them)."""
-    from dfs_merge.search.evolution import layer_counts
+    from dfs_merge.models.metadata import layer_counts
 
     template = Genome.empty(cfg.sources, layer_counts(cfg.sources), cfg.repeats, cfg.scaling, cfg.constraints)
     rng = random.Random(seed)

@@ -68,7 +68,7 @@ def outcome(out: Path) -> tuple:
     state = json.loads((out / "checkpoint.json").read_text())
     history = [{k: v for k, v in h.items() if k != "seconds"} for h in state["history"]]
     return ((out / "best.genome.yaml").read_text(), {e["key"] for e in evals(out)}, state["counters"], history,
-            [e["key"] for e in state["population"]], state["cma"])
+            [e["key"] for e in state["population"]], state.get("cma"))
 
 
 class TargetRoute:

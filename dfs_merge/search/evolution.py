@@ -25,10 +25,16 @@ from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict, seed_genomes
-from dfs_merge.models.layers import layer_counts
+from dfs_merge.models.metadata import layer_counts
 from dfs_merge.search import selection
 from dfs_merge.search.algorithms import algorithm_class
-from dfs_merge.search.backends import Evaluator, GenomeEvaluator, LazyEvaluator, ModelEvaluator, make_evaluator
+from dfs_merge.search.backends import (
+    Evaluator,
+    GenomeEvaluator,
+    LazyEvaluator,
+    ModelEvaluator,
+    make_evaluator,
+)
 from dfs_merge.search.ledger import Ledger
 from dfs_merge.search.operators import member, repair, restore_members, same_key
 from dfs_merge.search.rundir import RunDir

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -179,32 +178,7 @@ class RunDir:
         return files
 
     def plot_history(self, history: list[dict[str, Any]]) -> Path | None:
-        """Draw best and mean score per generation into history.png (Agg, no display needed)."""
-        if not history:
-            return None
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
+        """Draw best and mean score per generation into history.png (atomically; nothing when no history)."""
+        from dfs_merge.plots import history_png
 
-        gens = [h["generation"] for h in history]
-        fig = Figure(figsize=(6, 3.5), dpi=110)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        ax.plot(gens, [h["best"] for h in history], marker="o", label="best so far")
-        means = [(g, h["mean"]) for g, h in zip(gens, history, strict=True) if h.get("mean") is not None]
-        if means:
-            ax.plot(*zip(*means, strict=True), marker=".", label="population mean")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("generation")
-        ax.set_ylabel("score (dev)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".history.", suffix=".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, self.history)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return self.history
+        return history_png(history, self.history)
