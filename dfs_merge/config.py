@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from dfs_merge.errors import ConfigError, DfsMergeError
+from dfs_merge.errors import ConfigError, DfsMergeError, FitnessError
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -169,6 +169,34 @@ class RunConfig(RunOptions, SearchConfig):
             raise ValueError(f"metrics names tasks that are in none of tasks, report_tasks, select_tasks: "
                              f"{sorted(unknown)}")
         return self
+
+
+    def split_tasks(self, split: Literal["dev", "val", "test"]) -> tuple[dict[str, float], dict[str, str], Any]:
+        """(task weights, metric overrides, limit) of one split: `dev` scores `tasks`, `val` `select_tasks`,
+        `test` `report_tasks`.
+
+        Validation and report tasks take the weight of the dev task whose name they are with `_dev` for
+        `_val` / `_test` (`arith_test` <- `arith_dev`), else 1; metric overrides map the same way.
+        Each split uses its own limit (`limit`, `select_limit`, `report_limit`; every document when unset).
+        A limit is one number for all tasks or a mapping task -> number (tasks it omits use every document).
+        """
+        if split == "dev":
+            return dict(self.tasks), {k: v for k, v in self.metrics.items() if k in self.tasks}, self.limit
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'dev', 'val' or 'test', got {split!r}")
+        names, limit, key = ((self.select_tasks, self.select_limit, "select_tasks") if split == "val"
+                             else (self.report_tasks, self.report_limit, "report_tasks"))
+        if not names:
+            raise FitnessError(f"the config lists no {key} to score on the {split} split")
+        suffix = f"_{split}"
+        dev_of = {t: t[: -len(suffix)] + "_dev" for t in names if t.endswith(suffix)}
+        tasks = {t: float(self.tasks.get(dev_of.get(t, ""), 1.0)) for t in names}
+        metrics = {}
+        for t in tasks:
+            m = self.metrics.get(t) or self.metrics.get(dev_of.get(t, ""))
+            if m:
+                metrics[t] = m
+        return tasks, metrics, limit
 
 
 RESUMABLE_KEYS = frozenset(RunOptions.model_fields)

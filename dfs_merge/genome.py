@@ -1,6 +1,6 @@
 """The paper's data-flow genome, its YAML file format, and decoding it into a `Route`.
 
-Layout (DESIGN.md): the decoder layers of all sources in a fixed order (all of
+Layout: the decoder layers of all sources in a fixed order (all of
 source 0's layers, then source 1's, ...), repeated `repeats` times, give T = M x r
 slots. One inclusion bit per slot; the route is the included slots in slot order.
 Scaling is one value per slot (`slot`), the paper's M x M matrix indexed by

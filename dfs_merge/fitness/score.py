@@ -103,32 +103,9 @@ class Fitness:
         cache_dir: str | Path | None = None,
         **overrides: Any,
     ) -> Fitness:
-        """The fitness of a run config: `dev` scores `cfg.tasks`, `val` `cfg.select_tasks`, `test` `cfg.report_tasks`.
-
-        Validation and report tasks take the weight of the dev task whose name they are with `_dev` for
-        `_val` / `_test` (`arith_test` <- `arith_dev`), else 1; metric overrides map the same way.
-        Each split uses its own limit (`limit`, `select_limit`, `report_limit`; every document when unset).
-        A limit is one number for all tasks or a mapping task -> number (tasks it omits use every document).
-        """
-        if split == "dev":
-            tasks = dict(cfg.tasks)
-            metrics = {k: v for k, v in cfg.metrics.items() if k in tasks}
-            limit = cfg.limit
-        elif split in ("val", "test"):
-            names, limit, key = ((cfg.select_tasks, cfg.select_limit, "select_tasks") if split == "val"
-                                 else (cfg.report_tasks, cfg.report_limit, "report_tasks"))
-            if not names:
-                raise FitnessError(f"the config lists no {key} to score on the {split} split")
-            suffix = f"_{split}"
-            dev_of = {t: t[: -len(suffix)] + "_dev" for t in names if t.endswith(suffix)}
-            tasks = {t: float(cfg.tasks.get(dev_of.get(t, ""), 1.0)) for t in names}
-            metrics = {}
-            for t in tasks:
-                m = cfg.metrics.get(t) or cfg.metrics.get(dev_of.get(t, ""))
-                if m:
-                    metrics[t] = m
-        else:
-            raise ValueError(f"split must be 'dev', 'val' or 'test', got {split!r}")
+        """The fitness of a run config on one split; which tasks, weights, metrics and limits that means is
+        `RunConfig.split_tasks`'s rule."""
+        tasks, metrics, limit = cfg.split_tasks(split)
         kwargs: dict[str, Any] = dict(
             metrics=metrics,
             limit=limit,
