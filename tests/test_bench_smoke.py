@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import yaml
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from dfs_merge import CHECKOUT
+
+BENCH = CHECKOUT / "bench"
 sys.path.insert(0, str(BENCH))
 
 

@@ -34,7 +34,7 @@ import dfs_merge
 from dfs_merge.atomic import write_atomic
 from dfs_merge.config import ConstraintsConfig, read_yaml
 from dfs_merge.errors import ExportError, GenomeError, SourceError
-from dfs_merge.export.checkpoint import LAYER_NAMES, NON_LAYER_NAMES, running_products
+from dfs_merge.export.tensors import running_products
 from dfs_merge.genome import Genome, Hop, Route, Scaling
 from dfs_merge.models.families import Family
 from dfs_merge.models.sources import locate, read_config
@@ -71,7 +71,7 @@ def _residual_writers(family: Family) -> tuple[str, ...] | None:
     writers = tuple(getattr(family, "residual_writers", ()) or ())
     if not writers:
         return None
-    state = {n: torch.ones(2) for n in LAYER_NAMES}
+    state = {n: torch.ones(2) for n in family.layer_weights}
     state.update({f"{w}.weight": torch.ones(2) for w in writers})
     family.fold_scale(state, 4.0)
     scaled = {n for n, v in state.items() if not torch.equal(v, torch.ones(2))}
@@ -303,10 +303,10 @@ def import_mergekit(
         n = end - start
         for j in range(n):
             t = j / (n - 1) if n > 1 else 1.0
-            product = _slice_product(setting, writers, len(hops), t, w)
+            product = _slice_product(setting, family, writers, len(hops), t, w)
             hops.append((src, start + j, product, i))
         if n == 0 and setting is not None and i in (0, len(named) - 1):
-            _slice_product(setting, writers, len(hops), 1.0, w)  # the base's embeddings / head must stay unscaled
+            _slice_product(setting, family, writers, len(hops), 1.0, w)  # the base's embeddings / head must stay unscaled
     if not hops:
         raise GenomeError(f"{where}: the slices contain no layer")
     first_model, last_model = index_of[0], index_of[-1]
@@ -354,15 +354,21 @@ def import_mergekit(
     return genome
 
 
-def _slice_product(setting: Any, writers: tuple[str, ...] | None, hop: int, t: float, where: str) -> float:
-    """The running product P of output layer `hop`: its residual writers are scaled by 1/P, all else by 1."""
+def _slice_product(
+    setting: Any, family: Family, writers: tuple[str, ...] | None, hop: int, t: float, where: str
+) -> float:
+    """The running product P of output layer `hop`: its residual writers are scaled by 1/P, all else by 1.
+
+    Every weight the family names (`non_layer_weights`, `layer_weights`) is probed against the setting.
+    """
     if setting is None:
         return 1.0
     mine = {f"{w}.weight" for w in writers or ()}
-    names = [*NON_LAYER_NAMES, *(f"model.layers.{hop}.{n}" for n in LAYER_NAMES if n not in mine)]
+    layer = f"{family.layers_attr}.{hop}"
+    names = [*family.non_layer_weights, *(f"{layer}.{n}" for n in family.layer_weights if n not in mine)]
     try:
         probe = {n: _resolve_setting(setting, n, t) for n in names}
-        values = [_resolve_setting(setting, f"model.layers.{hop}.{w}.weight", t) for w in writers or ()]
+        values = [_resolve_setting(setting, f"{layer}.{w}.weight", t) for w in writers or ()]
     except ValueError as err:
         raise GenomeError(f"{where}: scale: {err}") from None
     others = {n: v for n, v in probe.items() if v is not None and v != 1.0}

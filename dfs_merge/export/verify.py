@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dfs_merge.errors import ExportError
+from dfs_merge.errors import ExportError, one_line
 from dfs_merge.genome import Route
 from dfs_merge.models.sources import SourcePool
 
@@ -81,7 +81,7 @@ def verify_export(pool: SourcePool, route: Route, folder: str | Path, tolerance:
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=pool.dtype, **placement)
     except Exception as err:  # noqa: BLE001
-        raise ExportError(f"the written checkpoint does not load ({type(err).__name__}: {err})") from None
+        raise ExportError(f"the written checkpoint does not load ({one_line(err)})") from None
     loaded = loaded.to(pool.device).eval()
     vocab = int(loaded.config.get_text_config(decoder=True).vocab_size)
     prompts = _verify_inputs(pool, vocab)

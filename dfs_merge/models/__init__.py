@@ -1,8 +1,9 @@
 """Models: the sources loaded once (HF folders, GGUF files, packaged names), checked for a shared hidden space,
-their layers pooled; the store of packaged models; `families/`, one small file per architecture."""
+their layers pooled (`sources`); what a model folder says about itself, read without loading it (`metadata`);
+the store of packaged and converted models (`store`); `families/`, one small file per architecture."""
 
 from dfs_merge import lazy_exports
 
-__all__ = ["Source", "SourcePool", "read_config", "locate"]
+__all__ = ["Source", "SourcePool", "read_config", "locate", "layer_counts"]
 __getattr__ = lazy_exports(__name__, {"Source": "sources", "SourcePool": "sources", "read_config": "sources",
-                                      "locate": "sources"})
+                                      "locate": "sources", "layer_counts": "metadata"})

@@ -3,7 +3,8 @@
 Source 0 is the base: it supplies the tokenizer, the embeddings, the final norm and
 the LM head. Every source supplies its decoder layers. A source may be a local
 Hugging Face folder (safetensors), a GGUF file, or a packaged model name (see
-`model_store`); the same path given twice (a self-merge) is loaded once.
+`dfs_merge.models.store`); the same path given twice (a self-merge) is loaded once.
+A loaded source remembers where it came from (its folder and licence), for the export.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from dfs_merge.errors import IncompatibleSources, SourceError
+from dfs_merge.errors import IncompatibleSources, SourceError, one_line
 from dfs_merge.models.families import Family, family_for, supported_model_types
+from dfs_merge.models.metadata import layer_counts, source_license
+
+__all__ = ["DTYPES", "Source", "SourcePool", "check_compatible", "layer_counts", "locate", "read_config", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +32,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Source:
-    """One loaded source model."""
+    """One loaded source model, and where it came from.
+
+    `folder` is the resolved local Hugging Face folder it was loaded from (for a GGUF file or a
+    packaged name, the converted one); `license` is its licence as far as it can be told (see
+    `source_license`). Both are None for a model built in memory.
+    """
 
     path: str
     model: PreTrainedModel
     family: Family
+    folder: Path | None = None
+    license: str | None = None
 
     @property
     def config(self) -> Any:
@@ -62,7 +73,7 @@ def locate(path: str) -> Path:
     is_gguf = p.suffix == ".gguf" and p.is_file()
     is_name = not p.exists() and "/" not in path
     if is_gguf or is_name:
-        from dfs_merge.models import store as model_store  # converting needs the optional gguf reader; import it only here
+        from dfs_merge.models import store as model_store  # needed only to convert
 
         try:
             return Path(model_store.fetch(path))
@@ -87,7 +98,7 @@ def read_config(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Fam
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - any loader failure is the user's file
-        raise SourceError(f"{folder}: cannot read the model config ({type(err).__name__}: {err})") from None
+        raise SourceError(f"{folder}: cannot read the model config ({one_line(err)})") from None
     return config.get_text_config(decoder=True), family
 
 
@@ -149,7 +160,10 @@ class SourcePool:
         for f in distinct:
             log.info("loading %s", f)
             models[f] = _load_model(f, DTYPES[dtype], dev, trust_remote_code)
-        sources = [Source(str(p), models[f.resolve()], configs[f.resolve()][1]) for p, f in zip(paths, folders, strict=True)]
+        sources = [
+            Source(str(p), models[f.resolve()], configs[f.resolve()][1], f.resolve(), source_license(str(p), f.resolve()))
+            for p, f in zip(paths, folders, strict=True)
+        ]
         return cls(sources, tokenizers[folders[0].resolve()], list(paths))
 
     @property
@@ -186,7 +200,7 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
-        raise SourceError(f"{folder}: cannot load its tokenizer ({type(err).__name__}: {err})") from None
+        raise SourceError(f"{folder}: cannot load its tokenizer ({one_line(err)})") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -201,5 +215,5 @@ def _load_model(folder: Path, dtype: torch.dtype, device: torch.device, trust_re
             folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except Exception as err:  # noqa: BLE001
-        raise SourceError(f"{folder}: cannot load the model ({type(err).__name__}: {err})") from None
+        raise SourceError(f"{folder}: cannot load the model ({one_line(err)})") from None
     return model.to(device).eval().requires_grad_(False)

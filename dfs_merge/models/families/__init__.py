@@ -1,8 +1,9 @@
 """Model families: the few architecture-specific facts the engine needs, one small file per family.
 
-A family says where a causal LM keeps its decoder layers, which config fields two
-sources must share to be stitched, the attention type of a layer, and how a hop's
-residual scale folds into exported weights. Everything else (masks, rotary
+A family says where a causal LM keeps its decoder layers, the names of its weights
+(inside a layer and outside the layers), which config fields two sources must share
+to be stitched, the attention type of a layer, and how a hop's residual scale folds
+into exported weights. Everything else (masks, rotary
 embeddings, KV cache, `generate`) is the Hugging Face model's own code.
 """
 

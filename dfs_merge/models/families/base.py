@@ -14,6 +14,20 @@ class Family:
     name: str = ""
     model_types: tuple[str, ...] = ()
     layers_attr: str = "model.layers"
+    # The model's weights outside the decoder layers, as named in its state dict.
+    non_layer_weights: tuple[str, ...] = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+    # The weights of one decoder layer, named within the layer: a pre-norm block of attention and a gated MLP.
+    layer_weights: tuple[str, ...] = (
+        "input_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "post_attention_layernorm.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    )
     # Config fields that must be equal for two sources to share a hidden space.
     compat_fields: tuple[str, ...] = (
         "hidden_size",

@@ -18,6 +18,7 @@ class Gemma3Family(Family):
     name = "gemma3"
     model_types = ("gemma3_text",)
     post_norms = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
+    layer_weights = (*Family.layer_weights, "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
 
     def fold_scale(self, layer_state: dict[str, torch.Tensor], factor: float) -> None:
         """Fold the scale into the gains of the two post-sublayer norms."""

@@ -28,7 +28,7 @@ from dfs_merge.search.evolution import run_evolution
 from dfs_merge.search.operators import repair, scale_genes
 from dfs_merge.search.state import RunRandom
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # builders.py and synthetic.py
 QUIET = {"progress": False, "log": lambda *_: None}
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_self_merge_config
+from builders import write_self_merge_config
 
 from dfs_merge.cli import main
 from dfs_merge.config import load_config

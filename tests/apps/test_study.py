@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_self_merge_config
+from builders import write_self_merge_config
 
 from dfs_merge.cli import main
 from dfs_merge.config import load_config

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HIDDEN, save_source, tiny_llama_config
+from builders import HIDDEN, save_source, tiny_llama_config
 
 from dfs_merge.cli import main
 from dfs_merge.errors import IncompatibleSources, SourceError

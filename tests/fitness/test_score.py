@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GEN_ROWS, MC_ROWS, TINY_TASK_YAMLS, write_jsonl, write_tiny_suite
+from builders import GEN_ROWS, MC_ROWS, TINY_TASK_YAMLS, write_jsonl, write_tiny_suite
 
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import FitnessError

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-SUITES = Path(__file__).resolve().parent.parent / "eval_suites"
+from dfs_merge import CHECKOUT
+
+SUITES = CHECKOUT / "eval_suites"
 
 # task -> (output type, least number of documents, fields every document has)
 TASKS = {

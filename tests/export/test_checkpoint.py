@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from dfs_merge import CHECKOUT
 from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import ExportError, GenomeError, SourceError
 from dfs_merge.export import checkpoint as export
@@ -31,7 +32,7 @@ from dfs_merge.stitch import stitch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = CHECKOUT
 TOL = 1e-3
 
 # A route with a repeated layer block, both sources, and scales other than 1 (pinned ends).

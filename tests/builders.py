@@ -1,0 +1,224 @@
+"""Builders for the tests: tiny tokenizers and Llama sources written as HF folders, tiny lm-eval suites,
+demo-like configs. Deterministic and offline; `conftest.py` turns them into fixtures."""
+
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+from dfs_merge import CHECKOUT
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 48, 4, 4, 2, 320
+
+CORPUS = """\
+Alice was beginning to get very tired of sitting by her sister on the bank, and of having
+nothing to do: once or twice she had peeped into the book her sister was reading, but it had
+no pictures or conversations in it, and what is the use of a book, thought Alice, without
+pictures or conversations? So she was considering in her own mind, as well as she could, for
+the hot day made her feel very sleepy and stupid, whether the pleasure of making a daisy-chain
+would be worth the trouble of getting up and picking the daisies, when suddenly a White Rabbit
+with pink eyes ran close by her. There was nothing so very remarkable in that; nor did Alice
+think it so very much out of the way to hear the Rabbit say to itself, Oh dear! Oh dear! I
+shall be late! The cat sat on the mat. The dog ran to the park. The bird sang in the tree.
+Question: 3 + 4 = ? Answer: 7. Question: 12 + 5 = ? Answer: 17. Question: 9 - 2 = ? Answer: 7.
+Question: 20 + 22 = ? Answer: 42. Question: 8 + 1 = ? Answer: 9. 0 1 2 3 4 5 6 7 8 9 10 11
+"""
+
+# Tasks of the tiny suite: the same shapes as the bundled eval_suites (mc, ppl, gen).
+MC_ROWS = [
+    {"query": "The cat sat on the", "choices": ["mat", "sky", "tree", "river"], "gold": 0},
+    {"query": "The dog ran to the", "choices": ["moon", "park", "book", "cup"], "gold": 1},
+    {"query": "The bird sang in the", "choices": ["car", "bank", "tree", "shoe"], "gold": 2},
+    {"query": "Alice was beginning to get very", "choices": ["blue", "loud", "round", "tired"], "gold": 3},
+    {"query": "what is the use of a", "choices": ["book", "rabbit", "sister", "daisy"], "gold": 0},
+    {"query": "a White Rabbit with pink", "choices": ["shoes", "eyes", "hats", "wings"], "gold": 1},
+]
+PPL_ROWS = [
+    {"text": "Alice was beginning to get very tired of sitting by her sister on the bank."},
+    {"text": "So she was considering in her own mind, as well as she could, for the hot day."},
+    {"text": "There was nothing so very remarkable in that; nor did Alice think it so very much."},
+    {"text": "The cat sat on the mat. The dog ran to the park. The bird sang in the tree."},
+]
+GEN_ROWS = [
+    {"question": "3 + 4", "answer": "7"},
+    {"question": "12 + 5", "answer": "17"},
+    {"question": "9 - 2", "answer": "7"},
+    {"question": "20 + 22", "answer": "42"},
+    {"question": "8 + 1", "answer": "9"},
+]
+
+TINY_TASK_YAMLS = {
+    "tiny_mc": """\
+        task: tiny_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: data/tiny_mc.jsonl
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{query}}"
+        doc_to_choice: "{{choices}}"
+        doc_to_target: gold
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+          - metric: acc_norm
+            aggregation: mean
+            higher_is_better: true
+        metadata:
+          version: 1
+        """,
+    # the bundled prose template, with the data file read by lm-eval's json loader from this suite's folder
+    "tiny_ppl": f"""\
+        include: {CHECKOUT / "eval_suites" / "_template_prose_ppl.yaml"}
+        task: tiny_ppl
+        custom_dataset: null
+        dataset_kwargs:
+          data_files:
+            test: data/tiny_ppl.jsonl
+        """,
+    "tiny_gen": """\
+        task: tiny_gen
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: data/tiny_gen.jsonl
+        test_split: test
+        fewshot_split: test
+        num_fewshot: 2
+        output_type: generate_until
+        doc_to_text: "Question: {{question}} = ? Answer:"
+        doc_to_target: "{{answer}}"
+        generation_kwargs:
+          until: ["\\n", "."]
+          do_sample: false
+          max_gen_toks: 6
+        metric_list:
+          - metric: exact_match
+            aggregation: mean
+            higher_is_better: true
+            ignore_case: true
+            ignore_punctuation: true
+        metadata:
+          version: 1
+        """,
+}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSON lines (one object a line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_self_merge_config(folder: Path, source: Path, name: str, **overrides) -> str:
+    """A demo-like config (one tiny source, repeats 2, nsga2 on [score, hops], the bundled prose and
+    cloze tasks with few documents) written as `folder/name.yaml`; its run goes to `folder/name`."""
+    import yaml
+
+    cfg = {
+        "sources": [str(source)],
+        "repeats": 2,
+        "scaling": "slot",
+        "constraints": {"pin_ends": True, "min_hops": 2, "max_hops": 6},
+        "tasks": {"prose_ppl_dev": 1.0, "cloze_mc_dev": 1.0},
+        "report_tasks": ["prose_ppl_test", "cloze_mc_test"],
+        "limit": {"prose_ppl_dev": 2, "cloze_mc_dev": 4},
+        "report_limit": 3,
+        "max_length": 256,
+        "prefix_cache_mb": 64,
+        "objectives": ["score", "hops"],
+        "algorithm": "nsga2",
+        "population": 4,
+        "generations": 2,
+        "seed": 0,
+        "out": str(folder / name),
+        **overrides,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def write_tiny_suite(folder: Path) -> Path:
+    """Write the three tiny tasks (YAML + JSONL under `data/`) into `folder`; returns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "data" / "tiny_mc.jsonl", MC_ROWS)
+    write_jsonl(folder / "data" / "tiny_ppl.jsonl", PPL_ROWS)
+    write_jsonl(folder / "data" / "tiny_gen.jsonl", GEN_ROWS)
+    for name, text in TINY_TASK_YAMLS.items():
+        (folder / f"{name}.yaml").write_text(textwrap.dedent(text))
+    return folder
+
+
+def build_tokenizer():
+    """The tiny byte-level BPE tokenizer as a `PreTrainedTokenizerFast` (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=4096
+    )
+
+
+def tiny_llama_config(vocab_size: int):
+    """The LlamaConfig every tiny source uses."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def save_source(model, tokenizer, folder: Path) -> Path:
+    """Save a model (safetensors) and tokenizer as an HF folder."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def train_briefly(model, tokenizer, steps: int = 40, seed: int = 0) -> None:
+    """A few seconds of next-token training on the built-in corpus, enough to beat uniform by far."""
+    import torch
+
+    torch.manual_seed(seed)
+    ids = torch.tensor(tokenizer(CORPUS)["input_ids"])
+    seq, batch = 32, 8
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,))
+        x = torch.stack([ids[s : s + seq] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
