@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,13 @@ def smollm2_dir() -> Path | None:
         return None
 
 
-def model_dir(name: str, tmp: Path) -> Path | None:
-    """The folder of a benchmarked model by name: "tiny" (built under `tmp`) or "smollm2"; None otherwise."""
-    return tiny_model_dir(tmp) if name == "tiny" else smollm2_dir() if name == "smollm2" else None
+def model_dirs(names: str, tmp: Path) -> Iterator[tuple[str, Path]]:
+    """The benchmarked models named in a comma-separated list, with their folders: "tiny" (built under
+    `tmp`) and "smollm2"; other names are skipped."""
+    for name in names.split(","):
+        folder = tiny_model_dir(tmp) if name == "tiny" else smollm2_dir() if name == "smollm2" else None
+        if folder is not None:
+            yield name, folder
 
 
 class _Hooks:
@@ -207,10 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            folder = model_dir(name, Path(tmp))
-            if folder is None:
-                continue
+        for name, folder in model_dirs(args.models, Path(tmp)):
             print(f"[{name}] benchmarking on {args.task}, {args.limit} docs ...", file=sys.stderr, flush=True)
             rows.append(bench_model(name, folder, args.task, args.limit, args.batch_size, args.repeats))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

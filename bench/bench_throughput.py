@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import yaml
 from bench_common import RESULTS, loadavg, machine, median, write_result
-from bench_fitness import model_dir, record_batches, time_floor
+from bench_fitness import model_dirs, record_batches, time_floor
 from bench_memory import live_candidates_rss
 
 from dfs_merge.export.mergekit import write_mergekit_config
@@ -225,10 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = machine()
     models = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            folder = model_dir(name, Path(tmp))
-            if folder is None:
-                continue
+        for name, folder in model_dirs(args.models, Path(tmp)):
             models.append(bench_model(name, folder, tasks, args, Path(tmp)))
     print_table(models)
     result = {

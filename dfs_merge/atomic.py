@@ -1,6 +1,6 @@
 """Writes that a crash cannot leave half done: a file or folder is complete under its name, or absent.
 
-Files: `write_atomic` (text), the JSON-lines logs (`read_jsonl`, `append_jsonl`). Folders: `Staging`,
+Files: `atomic_file` and `write_atomic` (text), the JSON-lines logs (`read_jsonl`, `append_jsonl`). Folders: `Staging`,
 the one way a folder (an export, a converted model) is written into a hidden sibling, fsynced and
 renamed into place, with the leftovers of killed writers removed by the next one.
 """
@@ -23,20 +23,29 @@ from typing import IO, Any
 log = logging.getLogger(__name__)
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a text file so that a reader sees either the old or the new content, never half."""
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a hidden temporary sibling of `path` (`.<name>.*.tmp`) for writing; when the block ends it is
+    flushed to disk and renamed over `path`, and when it raises it is removed. A reader sees either the old
+    file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a text file atomically (see `atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def fsync_dir(folder: Path) -> None:

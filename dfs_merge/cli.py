@@ -97,7 +97,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from dfs_merge.export import checkpoint as export
+    from dfs_merge.export.checkpoint import export_checkpoint
     from dfs_merge.genome import load_genome
 
     g = load_genome(args.genome)
@@ -109,7 +109,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from dfs_merge.models.sources import SourcePool
 
     pool = SourcePool.load(list(g.sources), device=args.device, dtype=args.dtype)
-    out = export.export_checkpoint(pool, g, args.out, force=args.force, verify=not args.no_verify)
+    out = export_checkpoint(pool, g, args.out, force=args.force, verify=not args.no_verify)
     print(f"wrote {out}")
 
 

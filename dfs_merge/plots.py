@@ -6,12 +6,11 @@ matplotlib is imported only when a picture is drawn, with the Agg backend (no di
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dfs_merge.atomic import atomic_file
 from dfs_merge.genome import Genome
 
 if TYPE_CHECKING:
@@ -19,25 +18,10 @@ if TYPE_CHECKING:
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:
-    """Write `fig` as a PNG at `path` atomically: a reader sees the old file or the new one, never half.
-
-    The picture goes to a temporary `.<name>.*.png.tmp` in the same folder (created if missing),
-    is flushed to disk, then renamed over `path`; on any failure the temporary file is removed.
-    Returns `path`. The figure is not closed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `fig` as a PNG at `path` atomically (`atomic_file`); returns `path`. The figure is not closed."""
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    return Path(path)
 
 
 def route_png(genome: Genome, path: str | Path, title: str | None = None) -> Path:

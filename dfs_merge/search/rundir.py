@@ -38,36 +38,14 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.evals = self.path / "evals.jsonl"
+        self.checkpoint = self.path / "checkpoint.json"
+        self.best = self.path / "best.genome.yaml"
+        self.pareto_dir = self.path / "pareto"
+        self.pareto_json = self.path / "pareto.json"
+        self.history = self.path / "history.png"
         self._evals_file: Any = None
-
-    # ---- paths -------------------------------------------------------------------------
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def evals(self) -> Path:
-        return self.path / "evals.jsonl"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / "checkpoint.json"
-
-    @property
-    def best(self) -> Path:
-        return self.path / "best.genome.yaml"
-
-    @property
-    def pareto_dir(self) -> Path:
-        return self.path / "pareto"
-
-    @property
-    def pareto_json(self) -> Path:
-        return self.path / "pareto.json"
-
-    @property
-    def history(self) -> Path:
-        return self.path / "history.png"
 
     def paths(self) -> dict[str, Path]:
         """Every file a run may write, by name."""

@@ -322,17 +322,15 @@ def test_fetch_unknown_name_lists_known_models(tmp_path):
         ms.fetch(not_gguf)
 
 
+def packaged(name: str, package: str, gguf_file: str) -> ms.PackagedModel:
+    """A registry entry for a package holding `gguf_file` at its top (module name = package with underscores)."""
+    return ms.PackagedModel(name=name, package=package, module=package.replace("-", "_"), gguf_file=gguf_file,
+                            pip_args=f"--no-deps {package}", locate="package_file", description="test",
+                            license="none")
+
+
 def test_missing_package_names_the_pip_command(monkeypatch):
-    spec = ms.PackagedModel(
-        name="absent-model",
-        package="dfs-merge-absent-package",
-        module="dfs_merge_absent_package",
-        gguf_file="absent.gguf",
-        pip_args="--no-deps dfs-merge-absent-package",
-        locate="package_file",
-        description="a package that is not installed",
-        license="none",
-    )
+    spec = packaged("absent-model", "dfs-merge-absent-package", "absent.gguf")
     monkeypatch.setitem(ms.PACKAGED_MODELS, spec.name, spec)
     with pytest.raises(ms.ModelStoreError) as info:
         ms.fetch("absent-model")
@@ -365,16 +363,7 @@ def test_packaged_model_converts_once_and_again_after_upgrade(tiny_gguf, tmp_pat
     )
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
-    spec = ms.PackagedModel(
-        name="fake-tiny",
-        package="dfs-merge-fake-gguf-pkg",
-        module="dfs_merge_fake_gguf_pkg",
-        gguf_file="tiny.gguf",
-        pip_args="--no-deps dfs-merge-fake-gguf-pkg",
-        locate="package_file",
-        description="test",
-        license="none",
-    )
+    spec = packaged("fake-tiny", "dfs-merge-fake-gguf-pkg", "tiny.gguf")
     monkeypatch.setitem(ms.PACKAGED_MODELS, spec.name, spec)
 
     out = ms.fetch("fake-tiny")
