@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 from dfs_merge import CHECKOUT
@@ -222,3 +223,43 @@ def train_briefly(model, tokenizer, steps: int = 40, seed: int = 0) -> None:
         loss.backward()
         opt.step()
     model.eval()
+
+
+@dataclass
+class CliResult:
+    """What one `dfs-merge` command did: its exit code and what it printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*argv: str) -> CliResult:
+    """Run `dfs-merge ARGV` in this process (an uncaught exception propagates: that is a traceback)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from dfs_merge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse's own refusals
+            code = exc.code if isinstance(exc.code, int) else 2
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def assert_refused(result: CliResult, *phrases: str) -> None:
+    """Exit code 2, at most 3 lines on stderr, no traceback, each phrase in the message."""
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert result.code == 2, (result.code, result.err[-2000:])
+    assert "Traceback" not in result.err and 1 <= len(lines) <= 3, result.err[-2000:]
+    for phrase in phrases:
+        assert phrase in result.err, (phrase, result.err)
+
+
+def tree_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and mtime: to show that a refused command wrote nothing."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
