@@ -11,21 +11,36 @@ yields one scale per hop.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dfs_merge.atomic import write_atomic
-from dfs_merge.config import ConstraintsConfig, describe_validation_error, read_yaml
+from dfs_merge.config import ConstraintsConfig, describe_validation_error
 from dfs_merge.errors import GenomeError
+from dfs_merge.inputs import NoAliasDumper, read_yaml
 
 FORMAT = "dfs-merge/genome@1"
 Scaling = Literal["slot", "transition", "none"]
+MAX_SLOTS = 2**16
+"""The most slots (layers x repeats) and hops a genome may have: far above any model, low enough to allocate."""
+MAX_SCALES = 2**20
+"""The most scales a genome may hold (a `transition` genome over M layers holds M x M)."""
+Scale = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A hop scale as read from a file: finite and positive (0 would divide the folded export, NaN poison it)."""
+
+
+def check_scales(scales: Sequence[float], what: str = "scales") -> None:
+    """Refuse a scale that is not finite and positive, naming its index."""
+    for i, x in enumerate(scales):
+        if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
+            raise GenomeError(f"{what}[{i}]: {x!r} is not a finite positive number (scales must be finite and > 0)")
 
 
 @dataclass(frozen=True)
@@ -83,11 +98,16 @@ class Route:
         """Parse the readable form (`0:0-19, 1:10-29`); `scales` gives one value per hop (default 1)."""
         hops: list[tuple[int, int]] = []
         for part in filter(None, (p.strip() for p in text.split(","))):
-            m = re.fullmatch(r"(\d+)\s*:\s*(\d+)(?:\s*-\s*(\d+))?", part)
+            m = re.fullmatch(r"([0-9]+)\s*:\s*([0-9]+)(?:\s*-\s*([0-9]+))?", part)
+            shown = part if len(part) <= 40 else part[:37] + "..."
             if not m:
-                raise GenomeError(f"route: cannot read {part!r}; expected SOURCE:FIRST-LAST such as 0:0-19")
+                raise GenomeError(f"route: cannot read {shown!r}; expected SOURCE:FIRST-LAST such as 0:0-19")
+            if any(g is not None and len(g) > 6 for g in m.groups()):  # int() of 5,000 digits raises
+                raise GenomeError(f"route: {shown!r} names a source or layer beyond 999999")
             src, first = int(m.group(1)), int(m.group(2))
             last = int(m.group(3)) if m.group(3) is not None else first
+            if len(hops) + abs(last - first) + 1 > MAX_SLOTS:
+                raise GenomeError(f"route: more than {MAX_SLOTS} hops")
             step = 1 if last >= first else -1
             hops.extend((src, layer) for layer in range(first, last + step, step))
         if scales is None:
@@ -149,6 +169,8 @@ class Genome:
     scales: tuple[float, ...] = ()
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
     scores: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # content fingerprints of the sources this genome was evolved on (models.metadata.fingerprint), where known
+    fingerprints: tuple[str | None, ...] = field(default=(), compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if len(self.sources) != len(self.layout.layers):
@@ -161,6 +183,7 @@ class Genome:
         want = {"slot": self.layout.T, "transition": self.layout.M**2, "none": 0}[self.scaling]
         if len(self.scales) != want:
             raise GenomeError(f"scales: scaling {self.scaling!r} needs {want} values, got {len(self.scales)}")
+        check_scales(self.scales)
 
     # ---- decoding -----------------------------------------------------------------
     def decode(self) -> Route:
@@ -313,6 +336,7 @@ class _SourceEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
     layers: int = Field(ge=1)
+    fingerprint: str | None = None
 
 
 class _GenomeFile(BaseModel):
@@ -324,9 +348,9 @@ class _GenomeFile(BaseModel):
     constraints: ConstraintsConfig = ConstraintsConfig()
     route: str | None = None
     hops: int | None = None
-    hop_scales: list[float] | None = None
+    hop_scales: list[Scale] | None = None
     bits: str | list[str] | None = None
-    scales: list[float] | list[list[float]] | None = None
+    scales: list[Scale] | list[list[Scale]] | None = None
     scores: dict[str, Any] = {}
 
 
@@ -340,6 +364,13 @@ def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
         raise GenomeError(f"{where}: {describe_validation_error(err)}") from None
     sources = [s.path for s in f.sources]
     layers = [s.layers for s in f.sources]
+    m = sum(layers)  # checked before anything of this size is allocated
+    if m * f.repeats > MAX_SLOTS:
+        raise GenomeError(f"{where}: {m} layers x {f.repeats} repeats is {m * f.repeats} slots, "
+                          f"more than the {MAX_SLOTS} a genome may have")
+    if f.scaling == "transition" and m * m > MAX_SCALES:
+        raise GenomeError(f"{where}: scaling 'transition' over {m} layers needs {m * m} scales, "
+                          f"more than the {MAX_SCALES} a genome may have")
     try:
         if f.bits is None:
             if f.route is None:
@@ -364,7 +395,8 @@ def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
         g.check()
     except GenomeError as err:
         raise GenomeError(f"{where}: {err}") from None
-    return replace(g, scores=dict(f.scores))
+    fingerprints = tuple(s.fingerprint for s in f.sources)
+    return replace(g, scores=dict(f.scores), fingerprints=fingerprints if any(fingerprints) else ())
 
 
 def genome_to_dict(g: Genome) -> dict[str, Any]:
@@ -373,13 +405,15 @@ def genome_to_dict(g: Genome) -> dict[str, Any]:
     blocks = g.layout.blocks()
     data: dict[str, Any] = {
         "format": FORMAT,
-        "sources": [{"path": p, "layers": n} for p, n in zip(g.sources, g.layout.layers, strict=True)],
+        "sources": [{"path": p, "layers": n, **({"fingerprint": fp} if fp else {})}
+                    for p, n, fp in zip(g.sources, g.layout.layers, g.fingerprints or [None] * len(g.sources),
+                                        strict=True)],
         "repeats": g.layout.repeats,
         "scaling": g.scaling,
         "constraints": g.constraints.model_dump(),
         "route": route.text(),
         "hops": len(route),
-        "hop_scales": [round(x, 6) for x in route.scales],
+        "hop_scales": [float(f"{x:.6g}") for x in route.scales],  # 6 digits, not 6 decimals: 1e-7 stays > 0
         "bits": ["".join(map(str, g.bits[start : start + n])) for _, _, start, n in blocks],
     }
     if g.scaling == "slot":
@@ -392,8 +426,9 @@ def genome_to_dict(g: Genome) -> dict[str, Any]:
     return data
 
 
-class _FlowLists(yaml.SafeDumper):
-    """Dumper that writes lists of numbers on one line, keeping genome files readable."""
+class _FlowLists(NoAliasDumper):
+    """Dumper that writes lists of numbers on one line, keeping genome files readable (and no aliases,
+    which `read_yaml` refuses)."""
 
 
 def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:

@@ -5,6 +5,7 @@ demo-like configs. Deterministic and offline; `conftest.py` turns them into fixt
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,9 +251,19 @@ def run_cli(*argv: str) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+def message_lines(err: str) -> list[str]:
+    """The lines of stderr a person reads, without progress bars (tqdm's lines of `\r` updates)."""
+    lines = []
+    for line in err.splitlines():
+        last = line.split("\r")[-1].strip()
+        if last and not re.search(r"\d+/\d+ \[[^\]]*(it|eval)/s\]$|\d+%\|", last):
+            lines.append(last)
+    return lines
+
+
 def assert_refused(result: CliResult, *phrases: str) -> None:
-    """Exit code 2, at most 3 lines on stderr, no traceback, each phrase in the message."""
-    lines = [line for line in result.err.splitlines() if line.strip()]
+    """Exit code 2, at most 3 lines on stderr besides progress bars, no traceback, each phrase in the message."""
+    lines = message_lines(result.err)
     assert result.code == 2, (result.code, result.err[-2000:])
     assert "Traceback" not in result.err and 1 <= len(lines) <= 3, result.err[-2000:]
     for phrase in phrases:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from dfs_merge.errors import FitnessError
+from dfs_merge.errors import ConfigError, FitnessError
 from dfs_merge.genome import Hop, Route
+from dfs_merge.inputs import read_lines
 from dfs_merge.models.sources import SourcePool
 
 
@@ -98,15 +99,34 @@ def naive_deepening_route(layers: int) -> Route:
 
 def calibration_texts(path: str | Path, n: int = 16, field: str = "text") -> list[str]:
     """The first `n` texts of a JSONL file (default: the bundled prose dev split, never a test split)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    texts = [str(r[field]) for r in rows if field in r][:n]
+    texts: list[str] = []
+    for number, line in read_lines(path, FitnessError):  # read only as far as the first n texts
+        if len(texts) >= n:
+            break
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise FitnessError(f"{path}: line {number} is not valid JSON") from None
+        if isinstance(row, dict) and field in row:
+            texts.append(str(row[field]))
     if not texts:
         raise FitnessError(f"{path}: no rows with a {field!r} field to calibrate on")
     return texts
 
 
+def check_sizes(sizes: Sequence[int], layers: int) -> None:
+    """Refuse pruning sizes that would leave the base no layer (ConfigError naming the size)."""
+    too_big = [n for n in sizes if not 1 <= n < layers]
+    if too_big:
+        raise ConfigError(f"--sizes: cannot remove {too_big[0]} of the base's {layers} layers "
+                          f"(each size must be between 1 and {layers - 1})")
+
+
 def baseline_routes(pool: SourcePool, texts: Sequence[str], sizes: Sequence[int] = (2, 4, 6, 8)) -> dict[str, Route]:
     """Every heuristic of this module as named routes over the base: ShortGPT and angular pruning per n, deepening."""
+    check_sizes(sizes, pool.layers_per_source[0])
     stats = layer_stats(pool, texts)
     routes: dict[str, Route] = {"base": Route(tuple(Hop(0, i) for i in range(len(stats.block_influence))))}
     for n in sizes:

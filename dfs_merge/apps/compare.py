@@ -15,6 +15,7 @@ from dfs_merge.errors import GenomeError
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Hop, Route, load_genome
+from dfs_merge.models.metadata import check_same_sources
 from dfs_merge.models.sources import SourcePool
 
 
@@ -61,6 +62,8 @@ def evaluate_for_cli(
 ) -> dict[str, Evaluation]:
     """`dfs-merge eval`: score a genome file, the base unchanged, or each source's own model; print the table."""
     g = load_genome(genome) if genome else None
+    if g is not None:  # the genome's route over other weights would be another model, silently
+        check_same_sources(g.sources, g.fingerprints, cfg.sources, f"genome {genome}")
     fitness = Fitness.from_config(cfg, split=split)  # a bad task fails before any model is loaded
     pool = SourcePool.load(cfg.sources, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if sources_only:
@@ -84,8 +87,10 @@ def baselines_for_cli(
     out: Callable[[str], None] = print,
 ) -> dict[str, Evaluation]:
     """`dfs-merge baseline`: score ShortGPT, angular-distance pruning and naive deepening of the base."""
-    from dfs_merge.apps.baselines import baseline_routes, calibration_texts
+    from dfs_merge.apps.baselines import baseline_routes, calibration_texts, check_sizes
+    from dfs_merge.models.metadata import layer_counts
 
+    check_sizes(sizes, layer_counts(cfg.sources[:1])[0])  # before anything is loaded
     fitness = Fitness.from_config(cfg, split=split)
     texts = calibration_texts(calibration)
     pool = SourcePool.load(cfg.sources[:1], device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)

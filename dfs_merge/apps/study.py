@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dfs_merge.apps.baselines import baseline_routes, calibration_texts
+from dfs_merge.apps.baselines import baseline_routes, calibration_texts, check_sizes
 from dfs_merge.atomic import append_jsonl, read_jsonl, write_atomic
 from dfs_merge.candidate import CandidateScorer
 from dfs_merge.config import load_config
@@ -40,7 +40,9 @@ from dfs_merge.errors import ConfigError, GenomeError
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Route, genome_from_dict, seed_genomes
+from dfs_merge.models.metadata import layer_counts
 from dfs_merge.models.sources import SourcePool
+from dfs_merge.outputs import check_output
 from dfs_merge.plots import save_png
 from dfs_merge.search.backends import ModelEvaluator
 from dfs_merge.search.evolution import run_evolution
@@ -206,8 +208,9 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
     cfg = load_config(config)
     if len(cfg.sources) != 1 or cfg.algorithm != "nsga2" or not cfg.report_tasks:
         raise ConfigError(f"{config}: a study needs one source, algorithm nsga2 and report_tasks")
-    root = Path(cfg.out)
-    root.mkdir(parents=True, exist_ok=True)
+    check_sizes(sizes, layer_counts(cfg.sources)[0])  # before anything is loaded
+    root = check_output(cfg.out, kind="folder", force=True, inputs=cfg.sources, error=ConfigError, what="out:")
+    root.mkdir(parents=True, exist_ok=True)  # a study resumes in its folder: an existing one is fine
     evaluator = ModelEvaluator(cfg, "dev")
     evaluator.setup()
     pool: SourcePool = evaluator.pool

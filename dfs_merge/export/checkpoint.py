@@ -32,7 +32,9 @@ from dfs_merge.export.tensors import Entry, FoldedLayers, parse_size, plan_tenso
 from dfs_merge.export.tensors import save_shard as _save_shard
 from dfs_merge.export.verify import VerifyResult, check_verified, verify_export, verify_tolerance
 from dfs_merge.genome import Genome, Route, save_genome
+from dfs_merge.models.metadata import check_same_sources
 from dfs_merge.models.sources import SourcePool
+from dfs_merge.outputs import check_output
 
 __all__ = [
     "GENOME_FILE", "INDEX_NAME", "TOKENIZER_FILES", "WEIGHTS_NAME", "VerifyResult", "export_checkpoint", "export_config",
@@ -81,9 +83,8 @@ def export_checkpoint(
     """
     route = genome.check()
     _check_pool(pool, genome)
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise ExportError(f"{out}: already exists; pass force=True (--force) to replace it")
+    out = check_output(out, kind="folder", force=force, inputs=[*genome.sources, *pool.paths], error=ExportError,
+                       what=None, force_hint="force=True (--force)")
     limit = parse_size(max_shard_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     _STAGING.remove_leftovers(out)
@@ -113,16 +114,14 @@ def export_genome(genome: Genome, out: str | Path, *, device: str = "cpu", dtype
 
 
 def _check_pool(pool: SourcePool, genome: Genome) -> None:
-    """The pool must hold the genome's sources: same number, same layer counts."""
+    """The pool must hold the genome's sources: same number, same layer counts, the same weights."""
     have, want = pool.layers_per_source, genome.layout.layers
     if have != want:
         raise SourceError(
             f"the loaded sources ({len(have)} with layers {list(have)}) are not the genome's "
             f"({len(want)} with layers {list(want)}: {', '.join(genome.sources)})"
         )
-    for i, (p, g) in enumerate(zip(pool.paths, genome.sources, strict=True)):
-        if Path(p).expanduser().resolve() != Path(g).expanduser().resolve():
-            log.warning("source %d: the pool loaded %s, the genome names %s", i, p, g)
+    check_same_sources(genome.sources, genome.fingerprints, pool.paths)
 
 
 def _write_weights(pool: SourcePool, route: Route, folder: Path, limit: int) -> None:

@@ -34,14 +34,19 @@ class VerifyResult:
     max_abs_logit: float  # max |logit(stitched)| over the same batch
     generations_equal: bool | None  # greedy continuations of every prompt identical (None: not compared)
     new_tokens: int
+    problem: str | None = None  # why the comparison could not be made (non-finite logits)
 
     @property
     def rel_error(self) -> float:
-        """max|Δlogit| / max|logit|."""
+        """max|Δlogit| / max|logit| (NaN when a model gave non-finite logits)."""
+        if self.problem is not None or not math.isfinite(self.max_abs_diff):
+            return math.nan
         return self.max_abs_diff / max(self.max_abs_logit, 1e-30)
 
     def text(self) -> str:
         """One line for the log and the model card."""
+        if self.problem is not None:
+            return self.problem
         gen = {True: "identical", False: "DIFFERENT", None: "not compared"}[self.generations_equal]
         return (
             f"max|Δlogit|/max|logit| = {self.rel_error:.2e} (max|Δ| {self.max_abs_diff:.2e}); "
@@ -91,6 +96,10 @@ def verify_export(pool: SourcePool, route: Route, folder: str | Path, tolerance:
         ids = ids.to(pool.device)
         a = stitched(input_ids=ids).logits.float()
         b = loaded(input_ids=ids).logits.float()
+        for name, logits in (("the stitched model", a), ("the written checkpoint", b)):
+            if not bool(torch.isfinite(logits).all()):  # max() would drop a NaN and call the export identical
+                del loaded
+                return VerifyResult(math.nan, math.nan, None, VERIFY_NEW_TOKENS, f"{name} gives non-finite logits")
         diff = max(diff, float((a - b).abs().max()))
         top = max(top, float(a.abs().max()))
     if tolerance is not None and not diff <= tolerance * top:
@@ -118,9 +127,13 @@ def check_verified(result: VerifyResult, dtype: torch.dtype) -> None:
     and only logged, as long as the logits agree.
     """
     tol = verify_tolerance(dtype)
+    if result.problem is not None:
+        raise ExportError(f"verify failed: {result.problem} (a NaN or inf scale or weight?); nothing was written")
     if not math.isfinite(result.rel_error) or result.rel_error > tol:
-        raise ExportError(f"verify failed: {result.text()} (tolerance {tol:g}); nothing was written")
+        raise ExportError(f"verify failed: the checkpoint's logits differ from the stitched model's, {result.text()} "
+                          f"(tolerance {tol:g}); nothing was written")
     if result.generations_equal is False:
         if dtype in VERIFY_TOLERANCE:
-            raise ExportError(f"verify failed: {result.text()}; nothing was written")
+            raise ExportError(f"verify failed: the checkpoint's greedy generations differ from the stitched model's, "
+                              f"{result.text()}; nothing was written")
         log.warning("verify: greedy generations differ in %s (near-ties); logits agree: %s", dtype, result.text())

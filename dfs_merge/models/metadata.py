@@ -1,16 +1,22 @@
 """What a model folder says about itself, read from its small files without loading the model.
 
 `layer_counts` reads each source's decoder layer count from its config.json; `source_license`
-finds a source's licence (a packaged model's, or its model card's front matter). Importing this
+finds a source's licence (a packaged model's, or its model card's front matter); `fingerprint` hashes a
+source's weights, so that a run or a genome can tell when a source changed under it. Importing this
 module imports neither torch nor transformers, so the search driver can use it cheaply.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+
+from dfs_merge.errors import SourceError
+from dfs_merge.inputs import parse_yaml, read_bytes
 
 
 def layer_counts(paths: Sequence[str]) -> tuple[int, ...]:
@@ -44,14 +50,10 @@ def card_license(folder: Path) -> str | None:
     card = folder / "README.md"
     if not card.is_file():
         return None
-    m = re.match(r"---\n(.*?)\n---", card.read_text(errors="replace"), re.S)
-    if not m:
-        return None
-    import yaml
-
-    try:
-        front = yaml.safe_load(m.group(1)) or {}
-    except yaml.YAMLError:
+    try:  # a model card is the source's, not ours: unreadable, it simply names no licence
+        m = re.match(r"---\n(.*?)\n---", read_bytes(card, SourceError).decode(errors="replace"), re.S)
+        front = parse_yaml(m.group(1), SourceError) if m else None
+    except SourceError:
         return None
     if isinstance(front, dict) and front.get("license"):
         return str(front["license"])
@@ -67,3 +69,81 @@ def source_license(path: str, folder: Path | None) -> str | None:
     if lic is not None:
         return lic
     return card_license(folder) if folder is not None else None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+
+
+def fingerprint(path: str) -> str | None:
+    """A content fingerprint of a source: blake2b over its config.json and weight files (names and bytes).
+
+    `path` as a source is written: a model folder, a .gguf file, or a packaged name (its converted folder,
+    once converted). None when there is nothing to read yet (a packaged model not converted). Recorded by a
+    run and in the genomes it writes, so that a resume or an eval on changed weights is refused instead of
+    mixing two models. Reading 0.5 GB takes about a second; a file unchanged in size and mtime is not read
+    again in this process.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = [f for f in sorted(p.iterdir()) if f.is_file() and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES)]
+    elif p.is_file():
+        files = [p]
+    else:
+        from dfs_merge.models.store import is_complete, models_dir
+
+        converted = models_dir() / path
+        if "/" in path or not is_complete(converted):
+            return None
+        return fingerprint(str(converted))
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        h.update(f.name.encode() + b"\0" + _file_digest(str(f.resolve()), *_signature(f)).encode())
+    return "blake2b:" + h.hexdigest()
+
+
+def _signature(f: Path) -> tuple[int, int]:
+    st = f.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_fingerprints(paths: Sequence[str], expected: Sequence[str | None], what: str) -> list[str | None]:
+    """The sources' fingerprints now; SourceError if one differs from `expected` (None: unknown, not compared)."""
+    from dfs_merge.errors import SourceError
+
+    now = [fingerprint(p) for p in paths]
+    for i, (path, was, is_) in enumerate(zip(paths, expected, now, strict=False)):
+        if was is not None and is_ is not None and was != is_:
+            raise SourceError(f"source {i} ({path}) is not the model {what} was made from: its weights changed "
+                              f"(fingerprint {was}, now {is_})")
+    return now
+
+
+def check_same_sources(genome_sources: Sequence[str], genome_fingerprints: Sequence[str | None],
+                       paths: Sequence[str], what: str = "the genome") -> None:
+    """Refuse to run a genome over `paths` unless each is its own source: the same folder or name (with
+    unchanged weights, where the genome recorded their fingerprint), or another copy of the same weights."""
+    from dfs_merge.errors import SourceError
+
+    if len(genome_sources) != len(paths):
+        raise SourceError(f"{what} has {len(genome_sources)} sources, not {len(paths)}: {', '.join(genome_sources)}")
+    for i, (own, path) in enumerate(zip(genome_sources, paths, strict=True)):
+        recorded = genome_fingerprints[i] if i < len(genome_fingerprints) else None
+        if own == path or Path(own).expanduser().resolve() == Path(path).expanduser().resolve():
+            now = fingerprint(path) if recorded else None
+            if recorded and now and now != recorded:
+                raise SourceError(f"source {i} ({path}) changed since {what} was made: its weights' fingerprint "
+                                  f"was {recorded}, now {now}")
+            continue
+        want, have = recorded or fingerprint(own), fingerprint(path)
+        if want is None or have is None or want != have:
+            raise SourceError(f"source {i}: {what} was made on {own}, not {path} (other weights); "
+                              "use a config whose sources are the genome's")

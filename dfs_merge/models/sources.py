@@ -9,7 +9,6 @@ A loaded source remembers where it came from (its folder and licence), for the e
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dfs_merge.errors import IncompatibleSources, SourceError, one_line
+from dfs_merge.inputs import read_json
 from dfs_merge.models.families import Family, family_for, supported_model_types
 from dfs_merge.models.metadata import layer_counts, source_license
 
@@ -86,10 +86,10 @@ def locate(path: str) -> Path:
 
 def read_config(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Family]:
     """The HF config of a model folder and the family that handles it."""
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
-    except (OSError, json.JSONDecodeError) as err:
-        raise SourceError(f"{folder}: unreadable config.json ({err})") from None
+    data = read_json(folder / "config.json", SourceError)
+    if not isinstance(data, dict):
+        raise SourceError(f"{folder / 'config.json'}: expected a JSON object, got {type(data).__name__}")
+    model_type = data.get("model_type", "")
     family = family_for(model_type)
     if family is None:
         raise SourceError(
@@ -210,10 +210,21 @@ def _load_model(folder: Path, dtype: torch.dtype, device: torch.device, trust_re
     has_safetensors = any(folder.glob("*.safetensors"))
     if not has_safetensors:
         raise SourceError(f"{folder}: no .safetensors weights (pickled weights are not loaded, for safety)")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per source for a load of seconds buries the run's own lines
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True
         )
     except Exception as err:  # noqa: BLE001
         raise SourceError(f"{folder}: cannot load the model ({one_line(err)})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values: another model than the folder's, silently
+        raise SourceError(f"{folder}: the weights lack {len(missing)} tensors its config.json asks for (e.g. "
+                          f"{missing[0]}); does the config claim more layers than the weights hold?")
     return model.to(device).eval().requires_grad_(False)

@@ -22,7 +22,7 @@ from typing import Any
 from deap import tools
 
 from dfs_merge.config import RunConfig
-from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError
+from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError, one_line
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict, seed_genomes
 from dfs_merge.models.metadata import layer_counts
@@ -40,6 +40,8 @@ from dfs_merge.search.operators import member, repair, restore_members, same_key
 from dfs_merge.search.rundir import RunDir
 from dfs_merge.search.state import RunRandom
 
+RESTART_HINT = ("move {checkpoint} away to restart the run from its evals.jsonl (every logged evaluation is "
+                "reused, none computed again)")
 PLOT_EVERY_S = 60.0  # history.png is redrawn after a generation when this long has passed (and at the end)
 
 
@@ -80,6 +82,7 @@ class Evolution:
         self.val: dict[str, Evaluation] = {}  # validation scores of the final shortlist (select_tasks)
         self.chosen: dict[Any, Any] = {}  # the final choice on validation: "best", and each front hop count
         self.finished = False
+        self.fingerprints: tuple[str | None, ...] = ()  # of the sources, written into the genome files
         self._plotted = time.monotonic()
 
     # ---- the loop ------------------------------------------------------------------------
@@ -134,7 +137,7 @@ class Evolution:
         for split, known in (("val", self.val), ("test", self.report)):
             if m.key in known:
                 scores[split] = known[m.key].summary()
-        return replace(m.genome, scores=scores)
+        return replace(m.genome, scores=scores, fingerprints=self.fingerprints)
 
     def front(self) -> list[Any]:
         """The Pareto front, fewest hops first; after the final choice, its member at each hop count."""
@@ -192,7 +195,8 @@ class Evolution:
             raise ConfigError(f"resume: the checkpoint is of algorithm {state.get('algorithm')}, not {self.cfg.algorithm}")
         missing = [e["key"] for e in state["population"] + state["hall_of_fame"] if e["key"] not in self.ledger]
         if missing:
-            raise ConfigError(f"resume: {self.rundir.evals} lacks the evaluation of {len(missing)} checkpointed genomes")
+            raise ConfigError(f"resume: {self.rundir.evals} lacks the evaluation of {len(missing)} checkpointed genomes; "
+                              f"{RESTART_HINT.format(checkpoint=self.rundir.checkpoint)}")
         self.generation = done_gen
         self.finished = bool(state.get("finished")) and done_gen >= self.cfg.generations
         self.rng = RunRandom.from_json(state["rng"])
@@ -301,6 +305,7 @@ def run_evolution(
         raise ConfigError(f"seed_routes: {len(seeds)} distinct seeds (with the sources themselves) do not fit "
                           f"population {cfg.population}")
     rundir = RunDir.open(cfg, resume)
+    fingerprints = tuple(rundir.check_sources(list(cfg.sources)))
     records = rundir.read_evals() if resume else []
     state = rundir.read_checkpoint() if resume else None
     if resume and state is None and not records:
@@ -309,7 +314,13 @@ def run_evolution(
     evaluator = LazyEvaluator(cfg, fn)
     try:
         evo = Evolution(cfg, template, rundir, evaluator, log, progress)
-        evo.restore(records, state)
+        evo.fingerprints = fingerprints
+        try:
+            evo.restore(records, state)
+        except (GenomeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise ConfigError(f"{rundir.checkpoint}: not a checkpoint this run can continue from ({one_line(err)}); "
+                              f"{RESTART_HINT.format(checkpoint=rundir.checkpoint)}") from None
+        rundir.start(cfg, list(fingerprints))
         if not evo.finished:
             evo.run()
         evaluator.close()  # free the workers before the report starts its own

@@ -8,6 +8,7 @@ best.genome.yaml    the best genome so far, with its scores
 pareto/             nsga2: one genome file per member of the Pareto front
 pareto.json         nsga2: the front as a table
 history.png         best and mean score per generation
+sources.json        the sources' content fingerprints: a resume on changed weights is refused
 ```
 
 Nothing is pickled: every file is text (YAML or JSON) that a person can read.
@@ -25,8 +26,10 @@ import yaml
 
 from dfs_merge.atomic import append_jsonl, read_jsonl, write_atomic
 from dfs_merge.config import RESUMABLE_KEYS, RunConfig
-from dfs_merge.errors import ConfigError
+from dfs_merge.errors import ConfigError, DfsMergeError
 from dfs_merge.genome import Genome, save_genome
+from dfs_merge.inputs import NoAliasDumper, read_json, read_yaml
+from dfs_merge.outputs import check_output
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class RunDir:
         self.pareto_dir = self.path / "pareto"
         self.pareto_json = self.path / "pareto.json"
         self.history = self.path / "history.png"
+        self.sources = self.path / "sources.json"
         self._evals_file: Any = None
 
     def paths(self) -> dict[str, Path]:
@@ -58,18 +62,24 @@ class RunDir:
             "pareto": self.pareto_dir,
             "pareto_json": self.pareto_json,
             "history": self.history,
+            "sources": self.sources,
         }
 
     # ---- opening -----------------------------------------------------------------------
     @classmethod
     def open(cls, cfg: RunConfig, resume: bool) -> RunDir:
-        """Check `cfg.out` (writable; empty unless resuming; same config when resuming) and write config.yaml."""
+        """Check `cfg.out`: writable; empty unless resuming; the same config when resuming. A folder where
+        nothing was evaluated yet (a run that failed at its start) counts as empty. Writes nothing."""
         rd = cls(cfg.out)
         path = rd.path
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"out: {path} is a file, not a folder")
-        existing = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-        if existing and not resume:
+        check_output(path, kind="folder", force=True, inputs=cfg.sources, error=ConfigError, what="out:")
+        try:
+            existing = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        except OSError as err:
+            raise ConfigError(f"out: {path} cannot be listed ({err.strerror or err})") from None
+        # a run that stopped before its first evaluation computed nothing: it may start again, with any config
+        started = bool(set(existing) - {"config.yaml", "sources.json"} - {n for n in existing if n.startswith(".")})
+        if started and not resume:
             raise ConfigError(
                 f"out: {path} is not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
                 "resume the run there (--resume) or choose another folder"
@@ -80,17 +90,20 @@ class RunDir:
                 pass
         except OSError as err:
             raise ConfigError(f"out: {path} is not writable ({err.strerror or err})") from None
-        if resume and rd.config.is_file():
+        if resume and started and rd.config.is_file():
             rd._check_same_config(cfg)
-        write_atomic(rd.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return rd
+
+    def start(self, cfg: RunConfig, fingerprints: list[str | None]) -> None:
+        """Write config.yaml and sources.json, once the run is known to start or continue (so that a refused
+        resume leaves the folder as it was)."""
+        write_atomic(self.config, yaml.dump(cfg.model_dump(mode="json"), Dumper=NoAliasDumper, sort_keys=False))
+        write_atomic(self.sources, json.dumps([{"path": p, "fingerprint": f}
+                                               for p, f in zip(cfg.sources, fingerprints, strict=True)], indent=1))
 
     def _check_same_config(self, cfg: RunConfig) -> None:
         """Refuse to resume with a config that would change what is computed."""
-        try:
-            old = yaml.safe_load(self.config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{self.config}: cannot read the config of the run to resume ({err})") from None
+        old = read_yaml(self.config, ConfigError)
         new = cfg.model_dump(mode="json")
         for key in new:
             if key in RESUMABLE_KEYS:
@@ -100,6 +113,23 @@ class RunDir:
                     f"resume: {key} differs from the run in {self.path} ({old.get(key)!r} vs {new[key]!r}); "
                     f"only {', '.join(sorted(RESUMABLE_KEYS - {'out'}))} may change"
                 )
+
+    def check_sources(self, paths: list[str]) -> list[str | None]:
+        """The sources' content fingerprints (those sources.json recorded, where it did); a resumed run whose
+        sources' weights changed since is refused (it would mix two models)."""
+        from dfs_merge.models.metadata import check_fingerprints
+
+        recorded: list[str | None] = []
+        if self.sources.is_file():
+            try:
+                recorded = [e.get("fingerprint") for e in json.loads(self.sources.read_text())]
+            except (OSError, ValueError, AttributeError, TypeError):
+                recorded = []
+        try:
+            now = check_fingerprints(paths, recorded, f"the run in {self.path}")
+        except DfsMergeError as err:
+            raise ConfigError(f"resume: {err}; start a new run in another folder, or put the old weights back") from None
+        return [was or is_ for was, is_ in zip(recorded + [None] * len(paths), now, strict=False)]
 
     # ---- evaluations -------------------------------------------------------------------
     def read_evals(self) -> list[dict[str, Any]]:
@@ -123,10 +153,7 @@ class RunDir:
         """The last checkpoint, or None when the run has none yet."""
         if not self.checkpoint.is_file():
             return None
-        try:
-            state = json.loads(self.checkpoint.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{self.checkpoint}: unreadable checkpoint ({err})") from None
+        state = read_json(self.checkpoint, ConfigError)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{self.checkpoint}: not a {CHECKPOINT_FORMAT} checkpoint")
         return state
