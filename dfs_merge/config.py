@@ -1,4 +1,4 @@
-"""The run config (YAML) and the helpers that read YAML files with one-line errors.
+"""The run config (YAML), read with `dfs_merge.inputs.read_yaml` (one-line errors).
 
 The config is a pydantic model so that an unknown key or a wrong type is refused
 with a message naming the field, before any model is loaded.
@@ -6,48 +6,40 @@ with a message naming the field, before any model is loaded.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PositiveInt,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from dfs_merge.errors import ConfigError, DfsMergeError, FitnessError
+from dfs_merge.errors import ConfigError, FitnessError
+from dfs_merge.inputs import read_yaml
 
 
 def describe_validation_error(err: ValidationError) -> str:
     """One line naming the first offending field and what is wrong with it."""
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    where = ".".join(_loc_part(p) for p in first["loc"]) or "(top level)"
     extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    msg = first["msg"]
+    msg = " ".join(first["msg"].split())
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     return f"{where}: {msg}{extra}"
 
 
-def read_yaml(path: str | Path, error: type[DfsMergeError] = ConfigError) -> dict[str, Any]:
-    """Read a YAML mapping, raising `error` with one line when the file is missing or not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise error(f"{path}: not valid YAML{where}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a YAML mapping, got {type(data).__name__}")
-    return data
+def _loc_part(p: int | str) -> str:
+    """A key as named in a message: quoted when it is unprintable (a newline would break the line), cut when long."""
+    text = str(p) if str(p).isprintable() and str(p) else repr(p)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class ConstraintsConfig(BaseModel):
@@ -94,7 +86,7 @@ class SearchConfig(BaseModel):
     objectives: list[Literal["score", "hops"]] = ["score"]
     algorithm: str = "ga"  # a name in dfs_merge.search.algorithms.ALGORITHMS: ga | nsga2 | cmaes | random
     population: int = Field(16, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's RandomState takes no other seed
     crossover_prob: float = Field(0.7, ge=0, le=1)
     mutation_prob: float = Field(0.3, ge=0, le=1)
     bit_flip_prob: float | None = Field(None, gt=0, le=1)
@@ -107,7 +99,7 @@ class SearchConfig(BaseModel):
     # many times, so that each generation spends its slots on new routes (0: keep such duplicates).
     resample_duplicates: int = Field(10, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = False  # only a YAML true/false: "yes" or 1 is refused, not read as true
 
 
 class RunOptions(BaseModel):
@@ -157,7 +149,7 @@ class RunConfig(RunOptions, SearchConfig):
         if self.elite >= self.population:
             raise ValueError(f"elite ({self.elite}) must be below population ({self.population})")
         lo, hi = self.scale_range
-        if not 0 < lo <= hi:
+        if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(self.scale_range)}")
         for key, names in (("limit", self.tasks), ("report_limit", self.report_tasks),
                            ("select_limit", self.select_tasks)):
@@ -220,7 +212,10 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
 
 def _resolve(p: str, base: Path) -> str:
     """A path relative to the config's folder if it exists there; names and other paths unchanged."""
-    candidate = base / p
-    if not Path(p).is_absolute() and not Path(p).exists() and candidate.exists():
-        return str(candidate)
+    try:
+        candidate = base / p
+        if not Path(p).is_absolute() and not Path(p).exists() and candidate.exists():
+            return str(candidate)
+    except (OSError, ValueError):  # a name too long, a NUL byte: no such path, so leave it for its user to refuse
+        pass
     return p

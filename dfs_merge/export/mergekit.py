@@ -32,12 +32,14 @@ import yaml
 
 import dfs_merge
 from dfs_merge.atomic import write_atomic
-from dfs_merge.config import ConstraintsConfig, read_yaml
+from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import ExportError, GenomeError, SourceError
 from dfs_merge.export.tensors import running_products
 from dfs_merge.genome import Genome, Hop, Route, Scaling
+from dfs_merge.inputs import NoAliasDumper, read_yaml
 from dfs_merge.models.families import Family
 from dfs_merge.models.sources import locate, read_config
+from dfs_merge.outputs import check_output
 
 # --------------------------------------------------------------------------- mergekit out
 
@@ -102,9 +104,8 @@ def write_mergekit_config(
     Families whose fold mergekit cannot express (Gemma 3) are an ExportError.
     """
     route = genome.check()
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise ExportError(f"{out}: already exists; pass force=True (--force) to replace it")
+    out = check_output(out, kind="file", force=force, inputs=genome.sources, error=ExportError, what=None,
+                       force_hint="force=True (--force)")
     folders = [locate(p).resolve() for p in genome.sources]
     configs = [read_config(f) for f in folders]
     for i, ((cfg, _), n) in enumerate(zip(configs, genome.layout.layers, strict=True)):
@@ -151,7 +152,7 @@ def write_mergekit_config(
         f"# genome key {genome.key()}; sources: {', '.join(genome.sources)}\n"
         f"# build: mergekit-yaml {out.name} OUTPUT_DIR  (the base's tokenizer is copied)\n"
     )
-    write_atomic(out, header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=200))
+    write_atomic(out, header + yaml.dump(data, Dumper=NoAliasDumper, sort_keys=False, default_flow_style=None, width=200))
     return out
 
 

@@ -1,0 +1,182 @@
+"""What a user hands us, read safely: every file the project reads from a user goes through here.
+
+`read_text` (and `read_lines`, for a long JSON-lines file read only as far as needed) turns a missing
+file, a folder, an unreadable or oversized file and bytes that are not UTF-8 into one line naming the
+file, raised as the caller's `DfsMergeError` subclass. `read_yaml` and `read_json` build on it:
+`read_yaml` loads safely (no Python objects) and refuses YAML aliases before any object is built, so a
+"billion laughs" file is refused at once instead of filling memory; `read_json` reads one JSON value.
+
+`NoAliasDumper` is the counterpart for what the project writes: YAML without anchors or aliases, so
+that every file it writes, `read_yaml` reads back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfs_merge.errors import ConfigError, DfsMergeError, one_line
+
+MAX_BYTES = 16 * 2**20
+"""The largest file `read_text` reads (16 MB): configs and genomes are a few kB, checkpoints a few MB."""
+
+_ErrorClass = type[DfsMergeError]
+
+
+def file_label(path: Path, what: str | None) -> str:
+    """The file as named in a message: quoted when its name holds a newline or another unprintable character."""
+    text = str(path) if str(path).isprintable() else repr(str(path))
+    return f"{what} {text}" if what else text
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n} bytes"
+
+
+def _open(path: Path, error: _ErrorClass, what: str | None) -> Any:
+    """The file opened for binary reading, or `error` with one line saying why it cannot be."""
+    label = file_label(path, what)
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except FileNotFoundError:
+        raise error(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{label}: is a folder, not a file") from None
+    except NotADirectoryError:
+        raise error(f"{label}: no such file (a parent of it is a file)") from None
+    except OSError as err:  # a name too long, no permission, ...
+        raise error(f"{label}: cannot read it ({err.strerror or err})") from None
+    except ValueError:  # a NUL byte in the name
+        raise error(f"{label}: no such file (not a valid file name)") from None
+
+
+def _decode(data: bytes, label: str, error: _ErrorClass, offset: int = 0) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{label}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {offset + err.start})") from None
+    return text[1:] if offset == 0 and text.startswith("\ufeff") else text  # a byte-order mark is not content
+
+
+def read_bytes(path: str | Path, error: _ErrorClass = ConfigError, *, what: str | None = None,
+               limit: int = MAX_BYTES) -> bytes:
+    """A file's bytes; missing, a folder, unreadable or larger than `limit` is `error` with one line."""
+    path = Path(path)
+    label = file_label(path, what)
+    with _open(path, error, what) as f:
+        try:
+            if os.path.isdir(path):  # open() of a folder succeeds on some platforms
+                raise error(f"{label}: is a folder, not a file")
+            data = f.read(limit + 1)  # not st_size: a pipe or a device has none
+        except OSError as err:
+            raise error(f"{label}: cannot read it ({err.strerror or err})") from None
+    if len(data) > limit:
+        raise error(f"{label}: larger than {_size_text(limit)}; refusing to read it")
+    return data
+
+
+def read_text(path: str | Path, error: _ErrorClass = ConfigError, *, what: str | None = None,
+              limit: int = MAX_BYTES) -> str:
+    """A UTF-8 text file (see `read_bytes`); bytes that are not UTF-8 are `error` naming the first one."""
+    path = Path(path)
+    return _decode(read_bytes(path, error, what=what, limit=limit), file_label(path, what), error)
+
+
+def read_lines(path: str | Path, error: _ErrorClass = ConfigError, *, what: str | None = None,
+               limit: int = MAX_BYTES) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 text file, read only as far as the caller iterates;
+    a line longer than `limit` or bytes that are not UTF-8 are `error` with one line."""
+    path = Path(path)
+    label = file_label(path, what)
+    with _open(path, error, what) as f:
+        offset = 0
+        for n in itertools.count(1):
+            try:
+                raw = f.readline(limit + 1)
+            except OSError as err:
+                raise error(f"{label}: cannot read it ({err.strerror or err})") from None
+            if not raw:
+                return
+            if len(raw) > limit:
+                raise error(f"{label}: line {n} is longer than {_size_text(limit)}; refusing to read it")
+            yield n, _decode(raw, label, error, offset).rstrip("\r\n")
+            offset += len(raw)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses an alias (`*name`) before it is expanded into objects."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+class _AliasRefused(Exception):
+    def __init__(self, anchor: str, line: int):
+        super().__init__(anchor, line)
+        self.anchor, self.line = anchor, line
+
+
+class NoAliasDumper(yaml.SafeDumper):
+    """`yaml.SafeDumper` that writes a repeated object out again instead of as an anchor and alias,
+    so that what the project writes, `read_yaml` reads back."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def parse_yaml(text: str, error: _ErrorClass = ConfigError, label: str = "<text>") -> Any:
+    """Load YAML text safely (plain data only) as `read_yaml` does, without requiring a mapping."""
+    loader = None
+    try:
+        loader = _NoAliasLoader(text)  # checks that every character is printable
+        return loader.get_single_data()
+    except _AliasRefused as exc:
+        raise error(f"{label}: YAML aliases are not accepted (*{exc.anchor}, line {exc.line}); "
+                    "write the value out instead") from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise error(f"{label}: not valid YAML (character #x{exc.character:04x} on line {line} is not allowed)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise error(f"{label}: not valid YAML{where}") from None
+    except RecursionError:
+        raise error(f"{label}: not valid YAML (nested too deeply)") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a tagged or date-like value yaml cannot build
+        raise error(f"{label}: not valid YAML ({one_line(exc, 120)})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_yaml(path: str | Path, error: _ErrorClass = ConfigError, *, what: str | None = None) -> dict[str, Any]:
+    """Read a YAML mapping safely, raising `error` with one line when the file is missing, unreadable,
+    not UTF-8, not valid YAML, uses aliases (refused before they are expanded), or is not a mapping."""
+    path = Path(path)
+    label = file_label(path, what)
+    data = parse_yaml(read_text(path, error, what=what), error, label)
+    if not isinstance(data, dict):
+        raise error(f"{label}: expected a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def read_json(path: str | Path, error: _ErrorClass = ConfigError, *, what: str | None = None) -> Any:
+    """Read one JSON value, raising `error` with one line when the file is missing, unreadable,
+    not UTF-8 or not valid JSON."""
+    path = Path(path)
+    text = read_text(path, error, what=what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{file_label(path, what)}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise error(f"{file_label(path, what)}: not valid JSON (nested too deeply)") from None
