@@ -37,6 +37,7 @@ from dfs_merge.errors import ExportError, GenomeError, SourceError
 from dfs_merge.export.tensors import running_products
 from dfs_merge.genome import Genome, Hop, Route, Scaling
 from dfs_merge.inputs import NoAliasDumper, read_yaml
+from dfs_merge.models.adapters import split_source
 from dfs_merge.models.families import Family
 from dfs_merge.models.sources import locate, read_config
 from dfs_merge.outputs import check_output
@@ -106,8 +107,8 @@ def write_mergekit_config(
     route = genome.check()
     out = check_output(out, kind="file", force=force, inputs=genome.sources, error=ExportError, what=None,
                        force_hint="force=True (--force)")
-    folders = [locate(p).resolve() for p in genome.sources]
-    configs = [read_config(f) for f in folders]
+    configs = [read_config(locate(p).resolve()) for p in genome.sources]
+    folders = [_model_reference(p) for p in genome.sources]
     for i, ((cfg, _), n) in enumerate(zip(configs, genome.layout.layers, strict=True)):
         if cfg.num_hidden_layers != n:
             raise SourceError(f"source {i} ({genome.sources[i]}) has {cfg.num_hidden_layers} layers, the genome says {n}")
@@ -188,17 +189,26 @@ def _resolve_setting(setting: Any, tensor: str, t: float) -> float | None:
     return None
 
 
+def _model_reference(source: str) -> str:
+    """How mergekit names a source: its local folder, with `+ADAPTER` (mergekit's LoRA syntax) for an adapter."""
+    base, adapter = split_source(source)
+    folder = str(locate(base).resolve())
+    return f"{folder}+{adapter.resolve()}" if adapter is not None else folder
+
+
 def _model_name(entry: Any, where: str) -> str:
+    """A slice's model as a source: a path or name, `BASE+LORA` kept as it is (a LoRA adapter source)."""
     model = entry.get("model") if isinstance(entry, dict) else None
-    if isinstance(model, dict):  # mergekit's long form {model: {path: ...}, lora: ...}
-        if model.get("lora"):
-            raise GenomeError(f"{where}: LoRA model references are not supported")
-        inner = model.get("model")
+    if isinstance(model, dict):  # mergekit's long form {model: {path: ...}, lora: {path: ...}}
+        inner, lora = model.get("model"), model.get("lora")
         model = inner.get("path") if isinstance(inner, dict) else None
+        if isinstance(model, str) and model and lora:
+            lora_path = lora.get("path") if isinstance(lora, dict) else None
+            if not isinstance(lora_path, str) or not lora_path:
+                raise GenomeError(f"{where}: its lora needs a 'path'")
+            model = f"{model}+{lora_path}"
     if not isinstance(model, str) or not model:
         raise GenomeError(f"{where}: needs a 'model' path")
-    if "+" in model and not Path(model).exists():
-        raise GenomeError(f"{where}: LoRA model references ({model}) are not supported")
     return model
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dfs_merge.errors import SourceError
 from dfs_merge.inputs import parse_yaml, read_bytes
+from dfs_merge.models.adapters import split_source
 
 
 def layer_counts(paths: Sequence[str]) -> tuple[int, ...]:
@@ -28,7 +29,7 @@ def layer_counts(paths: Sequence[str]) -> tuple[int, ...]:
     """
     counts = []
     for p in paths:
-        config_file = Path(p).expanduser() / "config.json"
+        config_file = Path(split_source(p)[0]).expanduser() / "config.json"  # an adapter keeps its base's layers
         n = None
         if config_file.is_file():
             try:
@@ -83,9 +84,14 @@ def fingerprint(path: str) -> str | None:
     mixing two models. Reading 0.5 GB takes about a second; a file unchanged in size and mtime is not read
     again in this process.
     """
+    base, adapter = split_source(path)
+    if adapter is not None:
+        of_base, of_adapter = fingerprint(base), fingerprint(str(adapter))
+        return None if of_base is None or of_adapter is None else f"{of_base}+{of_adapter.split(':', 1)[1]}"
     p = Path(path).expanduser()
     if p.is_dir():
-        files = [f for f in sorted(p.iterdir()) if f.is_file() and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES)]
+        files = [f for f in sorted(p.iterdir())
+                 if f.is_file() and (f.name in ("config.json", "adapter_config.json") or f.suffix in WEIGHT_SUFFIXES)]
     elif p.is_file():
         files = [p]
     else:

@@ -4,7 +4,8 @@ Source 0 is the base: it supplies the tokenizer, the embeddings, the final norm 
 the LM head. Every source supplies its decoder layers. A source may be a local
 Hugging Face folder (safetensors), a GGUF file, or a packaged model name (see
 `dfs_merge.models.store`); the same path given twice (a self-merge) is loaded once.
-A loaded source remembers where it came from (its folder and licence), for the export.
+A source may also be a base plus a LoRA adapter, `BASE+ADAPTER` (see `adapters`). A loaded source
+remembers where it came from (its folder, adapter and licence), for the export.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from dfs_merge.errors import IncompatibleSources, SourceError, one_line
 from dfs_merge.inputs import read_json
+from dfs_merge.models.adapters import check_base, merged_model, read_adapter_config, split_source
 from dfs_merge.models.families import Family, family_for, supported_model_types
 from dfs_merge.models.metadata import layer_counts, source_license
 
@@ -35,8 +37,9 @@ class Source:
     """One loaded source model, and where it came from.
 
     `folder` is the resolved local Hugging Face folder it was loaded from (for a GGUF file or a
-    packaged name, the converted one); `license` is its licence as far as it can be told (see
-    `source_license`). Both are None for a model built in memory.
+    packaged name, the converted one; for `BASE+ADAPTER`, the base's); `license` is its licence as far
+    as it can be told (see `source_license`); `adapter` the LoRA adapter folder merged in. All are None
+    for a model built in memory.
     """
 
     path: str
@@ -44,6 +47,7 @@ class Source:
     family: Family
     folder: Path | None = None
     license: str | None = None
+    adapter: Path | None = None  # the LoRA adapter merged into the base's weights (`BASE+ADAPTER`)
 
     @property
     def config(self) -> Any:
@@ -64,7 +68,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def locate(path: str) -> Path:
-    """A local HF folder for `path`: a folder as is; a GGUF file or packaged model name converted once."""
+    """A local HF folder for `path`: a folder as is; a GGUF file or packaged model name converted once;
+    for `BASE+ADAPTER`, the base's (the adapter's files are checked here, merged at load)."""
+    base, adapter = split_source(path)
+    if adapter is not None:
+        read_adapter_config(adapter)
+        return locate(base)
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -160,10 +169,20 @@ class SourcePool:
         for f in distinct:
             log.info("loading %s", f)
             models[f] = _load_model(f, DTYPES[dtype], dev, trust_remote_code)
-        sources = [
-            Source(str(p), models[f.resolve()], configs[f.resolve()][1], f.resolve(), source_license(str(p), f.resolve()))
-            for p, f in zip(paths, folders, strict=True)
-        ]
+        merged: dict[Path, PreTrainedModel] = {}  # BASE+ADAPTER: the base's tensors shared, adapted ones new
+        sources = []
+        for p, f in zip(paths, folders, strict=True):
+            base, adapter = split_source(p)
+            model = models[f.resolve()]
+            if adapter is not None:
+                check_base(adapter, read_adapter_config(adapter), base, f)
+                key = adapter.resolve()
+                if key not in merged:
+                    log.info("merging the adapter %s into %s", adapter, f)
+                    merged[key] = merged_model(model, adapter)
+                model = merged[key]
+            sources.append(Source(str(p), model, configs[f.resolve()][1], f.resolve(), source_license(base, f.resolve()),
+                                  adapter.resolve() if adapter is not None else None))
         return cls(sources, tokenizers[folders[0].resolve()], list(paths))
 
     @property
