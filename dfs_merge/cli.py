@@ -114,10 +114,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         print(f"wrote {write_mergekit_config(g, args.out, force=args.force)}")
         return
+    from dfs_merge.export.checkpoint import Progress
     from dfs_merge.models.sources import SourcePool
 
-    pool = SourcePool.load(list(g.sources), device=args.device, dtype=args.dtype)
-    out = export_checkpoint(pool, g, args.out, force=args.force, verify=not args.no_verify)
+    progress = Progress(on=True)
+    n = len(g.sources)
+    with progress.stage(f"loading {n} source{'s' if n != 1 else ''} on {args.device} ({args.dtype})",
+                        f"loaded {n} source{'s' if n != 1 else ''}"):
+        pool = SourcePool.load(list(g.sources), device=args.device, dtype=args.dtype)
+    out = export_checkpoint(pool, g, args.out, force=args.force, verify=not args.no_verify, progress=progress)
     print(f"wrote {out}")
 
 
@@ -220,13 +225,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         args.func(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then a BrokenPipeError this handler sees
     except DfsMergeError as err:
         print(f"dfs-merge: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dfs-merge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
     return 0
+
+
+SIGPIPE_EXIT = 141
+"""Exit code when the reader of stdout went away (`dfs-merge show G | head -1`): 128 + SIGPIPE, what a shell
+reports for a command that SIGPIPE ended, so `set -o pipefail` still sees that the output was cut short."""
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout has gone: as the Python docs advise, point stdout at devnull so that the flush at
+    exit does not raise again, and exit quietly with `SIGPIPE_EXIT`."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (a test's StringIO): nothing will flush it at exit
+        pass
+    return SIGPIPE_EXIT
 
 
 if __name__ == "__main__":

@@ -203,7 +203,8 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{path}: {describe_validation_error(err)}") from None
+        label = str(path) if str(path).isprintable() else repr(str(path))  # a newline in the name would break the line
+        raise ConfigError(f"{label}: {describe_validation_error(err)}") from None
     base = Path(path).resolve().parent
     cfg.sources = [_resolve(s, base) for s in cfg.sources]
     cfg.eval_suites = [_resolve(s, base) for s in cfg.eval_suites]

@@ -447,4 +447,5 @@ def save_genome(g: Genome, path: str | Path) -> None:
 
 def load_genome(path: str | Path) -> Genome:
     """Read and validate a genome file; any problem is a GenomeError naming the file and the field."""
-    return genome_from_dict(read_yaml(path, GenomeError), str(path))
+    label = str(path) if str(path).isprintable() else repr(str(path))  # a newline in the name would break the line
+    return genome_from_dict(read_yaml(path, GenomeError), label)

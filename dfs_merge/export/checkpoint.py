@@ -16,10 +16,14 @@ mergekit passthrough configs of the same route, out and in: `dfs_merge.export.me
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import shutil
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +34,21 @@ from dfs_merge.errors import ExportError, SourceError
 from dfs_merge.export.card import model_card
 from dfs_merge.export.tensors import Entry, FoldedLayers, parse_size, plan_tensors, running_products, shards
 from dfs_merge.export.tensors import save_shard as _save_shard
-from dfs_merge.export.verify import VerifyResult, check_verified, verify_export, verify_tolerance
+from dfs_merge.export.verify import (
+    VERIFY_PROMPTS,
+    VerifyResult,
+    check_verified,
+    verify_export,
+    verify_tolerance,
+)
 from dfs_merge.genome import Genome, Route, save_genome
 from dfs_merge.models.metadata import check_same_sources
 from dfs_merge.models.sources import SourcePool
 from dfs_merge.outputs import check_output
 
 __all__ = [
-    "GENOME_FILE", "INDEX_NAME", "TOKENIZER_FILES", "WEIGHTS_NAME", "VerifyResult", "export_checkpoint", "export_config",
-    "export_genome", "parse_size", "running_products", "verify_export",
+    "GENOME_FILE", "INDEX_NAME", "TOKENIZER_FILES", "WEIGHTS_NAME", "Progress", "VerifyResult", "export_checkpoint",
+    "export_config", "export_genome", "parse_size", "running_products", "verify_export",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +73,32 @@ TOKENIZER_FILES = (
 )
 
 
+class Progress:
+    """Short stage lines on stderr (`export: loading 2 sources ...`, then `export: loaded 2 sources (3.1 s)`)
+    and a bar over the tensors being written, when `on`; silent otherwise (library calls, tests)."""
+
+    def __init__(self, on: bool = False):
+        self.on = on
+
+    def say(self, text: str) -> None:
+        if self.on:
+            print(f"export: {text}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def stage(self, doing: str, done: str) -> Iterator[None]:
+        """`doing ...` before the block, `done (seconds)` after it (nothing when it raises)."""
+        self.say(f"{doing} ...")
+        t0 = time.perf_counter()
+        yield
+        self.say(f"{done} ({time.perf_counter() - t0:.1f} s)")
+
+    def bar(self, total: int, unit: str) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="writing", unit=unit, disable=not self.on, leave=False, file=sys.stderr,
+                    dynamic_ncols=True)
+
+
 def export_checkpoint(
     pool: SourcePool,
     genome: Genome,
@@ -72,6 +108,7 @@ def export_checkpoint(
     verify: bool = True,
     max_shard_size: int | str = "2GB",
     command: str | None = None,
+    progress: bool | Progress = False,
 ) -> Path:
     """Write `genome`'s route over `pool` as a plain HF checkpoint in `out`; returns its path.
 
@@ -79,8 +116,10 @@ def export_checkpoint(
     config, the base's tokenizer files, the genome (`dfs-merge-genome.yaml`) and a model
     card. An existing `out` is refused unless `force`. With `verify`, the written
     checkpoint is loaded and compared with the stitched model before it is published;
-    a mismatch is an ExportError and nothing is left under `out`'s name.
+    a mismatch is an ExportError and nothing is left under `out`'s name. `progress` prints stage lines and a
+    bar to stderr (the CLI's; off for library calls).
     """
+    show = progress if isinstance(progress, Progress) else Progress(bool(progress))
     route = genome.check()
     _check_pool(pool, genome)
     out = check_output(out, kind="folder", force=force, inputs=[*genome.sources, *pool.paths], error=ExportError,
@@ -89,15 +128,19 @@ def export_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     _STAGING.remove_leftovers(out)
     with _STAGING.folder(out, replace=force, refuse=_appeared) as staging:
-        _write_weights(pool, route, staging, limit)
+        _write_weights(pool, route, staging, limit, show)
         _write_config(pool, route, staging)
         _write_generation_config(pool, staging)
         _write_tokenizer(pool, staging)
         save_genome(genome, staging / GENOME_FILE)
-        result = verify_export(pool, route, staging, verify_tolerance(pool.dtype)) if verify else None
-        if result is not None:
-            log.info("verify: %s", result.text())
-            check_verified(result, pool.dtype)
+        result = None
+        if verify:
+            with show.stage(f"verifying against the stitched model on {len(VERIFY_PROMPTS)} prompts",
+                            "verified"):
+                result = verify_export(pool, route, staging, verify_tolerance(pool.dtype))
+                log.info("verify: %s", result.text())
+                check_verified(result, pool.dtype)
+            show.say(f"verify: {result.text()}")
         card = model_card(pool, genome, route, title=out.name, genome_file=GENOME_FILE, result=result, command=command)
         (staging / "README.md").write_text(card)
     return out
@@ -124,24 +167,30 @@ def _check_pool(pool: SourcePool, genome: Genome) -> None:
     check_same_sources(genome.sources, genome.fingerprints, pool.paths)
 
 
-def _write_weights(pool: SourcePool, route: Route, folder: Path, limit: int) -> None:
+def _write_weights(pool: SourcePool, route: Route, folder: Path, limit: int, show: Progress | None = None) -> None:
     """The safetensors shards (and index), streamed from the pool's tensors: only one folded layer is ever copied."""
+    show = show or Progress()
     entries = plan_tensors(pool, route)
     groups = shards(entries, limit)
     base_state = pool.base.model.state_dict()
     layers = FoldedLayers(pool, route, running_products(route))
     n = len(groups)
     weight_map: dict[str, str] = {}
-    for i, shard in enumerate(groups, start=1):
-        name = WEIGHTS_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        by_name = {e.name: e for e in shard}
+    total = sum(e.nbytes for e in entries)
+    with show.stage(f"writing {len(route)} hops: {len(entries)} tensors, {total / 2**20:.0f} MB in "
+                    f"{n} shard{'s' if n != 1 else ''}", f"wrote {n} shard{'s' if n != 1 else ''}"), \
+            show.bar(len(entries), "tensor") as bar:
+        for i, shard in enumerate(groups, start=1):
+            name = WEIGHTS_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            by_name = {e.name: e for e in shard}
 
-        def get(tensor: str, by_name: dict[str, Entry] = by_name) -> torch.Tensor:
-            e = by_name[tensor]
-            return (layers.get(e.hop) if e.hop is not None else base_state)[e.key]
+            def get(tensor: str, by_name: dict[str, Entry] = by_name) -> torch.Tensor:
+                e = by_name[tensor]
+                bar.update(1)
+                return (layers.get(e.hop) if e.hop is not None else base_state)[e.key]
 
-        _save_shard(folder / name, [(e.name, e.dtype, e.shape) for e in shard], get)
-        weight_map.update(dict.fromkeys(by_name, name))
+            _save_shard(folder / name, [(e.name, e.dtype, e.shape) for e in shard], get)
+            weight_map.update(dict.fromkeys(by_name, name))
     if n > 1:
         index = {
             "metadata": {"total_size": sum(e.nbytes for e in entries)},

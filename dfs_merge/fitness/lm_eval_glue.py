@@ -7,7 +7,9 @@ this module (or the fitness package) stays cheap and `offline_env` can run befor
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -86,14 +88,68 @@ class _DropChatter(logging.Filter):
         return not any(p in msg for p in self.PHRASES)
 
 
+class _TruncationsOncePerTask(logging.Filter):
+    """Lets lm-eval's warning that a document was cut to `max_length` through once per task, and counts the rest.
+
+    HFLM warns for every request whose context is too long, so a task with long documents gives the same
+    warning for each of its requests for every candidate, and the lines bury the progress bar. The task is the
+    one `scoring_task` names (None outside it); `counts` holds every truncation warning seen, by task.
+    """
+
+    PHRASES = (
+        "exceeds model's maximum length",  # HFLM._loglikelihood_tokens: context + continuation too long
+        "Left truncation applied",  # HFLM.tok_batch_encode: a generation prompt too long
+        "exceeds model's max length",  # lm_eval.models.utils.maybe_truncate
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task: contextvars.ContextVar[str | None] = contextvars.ContextVar("lm_eval_task", default=None)
+        self.counts: collections.Counter[str | None] = collections.Counter()
+
+    def reset(self) -> None:
+        """Forget the tasks already warned about (the next truncation of each is shown again)."""
+        self.counts.clear()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if not any(p in msg for p in self.PHRASES):
+            return True
+        task = self.task.get()
+        self.counts[task] += 1
+        if self.counts[task] > 1:
+            return False
+        where = f"task {task}" if task else "lm-eval"
+        record.msg = f"{msg} [{where}: documents longer than max_length are cut; shown once, not per request]"
+        record.args = ()
+        return True
+
+
+TRUNCATIONS = _TruncationsOncePerTask()
+"""The filter `quiet_lm_eval` installs; `TRUNCATIONS.counts` is how many truncation warnings each task gave."""
+
+
+@contextlib.contextmanager
+def scoring_task(name: str) -> Iterator[None]:
+    """Attribute lm-eval's truncation warnings inside the block to task `name` (see `TRUNCATIONS`)."""
+    token = TRUNCATIONS.task.set(name)
+    try:
+        yield
+    finally:
+        TRUNCATIONS.task.reset(token)
+
+
 @functools.cache
 def quiet_lm_eval() -> None:
-    """lm-eval logs INFO lines per task and per call: keep WARNING and above, minus per-candidate chatter."""
+    """lm-eval logs INFO lines per task and per call: keep WARNING and above, minus per-candidate chatter, and
+    its truncation warnings once per task."""
     logger = logging.getLogger("lm_eval")
     if logger.getEffectiveLevel() < logging.WARNING:
         logger.setLevel(logging.WARNING)
     for name in ("lm_eval.models.huggingface", "lm_eval.api.task"):
         logging.getLogger(name).addFilter(_DropChatter())
+    for name in ("lm_eval.models.huggingface", "lm_eval.models.utils", "lm_eval.utils"):
+        logging.getLogger(name).addFilter(TRUNCATIONS)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from dfs_merge.fitness.lm_eval_glue import (
     no_request_bars,
     offline_env,
     quiet_lm_eval,
+    scoring_task,
 )
 from dfs_merge.fitness.tasks import TaskSpec, build_tasks, default_suites_dir, suite_dirs
 
@@ -197,13 +198,14 @@ class Fitness:
                 # The sampler's RNG keeps advancing across evaluate() calls: without this reset every
                 # candidate would see other few-shot examples.
                 spec.task.set_fewshot_seed(self.seed)
-                res = evaluate(
-                    lm=lm,
-                    task_dict={"tasks": {name: spec.task}, "groups": {}, "group_map": {}},
-                    limit=self.limits[name],
-                    bootstrap_iters=0,
-                    log_samples=False,
-                )
+                with scoring_task(name):
+                    res = evaluate(
+                        lm=lm,
+                        task_dict={"tasks": {name: spec.task}, "groups": {}, "group_map": {}},
+                        limit=self.limits[name],
+                        bootstrap_iters=0,
+                        log_samples=False,
+                    )
                 if res is None:
                     raise RuntimeError("lm-eval returned no results (not rank 0?)")
                 metrics = res["results"][name]

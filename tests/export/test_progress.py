@@ -1,0 +1,55 @@
+"""`dfs-merge export` says what it is doing (loading, writing, verifying, with seconds); library calls stay quiet."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from builders import run_cli
+
+from dfs_merge.export.checkpoint import export_checkpoint
+from dfs_merge.genome import Genome, Route, save_genome
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def genome(dirs) -> Genome:
+    return Genome.from_route(Route.parse("0:0-1, 1:1-2, 0:3"), [str(d) for d in dirs], [4, 4], 2)
+
+
+def test_cli_export_prints_its_stages(tiny_source_dirs, tmp_path):
+    save_genome(genome(tiny_source_dirs), tmp_path / "g.yaml")
+    result = run_cli("export", tmp_path / "g.yaml", "--out", tmp_path / "out")
+    assert result.code == 0, result.err
+    assert result.out.strip() == f"wrote {tmp_path / 'out'}"
+    lines = [line for line in result.err.splitlines() if line.startswith("export: ")]
+    text = "\n".join(lines)
+    assert "export: loading 2 sources on cpu (float32) ..." in lines, text
+    assert re.search(r"^export: loaded 2 sources \(\d+\.\d s\)$", text, re.M), text
+    assert re.search(r"^export: writing 5 hops: \d+ tensors, \d+ MB in 1 shard \.\.\.$", text, re.M), text
+    assert re.search(r"^export: wrote 1 shard \(\d+\.\d s\)$", text, re.M), text
+    assert re.search(r"^export: verifying against the stitched model on 2 prompts \.\.\.$", text, re.M), text
+    assert re.search(r"^export: verified \(\d+\.\d s\)$", text, re.M), text
+    assert re.search(r"^export: verify: max\|Δlogit\|/max\|logit\| = .* identical$", text, re.M), text
+    assert "Traceback" not in result.err
+
+
+def test_cli_export_without_verify_says_no_verifying(tiny_source_dirs, tmp_path):
+    save_genome(genome(tiny_source_dirs), tmp_path / "g.yaml")
+    result = run_cli("export", tmp_path / "g.yaml", "--out", tmp_path / "out", "--no-verify")
+    assert result.code == 0, result.err
+    assert "export: wrote 1 shard" in result.err and "verif" not in result.err
+
+
+def test_library_export_is_silent(tiny_pool, tiny_source_dirs, tmp_path, capfd):
+    export_checkpoint(tiny_pool, genome(tiny_source_dirs), tmp_path / "out", max_shard_size="200KB")
+    captured = capfd.readouterr()
+    assert "export:" not in captured.err and "tensor" not in captured.err, captured.err
+    assert captured.out == ""
