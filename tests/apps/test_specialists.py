@@ -1,0 +1,71 @@
+"""The SmolLM2 specialists' recipes: never trained on the target or a held-out item; the loss only where the
+labels are; the bundled family suites are what the script writes."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dfs_merge import CHECKOUT
+from dfs_merge.apps import specialists as sp
+from dfs_merge.apps.zoo import world
+
+DRAWN = 3000  # documents drawn from each training stream (each specialist trains on at most 8 x 1200)
+
+
+def test_no_specialist_is_trained_on_a_j_problem_or_a_held_out_item():
+    held, val = sp.splits()
+    targets = {p.question("j") for p in (*held.j_arith_dev, *held.j_arith_test, *val)}
+    held_e = {p.text("e") for p in (*held.e_arith_dev, *held.e_arith_test)}
+    renderings = {p.text("e") for p in (*held.j_arith_dev, *held.j_arith_test, *val)}  # the E twin of each target
+    for name in sp.RECIPES:
+        texts = list(itertools.islice(sp.training_texts(name, held, val), DRAWN))
+        assert not any("？ kotae :" in t for t in texts), f"{name} saw a J word problem (a J question and its cue)"
+        assert not any(q in t for t in texts for q in list(targets)[:50])
+        assert not set(texts) & (held_e | renderings | held.held_out_texts()), f"{name} saw a held-out item"
+    assert "e_arith" not in sp.RECIPES["j"]["mix"] and set(sp.RECIPES["m"]["mix"]) == {"e_arith"}
+
+
+def test_each_specialist_trains_only_its_block_of_layers():
+    assert set(sp.RECIPES["j"]["layers"]) == set(sp.BOTTOM) | set(sp.TOP)
+    assert set(sp.RECIPES["m"]["layers"]) == set(sp.MIDDLE)
+    assert not set(sp.BOTTOM + sp.TOP) & set(sp.MIDDLE) and len(sp.BOTTOM + sp.MIDDLE + sp.TOP) == sp.LAYERS
+
+
+def test_validation_split_is_disjoint_from_dev_and_test():
+    held, val = sp.splits()
+    assert len(val) == sp.VAL_SIZE and len(set(val)) == len(val)
+    assert not set(val) & held.held_out_problems()
+
+
+def test_loss_is_taken_only_at_the_answer_and_equals_the_full_head_loss(tiny_tokenizer):
+    tok = tiny_tokenizer
+    texts = ["tom has 3 apples . tom finds 4 apples . how many apples does tom have now ? answer : 7",
+             "ann has 2 pens . ann loses 1 pens . how many pens does ann have now ? answer : 1"]
+    ids, attention, labels = sp.batch_of(texts, tok, answer_only=True, max_tokens=64)
+    for row, text in zip(range(2), texts, strict=True):
+        answer = tok(" " + text.rsplit(" ", 1)[1])["input_ids"] + [tok.eos_token_id]
+        assert int(labels[row].sum()) == len(answer)
+        assert ids[row][labels[row]].tolist() == answer
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    ours = sp.loss_where_labelled(model, ids, attention, labels)
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    want = torch.nn.functional.cross_entropy(logits[labels[:, 1:]], ids[:, 1:][labels[:, 1:]])
+    assert torch.allclose(ours, want, atol=1e-6)
+
+
+def test_the_bundled_family_suites_are_what_the_script_writes(tmp_path):
+    (tmp_path / "data").mkdir()
+    for path in sp.write_suites(tmp_path):
+        committed = CHECKOUT / "eval_suites" / path.relative_to(tmp_path)
+        assert committed.read_bytes() == path.read_bytes(), f"{committed}: run `python -m dfs_merge.apps.specialists suites`"
+
+
+def test_the_target_is_the_zoo_j_problems_scored_with_digit_answers():
+    held, _ = sp.splits()
+    assert sp.FAMILY_TASKS["family_arith_j_test"] == "zoo_arith_j_test" and len(held.j_arith_dev) >= 500
+    assert all(world.num(p.answer, "e").isdigit() for p in held.j_arith_test)
