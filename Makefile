@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench models clean zoo zoo-table study-smollm2
+.PHONY: install test test-fast lint demo bench models clean zoo zoo-table study-smollm2 family study-family
 
 install: $(STAMP)
 
@@ -45,6 +45,17 @@ test-fast: install
 zoo: install
 	$(PY) -m dfs_merge.apps.zoo train base j m --out build/zoo
 	$(PY) -m dfs_merge.apps.zoo verify build/zoo
+
+# The SmolLM2 specialists J and M (LoRA adapters): retrain into build/family and check their scores against
+# the committed models/family/*/scores.json.
+family: $(VENV)/.smollm2
+	$(PY) -m dfs_merge.apps.specialists train j m --out build/family
+	$(PY) -m dfs_merge.apps.specialists check --out build/family
+
+# The paper's claim on a real model: routes over the two specialists evolved (and the scaling: none ablation),
+# every row of the README table scored on the held-out test split; writes runs/family/table.md (resumes).
+study-family: $(VENV)/.smollm2
+	$(PY) -m dfs_merge.apps.family_study genomes/family.yaml
 
 # The zoo table: evolve over the committed zoo (finished runs resume), score every row on the test split.
 zoo-table: install

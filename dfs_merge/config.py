@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from dfs_merge.errors import ConfigError, FitnessError
+from dfs_merge.errors import ConfigError, DfsMergeError, FitnessError
 from dfs_merge.inputs import read_yaml
 
 
@@ -212,7 +212,16 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
 
 
 def _resolve(p: str, base: Path) -> str:
-    """A path relative to the config's folder if it exists there; names and other paths unchanged."""
+    """A path relative to the config's folder if it exists there; names and other paths unchanged; each
+    part of `BASE+ADAPTER` on its own."""
+    from dfs_merge.models.adapters import split_source
+
+    try:
+        source, adapter = split_source(p)
+    except DfsMergeError:
+        return p
+    if adapter is not None:
+        return f"{_resolve(source, base)}+{_resolve(str(adapter), base)}"
     try:
         candidate = base / p
         if not Path(p).is_absolute() and not Path(p).exists() and candidate.exists():

@@ -38,9 +38,10 @@ def _resolved(path: str | Path) -> Path | None:
 
 
 def _existing_inputs(inputs: Iterable[str | Path]) -> list[tuple[str, Path]]:
-    """(as named, resolved) of each input that is an existing file or folder; names of models are not paths."""
+    """(as named, resolved) of each input that is an existing file or folder; names of models are not paths;
+    both parts of a `BASE+ADAPTER` source count."""
     out = []
-    for name in inputs:
+    for name in [part for given in inputs for part in (given, *(str(given).rsplit("+", 1) if "+" in str(given) else ()))]:
         try:
             there = Path(name).expanduser().exists()
         except (OSError, ValueError):

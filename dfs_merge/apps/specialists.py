@@ -172,33 +172,16 @@ def train(name: str, out_dir: Path = FAMILY_DIR, log: Callable[[str], Any] = pri
 
 # ---- the target and its guards as bundled lm-eval tasks ---------------------------------------------------
 TEMPLATE = """\
-# Shared by the family_arith_* tasks (written by `python -m dfs_merge.apps.specialists suites`).
-# A word problem up to its answer cue (`answer :` in E, `kotae :` in J); the answer is a number in digits.
-# Greedy, up to 4 new tokens (SmolLM2 writes " 13" as three tokens), the first number compared exactly.
-dataset_path: json
-custom_dataset: !function local_data.load
-test_split: test
-output_type: generate_until
+# Shared by the family_arith_* tasks (written by `python -m dfs_merge.apps.specialists suites`): the zoo's
+# problem tasks, scored as SmolLM2 answers them. The context starts with a space, as in M's training; the
+# answer (" 13" is three SmolLM2 tokens) is the first number in up to 4 greedy tokens.
+include: _template_zoo_arith.yaml
 doc_to_text: " {{question}}"
-doc_to_target: "{{answer}}"
-target_delimiter: " "
 generation_kwargs:
   until: ["\\n", ".", "。"]
   do_sample: false
   temperature: 0.0
   max_gen_toks: 4
-filter_list:
-  - name: number
-    filter:
-      - function: regex
-        regex_pattern: '(\\d+)'
-      - function: take_first
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
 """
 TASK = """\
 include: _template_family_arith.yaml
@@ -308,11 +291,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             scores = scored(name, args.out)
             print(f"[{name}] {folder}: {scores}", flush=True)
             (folder / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
-    else:
-        print("base", scored(None, args.out), flush=True)
-        for name in ("j", "m"):
-            print(name, scored(name, args.out), flush=True)
-    return 0
+        return 0
+    return check(args.out)
+
+
+def check(folder: Path, committed: Path = FAMILY_DIR, tolerance: float = 0.005) -> int:
+    """Score the adapters in `folder` and compare with the committed `scores.json`; 1 if any differs."""
+    print("base", scored(None, folder), flush=True)
+    bad = 0
+    for name in RECIPES:
+        now = scored(name, folder)
+        want = json.loads((committed / name / "scores.json").read_text())
+        diff = {k: (want.get(k), v) for k, v in now.items() if abs(v - want.get(k, math.inf)) > tolerance}
+        print(name, now, "reproduced" if not diff else f"DIFFERS from {committed / name / 'scores.json'}: {diff}",
+              flush=True)
+        bad |= bool(diff)
+    return int(bad)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import re
 
-import pytest
-import torch
 from builders import run_cli
 
 from dfs_merge.export.checkpoint import export_checkpoint
 from dfs_merge.genome import Genome, Route, save_genome
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def genome(dirs) -> Genome:

@@ -143,3 +143,12 @@ def write_lora_config(adapter: Path, out: Path, **edits) -> Path:
     config.update(edits)
     (out / "adapter_config.json").write_text(json.dumps(config))
     return out
+
+
+def test_an_export_into_an_adapter_folder_is_refused(adapters, tmp_path):
+    base, j, m = adapters
+    g = Genome.from_route(Route.parse("0:0-3"), [f"{base}+{j}"], [4], 1)
+    save_genome(g, tmp_path / "g.genome.yaml")
+    before = sorted(p.name for p in j.iterdir())
+    assert_refused(run_cli("export", tmp_path / "g.genome.yaml", "--out", j, "--force"), "is the input", str(j))
+    assert sorted(p.name for p in j.iterdir()) == before
