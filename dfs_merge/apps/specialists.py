@@ -172,16 +172,24 @@ def train(name: str, out_dir: Path = FAMILY_DIR, log: Callable[[str], Any] = pri
 
 # ---- the target and its guards as bundled lm-eval tasks ---------------------------------------------------
 TEMPLATE = """\
-# Shared by the family_arith_* tasks (written by `python -m dfs_merge.apps.specialists suites`): the zoo's
-# problem tasks, scored as SmolLM2 answers them. The context starts with a space, as in M's training; the
-# answer (" 13" is three SmolLM2 tokens) is the first number in up to 4 greedy tokens.
-include: _template_zoo_arith.yaml
+# Shared by the family_arith_* tasks (written by `python -m dfs_merge.apps.specialists suites`): a word problem
+# up to its answer cue (`answer :` in E, `kotae :` in J), the context starting with a space as in M's training.
+# `acc` is 1 when the answer's tokens (" 13" is three SmolLM2 tokens) are the model's greedy continuation:
+# greedy decoding's exact match on the answer, from one forward pass per problem instead of a generation loop
+# (about 10x cheaper on a CPU).
+dataset_path: json
+custom_dataset: !function local_data.load
+test_split: test
+output_type: loglikelihood
 doc_to_text: " {{question}}"
-generation_kwargs:
-  until: ["\\n", ".", "。"]
-  do_sample: false
-  temperature: 0.0
-  max_gen_toks: 4
+doc_to_target: " {{answer}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
 """
 TASK = """\
 include: _template_family_arith.yaml
