@@ -450,3 +450,14 @@ def test_what_the_project_writes_read_yaml_reads_back(tmp_path):
     save_genome(replace(g, scores={"dev": shared, "test": shared}), tmp_path / "g.yaml")
     assert "&" not in (tmp_path / "g.yaml").read_text()
     assert read_yaml(tmp_path / "g.yaml")["scores"] == {"dev": shared, "test": shared}
+
+
+def test_baseline_with_a_missing_calibration_file(work, tiny_suite_dir):
+    config = work["root"] / "baseline.yaml"
+    config.write_text(yaml.safe_dump({"sources": [str(work["src0"])], "tasks": {"tiny_ppl": 1.0},
+                                      "eval_suites": [str(tiny_suite_dir)], "out": str(work["root"] / "run")}))
+    before = snapshot(work["root"])
+    missing = work["root"] / "no-calibration.jsonl"
+    assert_refused(run_cli("baseline", config, "--calibration", missing, "--sizes", "1", "--split", "dev"),
+                   str(missing), "no such file")
+    assert snapshot(work["root"]) == before
