@@ -1,7 +1,8 @@
 """Resident memory of LoRA adapter sources: the base alone against the base with its two specialists.
 
-Each case loads its sources as a `SourcePool` in a fresh process and reports the growth of the resident set
-over the interpreter's (torch and transformers imported). `BASE+ADAPTER` sources share every tensor their
+Each case loads its sources as a `SourcePool` in a fresh process, reads every distinct tensor once (weights
+loaded from safetensors may still be only memory-mapped) and reports the growth of the resident set over the
+interpreter's (torch and transformers imported), and the parameters in distinct storages. `BASE+ADAPTER` sources share every tensor their
 adapter does not touch with the base, so base + J + M should hold the base once plus the adapted layers,
 not three models. Figures: bench/results/adapters.json.
 
@@ -24,9 +25,13 @@ from dfs_merge.models.sources import SourcePool
 proc = psutil.Process()
 gc.collect(); before = proc.memory_info().rss
 pool = SourcePool.load(json.loads(sys.argv[1]))
+# distinct storages (an adapter source's untouched tensors are the base's), each read once so that weights
+# that are still only memory-mapped count as resident
+storages = {p.untyped_storage().data_ptr(): p for s in pool.sources for p in s.model.parameters()}
+touched = sum(float(p.detach().float().sum()) for p in storages.values())
 gc.collect(); after = proc.memory_info().rss
-params = {id(p): p.numel() for s in pool.sources for p in s.model.parameters()}
-print(json.dumps({"rss_mb": round((after - before) / 2**20, 1), "distinct_parameters": sum(params.values())}))
+print(json.dumps({"rss_mb": round((after - before) / 2**20, 1),
+                  "distinct_parameters": sum(p.numel() for p in storages.values())}))
 """
 
 
