@@ -47,7 +47,7 @@ from dfs_merge.stitch import stitch  # noqa: E402
 
 def tiny_model_dir(root: Path, seed: int = 0) -> Path:
     """A random tiny Llama (the test fixtures' shape, weights from `seed`) saved as an HF folder."""
-    from conftest import build_tokenizer, save_source, tiny_llama_config
+    from builders import build_tokenizer, save_source, tiny_llama_config
     from transformers import LlamaForCausalLM
 
     tok = build_tokenizer()

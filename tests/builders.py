@@ -252,11 +252,12 @@ def run_cli(*argv: str) -> CliResult:
 
 
 def message_lines(err: str) -> list[str]:
-    """The lines of stderr a person reads, without progress bars (tqdm's lines of `\r` updates)."""
+    """The lines of stderr that say what went wrong: without progress bars (tqdm's lines of `\r` updates)
+    and without the stage lines of a command's progress (`export: loading 2 sources ...`)."""
     lines = []
     for line in err.splitlines():
         last = line.split("\r")[-1].strip()
-        if last and not re.search(r"\d+/\d+ \[[^\]]*(it|eval)/s\]$|\d+%\|", last):
+        if last and not re.search(r"\d+/\d+ \[[^\]]*(it|eval|tensor)/s\]$|\d+%\||^export: ", last):
             lines.append(last)
     return lines
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import HIDDEN, save_source, tiny_llama_config
+from builders import HIDDEN, message_lines, save_source, tiny_llama_config
 
 from dfs_merge.cli import main
 from dfs_merge.errors import IncompatibleSources, SourceError
@@ -137,7 +137,7 @@ def test_cli_export_with_missing_sources_is_one_line(tmp_path, capsys):
     path = tmp_path / "g.genome.yaml"
     path.write_text(f"format: dfs-merge/genome@1\nsources: [{{path: {tmp_path / 'gone'}, layers: 4}}]\nroute: 0:0-3\n")
     code, _, err = run_cli("export", str(path), "--out", str(tmp_path / "x"), capsys=capsys)
-    assert code == 2 and "no such model folder" in err and err.count("\n") == 1
+    assert code == 2 and "no such model folder" in err and len(message_lines(err)) == 1
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
