@@ -121,35 +121,25 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
-def check_fingerprints(paths: Sequence[str], expected: Sequence[str | None], what: str) -> list[str | None]:
-    """The sources' fingerprints now; SourceError if one differs from `expected` (None: unknown, not compared)."""
-    from dfs_merge.errors import SourceError
-
-    now = [fingerprint(p) for p in paths]
-    for i, (path, was, is_) in enumerate(zip(paths, expected, now, strict=False)):
-        if was is not None and is_ is not None and was != is_:
-            raise SourceError(f"source {i} ({path}) is not the model {what} was made from: its weights changed "
-                              f"(fingerprint {was}, now {is_})")
-    return now
-
-
 def check_same_sources(genome_sources: Sequence[str], genome_fingerprints: Sequence[str | None],
-                       paths: Sequence[str], what: str = "the genome") -> None:
-    """Refuse to run a genome over `paths` unless each is its own source: the same folder or name (with
-    unchanged weights, where the genome recorded their fingerprint), or another copy of the same weights."""
+                       paths: Sequence[str], what: str = "the genome") -> list[str | None]:
+    """Refuse to run what was made on `genome_sources` (a genome, a run) over `paths` unless each is its own
+    source: the same folder or name with unchanged weights (where a fingerprint was recorded), or another
+    copy of the same weights. Returns the fingerprints of `paths` now."""
     from dfs_merge.errors import SourceError
 
     if len(genome_sources) != len(paths):
         raise SourceError(f"{what} has {len(genome_sources)} sources, not {len(paths)}: {', '.join(genome_sources)}")
+    now = [fingerprint(p) for p in paths]
     for i, (own, path) in enumerate(zip(genome_sources, paths, strict=True)):
         recorded = genome_fingerprints[i] if i < len(genome_fingerprints) else None
         if own == path or Path(own).expanduser().resolve() == Path(path).expanduser().resolve():
-            now = fingerprint(path) if recorded else None
-            if recorded and now and now != recorded:
-                raise SourceError(f"source {i} ({path}) changed since {what} was made: its weights' fingerprint "
-                                  f"was {recorded}, now {now}")
+            if recorded and now[i] and now[i] != recorded:
+                raise SourceError(f"source {i} ({path}): its weights changed since {what} was made (fingerprint "
+                                  f"{recorded}, now {now[i]})")
             continue
-        want, have = recorded or fingerprint(own), fingerprint(path)
-        if want is None or have is None or want != have:
+        want = recorded or fingerprint(own)
+        if want is None or now[i] is None or want != now[i]:
             raise SourceError(f"source {i}: {what} was made on {own}, not {path} (other weights); "
                               "use a config whose sources are the genome's")
+    return now

@@ -49,6 +49,7 @@ class RunDir:
         self.pareto_json = self.path / "pareto.json"
         self.history = self.path / "history.png"
         self.sources = self.path / "sources.json"
+        self.started = False  # whether something was evaluated here before (set by `open`)
         self._evals_file: Any = None
 
     def paths(self) -> dict[str, Path]:
@@ -92,6 +93,7 @@ class RunDir:
             raise ConfigError(f"out: {path} is not writable ({err.strerror or err})") from None
         if resume and started and rd.config.is_file():
             rd._check_same_config(cfg)
+        rd.started = started
         return rd
 
     def start(self, cfg: RunConfig, fingerprints: list[str | None]) -> None:
@@ -117,16 +119,16 @@ class RunDir:
     def check_sources(self, paths: list[str]) -> list[str | None]:
         """The sources' content fingerprints (those sources.json recorded, where it did); a resumed run whose
         sources' weights changed since is refused (it would mix two models)."""
-        from dfs_merge.models.metadata import check_fingerprints
+        from dfs_merge.models.metadata import check_same_sources
 
         recorded: list[str | None] = []
-        if self.sources.is_file():
+        if self.started and self.sources.is_file():  # a run that evaluated nothing recorded nothing to keep
             try:
                 recorded = [e.get("fingerprint") for e in json.loads(self.sources.read_text())]
             except (OSError, ValueError, AttributeError, TypeError):
                 recorded = []
         try:
-            now = check_fingerprints(paths, recorded, f"the run in {self.path}")
+            now = check_same_sources(paths, recorded, paths, f"the run in {self.path}")
         except DfsMergeError as err:
             raise ConfigError(f"resume: {err}; start a new run in another folder, or put the old weights back") from None
         return [was or is_ for was, is_ in zip(recorded + [None] * len(paths), now, strict=False)]

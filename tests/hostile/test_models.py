@@ -132,7 +132,7 @@ def test_a_run_that_failed_before_its_first_evaluation_can_be_run_again(sources,
     out = tmp_path / "run"
     bad = run_config(tmp_path, sources, tiny_suite_dir, out, tasks={"no_such_task_dev": 1.0})
     assert_refused(run_cli("evolve", bad), "no_such_task_dev")
-    good = run_config(tmp_path, sources, tiny_suite_dir, out)
+    good = run_config(tmp_path, sources[::-1], tiny_suite_dir, out)  # fixed, and with the sources swapped
     assert run_cli("evolve", good).code == 0, "the fixed config runs in the same folder without --resume"
     assert (out / "best.genome.yaml").is_file()
 
