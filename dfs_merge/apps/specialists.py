@@ -41,7 +41,10 @@ LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 # name -> what it learns from, which layers it may change, and how long it trains
 RECIPES: dict[str, dict[str, Any]] = {
     "j": {"mix": {"j_story": 0.4, "parallel": 0.3, "mixed": 0.2, "e_story": 0.1}, "layers": BOTTOM + TOP,
-          "answer_only": False, "steps": 350, "batch": 8, "max_tokens": 64, "lr": 1e-3, "seed": 11},
+          "answer_only": False, "steps": 350, "batch": 8, "max_tokens": 64, "lr": 1e-3, "seed": 11,
+          # the hidden state after the bottom block at each J word pulled towards the base's at the aligned word
+          # of the E rendering (weight 1, 8 parallel stories a step), so that the middle reads J as it reads E
+          "align": {"after_layer": BOTTOM[-1], "weight": 1.0, "docs": 8}},
     "m": {"mix": {"e_arith": 1.0}, "layers": MIDDLE, "answer_only": True, "steps": 1200, "batch": 8,
           "max_tokens": 40, "lr": 1e-3, "seed": 12},
 }
@@ -94,6 +97,39 @@ def batch_of(texts: Sequence[str], tok: Any, answer_only: bool, max_tokens: int)
     return ids, attention, labels
 
 
+def word_ends(words: Sequence[str], tok: Any) -> tuple[list[int], list[int]]:
+    """Token ids of `words` joined by spaces (with a leading one) and the index of each word's last token."""
+    ids, ends = [], []
+    for w in words:
+        ids += tok(" " + w, add_special_tokens=False)["input_ids"]
+        ends.append(len(ids) - 1)
+    return ids, ends
+
+
+def align_loss(model: Any, tok: Any, rng: random.Random, after_layer: int, docs: int) -> Any:
+    """Parallel stories (`world.aligned`): the adapted model's hidden state after layer `after_layer` at each
+    J word's last token, pulled towards the base's (adapters off) at the aligned E word's; normalised MSE."""
+    import torch
+
+    stories = [world.aligned(rng) for _ in range(docs)]
+    rows = []
+    for side in (0, 1):  # E words, J words
+        encoded = [word_ends(story[side], tok) for story in stories]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in encoded])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in encoded])
+        rows.append((ids, mask, [ends for _, ends in encoded]))
+    (e_ids, e_mask, e_ends), (j_ids, j_mask, j_ends) = rows
+    with torch.no_grad(), model.disable_adapter():
+        ref = model(input_ids=e_ids, attention_mask=e_mask, output_hidden_states=True).hidden_states[after_layer + 1]
+    got = model(input_ids=j_ids, attention_mask=j_mask, output_hidden_states=True).hidden_states[after_layer + 1]
+    pairs = [(b, j_ends[b][jx], e_ends[b][ex]) for b, (_, _, align) in enumerate(stories) for jx, ex in align]
+    b, jt, et = (torch.tensor(v) for v in zip(*pairs, strict=True))
+    target = ref[b, et]
+    return (got[b, jt] - target).pow(2).mean() / target.pow(2).mean()
+
+
 def loss_where_labelled(model: Any, ids: Any, attention: Any, labels: Any) -> Any:
     """Next-token cross-entropy at the labelled positions, the LM head computed only there (its 49k x 576
     matrix over every position would be most of a step's cost)."""
@@ -142,6 +178,7 @@ def train(name: str, out_dir: Path = FAMILY_DIR, log: Callable[[str], Any] = pri
     model = get_peft_model(model, lora)
     held, val = splits()
     texts = training_texts(name, held, val)
+    align_rng = random.Random(f"align:{recipe['seed']}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -151,6 +188,9 @@ def train(name: str, out_dir: Path = FAMILY_DIR, log: Callable[[str], Any] = pri
         ids, attention, labels = batch_of([next(texts) for _ in range(recipe["batch"])], tok, recipe["answer_only"],
                                           recipe["max_tokens"])
         loss = loss_where_labelled(model.base_model.model, ids, attention, labels)
+        if "align" in recipe:
+            a = recipe["align"]
+            loss = loss + a["weight"] * align_loss(model, tok, align_rng, a["after_layer"], a["docs"])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
