@@ -67,7 +67,8 @@ class Evolution:
     """One run's search state and its generation loop."""
 
     def __init__(self, cfg: RunConfig, template: Genome, rundir: RunDir, evaluator: Evaluator,
-                 log: Callable[[str], Any] = print, progress: bool = True):
+                 log: Callable[[str], Any] = print, progress: bool = True,
+                 fingerprints: Sequence[str | None] = ()):
         self.cfg = cfg
         self.rundir = rundir
         self.log = log
@@ -82,7 +83,7 @@ class Evolution:
         self.val: dict[str, Evaluation] = {}  # validation scores of the final shortlist (select_tasks)
         self.chosen: dict[Any, Any] = {}  # the final choice on validation: "best", and each front hop count
         self.finished = False
-        self.fingerprints: tuple[str | None, ...] = ()  # of the sources, written into the genome files
+        self.fingerprints = tuple(fingerprints)  # of the sources, written into the genome files
         self._plotted = time.monotonic()
 
     # ---- the loop ------------------------------------------------------------------------
@@ -313,8 +314,7 @@ def run_evolution(
     fn: GenomeEvaluator = evaluate if evaluate is not None else ModelEvaluator(cfg, "dev")
     evaluator = LazyEvaluator(cfg, fn)
     try:
-        evo = Evolution(cfg, template, rundir, evaluator, log, progress)
-        evo.fingerprints = fingerprints
+        evo = Evolution(cfg, template, rundir, evaluator, log, progress, fingerprints)
         try:
             evo.restore(records, state)
         except (GenomeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
