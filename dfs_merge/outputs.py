@@ -41,7 +41,7 @@ def _existing_inputs(inputs: Iterable[str | Path]) -> list[tuple[str, Path]]:
     """(as named, resolved) of each input that is an existing file or folder; names of models are not paths;
     both parts of a `BASE+ADAPTER` source count."""
     out = []
-    for name in [part for given in inputs for part in (given, *(str(given).rsplit("+", 1) if "+" in str(given) else ()))]:
+    for name in [part for given in inputs for part in (given, *_adapter_parts(str(given)))]:
         try:
             there = Path(name).expanduser().exists()
         except (OSError, ValueError):
@@ -50,6 +50,17 @@ def _existing_inputs(inputs: Iterable[str | Path]) -> list[tuple[str, Path]]:
         if resolved is not None:
             out.append((str(name), resolved))
     return out
+
+
+def _adapter_parts(name: str) -> tuple[str, ...]:
+    """The base and the adapter folder of a `BASE+ADAPTER` source (the adapters module's rule), else none."""
+    from dfs_merge.models.adapters import split_source
+
+    try:
+        base, adapter = split_source(name)
+    except DfsMergeError:
+        return ()
+    return (base, str(adapter)) if adapter is not None else ()
 
 
 def _overlap(out: Path, inputs: Iterable[str | Path]) -> str | None:
