@@ -1,7 +1,7 @@
-"""A candidate: a route stitched over the loaded sources and scored on the fitness tasks.
+"""A candidate: a route stitched over the loaded sources, or a recipe's merge, scored on the fitness tasks.
 
-`CandidateScorer` is the one path from a route to its `Evaluation`, used by the search's workers, the
-held-out and validation scoring, the study, the baselines' comparison and the demo.
+`CandidateScorer` is the one path from a route or a parameter-space recipe to its `Evaluation`, used by the
+search's workers, the held-out and validation scoring, the study, the baselines' comparison and the demo.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from dfs_merge.genome import Route
 
 
 class CandidateScorer:
-    """Stitches routes over `pool` (sharing `activation_cache`, if any) and scores them with `fitness`."""
+    """Stitches routes over `pool` (sharing `activation_cache`, if any), or writes recipes' merges into one
+    resident model (`blender`, made on the first recipe), and scores them with `fitness`."""
 
-    def __init__(self, pool: Any, fitness: Any, activation_cache: Any = None):
+    def __init__(self, pool: Any, fitness: Any, activation_cache: Any = None, blender: Any = None):
         self.pool = pool
         self.fitness = fitness
         self.activation_cache = activation_cache
+        self.blender = blender
 
     def model(self, route: Route) -> Any:
         """The stitched model of `route` (no weight copied)."""
@@ -30,6 +32,19 @@ class CandidateScorer:
         """Score `route`; a candidate that fails gets a failed Evaluation, never an exception."""
         return self.fitness.score(self.model(route), self.pool.tokenizer, hops=len(route))
 
+    def genome(self, genome: Any) -> Evaluation:
+        """Score a DFS genome (its checked route) or a parameter-space recipe (merged in the resident model)."""
+        from dfs_merge.merging.recipe import Recipe
+
+        if not isinstance(genome, Recipe):
+            return self(genome.check())
+        if self.blender is None:
+            from dfs_merge.merging.blend import Blender
+
+            self.blender = Blender(self.pool)
+        model = self.blender.apply(genome)
+        return self.fitness.score(model, self.pool.tokenizer, hops=genome.layers)
+
     def with_fitness(self, fitness: Any) -> CandidateScorer:
-        """The same sources and activation cache, scored on other tasks (another split)."""
-        return CandidateScorer(self.pool, fitness, self.activation_cache)
+        """The same sources, activation cache and resident model, scored on other tasks (another split)."""
+        return CandidateScorer(self.pool, fitness, self.activation_cache, self.blender)

@@ -32,6 +32,19 @@ def cmd_show(args: argparse.Namespace) -> None:
     if args.png:
         check_output(args.png, kind="file", force=args.force, inputs=[args.genome], what="--png")
     g = load_genome(args.genome)
+    if not g.layout.T:  # a parameter-space recipe
+        print(f"recipe: {args.genome}")
+        for i, s in enumerate(g.sources):
+            print(f"  source {i}: {s} ({g.layers} layers)")
+        print(f"method: {g.method}, base: {g.base}, layer groups: {g.layer_groups}")
+        print("\n".join(g.table()))
+        for name, value in g.scores.items():
+            print(f"score {name}: {value}")
+        if args.png:
+            from dfs_merge.plots import recipe_png
+
+            print(f"picture: {recipe_png(g, args.png)}")
+        return
     route = g.decode()
     print(f"genome: {args.genome}")
     for i, s in enumerate(g.sources):
@@ -135,7 +148,7 @@ def cmd_import_mergekit(args: argparse.Namespace) -> None:
     check_output(args.out, kind="file", force=args.force, inputs=[args.config], error=GenomeError)
     g = import_mergekit(args.config, repeats=args.repeats, scaling=args.scaling)
     save_genome(g, args.out)
-    print(f"wrote {args.out}: {len(g.decode())} hops, route {g.decode().text()}")
+    print(f"wrote {args.out}: {len(g.decode())} hops, {g.text()}")
 
 
 def cmd_zoo(args: argparse.Namespace) -> None:

@@ -58,6 +58,35 @@ class ConstraintsConfig(BaseModel):
         return self
 
 
+class MergeConfig(BaseModel):
+    """A parameter-space search (config `merge:`): recipes of one method over the sources, with one weight
+    (and density) per merged source and layer group. See `dfs_merge.merging`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+    base: int | None = Field(0, ge=0)  # the source whose deltas the others are taken against
+    layer_groups: int = Field(1, ge=1)  # mergekit-evolve's layer granularity, as a number of groups
+    weight_range: tuple[float, float] = (0.0, 1.0)
+    density_range: tuple[float, float] = (0.1, 1.0)
+    init_weight: float | None = Field(None, allow_inf_nan=False)  # generation 0's centre; None: 1/n
+    init_density: float = Field(1.0, gt=0, le=1)
+    normalize: bool | None = None  # None: the method's default (mergekit's)
+    lam: float = Field(1.0, alias="lambda", allow_inf_nan=False)
+    rescale: bool | None = None
+    seed: int = Field(0, ge=0)  # DARE's random masks
+
+    @model_validator(mode="after")
+    def _ranges(self) -> MergeConfig:
+        lo, hi = self.weight_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ValueError(f"weight_range must be finite with low <= high, got {list(self.weight_range)}")
+        lo, hi = self.density_range
+        if not (0 < lo <= hi <= 1):
+            raise ValueError(f"density_range must satisfy 0 < low <= high <= 1, got {list(self.density_range)}")
+        return self
+
+
 class SearchConfig(BaseModel):
     """What a run computes: the sources, the genome space, the fitness, the algorithm and its seed.
     None of these may change when a run is resumed."""
@@ -68,6 +97,8 @@ class SearchConfig(BaseModel):
     repeats: int = Field(1, ge=1)
     scaling: Literal["slot", "transition", "none"] = "slot"
     constraints: ConstraintsConfig = ConstraintsConfig()
+    # A parameter-space search instead of a data-flow one: the recipe space (absent: routes and scales).
+    merge: MergeConfig | None = None
     # Routes put into generation 0 next to the sources themselves, in `dfs-merge show` text form
     # ("0:0-12, 0:14-29"): a hand-made frankenmerge, or a pruning heuristic's route, to start from.
     seed_routes: list[str] = []
@@ -146,6 +177,13 @@ class RunConfig(RunOptions, SearchConfig):
         from dfs_merge.search.algorithms import algorithm_class
 
         algorithm_class(self.algorithm).check(self.objectives)
+        if self.merge is not None:
+            if self.merge.base is not None and self.merge.base >= len(self.sources):
+                raise ValueError(f"merge.base: {self.merge.base} is not a source index (0..{len(self.sources) - 1})")
+            if self.merge.base is None and self.merge.method != "linear":
+                raise ValueError(f"merge.base: method {self.merge.method} needs a base model (a source index)")
+            if self.seed_routes:
+                raise ValueError("seed_routes: data-flow routes cannot seed a parameter-space search (merge:)")
         if self.elite >= self.population:
             raise ValueError(f"elite ({self.elite}) must be below population ({self.population})")
         lo, hi = self.scale_range

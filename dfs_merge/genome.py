@@ -227,6 +227,19 @@ class Genome:
         """Canonical key of the decoded route (see `Route.key`)."""
         return self.decode().key()
 
+    @property
+    def source_layers(self) -> tuple[int, ...]:
+        """Decoder layers of each source."""
+        return self.layout.layers
+
+    def text(self) -> str:
+        """The decoded route in its readable form."""
+        return self.decode().text()
+
+    def seeds(self, routes: Sequence[str] = ()) -> list[Genome]:
+        """Generation 0's fixed members over this genome's layout (`seed_genomes`)."""
+        return seed_genomes(self, routes)
+
     # ---- construction -------------------------------------------------------------
     @classmethod
     def empty(
@@ -355,9 +368,16 @@ class _GenomeFile(BaseModel):
 
 
 def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
-    """Validate a genome mapping (as read from YAML) and build the Genome; errors name the field."""
+    """Validate a genome mapping (as read from YAML) and build the Genome (or, for a `dfs-merge/recipe@1`
+    mapping, the parameter-space `Recipe`); errors name the field."""
     if "format" not in data:
         raise GenomeError(f"{where}: not a dfs-merge genome (no 'format: {FORMAT}' key)")
+    from dfs_merge.merging.recipe import FORMAT as RECIPE_FORMAT
+
+    if data.get("format") == RECIPE_FORMAT:
+        from dfs_merge.merging.recipe import recipe_from_dict
+
+        return recipe_from_dict(data, where)  # type: ignore[return-value]
     try:
         f = _GenomeFile.model_validate(data)
     except ValidationError as err:
@@ -400,7 +420,12 @@ def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
 
 
 def genome_to_dict(g: Genome) -> dict[str, Any]:
-    """The YAML mapping of a genome: bits and scales in one row per (repetition, source) block."""
+    """The YAML mapping of a genome: bits and scales in one row per (repetition, source) block (a recipe's
+    own mapping for a `Recipe`)."""
+    from dfs_merge.merging.recipe import Recipe, recipe_to_dict
+
+    if isinstance(g, Recipe):
+        return recipe_to_dict(g)
     route = g.decode()
     blocks = g.layout.blocks()
     data: dict[str, Any] = {

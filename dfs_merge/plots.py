@@ -80,3 +80,26 @@ def history_png(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def recipe_png(recipe: Any, path: str | Path) -> Path:
+    """Draw a parameter-space recipe: each merged source's weight (and density) per layer group."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = 2 if recipe.densities else 1
+    fig = Figure(figsize=(6, 2.6 * rows), dpi=110)
+    FigureCanvasAgg(fig)
+    groups = list(range(recipe.layer_groups))
+    for r, (name, values) in enumerate((("weight", recipe.weights), ("density", recipe.densities))[:rows]):
+        ax = fig.add_subplot(rows, 1, r + 1)
+        for s, row in zip(recipe.merged, values, strict=True):
+            ax.plot(groups, row, marker="o", label=f"source {s}: {Path(recipe.sources[s]).name}")
+        ax.set_xticks(groups, [f"{a}-{b - 1}" for a, b in map(recipe.group_range, groups)], fontsize=7)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.axes[-1].set_xlabel("layer group (layers)")
+    fig.suptitle(f"{recipe.method}" + (f" over source {recipe.base}" if recipe.base is not None else ""), fontsize=9)
+    fig.tight_layout()
+    return save_png(fig, path)

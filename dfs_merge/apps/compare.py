@@ -15,6 +15,7 @@ from dfs_merge.errors import GenomeError
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Hop, Route, load_genome
+from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.metadata import check_same_sources
 from dfs_merge.models.sources import SourcePool
 
@@ -60,7 +61,8 @@ def evaluate_for_cli(
     sources_only: bool = False,
     out: Callable[[str], None] = print,
 ) -> dict[str, Evaluation]:
-    """`dfs-merge eval`: score a genome file, the base unchanged, or each source's own model; print the table."""
+    """`dfs-merge eval`: score a genome file (a route or a parameter-space recipe), the base unchanged, or each
+    source's own model; print the table."""
     g = load_genome(genome) if genome else None
     if g is not None:  # the genome's route over other weights would be another model, silently
         check_same_sources(g.sources, g.fingerprints, cfg.sources, f"genome {genome}")
@@ -71,6 +73,8 @@ def evaluate_for_cli(
             f"source {i}": fitness.score(src.model, pool.tokenizer, hops=len(src.layers))
             for i, src in enumerate(pool.sources)
         }
+    elif isinstance(g, Recipe):
+        evals = {Path(genome).name: CandidateScorer(pool, fitness).genome(g)}
     elif g is not None:
         evals = score_routes(pool, fitness, {Path(genome).name: route_of(g, pool)})
     else:

@@ -17,6 +17,7 @@ import dfs_merge
 from dfs_merge.export.tensors import running_products
 from dfs_merge.export.verify import VerifyResult
 from dfs_merge.genome import Genome, Route
+from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.sources import SourcePool
 
 
@@ -25,6 +26,58 @@ def _scales_text(route: Route) -> str:
     if all(s == 1.0 for s in scales):
         return "all 1 (plain stacking)"
     return ", ".join(f"{k}: {s:.6g}" for k, s in enumerate(scales) if s != 1.0) + " (other hops 1)"
+
+
+def _route_text(pool: SourcePool, genome: Genome, route: Route, genome_file: str, rows: str) -> str:
+    products = running_products(route)
+    return f"""A data-flow-space merge (Akiba et al. 2024, arXiv:2403.13187) made with dfs-merge: the hidden
+state takes the route below through the decoder layers of the sources. It is an ordinary
+`{type(pool.base.model).__name__}` checkpoint with {len(route)} layers; load it with
+`AutoModelForCausalLM.from_pretrained(...)`.
+
+## Sources
+
+| # | path | layers | model type |
+| --- | --- | --- | --- |
+{rows}
+
+Source 0 is the base: it supplies the embeddings, final norm, LM head, tokenizer and config.
+
+## Route
+
+- hops: {len(route)}
+- route (`source:first-last`): `{route.text()}`
+- hop scales: {_scales_text(route)}
+- running scale product at the last hop: {products[-1]:.6g}; each hop's product is folded into its
+  weights ({pool.family.name} family)
+- genome: `{genome_file}` (repeats {genome.layout.repeats}, scaling {genome.scaling}, key {genome.key()})"""
+
+
+def _recipe_text(recipe: Recipe, genome_file: str, rows: str) -> str:
+    table = "\n".join(recipe.table())
+    base = f"source {recipe.base}" if recipe.base is not None else "none"
+    return f"""A parameter-space merge ({recipe.method}) made with dfs-merge: each tensor is a mix of the
+sources' tensors, with one weight per source and layer group below. It is an ordinary checkpoint of
+the base's architecture with {recipe.layers} layers; load it with `AutoModelForCausalLM.from_pretrained(...)`.
+
+## Sources
+
+| # | path | layers | model type |
+| --- | --- | --- | --- |
+{rows}
+
+The embeddings, final norm and LM head are merged too (with the first and the last layer group's
+values); the tokenizer and config are source 0's.
+
+## Recipe
+
+- method: {recipe.method}; base: {base}; layer groups: {recipe.layer_groups}; normalize:
+  {recipe.spec.normalize if recipe.normalize is None else recipe.normalize}; lambda: {recipe.lam:g}
+- recipe: `{genome_file}` (key {recipe.key()})
+
+```
+{table}
+```"""
 
 
 def _front_matter(lic: str | None) -> dict[str, object]:
@@ -63,9 +116,10 @@ def model_card(
     lic = pool.base.license
     rows = "\n".join(
         f"| {i} | `{p}` | {n} | {pool.sources[i].config.model_type} |"
-        for i, (p, n) in enumerate(zip(genome.sources, genome.layout.layers, strict=True))
+        for i, (p, n) in enumerate(zip(genome.sources, genome.source_layers, strict=True))
     )
-    products = running_products(route)
+    how = (_recipe_text(genome, genome_file, rows) if isinstance(genome, Recipe)
+           else _route_text(pool, genome, route, genome_file, rows))
     scores = yaml.safe_dump(genome.scores, sort_keys=False).strip() if genome.scores else "none recorded"
     cmd = command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     verified = result.text() if result is not None else "not verified (verify=False)"
@@ -75,27 +129,7 @@ def model_card(
 
 # {title}
 
-A data-flow-space merge (Akiba et al. 2024, arXiv:2403.13187) made with dfs-merge: the hidden
-state takes the route below through the decoder layers of the sources. It is an ordinary
-`{type(pool.base.model).__name__}` checkpoint with {len(route)} layers; load it with
-`AutoModelForCausalLM.from_pretrained(...)`.
-
-## Sources
-
-| # | path | layers | model type |
-| --- | --- | --- | --- |
-{rows}
-
-Source 0 is the base: it supplies the embeddings, final norm, LM head, tokenizer and config.
-
-## Route
-
-- hops: {len(route)}
-- route (`source:first-last`): `{route.text()}`
-- hop scales: {_scales_text(route)}
-- running scale product at the last hop: {products[-1]:.6g}; each hop's product is folded into its
-  weights ({pool.family.name} family)
-- genome: `{genome_file}` (repeats {genome.layout.repeats}, scaling {genome.scaling}, key {genome.key()})
+{how}
 
 ## Scores
 

@@ -42,6 +42,8 @@ from dfs_merge.export.verify import (
     verify_tolerance,
 )
 from dfs_merge.genome import Genome, Route, save_genome
+from dfs_merge.merging.blend import merged_pool
+from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.metadata import check_same_sources
 from dfs_merge.models.sources import SourcePool
 from dfs_merge.outputs import check_output
@@ -110,7 +112,8 @@ def export_checkpoint(
     command: str | None = None,
     progress: bool | Progress = False,
 ) -> Path:
-    """Write `genome`'s route over `pool` as a plain HF checkpoint in `out`; returns its path.
+    """Write `genome`'s route over `pool` (or a parameter-space recipe's merge of it) as a plain HF
+    checkpoint in `out`; returns its path.
 
     The folder holds safetensors shards (and an index when sharded), config, generation
     config, the base's tokenizer files, the genome (`dfs-merge-genome.yaml`) and a model
@@ -122,14 +125,18 @@ def export_checkpoint(
     show = progress if isinstance(progress, Progress) else Progress(bool(progress))
     route = genome.check()
     _check_pool(pool, genome)
+    written = pool  # whose route is written: the sources, or for a recipe its merge as the one source
+    if isinstance(genome, Recipe):
+        with show.stage(f"merging ({genome.method}, {genome.layer_groups} layer groups)", "merged"):
+            written = merged_pool(genome, pool)
     out = check_output(out, kind="folder", force=force, inputs=[*genome.sources, *pool.paths], error=ExportError,
                        what=None, force_hint="force=True (--force)")
     limit = parse_size(max_shard_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     _STAGING.remove_leftovers(out)
     with _STAGING.folder(out, replace=force, refuse=_appeared) as staging:
-        _write_weights(pool, route, staging, limit, show)
-        _write_config(pool, route, staging)
+        _write_weights(written, route, staging, limit, show)
+        _write_config(written, route, staging)
         _write_generation_config(pool, staging)
         _write_tokenizer(pool, staging)
         save_genome(genome, staging / GENOME_FILE)
@@ -137,7 +144,7 @@ def export_checkpoint(
         if verify:
             with show.stage(f"verifying against the stitched model on {len(VERIFY_PROMPTS)} prompts",
                             "verified"):
-                result = verify_export(pool, route, staging, verify_tolerance(pool.dtype))
+                result = verify_export(written, route, staging, verify_tolerance(pool.dtype))
                 log.info("verify: %s", result.text())
                 check_verified(result, pool.dtype)
             show.say(f"verify: {result.text()}")
@@ -158,7 +165,7 @@ def export_genome(genome: Genome, out: str | Path, *, device: str = "cpu", dtype
 
 def _check_pool(pool: SourcePool, genome: Genome) -> None:
     """The pool must hold the genome's sources: same number, same layer counts, the same weights."""
-    have, want = pool.layers_per_source, genome.layout.layers
+    have, want = pool.layers_per_source, genome.source_layers
     if have != want:
         raise SourceError(
             f"the loaded sources ({len(have)} with layers {list(have)}) are not the genome's "

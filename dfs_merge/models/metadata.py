@@ -88,6 +88,15 @@ def fingerprint(path: str) -> str | None:
     if adapter is not None:
         of_base, of_adapter = fingerprint(base), fingerprint(str(adapter))
         return None if of_base is None or of_adapter is None else f"{of_base}+{of_adapter.split(':', 1)[1]}"
+    from dfs_merge.merging.recipe import is_recipe_file, load_recipe_source
+
+    if is_recipe_file(path):  # a recipe as a source: its file and its own sources' weights
+        inner = [fingerprint(s) for s in load_recipe_source(path).sources]
+        if any(f is None for f in inner):
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        h.update(read_bytes(Path(path).expanduser(), SourceError) + "".join(map(str, inner)).encode())
+        return "blake2b:" + h.hexdigest()
     p = Path(path).expanduser()
     if p.is_dir():
         files = [f for f in sorted(p.iterdir())

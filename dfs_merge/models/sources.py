@@ -74,6 +74,11 @@ def locate(path: str) -> Path:
     if adapter is not None:
         read_adapter_config(adapter)
         return locate(base)
+    from dfs_merge.merging.recipe import is_recipe_file, load_recipe_source
+
+    if is_recipe_file(path):  # a hybrid's source: the merge of a parameter-space recipe, made at load
+        recipe = load_recipe_source(path)
+        return locate(recipe.sources[recipe.base if recipe.base is not None else 0])
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -172,6 +177,10 @@ class SourcePool:
         merged: dict[Path, PreTrainedModel] = {}  # BASE+ADAPTER: the base's tensors shared, adapted ones new
         sources = []
         for p, f in zip(paths, folders, strict=True):
+            recipe = _recipe_source(p, device, dtype, trust_remote_code)
+            if recipe is not None:
+                sources.append(recipe)
+                continue
             base, adapter = split_source(p)
             model = models[f.resolve()]
             if adapter is not None:
@@ -213,6 +222,20 @@ class SourcePool:
     @property
     def dtype(self) -> torch.dtype:
         return self.base.model.dtype
+
+
+def _recipe_source(path: str, device: str, dtype: str, trust_remote_code: bool) -> Source | None:
+    """A parameter-space recipe file as a source (the paper's hybrid): its sources loaded and merged in
+    memory; None for any other path."""
+    from dfs_merge.merging.blend import merged_source
+    from dfs_merge.merging.recipe import is_recipe_file, load_recipe_source
+
+    if not is_recipe_file(path):
+        return None
+    recipe = load_recipe_source(path)
+    log.info("merging the recipe %s (%s over %d sources)", path, recipe.method, len(recipe.sources))
+    inner = SourcePool.load(list(recipe.sources), device, dtype, trust_remote_code)
+    return merged_source(recipe, inner, str(path))
 
 
 def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:

@@ -26,12 +26,13 @@ import numpy as np
 from deap import algorithms, cma, tools
 
 from dfs_merge.errors import ConfigError
-from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict, seed_genomes
+from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict
 from dfs_merge.search.operators import (
     Individual,
     Vector,
     as_vector,
     fitness_class,
+    gene_bounds,
     member,
     repair,
     restore_members,
@@ -91,7 +92,7 @@ class Algorithm(ABC):
 
     def seeds(self) -> list[Genome]:
         """Generation 0's fixed members: each source unchanged, then `seed_routes`, repaired."""
-        return [repair(s, random) for s in seed_genomes(self.template, self.cfg.seed_routes)][: self.cfg.population]
+        return [repair(s, random) for s in self.template.seeds(self.cfg.seed_routes)][: self.cfg.population]
 
     def revive(self, genome: Genome) -> Any:
         """An individual of this algorithm for a checkpointed genome."""
@@ -258,10 +259,11 @@ class CMAES(Algorithm):
 
     def __init__(self, cfg: Any, template: Genome, known: Callable[[str], bool]):
         super().__init__(cfg, template, known)
-        self.low, self.high = cfg.scale_range
-        lay = template.layout
-        T, S = lay.T, len(template.scales)  # noqa: N806
-        centroid = [1.0 if lay.slot(i)[:2] == (0, 0) else -1.0 for i in range(T)] + [1.0] * S
+        self.bounds = gene_bounds(cfg, template)
+        T, S = template.layout.T, len(template.scales)  # noqa: N806
+        # "model 0 unchanged" (+1 on the first repetition's base slots, -1 elsewhere, scales 1); a recipe: its own values
+        centroid = as_vector(template.seeds()[0]) if not T else (
+            [1.0 if template.layout.slot(i)[:2] == (0, 0) else -1.0 for i in range(T)] + [1.0] * S)
         cmatrix = np.diag([1.0] * T + [(cfg.scale_sigma / cfg.cma_sigma) ** 2] * S)
         self.strategy = cma.Strategy(centroid=centroid, sigma=cfg.cma_sigma, lambda_=cfg.population, cmatrix=cmatrix)
         self._contiguous()
@@ -275,7 +277,7 @@ class CMAES(Algorithm):
             for i, s in enumerate(self.seeds()):
                 pop[i] = Vector(as_vector(s), self.fitness_cls())
         for v in pop:
-            v.settle(self.template, self.low, self.high)
+            v.settle(self.template, self.bounds)
         return pop
 
     def tell(self, gen: int, evaluated: list[Any]) -> list[Any]:

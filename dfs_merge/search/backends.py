@@ -46,6 +46,7 @@ class ModelEvaluator:
         self.pool: Any = None
         self.fitness: Any = None
         self.activation_cache: Any = None
+        self.blender: Any = None  # the resident model of parameter-space candidates, made on the first one
 
     def setup(self) -> None:
         """Load the sources and build the fitness tasks, once."""
@@ -72,22 +73,26 @@ class ModelEvaluator:
     def scorer(self) -> CandidateScorer:
         """Stitch-and-score over the loaded sources (loading them first if needed)."""
         self.setup()
-        return CandidateScorer(self.pool, self.fitness, self.activation_cache)
+        return CandidateScorer(self.pool, self.fitness, self.activation_cache, self.blender)
 
     def for_split(self, split: str) -> ModelEvaluator:
         """The same work on another split, sharing the loaded sources (a second copy is not loaded)."""
         other = ModelEvaluator(self.cfg, split, self.cache_dir)
         other.pool = self.pool
         other.activation_cache = self.activation_cache
+        other.blender = self.blender
         return other
 
     def __call__(self, genome: Genome) -> Evaluation:
-        return self.scorer(genome.check())
+        scorer = self.scorer
+        ev = scorer.genome(genome)
+        self.blender = scorer.blender
+        return ev
 
     def __getstate__(self) -> dict[str, Any]:
         # Loaded models and tasks stay in their process; a worker builds its own in setup().
         return {"cfg": self.cfg, "split": self.split, "cache_dir": self.cache_dir, "pool": None, "fitness": None,
-                "activation_cache": None}
+                "activation_cache": None, "blender": None}
 
 
 def setup_evaluator(fn: GenomeEvaluator) -> None:

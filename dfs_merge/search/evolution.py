@@ -24,7 +24,7 @@ from deap import tools
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError, one_line
 from dfs_merge.evaluation import Evaluation
-from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict, seed_genomes
+from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict
 from dfs_merge.models.metadata import layer_counts
 from dfs_merge.search import selection
 from dfs_merge.search.algorithms import algorithm_class
@@ -156,7 +156,7 @@ class Evolution:
             for m in self.front():
                 ev = self.ledger[m.key]
                 row: dict[str, Any] = {"key": m.key, "hops": ev.hops, "score": ev.score,
-                                       "route": m.genome.decode().text()}
+                                       "route": m.genome.text()}
                 for name, known in (("val_score", self.val), ("test_score", self.report)):
                     if m.key in known:
                         row[name] = known[m.key].score
@@ -261,7 +261,7 @@ class Evolution:
         self.log(
             f"best: {best_ev.score:.4f} dev" + (f", {val.score:.4f} val" if val else "")
             + (f", {test.score:.4f} test" if test else "")
-            + f", {best_ev.hops} hops: {best.genome.decode().text()} -> {self.rundir.best}"
+            + f", {best_ev.hops} hops: {best.genome.text()} -> {self.rundir.best}"
         )
         c = self.ledger.counters
         return RunResult(
@@ -271,6 +271,24 @@ class Evolution:
             evaluations=c["evaluations"], cache_hits=c["cache_hits"], errors=c["errors"], recovered=self.recovered,
             history=self.history,
         )
+
+
+def search_template(cfg: RunConfig) -> Genome:
+    """The empty genome of the search space a config describes: a route layout, or (with `merge:`) the
+    initial parameter-space recipe."""
+    layers = layer_counts(cfg.sources)
+    if cfg.merge is None:
+        return Genome.empty(cfg.sources, layers, cfg.repeats, cfg.scaling, cfg.constraints)
+    from dfs_merge.merging.recipe import initial_recipe
+
+    m = cfg.merge
+    if len(set(layers)) != 1:
+        raise ConfigError(f"merge: a parameter-space merge needs sources of one depth; their layers are {list(layers)}")
+    try:
+        return initial_recipe(cfg.sources, layers[0], m.method, m.base, m.layer_groups, m.init_weight,  # type: ignore[return-value]
+                              m.init_density, normalize=m.normalize, lam=m.lam, rescale=m.rescale, seed=m.seed)
+    except GenomeError as err:
+        raise ConfigError(f"merge: {err}") from None
 
 
 def run_evolution(
@@ -293,9 +311,9 @@ def run_evolution(
     validation split, or `select_evaluate`. `report=False` skips scoring the winners on the report
     tasks and that choice.
     """
-    template = Genome.empty(cfg.sources, layer_counts(cfg.sources), cfg.repeats, cfg.scaling, cfg.constraints)
+    template = search_template(cfg)
     try:
-        seeds = seed_genomes(template, cfg.seed_routes)
+        seeds = template.seeds(cfg.seed_routes)
     except GenomeError as err:
         raise ConfigError(f"seed_routes: {err}") from None
     try:

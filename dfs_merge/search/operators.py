@@ -49,7 +49,9 @@ def repair(genome: Genome, rng: Rng) -> Genome:
 
 
 def scale_genes(genome: Genome) -> list[int]:
-    """Indices of the scales that the genome's route actually uses."""
+    """Indices of the scales that the genome's route actually uses (every value of a recipe, which has no slots)."""
+    if not genome.layout.T:
+        return list(range(len(genome.scales)))
     if genome.scaling == "slot":
         return [i for i, b in enumerate(genome.bits) if b]
     if genome.scaling == "transition":
@@ -67,6 +69,23 @@ def scale_genes(genome: Genome) -> list[int]:
 def clip(x: float, low: float, high: float) -> float:
     """`x` limited to [low, high]."""
     return min(high, max(low, float(x)))
+
+
+Bounds = list[tuple[float, float]]
+"""(low, high) of each continuous gene."""
+
+
+def gene_bounds(cfg: Any, template: Genome) -> Bounds:
+    """The range of each continuous gene: `scale_range` for a route's scales; for a parameter-space recipe
+    the config's `merge.weight_range` for its weights and `merge.density_range` for its densities."""
+    if not template.layout.T:  # a recipe
+        return template.bounds(cfg.merge.weight_range, cfg.merge.density_range)  # type: ignore[attr-defined]
+    return [tuple(cfg.scale_range)] * len(template.scales)
+
+
+def clip_all(values: Sequence[float], bounds: Bounds) -> list[float]:
+    """Each value limited to its gene's range."""
+    return [clip(x, lo, hi) for x, (lo, hi) in zip(values, bounds, strict=True)]
 
 
 # ---- fitness and individuals ------------------------------------------------------------
@@ -120,11 +139,11 @@ class Vector(list):
         self.genome: Genome | None = genome
         self.key = genome.key() if genome is not None else ""
 
-    def settle(self, template: Genome, low: float, high: float, rng: Rng = random) -> Vector:
-        """Decode the values into a repaired genome (scales clipped to [low, high]); set `genome` and `key`."""
+    def settle(self, template: Genome, bounds: Bounds, rng: Rng = random) -> Vector:
+        """Decode the values into a repaired genome (scales clipped to their bounds); set `genome` and `key`."""
         T = template.layout.T  # noqa: N806 - the paper's name
         bits = [1 if x > 0 else 0 for x in self[:T]]
-        scales = [clip(x, low, high) for x in self[T:]]
+        scales = clip_all(self[T:], bounds)
         self.genome = repair(template.with_bits(bits, scales), rng)
         self.key = self.genome.key()
         return self
@@ -154,36 +173,36 @@ def restore_members(container: tools.HallOfFame, items: list[Any]) -> None:
 
 
 # ---- variation ---------------------------------------------------------------------------
-def uniform_individual(template: Genome, fitness: type[base.Fitness], low: float, high: float) -> Individual:
-    """A uniform random genome: each bit on with probability 1/2, each scale uniform in [low, high]."""
+def uniform_individual(template: Genome, fitness: type[base.Fitness], bounds: Bounds) -> Individual:
+    """A uniform random genome: each bit on with probability 1/2, each scale uniform in its bounds."""
     bits = [random.randint(0, 1) for _ in range(template.layout.T)]
-    scales = [random.uniform(low, high) for _ in template.scales]
+    scales = [random.uniform(lo, hi) for lo, hi in bounds]
     return Individual(bits, scales, fitness())
 
 
-def mate(a: Individual, b: Individual, low: float, high: float, alpha: float = 0.5) -> tuple[Individual, Individual]:
-    """Uniform crossover of the bits, blend crossover of the scales (clipped to [low, high])."""
+def mate(a: Individual, b: Individual, bounds: Bounds, alpha: float = 0.5) -> tuple[Individual, Individual]:
+    """Uniform crossover of the bits, blend crossover of the scales (clipped to their bounds)."""
     tools.cxUniform(a.bits, b.bits, indpb=0.5)
     if a.scales:
         tools.cxBlend(a.scales, b.scales, alpha)
-        a.scales[:] = [clip(x, low, high) for x in a.scales]
-        b.scales[:] = [clip(x, low, high) for x in b.scales]
+        a.scales[:] = clip_all(a.scales, bounds)
+        b.scales[:] = clip_all(b.scales, bounds)
     return a, b
 
 
 def mutate(
-    ind: Individual, template: Genome, bit_pb: float, sigma: float, low: float, high: float,
+    ind: Individual, template: Genome, bit_pb: float, sigma: float, bounds: Bounds,
     scale_pb: float | None = None,
 ) -> tuple[Individual]:
     """Flip each bit with probability `bit_pb`; add N(0, sigma) to each scale in use with probability
-    `scale_pb` (default: one per route on average), clipped to [low, high]."""
+    `scale_pb` (default: one per route on average), clipped to its bounds."""
     tools.mutFlipBit(ind.bits, bit_pb)
     genes = scale_genes(template.with_bits(ind.bits, ind.scales))
     if genes:
         values = [ind.scales[i] for i in genes]
         tools.mutGaussian(values, 0.0, sigma, scale_pb if scale_pb is not None else 1.0 / len(genes))
         for i, x in zip(genes, values, strict=True):
-            ind.scales[i] = clip(x, low, high)
+            ind.scales[i] = clip(x, *bounds[i])
     return (ind,)
 
 
@@ -201,15 +220,17 @@ def select_dcd(pop: list[Any], k: int) -> list[Any]:
 def variation_toolbox(cfg: Any, template: Genome, fitness: type[base.Fitness]) -> base.Toolbox:
     """The DEAP toolbox of the bit-and-scale algorithms: how to make, vary and perturb individuals
     (each algorithm registers its own selection)."""
-    low, high = cfg.scale_range
+    bounds = gene_bounds(cfg, template)
     T = template.layout.T  # noqa: N806 - the paper's name
-    bit_pb = cfg.bit_flip_prob or 1.0 / T
+    bit_pb = cfg.bit_flip_prob or 1.0 / max(1, T)
     tb = base.Toolbox()
-    tb.register("individual", uniform_individual, template, fitness, low, high)
-    tb.register("mate", mate, low=low, high=high)
-    tb.register("mutate", mutate, template=template, bit_pb=bit_pb, sigma=cfg.scale_sigma, low=low, high=high,
+    tb.register("individual", uniform_individual, template, fitness, bounds)
+    tb.register("mate", mate, bounds=bounds)
+    tb.register("mutate", mutate, template=template, bit_pb=bit_pb, sigma=cfg.scale_sigma, bounds=bounds,
                 scale_pb=cfg.bit_flip_prob)
-    # Generation 0 beyond the seeds: seeds with about three bits flipped and three scales moved.
-    tb.register("perturb", mutate, template=template, bit_pb=min(0.5, max(bit_pb, 3.0 / T)), sigma=cfg.scale_sigma,
-                low=low, high=high, scale_pb=min(1.0, 3.0 / max(1, T)))
+    # Generation 0 beyond the seeds: seeds with about three bits flipped and three scales moved (a recipe:
+    # about three of its values).
+    genes = T or len(template.scales)
+    tb.register("perturb", mutate, template=template, bit_pb=min(0.5, max(bit_pb, 3.0 / max(1, T))),
+                sigma=cfg.scale_sigma, bounds=bounds, scale_pb=min(1.0, 3.0 / max(1, genes)))
     return tb

@@ -45,7 +45,7 @@ def shortlist(evaluated: Iterable[tuple[Genome, Evaluation]], top: int,
     seen: set[str] = set()
     groups: dict[Hashable, list[Candidate]] = defaultdict(list)
     for genome, ev in evaluated:
-        key = genome.decode().key()
+        key = genome.key()
         if ev.ok and key not in seen:
             seen.add(key)
             groups[group(ev)].append(Candidate(genome, ev))

@@ -1,0 +1,137 @@
+"""A parameter-space candidate in memory: merged tensors written into one resident model's buffers.
+
+`Blender` holds one model of the base's structure whose parameters start as the base's own tensors
+(shared, not copied). `apply(recipe)` merges every tensor whose inputs vary between the sources and whose
+recipe values changed since the last candidate, writing the result in place into that tensor's buffer
+(allocated once, on the first write, and reused for every later candidate): a candidate costs no disk
+write, no model rebuild, and no work for the layer groups a mutation left alone. Tensors that are the
+same object in every source (the untouched tensors of LoRA adapters over one base) are never merged for a
+method with a base: their deltas are zero, so the merge is the base's tensor itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dfs_merge.errors import IncompatibleSources
+from dfs_merge.merging.methods import merge_tensor, tensor_generator
+from dfs_merge.merging.recipe import Recipe
+
+
+@dataclass
+class _Tensor:
+    """One merged tensor: its parameter in the resident model, the sources' tensors, its layer group input."""
+
+    name: str
+    param: torch.nn.Parameter
+    inputs: list[torch.Tensor]
+    layer: int | None  # the decoder layer it belongs to; None before the layers (pre) or after them (post)
+    pre: bool
+    shared: bool  # the same tensor in every source
+    own: bool = False  # its buffer is the resident model's own (no longer the base's tensor)
+
+
+class Blender:
+    """The resident model of one worker and what it needs to turn a recipe into merged weights."""
+
+    def __init__(self, pool: Any):
+        self.pool = pool
+        models = [s.model for s in pool.sources]
+        states = [dict(m.named_parameters()) for m in models]
+        names = list(states[0])
+        for i, st in enumerate(states[1:], start=1):
+            if list(st) != names:
+                other = sorted(set(st) ^ set(names))
+                raise IncompatibleSources(f"sources 0 and {i} differ in tensor names (e.g. {other[0] if other else '?'}); "
+                                          "a parameter-space merge needs sources of one architecture")
+            for n in names:
+                if st[n].shape != states[0][n].shape:
+                    raise IncompatibleSources(f"sources 0 and {i} differ in the shape of {n}: "
+                                              f"{tuple(states[0][n].shape)} vs {tuple(st[n].shape)}")
+        base = models[0]
+        memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.data, requires_grad=False) for p in base.parameters()}
+        memo.update({id(b): b for b in base.buffers()})
+        self.model = copy.deepcopy(base, memo).eval().requires_grad_(False)
+        params = dict(self.model.named_parameters())
+        layer_re = re.compile(re.escape(pool.family.layers_attr) + r"\.([0-9]+)\.")
+        self.tensors: list[_Tensor] = []
+        seen_layers = False
+        for n in names:
+            m = layer_re.match(n)
+            seen_layers = seen_layers or m is not None
+            inputs = [st[n] for st in states]
+            shared = all(t.data_ptr() == inputs[0].data_ptr() for t in inputs)
+            self.tensors.append(_Tensor(n, params[n], inputs, int(m.group(1)) if m else None, not seen_layers, shared))
+        self.layers = len(pool.base.layers)
+        self._last: dict[str, tuple[Any, ...]] = {}
+        self.recomputed = 0  # tensors merged by the last `apply` (the rest kept their values)
+
+    def group_of(self, t: _Tensor, recipe: Recipe) -> int:
+        """The layer group whose values a tensor takes: its layer's; the first group before the layers, the last after."""
+        if t.layer is not None:
+            return recipe.group(t.layer)
+        return 0 if t.pre else recipe.layer_groups - 1
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe) -> Any:
+        """Write `recipe`'s merge into the resident model (only what changed) and return the model."""
+        if recipe.layers != self.layers or len(recipe.sources) != len(self.pool.sources):
+            raise IncompatibleSources(f"the recipe is for {len(recipe.sources)} sources of {recipe.layers} layers, "
+                                      f"the loaded pool has {len(self.pool.sources)} of {self.layers}")
+        spec = recipe.spec
+        self.recomputed = 0
+        for t in self.tensors:
+            if t.shared and spec.needs_base:
+                if t.own:  # a linear merge wrote here before: back to the base's own tensor
+                    t.param.data = t.inputs[0]
+                    t.own = False
+                self._last.pop(t.name, None)
+                continue
+            g = self.group_of(t, recipe)
+            weights, densities = recipe.params(g)
+            signature = (recipe.method, recipe.base, recipe.normalize, recipe.lam, recipe.rescale,
+                         recipe.seed, weights, densities)
+            if self._last.get(t.name) == signature:
+                continue
+            merged = self._merge(t, recipe, weights, densities)
+            if not t.own:
+                t.param.data = torch.empty_like(t.inputs[0])
+                t.own = True
+            t.param.data.copy_(merged)
+            self._last[t.name] = signature
+            self.recomputed += 1
+        return self.model
+
+    def _merge(self, t: _Tensor, recipe: Recipe, weights: tuple[float, ...], densities: tuple[float, ...]) -> torch.Tensor:
+        spec = recipe.spec
+        inputs = [t.inputs[s] for s in recipe.merged]
+        base = t.inputs[recipe.base] if recipe.base is not None and spec.needs_base else None
+        gen = tensor_generator(recipe.seed, t.name, t.inputs[0].device) if spec.sparsify == "random" else None
+        return merge_tensor(spec, inputs, weights, base=base, densities=densities or None,
+                            normalize=recipe.normalize, lam=recipe.lam, rescale=recipe.rescale, generator=gen)
+
+
+def merged_model(recipe: Recipe, pool: Any) -> Any:
+    """A model of `recipe`'s merge over `pool` (its sources, loaded), with buffers of its own: for a hybrid's
+    source and for the export. The pool's models are left unchanged."""
+    return Blender(pool).apply(recipe)
+
+
+def merged_source(recipe: Recipe, pool: Any, path: str) -> Any:
+    """The merge as one source named `path`, with the base's family, folder (config, tokenizer) and licence."""
+    from dfs_merge.models.sources import Source
+
+    base = pool.base
+    return Source(path, merged_model(recipe, pool), base.family, base.folder, base.license, None)
+
+
+def merged_pool(recipe: Recipe, pool: Any) -> Any:
+    """A pool whose one source is the merge (its route over it, all layers in order, is the merged model)."""
+    from dfs_merge.models.sources import SourcePool
+
+    return SourcePool([merged_source(recipe, pool, "recipe")], pool.tokenizer, [pool.paths[0]])
