@@ -95,3 +95,21 @@ class TargetRoute:
         value = -float(edit_distance(hops, self.target)) - 0.1 * sum(abs(s - 1.0) for s in route.scales)
         task = TaskResult("synthetic", "neg_distance", value, True, 1, 0.0)
         return Evaluation(score=value, hops=len(route), tasks={"synthetic": task}, seconds=0.0)
+
+
+class TargetRecipe:
+    """Score = -(squared distance of a recipe's values to `target`, one value for every gene); optimum 0.
+    `calls` lists the keys this object evaluated (in-process only); `sleep` seconds per call."""
+
+    def __init__(self, target: float = 0.3, sleep: float = 0.0):
+        self.target = target
+        self.sleep = sleep
+        self.calls: list[str] = []
+
+    def __call__(self, recipe: Any) -> Evaluation:
+        self.calls.append(recipe.key())
+        if self.sleep:
+            time.sleep(self.sleep)
+        value = -sum((x - self.target) ** 2 for x in recipe.scales)
+        task = TaskResult("synthetic", "neg_distance", value, True, 1, 0.0)
+        return Evaluation(score=value, hops=recipe.layers, tasks={"synthetic": task}, seconds=0.0)

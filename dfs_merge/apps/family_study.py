@@ -3,8 +3,10 @@
 `python -m dfs_merge.apps.family_study [CONFIG]` (what `make study-family` runs) evolves the config
 (`genomes/family.yaml`: routes over J and M) and its `scaling: none` ablation (both resume), then scores on
 the held-out test split: Instruct, J, M, the majority answer, the naive frankenmerge (J's lower half, M's
-upper half), task arithmetic of the two adapters (base + dJ + dM) and the two evolved routes. It writes the
-table to `<out>/table.md` and `<out>/table.json` and prints it.
+upper half), task arithmetic of the two adapters (base + dJ + dM) and the two evolved routes; then the
+parameter-space search (`genomes/family_ps.yaml`: task-arithmetic weights per adapter and layer group, CMA-ES)
+and the hybrid (`genomes/family_hybrid.yaml`: routes over that search's best merge and J), each run after
+the one it needs. It writes the table to `<out>/table.md` and `<out>/table.json` and prints it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from dfs_merge.genome import Hop, Route
 from dfs_merge.search.evolution import run_evolution
 
 CONFIG = CHECKOUT / "genomes" / "family.yaml"
+PS_CONFIGS = {  # row -> config, run in this order (the hybrid's source 0 is the first one's best recipe)
+    "evolved PS (task arithmetic per layer group, CMA-ES)": CHECKOUT / "genomes" / "family_ps.yaml",
+    "evolved hybrid: DFS over (evolved PS, J)": CHECKOUT / "genomes" / "family_hybrid.yaml",
+}
 FRANKENMERGE = "0:0-14, 1:15-29"  # J's lower half, M's upper half
 COLUMNS = {  # column -> (test task, scale): accuracies in %, bits per byte as they are
     "J-arith acc.": ("family_arith_j_test", 100.0), "E-arith acc.": ("family_arith_e_test", 100.0),
@@ -55,8 +61,9 @@ def task_arithmetic(pool: Any) -> Any:
     return model
 
 
-def run_family_study(config: str | Path = CONFIG, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Evolve (or resume) both searches, score every row on the test split, write and print the table."""
+def run_family_study(config: str | Path = CONFIG, log: Callable[[str], Any] = print,
+                     ps_configs: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Evolve (or resume) the searches, score every row on the test split, write and print the table."""
     from dfs_merge.fitness.score import Fitness
     from dfs_merge.models.adapters import split_source
     from dfs_merge.models.sources import SourcePool
@@ -65,6 +72,11 @@ def run_family_study(config: str | Path = CONFIG, log: Callable[[str], Any] = pr
     cfg = load_config(config)
     results = {}
     for label, run_cfg in searches(cfg).items():
+        log(f"[search] {label} -> {run_cfg.out}")
+        results[label] = run_evolution(run_cfg, resume=(Path(run_cfg.out) / "config.yaml").exists(), report=False,
+                                       log=log)
+    for label, path in (PS_CONFIGS if ps_configs is None else ps_configs).items():
+        run_cfg = load_config(path)  # after the searches before it: the hybrid's recipe source exists now
         log(f"[search] {label} -> {run_cfg.out}")
         results[label] = run_evolution(run_cfg, resume=(Path(run_cfg.out) / "config.yaml").exists(), report=False,
                                        log=log)
@@ -87,7 +99,12 @@ def run_family_study(config: str | Path = CONFIG, log: Callable[[str], Any] = pr
             (fitness.score(task_arithmetic(pool), pool.tokenizer, hops=layers), layers, ""),
     }
     for label, result in results.items():
-        route = result.best.decode()
+        best = result.best
+        if tuple(best.sources) != tuple(cfg.sources):  # a recipe, or routes over other sources: their own pool
+            own = CandidateScorer(SourcePool.load(list(best.sources), cfg.device, cfg.dtype), fitness)
+            rows[label] = (own.genome(best), len(best.decode()), best.text())
+            continue
+        route = best.decode()
         scaled = " (scaled)" if any(h.scale != 1.0 for h in route) else ""
         rows[label] = (score(route), len(route), route.text() + scaled)
     chance = 100.0 * majority(CHECKOUT / "eval_suites" / "data" / "zoo_arith_j_test.jsonl")

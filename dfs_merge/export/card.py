@@ -72,7 +72,7 @@ values); the tokenizer and config are source 0's.
 ## Recipe
 
 - method: {recipe.method}; base: {base}; layer groups: {recipe.layer_groups}; normalize:
-  {recipe.spec.normalize if recipe.normalize is None else recipe.normalize}; lambda: {recipe.lam:g}
+  {recipe.normalize}; lambda: {recipe.lam:g}
 - recipe: `{genome_file}` (key {recipe.key()})
 
 ```

@@ -89,6 +89,11 @@ class Recipe:
                         raise GenomeError(f"densities[{s}][{g}]: {x!r} is outside (0, 1]")
         if not math.isfinite(self.lam):
             raise GenomeError(f"lambda: {self.lam!r} is not a finite number")
+        # the method's defaults made explicit, so that equal merges compare (and key) equal
+        if self.normalize is None:
+            object.__setattr__(self, "normalize", self.spec.normalize)
+        if self.rescale is None:
+            object.__setattr__(self, "rescale", self.spec.rescale)
 
     # ---- what the recipe means ---------------------------------------------------------------
     @property
@@ -175,8 +180,8 @@ class Recipe:
         spec = self.spec
         text = "|".join([
             self.method, str(self.base), str(self.layer_groups),
-            str(spec.normalize if self.normalize is None else self.normalize), f"{self.lam:.6g}",
-            str(spec.rescale if self.rescale is None else self.rescale), str(self.seed if spec.sparsify == "random" else 0),
+            str(self.normalize), f"{self.lam:.6g}",
+            str(self.rescale if spec.sparsify == "random" else None), str(self.seed if spec.sparsify == "random" else 0),
             ",".join(f"{x:.6g}" for x in self.scales),
         ])
         return "ps-" + hashlib.sha1(text.encode()).hexdigest()[:13]
@@ -240,6 +245,10 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
         if len(layers) != 1:
             raise GenomeError(f"sources: a parameter-space merge needs sources of one depth, got layers "
                               f"{[s.layers for s in f.sources]}")
+        if f.method not in METHODS:
+            raise GenomeError(f"method: unknown merge method {f.method!r}; supported: {', '.join(METHODS)}")
+        if METHODS[f.method].needs_base and f.base is None:
+            raise GenomeError(f"base: method {f.method} needs a base model (base: SOURCE INDEX)")
         merged = merged_sources(len(f.sources), f.method, f.base)
         for name, rows in (("weights", f.weights), ("densities", f.densities or {})):
             extra = sorted(set(rows) - set(merged))
@@ -249,7 +258,7 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
             missing = [s for s in merged if s not in rows]
             if missing and (name == "weights" or rows):
                 raise GenomeError(f"{name}: no row for source {missing[0]}")
-        prunes = f.method in METHODS and METHODS[f.method].has_density
+        prunes = METHODS[f.method].has_density
         densities = ({s: [1.0] * f.layer_groups for s in merged} if prunes and not f.densities
                      else f.densities or {})
         r = Recipe(tuple(s.path for s in f.sources), f.sources[0].layers, f.method, f.base, f.layer_groups,
@@ -298,11 +307,11 @@ def recipe_to_dict(r: Recipe) -> dict[str, Any]:
         "method": r.method,
         "base": r.base,
         "layer_groups": r.layer_groups,
-        "normalize": r.spec.normalize if r.normalize is None else r.normalize,
+        "normalize": r.normalize,
         "lambda": r.lam,
     }
     if r.spec.sparsify == "random":
-        data["rescale"] = r.spec.rescale if r.rescale is None else r.rescale
+        data["rescale"] = r.rescale
         data["seed"] = r.seed
     data["weights"] = {s: list(row) for s, row in zip(r.merged, r.weights, strict=True)}
     if r.densities:

@@ -1,0 +1,266 @@
+"""Parameter-space merging: the resident model (merges in place, only what changed), the recipe file, the
+search (every algorithm, resume after SIGKILL on the zoo), export, the hybrid, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from builders import assert_refused, run_cli
+from synthetic import TargetRecipe, evals, make_config, outcome, write_fake_sources
+
+from dfs_merge.errors import ConfigError, GenomeError
+from dfs_merge.genome import genome_from_dict, genome_to_dict, load_genome, save_genome
+from dfs_merge.merging.blend import Blender, merged_model
+from dfs_merge.merging.methods import METHODS, merge_tensor
+from dfs_merge.merging.recipe import Recipe, initial_recipe
+from dfs_merge.models.sources import SourcePool
+from dfs_merge.search.evolution import run_evolution
+
+TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
+ZOO = ROOT / "models" / "zoo"
+QUIET = {"progress": False, "log": lambda *_: None}
+MERGE = {"method": "ties", "base": 0, "layer_groups": 2, "weight_range": [0.0, 1.0], "density_range": [0.2, 1.0]}
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory) -> list[str]:
+    return write_fake_sources(tmp_path_factory.mktemp("fake_ps"), n=3)
+
+
+@pytest.fixture(scope="module")
+def three(tiny_source_dirs, tiny_trained_dir) -> list[str]:
+    return [str(tiny_source_dirs[0]), str(tiny_source_dirs[1]), str(tiny_trained_dir)]
+
+
+def logits(model, n: int = 16) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.arange(3, 3 + n).reshape(1, n)).logits
+
+
+# ---- the resident model -----------------------------------------------------------------------
+def test_blender_equals_merging_each_tensor_and_recomputes_only_changed_groups(three):
+    pool = SourcePool.load(three)
+    before = [logits(s.model) for s in pool.sources]
+    recipe = Recipe(tuple(three), 4, "task_arithmetic", 0, 2, ((0.5, 0.9), (0.3, 1.2)))
+    blender = Blender(pool)
+    model = blender.apply(recipe)
+    states = [dict(s.model.named_parameters()) for s in pool.sources]
+    for name, p in model.named_parameters():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        g = recipe.group(layer) if layer is not None else (0 if "embed" in name else 1)
+        want = merge_tensor(METHODS["task_arithmetic"], [states[1][name], states[2][name]], recipe.params(g)[0],
+                            base=states[0][name])
+        assert torch.equal(p, want), name
+    assert blender.recomputed == len(blender.tensors)
+    # one group changed: only the tensors of layers 2-3 and the final norm (the last group) are merged again
+    moved = recipe.with_bits((), (0.5, 0.9, 0.3, 0.7))
+    blender.apply(moved)
+    changed = [t for t in blender.tensors if blender.group_of(t, moved) == 1]
+    assert blender.recomputed == len(changed) < len(blender.tensors)
+    assert torch.equal(logits(blender.model), logits(merged_model(moved, pool)))  # as a fresh merge
+    for s, was in zip(pool.sources, before, strict=True):  # the sources are left as they were
+        assert torch.equal(logits(s.model), was)
+
+
+def test_tensors_shared_by_all_sources_are_never_merged_nor_copied(tiny_source_dirs):
+    pool = SourcePool.load([str(tiny_source_dirs[0])] * 3)  # one model, loaded once: every tensor shared
+    blender = Blender(pool)
+    model = blender.apply(Recipe(("a", "b", "c"), 4, "ties", 0, 1, ((0.7,), (0.4,)), ((0.5,), (0.5,))))
+    assert blender.recomputed == 0
+    base_ptrs = {p.data_ptr() for p in pool.base.model.parameters()}
+    assert all(p.data_ptr() in base_ptrs for p in model.parameters())
+    assert torch.equal(logits(model), logits(pool.base.model))
+
+
+def test_linear_merge_of_one_model_with_itself_is_that_model(tiny_source_dirs):
+    pool = SourcePool.load([str(tiny_source_dirs[0])] * 2)
+    model = merged_model(Recipe(("a", "a"), 4, "linear", None, 2, ((0.3, 2.0), (0.7, 1.0))), pool)
+    torch.testing.assert_close(logits(model), logits(pool.base.model), rtol=1e-5, atol=1e-5)
+
+
+def test_dare_masks_depend_on_the_seed_only():
+    base, other = torch.zeros(200, 300), torch.randn(200, 300, generator=torch.Generator().manual_seed(0))
+    from dfs_merge.merging.methods import tensor_generator
+
+    def merged(seed: int) -> torch.Tensor:
+        return merge_tensor(METHODS["dare_linear"], [other], [1.0], base=base, densities=[0.3], rescale=False,
+                            generator=tensor_generator(seed, "w"))
+
+    a, b, c = merged(1), merged(1), merged(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert abs((a != 0).float().mean().item() - 0.3) < 0.01
+
+
+# ---- the recipe file --------------------------------------------------------------------------
+def test_recipe_file_round_trip_and_key(tmp_path, fake):
+    r = initial_recipe(fake, 4, "dare_ties", 0, 2, 0.5, 0.7, seed=3)
+    path = tmp_path / "r.yaml"
+    save_genome(r, path)
+    back = load_genome(path)
+    assert back == r and back.key() == r.key()
+    assert yaml.safe_load(path.read_text())["densities"] == {1: [0.7, 0.7], 2: [0.7, 0.7]}
+    assert replace(r, seed=4).key() != r.key()
+    assert replace(r, method="dare_linear").key() != r.key()
+
+
+@pytest.mark.parametrize("change, phrase", [
+    ({"method": "slerp"}, "method: unknown merge method 'slerp'"),
+    ({"base": None}, "base: method dare_ties needs a base"),
+    ({"weights": {1: [0.5], 2: [0.5, 0.5]}}, "weights[1]: expected 2 values"),
+    ({"weights": {1: [0.5, 0.5]}}, "weights: no row for source 2"),
+    ({"densities": {1: [0.5, 1.5], 2: [1, 1]}}, "densities[1][1]: 1.5 is outside (0, 1]"),
+    ({"densities": {1: [0.0, 1.0], 2: [1, 1]}}, "densities[1][0]: 0.0 is outside (0, 1]"),
+    ({"weights": {1: [".nan", 0.5], 2: [1, 1]}}, "weights[1][0]: nan is not a finite number"),
+    ({"layer_groups": 9}, "layer_groups: 9 is not between 1 and the 4 layers"),
+])
+def test_bad_recipe_files_are_one_line_exit_2(tmp_path, fake, change, phrase):
+    data = genome_to_dict(initial_recipe(fake, 4, "dare_ties", 0, 2))
+    data.update(change)
+    if data.get("weights", {}).get(1, [None])[0] == ".nan":
+        data["weights"][1][0] = float("nan")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(GenomeError) as err:
+        load_genome(path)
+    assert phrase in str(err.value)
+    assert_refused(run_cli("show", str(path)), phrase.split(":")[0])
+
+
+def test_run_config_refusals(tmp_path, fake):
+    with pytest.raises(ValueError, match="needs a base model"):
+        make_config(fake, tmp_path / "x", merge={**MERGE, "base": None})
+    with pytest.raises(ValueError, match="density_range"):
+        make_config(fake, tmp_path / "x", merge={**MERGE, "density_range": [0.0, 1.0]})
+    with pytest.raises(ValueError, match="merge.base: 5"):
+        make_config(fake, tmp_path / "x", merge={**MERGE, "base": 5})
+    deeper = write_fake_sources(tmp_path / "deep", n=1, layers=6)
+    with pytest.raises(ConfigError, match="sources of one depth"):
+        run_evolution(make_config([fake[0], deeper[0]], tmp_path / "x", merge=MERGE), evaluate=TargetRecipe(), **QUIET)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"sources": fake, "tasks": {"t": 1.0}, "merge": {**MERGE, "method": "slerp"}}))
+    assert_refused(run_cli("evolve", str(cfg)), "merge.method")
+
+
+# ---- the search -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["ga", "nsga2", "cmaes", "random"])
+def test_every_algorithm_searches_recipes(fake, tmp_path, algorithm):
+    fn = TargetRecipe()
+    objectives = ["score", "hops"] if algorithm == "nsga2" else ["score"]
+    r = run_evolution(make_config(fake, tmp_path / algorithm, merge=MERGE, algorithm=algorithm, generations=4,
+                                  objectives=objectives), evaluate=fn, **QUIET)
+    assert isinstance(r.best, Recipe) and r.best.method == "ties"
+    lines = evals(tmp_path / algorithm)
+    first = max(e["score"] for e in lines if e["generation"] == 0)
+    assert r.best_eval.score >= first and len({e["key"] for e in lines}) == len(lines)
+    assert all(0.0 <= x <= 1.0 for x in r.best.scales[:4]) and all(0.2 <= x <= 1.0 for x in r.best.scales[4:])
+    assert load_genome(tmp_path / algorithm / "best.genome.yaml").key() == r.best.key()
+    if algorithm == "cmaes":  # the centroid is the initial recipe, seeded with each source alone
+        gen0 = [genome_from_dict(e["genome"]) for e in lines if e["generation"] == 0]
+        assert gen0[0].weights == ((0.5, 0.5), (0.5, 0.5)) and gen0[1].weights == ((1, 1), (0, 0))
+
+
+def test_process_pool_gives_the_in_process_result(fake, tmp_path):
+    one = run_evolution(make_config(fake, tmp_path / "one", merge=MERGE, generations=2), evaluate=TargetRecipe(),
+                        **QUIET)
+    two = run_evolution(make_config(fake, tmp_path / "two", merge=MERGE, generations=2, workers=2),
+                        evaluate=TargetRecipe(), **QUIET)
+    assert one.best == two.best and outcome(tmp_path / "one")[1:] == outcome(tmp_path / "two")[1:]
+
+
+ZOO_SCRIPT = """\
+import sys
+from dfs_merge.config import RunConfig
+from dfs_merge.search.evolution import run_evolution
+cfg = RunConfig(sources={sources!r}, merge={merge!r}, tasks={{"zoo_arith_j_dev": 1.0}}, limit=40, batch_size=64,
+                max_length=256, algorithm="cmaes", population=6, generations=3, seed=1, threads=1, out={out!r})
+run_evolution(cfg, resume={resume}, progress=False)
+"""
+
+
+def test_zoo_ps_search_resumes_after_sigkill_with_nothing_evaluated_twice(tmp_path):
+    sources = [str(ZOO / n) for n in ("base", "j", "m")]
+    merge = {"method": "task_arithmetic", "base": 0, "layer_groups": 4, "init_weight": 1.0}
+
+    def script(out: Path, resume: bool) -> Path:
+        p = tmp_path / f"{out.name}_{resume}.py"
+        p.write_text(ZOO_SCRIPT.format(sources=sources, merge=merge, out=str(out), resume=resume))
+        return p
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    res = subprocess.run([sys.executable, str(script(straight, False))], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, str(script(killed, False))], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    log = killed / "evals.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_text().count("\n") >= 9:  # in generation 1
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    logged = {e["key"] for e in evals(killed)}
+    assert json.loads((killed / "checkpoint.json").read_text())["generation"] < 3
+    res = subprocess.run([sys.executable, str(script(killed, True))], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    keys = [e["key"] for e in evals(killed)]
+    assert len(keys) == len(set(keys)) and logged <= set(keys)  # nothing evaluated twice across the kill
+    assert outcome(killed) == outcome(straight)
+    assert all(e["error"] is None and 0 <= e["score"] <= 1 for e in evals(killed))
+
+
+# ---- export and the hybrid ----------------------------------------------------------------------
+def test_recipe_exports_as_a_verified_checkpoint_and_serves_as_a_hybrid_source(three, tmp_path):
+    recipe = Recipe(tuple(three), 4, "ties", 0, 2, ((0.6, 1.0), (0.9, 0.4)), ((0.5, 0.8), (1.0, 0.3)))
+    path = tmp_path / "ps.recipe.yaml"
+    save_genome(recipe, path)
+    res = run_cli("export", str(path), "--out", str(tmp_path / "out"))
+    assert res.code == 0, res.err
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    want = logits(merged_model(recipe, SourcePool.load(three)))
+    torch.testing.assert_close(logits(exported), want, rtol=1e-5, atol=1e-5)
+    assert load_genome(tmp_path / "out" / "dfs-merge-genome.yaml") == recipe
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "parameter-space merge (ties)" in card and "greedy generations (16 new tokens) identical" in card
+    # the hybrid: DFS over (the recipe's merge, source 2)
+    hybrid = SourcePool.load([str(path), three[2]])
+    torch.testing.assert_close(logits(hybrid.sources[0].model), want, rtol=0, atol=0)
+    from dfs_merge.genome import Genome, Route
+
+    g = Genome.from_route(Route.parse("0:0-1, 1:2, 0:3"), [str(path), three[2]], [4, 4], 2, "slot")
+    save_genome(g, tmp_path / "hybrid.yaml")
+    res = run_cli("export", str(tmp_path / "hybrid.yaml"), "--out", str(tmp_path / "hybrid"))
+    assert res.code == 0, res.err
+    res = run_cli("show", str(tmp_path / "hybrid.yaml"), "--png", str(tmp_path / "h.png"))
+    assert res.code == 0 and (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_sources_of_other_shapes_are_refused_in_one_line(tiny_source_dirs, tmp_path, tiny_tokenizer):
+    from builders import save_source, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama_config(len(tiny_tokenizer))
+    cfg.intermediate_size *= 2
+    other = save_source(LlamaForCausalLM(cfg), tiny_tokenizer, tmp_path / "wide")
+    recipe = Recipe((str(tiny_source_dirs[0]), str(other)), 4, "task_arithmetic", 0, 1, ((1.0,),))
+    save_genome(recipe, tmp_path / "r.yaml")
+    res = run_cli("export", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o"))
+    assert_refused(res, "differ in")
