@@ -4,7 +4,7 @@ Each script writes its own bench/results/<name>.json; this one then reads them a
 bench/results/summary.json: every target of issue 6 with the measured figure, whether it is
 met, and the load average it was measured under.
 
-    .venv/bin/python bench/run_all.py                          # throughput, prefix_cache, scaling, memory
+    .venv/bin/python bench/run_all.py                          # throughput, prefix_cache, scaling, memory, ps
     .venv/bin/python bench/run_all.py --only scaling,memory    # a subset (also: fitness)
     .venv/bin/python bench/run_all.py --summary-only           # only re-read the results
 """
@@ -25,6 +25,7 @@ SCRIPTS = {
     "prefix_cache": ["bench_prefix_cache.py"],
     "scaling": ["bench_scaling.py"],
     "memory": ["bench_memory.py"],
+    "ps": ["bench_ps.py"],
     # not by default (each 5-10 min more):
     "throughput_cli": ["bench_throughput.py", "--models", "smollm2", "--tasks", "cloze_mc_dev:100", "--mergekit-cli",
                        "--out", "bench/results/throughput_cli.json"],
@@ -32,7 +33,7 @@ SCRIPTS = {
                              "--out", "bench/results/prefix_cache_noscale.json"],
     "fitness": ["bench_fitness.py"],  # bench_throughput measures its A and C figures too
 }
-DEFAULT = "throughput,prefix_cache,scaling,memory"
+DEFAULT = "throughput,prefix_cache,scaling,memory,ps"
 
 
 def _read(name: str) -> dict[str, Any] | None:
@@ -97,6 +98,13 @@ def targets() -> list[dict[str, Any]]:
     if mem:
         add("32 live candidates < 1.1x the memory of one", "random SmolLM2-shape RSS 32/1", mem["ratio_32_vs_1"],
             mem["ratio_32_vs_1"] < 1.1, (mem.get("machine") or {}).get("loadavg"), (mem.get("machine") or {}).get("date"))
+    ps = _read("ps")
+    if ps:
+        for r in ps["rows"]:
+            for case in ("all_values", "one_group"):
+                add("PS merge step >= 20x faster than mergekit-yaml + load", f"{r['method']} ({case.replace('_', ' ')})",
+                    round(r[f"speedup_{case}"], 1), r[f"speedup_{case}"] >= 20, ps["machine"]["loadavg"],
+                    ps["machine"]["date"])
     return out
 
 

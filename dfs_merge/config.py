@@ -73,7 +73,7 @@ class MergeConfig(BaseModel):
     init_density: float = Field(1.0, gt=0, le=1)
     normalize: bool | None = None  # None: the method's default (mergekit's)
     lam: float = Field(1.0, alias="lambda", allow_inf_nan=False)
-    rescale: bool | None = None
+    rescale: bool | None = None  # DARE: restore each pruned delta's L1 norm (None: mergekit's default, on)
     seed: int = Field(0, ge=0)  # DARE's random masks
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -41,6 +41,9 @@ from dfs_merge.models.adapters import split_source
 from dfs_merge.models.families import Family
 from dfs_merge.models.sources import locate, read_config
 from dfs_merge.outputs import check_output
+
+if TYPE_CHECKING:
+    from dfs_merge.merging.recipe import Recipe
 
 # --------------------------------------------------------------------------- mergekit out
 
@@ -89,7 +92,7 @@ def _dtype_name(config: Any) -> str:
 
 
 def write_mergekit_config(
-    genome: Genome, out: str | Path, *, force: bool = False, dtype: str | None = None
+    genome: Genome | Recipe, out: str | Path, *, force: bool = False, dtype: str | None = None
 ) -> Path:
     """Write a mergekit `passthrough` config that builds the same model as `export_checkpoint`.
 
@@ -103,7 +106,14 @@ def write_mergekit_config(
     rebuild the vocabulary and reset `vocab_size` to the tokenizer's length, which changes
     models whose embedding matrix is padded. `dtype` defaults to the base's stored dtype.
     Families whose fold mergekit cannot express (Gemma 3) are an ExportError.
+    A `Recipe` (a parameter-space merge) is written by `mergekit_recipe.write_recipe_config`.
     """
+    from dfs_merge.merging.recipe import Recipe
+
+    if isinstance(genome, Recipe):
+        from dfs_merge.export.mergekit_recipe import write_recipe_config
+
+        return write_recipe_config(genome, out, force=force, dtype=dtype)
     route = genome.check()
     out = check_output(out, kind="file", force=force, inputs=genome.sources, error=ExportError, what=None,
                        force_hint="force=True (--force)")
@@ -227,8 +237,9 @@ def import_mergekit(
     repeats: int | None = None,
     scaling: Scaling = "slot",
     sources: Sequence[str] | None = None,
-) -> Genome:
-    """Turn a mergekit `passthrough` config into a genome.
+) -> Genome | Recipe:
+    """Turn a mergekit `passthrough` config into a genome (a `linear`, `task_arithmetic`, `ties`,
+    `dare_linear` or `dare_ties` config into a recipe: `mergekit_recipe.import_recipe`).
 
     Sources are `sources` if given, else `base_model` (when set) and then the slices'
     models in order of first appearance. Layer counts come from each source's
@@ -243,7 +254,12 @@ def import_mergekit(
     where = str(path)
     method = data.get("merge_method")
     if method != "passthrough":
-        raise GenomeError(f"{where}: merge_method is {method!r}; only 'passthrough' configs describe a route")
+        from dfs_merge.export.mergekit_recipe import import_recipe, supported_message
+        from dfs_merge.merging.methods import METHODS
+
+        if isinstance(method, str) and method in METHODS:
+            return import_recipe(data, where, sources=sources)
+        raise GenomeError(f"{where}: {supported_message(method)}")
     raw = data.get("slices")
     if not isinstance(raw, list) or not raw:
         raise GenomeError(f"{where}: a passthrough config needs a 'slices' list (models/modules forms are not routes)")
