@@ -170,12 +170,29 @@ def test_every_algorithm_searches_recipes(fake, tmp_path, algorithm):
         assert gen0[0].weights == ((0.5, 0.5), (0.5, 0.5)) and gen0[1].weights == ((1, 1), (0, 0))
 
 
-def test_process_pool_gives_the_in_process_result(fake, tmp_path):
+@pytest.mark.parametrize("backend", [{"workers": 2}, {"workers": 2, "ray": "local"}], ids=["process pool", "ray"])
+def test_backends_give_the_in_process_result(fake, tmp_path, backend):
+    if "ray" in backend:
+        pytest.importorskip("ray")
     one = run_evolution(make_config(fake, tmp_path / "one", merge=MERGE, generations=2), evaluate=TargetRecipe(),
                         **QUIET)
-    two = run_evolution(make_config(fake, tmp_path / "two", merge=MERGE, generations=2, workers=2),
+    two = run_evolution(make_config(fake, tmp_path / "two", merge=MERGE, generations=2, **backend),
                         evaluate=TargetRecipe(), **QUIET)
-    assert one.best == two.best and outcome(tmp_path / "one")[1:] == outcome(tmp_path / "two")[1:]
+    assert one.best == two.best and outcome(tmp_path / "one") == outcome(tmp_path / "two")
+
+
+def test_final_choice_on_validation_and_report_work_for_recipes(fake, tmp_path):
+    """The shortlist by dev is scored on validation (another target here) and the best there is chosen."""
+    out = tmp_path / "run"
+    cfg = make_config(fake, out, merge=MERGE, generations=3, select_tasks=["synthetic_val"], select_top=4,
+                      report_tasks=["synthetic_test"])
+    r = run_evolution(cfg, evaluate=TargetRecipe(0.3), select_evaluate=TargetRecipe(0.9),
+                      report_evaluate=TargetRecipe(0.5), **QUIET)
+    by_dev = sorted(evals(out), key=lambda e: -e["score"])
+    shortlist = [genome_from_dict(e["genome"]) for e in by_dev[:4]]
+    assert r.best.key() == max(shortlist, key=lambda g: TargetRecipe(0.9)(g).score).key()
+    best = yaml.safe_load((out / "best.genome.yaml").read_text())
+    assert set(best["scores"]) == {"dev", "val", "test"} and r.test_eval is not None
 
 
 ZOO_SCRIPT = """\

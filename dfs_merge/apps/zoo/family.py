@@ -504,12 +504,15 @@ def verify(rebuilt: Path, committed: Path = ZOO_DIR) -> bool:
 
 # ---------------------------------------------------------------------------- the README table (lm-eval)
 
-RUNS = {  # table row -> run config (evolved with `run_evolution`, resumed when already finished)
+RUNS = {  # table row -> run config (evolved with `run_evolution`, resumed when already finished), in this order
     "evolved DFS (J, M)": "genomes/zoo.yaml",
     "evolved DFS, scaling: none (J, M)": "genomes/zoo_noscale.yaml",
+    "evolved PS: DARE-TIES per layer, CMA-ES, J arithmetic only (the paper's recipe)": "genomes/zoo_ps.yaml",
+    "evolved PS under the J-loss guard": "genomes/zoo_ps_guard.yaml",
+    "evolved hybrid: DFS over (evolved PS under the guard, J)": "genomes/zoo_ps_hybrid.yaml",
 }
-# The paper's hybrid (DFS over the task-arithmetic merge and J): genomes/zoo_hybrid.yaml; not in the
-# default table (not run yet): add {"evolved DFS over (task arithmetic, J)": "genomes/zoo_hybrid.yaml"}.
+# DFS over the fixed task-arithmetic merge and J: genomes/zoo_hybrid.yaml; not in the default table:
+# add {"evolved DFS over (task arithmetic, J)": "genomes/zoo_hybrid.yaml"}.
 TEST_TASKS = {"zoo_arith_j_test": 1.0, "zoo_arith_e_test": 1.0, "zoo_lm_j_test": 1.0}
 
 
@@ -518,6 +521,8 @@ def lm_eval_table(zoo: Path = ZOO_DIR, runs: dict[str, str] | None = None, log: 
     from dfs_merge.config import load_config
     from dfs_merge.fitness.score import Fitness
     from dfs_merge.genome import Route, load_genome
+    from dfs_merge.merging.blend import merged_model
+    from dfs_merge.merging.recipe import Recipe
     from dfs_merge.models.sources import SourcePool
     from dfs_merge.search.evolution import run_evolution
     from dfs_merge.stitch import stitch
@@ -548,7 +553,10 @@ def lm_eval_table(zoo: Path = ZOO_DIR, runs: dict[str, str] | None = None, log: 
         run_evolution(cfg, resume=True, log=log)
         g = load_genome(Path(cfg.out) / "best.genome.yaml")
         route = g.check()
-        rpool = SourcePool.load(list(g.sources))
+        rpool = SourcePool.load(list(g.sources))  # a recipe source (the hybrid's) is merged here
+        if isinstance(g, Recipe):
+            rows.append((label, merged_model(g, rpool), rpool.tokenizer, g.layers, f"{g.text()} (seed {cfg.seed})"))
+            continue
         scales = "" if cfg.scaling == "none" else f", scales {min(route.scales):.2f}-{max(route.scales):.2f}"
         rows.append((label, stitch(rpool, route), rpool.tokenizer, len(route),
                      f"`{route.text()}`{scales} (seed {cfg.seed})"))
