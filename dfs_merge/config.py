@@ -105,6 +105,10 @@ class SearchConfig(BaseModel):
 
     tasks: dict[str, float] = Field(min_length=1)
     metrics: dict[str, str] = {}
+    # A guarded task is a constraint, not a term: {task: bound}. It adds nothing to the score while its metric
+    # stays within the bound (<= for a lower-is-better metric, >= otherwise) and -weight x the excess beyond it.
+    # Validation and report tasks take their dev task's guard (`x_val`, `x_test` <- `x_dev`), as for weights.
+    guards: dict[str, float] = {}
     # Documents per task: one number for all, or {task: number}; the same documents for every candidate.
     limit: PositiveInt | dict[str, PositiveInt] | None = None
     report_limit: PositiveInt | dict[str, PositiveInt] | None = None  # for report_tasks; None: all documents
@@ -194,12 +198,26 @@ class RunConfig(RunOptions, SearchConfig):
             value = getattr(self, key)
             if isinstance(value, dict) and set(value) - set(names):
                 raise ValueError(f"{key} names tasks it does not apply to: {sorted(set(value) - set(names))}")
+        unguarded = set(self.guards) - set(self.tasks)
+        if unguarded:
+            raise ValueError(f"guards names tasks that are not in tasks: {sorted(unguarded)}")
+        if not all(math.isfinite(b) for b in self.guards.values()):
+            raise ValueError("guards: every bound must be a finite number")
         unknown = set(self.metrics) - set(self.tasks) - set(self.report_tasks) - set(self.select_tasks)
         if unknown:
             raise ValueError(f"metrics names tasks that are in none of tasks, report_tasks, select_tasks: "
                              f"{sorted(unknown)}")
         return self
 
+
+    def split_guards(self, split: Literal["dev", "val", "test"]) -> dict[str, float]:
+        """The guards of one split's tasks: dev's as given; a validation or report task takes its dev task's."""
+        if split == "dev":
+            return dict(self.guards)
+        names = self.select_tasks if split == "val" else self.report_tasks
+        suffix = f"_{split}"
+        dev_of = {t: t[: -len(suffix)] + "_dev" for t in names if t.endswith(suffix)}
+        return {t: self.guards[dev_of[t]] for t in names if dev_of.get(t) in self.guards}
 
     def split_tasks(self, split: Literal["dev", "val", "test"]) -> tuple[dict[str, float], dict[str, str], Any]:
         """(task weights, metric overrides, limit) of one split: `dev` scores `tasks`, `val` `select_tasks`,

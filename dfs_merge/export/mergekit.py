@@ -2,7 +2,10 @@
 
 `write_mergekit_config` writes the same model as a mergekit 0.1.5 `passthrough`
 config (`mergekit-yaml cfg.yaml OUT` builds it); `import_mergekit` reads such a
-config back into a genome.
+config back into a genome. A hybrid (a genome with a parameter-space recipe file among
+its sources) is written as a `mergekit-multi` config: each recipe's merge as a named
+document, then the passthrough route referring to it by that name
+(`mergekit-multi cfg.yaml --intermediate-dir DIR --out-path OUT` builds it).
 
 mergekit semantics this module relies on (mergekit 0.1.5, `plan.py`, `config.py`,
 `merge_methods/passthrough.py`):
@@ -107,18 +110,30 @@ def write_mergekit_config(
     models whose embedding matrix is padded. `dtype` defaults to the base's stored dtype.
     Families whose fold mergekit cannot express (Gemma 3) are an ExportError.
     A `Recipe` (a parameter-space merge) is written by `mergekit_recipe.write_recipe_config`.
+
+    A hybrid, whose sources include recipe files, is written as a multi-document
+    `mergekit-multi` config: one document per distinct recipe (`recipe_config`'s mapping plus
+    `name: ps-<recipe key>`), then the unnamed passthrough document of the route, where each
+    recipe source's model is that name (mergekit-multi replaces a model path equal to a
+    document's name by `INTERMEDIATE_DIR/NAME`; the unnamed document is the one written to
+    `--out-path`). A recipe source's config (layers, family, dtype) is its base's.
     """
-    from dfs_merge.merging.recipe import Recipe
+    from dfs_merge.merging.recipe import Recipe, is_recipe_file, load_recipe_source
 
     if isinstance(genome, Recipe):
         from dfs_merge.export.mergekit_recipe import write_recipe_config
 
         return write_recipe_config(genome, out, force=force, dtype=dtype)
     route = genome.check()
-    out = check_output(out, kind="file", force=force, inputs=genome.sources, error=ExportError, what=None,
+    recipes = {i: load_recipe_source(p) for i, p in enumerate(genome.sources) if is_recipe_file(p)}
+    inputs = [*genome.sources, *(s for r in recipes.values() for s in r.sources)]
+    out = check_output(out, kind="file", force=force, inputs=inputs, error=ExportError, what=None,
                        force_hint="force=True (--force)")
-    configs = [read_config(locate(p).resolve()) for p in genome.sources]
-    folders = [_model_reference(p) for p in genome.sources]
+    configs = [read_config(_config_folder(p, recipes.get(i))) for i, p in enumerate(genome.sources)]
+    # a recipe source is referred to by the name of its merge, built first (mergekit-multi)
+    merges = _recipe_documents(recipes, dtype)
+    names = {i: name for name, (_, _, idx) in merges.items() for i in idx}
+    folders = [names[i] if i in names else _model_reference(p) for i, p in enumerate(genome.sources)]
     for i, ((cfg, _), n) in enumerate(zip(configs, genome.layout.layers, strict=True)):
         if cfg.num_hidden_layers != n:
             raise SourceError(f"source {i} ({genome.sources[i]}) has {cfg.num_hidden_layers} layers, the genome says {n}")
@@ -157,13 +172,73 @@ def write_mergekit_config(
         "dtype": dtype or _dtype_name(base_cfg),
         "slices": entries,
     }
+
+    def dump(d: dict[str, Any]) -> str:
+        return yaml.dump(d, Dumper=NoAliasDumper, sort_keys=False, default_flow_style=None, width=200)
+
+    if not merges:
+        header = (
+            f"# mergekit passthrough config written by dfs-merge {dfs_merge.__version__}\n"
+            f"# route ({len(route)} hops): {route.text()}\n"
+            f"# genome key {genome.key()}; sources: {', '.join(genome.sources)}\n"
+            f"# build: mergekit-yaml {out.name} OUTPUT_DIR  (the base's tokenizer is copied)\n"
+        )
+        write_atomic(out, header + dump(data))
+        return out
+    from dfs_merge.export.mergekit_recipe import dare_note
+
+    n = len(merges)
     header = (
-        f"# mergekit passthrough config written by dfs-merge {dfs_merge.__version__}\n"
+        f"# mergekit-multi config written by dfs-merge {dfs_merge.__version__}: a hybrid, {n} parameter-space "
+        f"merge{'s' if n != 1 else ''} then the passthrough route over {'them' if n != 1 else 'it'}\n"
         f"# route ({len(route)} hops): {route.text()}\n"
         f"# genome key {genome.key()}; sources: {', '.join(genome.sources)}\n"
-        f"# build: mergekit-yaml {out.name} OUTPUT_DIR  (the base's tokenizer is copied)\n"
     )
-    write_atomic(out, header + yaml.dump(data, Dumper=NoAliasDumper, sort_keys=False, default_flow_style=None, width=200))
+    notes = ""
+    for name, (r, _, idx) in merges.items():
+        which = ", ".join(f"source {i} ({genome.sources[i]})" for i in idx)
+        header += (f"# {which}: the {r.method} merge named {name} ({r.layer_groups} layer group"
+                   f"{'s' if r.layer_groups != 1 else ''}): {r.text()}; recipe key {r.key()}; "
+                   f"its sources: {', '.join(r.sources)}\n")
+        notes += dare_note(r)
+    header += notes
+    header += (
+        f"# build: mergekit-multi {out.name} --intermediate-dir DIR --out-path OUTPUT_DIR\n"
+        "#   each named document is merged first into DIR/NAME (kept and reused while it exists, unless --no-lazy);\n"
+        "#   the last, unnamed document is the route, written to OUTPUT_DIR (the base's tokenizer is copied).\n"
+        "#   Not a mergekit-yaml config (several documents).\n"
+    )
+    docs = [dump({"name": name, **cfg}) for name, (_, cfg, _) in merges.items()]
+    write_atomic(out, header + "---\n".join([*docs, dump(data)]))
+    return out
+
+
+def _config_folder(source: str, recipe: Recipe | None) -> Path:
+    """The folder whose config.json describes a source: for a recipe file (a hybrid's source), its base's."""
+    if recipe is None:
+        return locate(source).resolve()
+    return locate(recipe.sources[recipe.base if recipe.base is not None else 0]).resolve()
+
+
+def _recipe_documents(
+    recipes: dict[int, Recipe], dtype: str | None
+) -> dict[str, tuple[Recipe, dict[str, Any], list[int]]]:
+    """The merges a hybrid needs, by the name mergekit-multi builds each under: its recipe key (`ps-...`),
+    with `-s<source index>` added where another merge has that key (a key does not name the sources).
+
+    Recipe sources whose mergekit configs are equal share one merge.
+    Returns name -> (recipe, its mergekit config, the genome's source indices it stands for).
+    """
+    from dfs_merge.export.mergekit_recipe import recipe_config
+
+    out: dict[str, tuple[Recipe, dict[str, Any], list[int]]] = {}
+    for i, r in recipes.items():
+        cfg = recipe_config(r, dtype=dtype)
+        same = next((name for name, (_, c, _) in out.items() if c == cfg), None)
+        if same is not None:
+            out[same][2].append(i)
+            continue
+        out[r.key() if r.key() not in out else f"{r.key()}-s{i}"] = (r, cfg, [i])
     return out
 
 
@@ -250,7 +325,16 @@ def import_mergekit(
     kept when the route starts and ends with the base's first and last layer.
     """
     path = Path(config_path)
-    data = read_yaml(path, GenomeError)
+    try:
+        data = read_yaml(path, GenomeError)
+    except GenomeError:
+        docs = _document_count(path)
+        if docs > 1:
+            raise GenomeError(
+                f"{path}: {docs} YAML documents, a mergekit-multi config (a hybrid's export?); only a single "
+                "mergekit config (one document) can be imported"
+            ) from None
+        raise
     where = str(path)
     method = data.get("merge_method")
     if method != "passthrough":
@@ -379,6 +463,18 @@ def import_mergekit(
     except GenomeError as err:
         raise GenomeError(f"{where}: {err}") from None
     return genome
+
+
+def _document_count(path: Path) -> int:
+    """How many YAML documents a file holds, from the parser's events (nothing is built, no alias
+    expanded); 0 when it cannot be read or parsed that far."""
+    n = 0
+    try:
+        for event in yaml.parse(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader):
+            n += isinstance(event, yaml.DocumentStartEvent)
+    except (OSError, UnicodeError, yaml.YAMLError):
+        pass
+    return n
 
 
 def _slice_product(

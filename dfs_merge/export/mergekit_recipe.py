@@ -52,15 +52,41 @@ from dfs_merge.outputs import check_output
 def write_recipe_config(recipe: Recipe, out: str | Path, *, force: bool = False, dtype: str | None = None) -> Path:
     """Write a mergekit config that builds the same merge as `merged_model(recipe, pool)`.
 
+    The config is `recipe_config`'s, under a header naming the recipe and how to build it.
+    For DARE the header says that mergekit's random masks are not the recipe's.
+    """
+    out = check_output(out, kind="file", force=force, inputs=recipe.sources, error=ExportError, what=None,
+                       force_hint="force=True (--force)")
+    data = recipe_config(recipe, dtype=dtype)
+    header = (
+        f"# mergekit {recipe.method} config written by dfs-merge {dfs_merge.__version__}\n"
+        f"# recipe ({recipe.layer_groups} layer group{'s' if recipe.layer_groups != 1 else ''} over "
+        f"{recipe.layers} layers): {recipe.text()}\n"
+        f"# recipe key {recipe.key()}; sources: {', '.join(recipe.sources)}\n"
+    )
+    header += dare_note(recipe)
+    header += f"# build: mergekit-yaml {out.name} OUTPUT_DIR\n"
+    write_atomic(out, header + yaml.dump(data, Dumper=NoAliasDumper, sort_keys=False, default_flow_style=None, width=200))
+    return out
+
+
+def recipe_config(recipe: Recipe, *, dtype: str | None = None) -> dict[str, Any]:
+    """The mergekit config (a mapping) that builds the same merge as `merged_model(recipe, pool)`.
+
     One slice per layer group (`layer_range` [first, end) of the group); each merged source
     carries the group's `weight` (and `density`); the base is listed without parameters in
     every slice where it is not merged (mergekit-evolve's layout). `base_model` is the base
     (for `linear` only when the recipe has one); `parameters` holds `normalize`, `lambda`
     when it is not 1 and, for DARE, `rescale`. `dtype` defaults to the base's stored dtype.
-    For DARE the header says that mergekit's random masks are not the recipe's.
+    Sources are checked (config.json only): their layer counts, no model listed twice, and
+    no source that is itself a recipe file (mergekit has no name for it).
     """
-    out = check_output(out, kind="file", force=force, inputs=recipe.sources, error=ExportError, what=None,
-                       force_hint="force=True (--force)")
+    from dfs_merge.merging.recipe import is_recipe_file
+
+    for i, p in enumerate(recipe.sources):
+        if is_recipe_file(p):
+            raise ExportError(f"source {i} ({p}) of the recipe is itself a recipe file; a mergekit config "
+                              "cannot name a merge nested in a merge")
     configs = [read_config(locate(p).resolve())[0] for p in recipe.sources]
     for i, cfg in enumerate(configs):
         if cfg.num_hidden_layers != recipe.layers:
@@ -98,21 +124,19 @@ def write_recipe_config(recipe: Recipe, out: str | Path, *, force: bool = False,
     data["parameters"] = params
     data["dtype"] = dtype or _dtype_name(configs[recipe.base if recipe.base is not None else 0])
     data["slices"] = slices
-    header = (
-        f"# mergekit {recipe.method} config written by dfs-merge {dfs_merge.__version__}\n"
-        f"# recipe ({recipe.layer_groups} layer group{'s' if recipe.layer_groups != 1 else ''} over "
-        f"{recipe.layers} layers): {recipe.text()}\n"
-        f"# recipe key {recipe.key()}; sources: {', '.join(recipe.sources)}\n"
+    return data
+
+
+def dare_note(recipe: Recipe) -> str:
+    """Header lines (each ending in a newline) saying that mergekit cannot reproduce a DARE recipe's masks;
+    empty for the other methods."""
+    if recipe.spec.sparsify != "random":
+        return ""
+    return (
+        f"# DARE: mergekit draws its random masks from torch's global generator (mergekit-yaml --random-seed),\n"
+        f"# not from dfs-merge's per-tensor generators of seed {recipe.seed}: mergekit cannot reproduce this\n"
+        "# recipe's masks; its build is the same recipe with other masks, not the same weights\n"
     )
-    if spec.sparsify == "random":
-        header += (
-            f"# DARE: mergekit draws its random masks from torch's global generator (mergekit-yaml --random-seed),\n"
-            f"# not from dfs-merge's per-tensor generators of seed {recipe.seed}: mergekit cannot reproduce this\n"
-            "# recipe's masks; its build is the same recipe with other masks, not the same weights\n"
-        )
-    header += f"# build: mergekit-yaml {out.name} OUTPUT_DIR\n"
-    write_atomic(out, header + yaml.dump(data, Dumper=NoAliasDumper, sort_keys=False, default_flow_style=None, width=200))
-    return out
 
 
 # --------------------------------------------------------------------------- recipe in

@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 class Fitness:
     """lm-eval tasks built once; `score(model, tokenizer)` evaluates one candidate on all of them.
 
-    `tasks` maps each task name to its weight; `metrics` overrides a task's primary metric
+    `tasks` maps each task name to its weight; `guards` makes some of them constraints (see `term`);
+    `metrics` overrides a task's primary metric
     (`metric` or `metric,filter`); `limit` caps the documents, for every task or per task; `suites`
     adds suite folders after the bundled one; `cache_dir` is where `offline_env` points Hugging Face
     and lm-eval. `reuse_requests=False` lets lm-eval rebuild every request per candidate (same results,
@@ -64,6 +65,7 @@ class Fitness:
         seed: int = 0,
         cache_dir: str | Path | None = None,
         reuse_requests: bool = True,
+        guards: Mapping[str, float] | None = None,
     ):
         if not tasks:
             raise FitnessError("no tasks given: fitness needs at least one lm-eval task")
@@ -80,6 +82,7 @@ class Fitness:
             if n is not None and n < 1:
                 raise FitnessError(f"limit must be at least 1, got {n} for task {name}")
         self.weights: dict[str, float] = {k: float(v) for k, v in tasks.items()}
+        self.guards: dict[str, float] = {k: float(v) for k, v in (guards or {}).items() if k in tasks}
         self.metric_overrides = dict(metrics or {})
         self.limits: dict[str, int | None] = {name: limits.get(name) for name in tasks}
         self.batch_size = int(batch_size)
@@ -116,6 +119,7 @@ class Fitness:
             num_fewshot=cfg.num_fewshot,
             seed=cfg.seed,
             cache_dir=cache_dir,
+            guards=cfg.split_guards(split),
         )
         kwargs.update(overrides)
         return cls(tasks, **kwargs)
@@ -165,8 +169,17 @@ class Fitness:
             reason = "; ".join(f"task {r.task}: {r.metric} is {r.value}" for r in bad)
             log.warning("candidate with %d hops failed: %s", hops, reason)
             return Evaluation.failed(reason, hops, time.perf_counter() - t0, results)
-        total = math.fsum(self.weights[name] * r.signed for name, r in results.items())
+        total = math.fsum(self.term(name, r) for name, r in results.items())
         return Evaluation(total, hops, results, time.perf_counter() - t0)
+
+    def term(self, name: str, r: TaskResult) -> float:
+        """What a task adds to the score: weight x its signed value; for a guarded task, nothing while it stays
+        within its bound and -weight x the excess beyond it."""
+        bound = self.guards.get(name)
+        if bound is None:
+            return self.weights[name] * r.signed
+        excess = bound - r.value if r.higher_is_better else r.value - bound
+        return -self.weights[name] * max(0.0, excess)
 
     def _lm(self, model: Any, tokenizer: Any) -> Any:
         """A fresh `CandidateLM` over `model`, sharing the tokenisations memoised for `tokenizer`.

@@ -304,3 +304,21 @@ def test_bundled_suites_build_and_score(tiny_pool, cache_dir):
     assert ev.ok, ev.error
     assert set(ev.tasks) == set(names)
     assert torch.isfinite(torch.tensor(ev.score))
+
+
+def test_a_guarded_task_is_a_constraint_not_a_term(tiny_suite_dir, tiny_pool, cache_dir, tmp_path):
+    """Within its bound a guarded task adds nothing; beyond it, -weight x the excess; report tasks inherit it."""
+    model = stitch(tiny_pool, identity(tiny_pool))
+    plain = Fitness({"tiny_ppl": 2.0, "tiny_mc": 1.0}, suites=[tiny_suite_dir], max_length=MAX_LEN, cache_dir=cache_dir)
+    ev = plain.score(model, tiny_pool.tokenizer)
+    bpb, acc = ev.tasks["tiny_ppl"].value, ev.tasks["tiny_mc"].value
+    assert ev.score == pytest.approx(acc - 2.0 * bpb)
+    for bound, penalty in ((bpb + 0.5, 0.0), (bpb - 0.25, 2.0 * 0.25)):
+        guarded = Fitness({"tiny_ppl": 2.0, "tiny_mc": 1.0}, guards={"tiny_ppl": bound}, suites=[tiny_suite_dir],
+                          max_length=MAX_LEN, cache_dir=cache_dir)
+        assert guarded.score(model, tiny_pool.tokenizer).score == pytest.approx(acc - penalty)
+    cfg = RunConfig(sources=["x"], tasks={"a_dev": 1.0, "b_dev": 1.0}, guards={"a_dev": 0.5},
+                    report_tasks=["a_test", "b_test"], select_tasks=["a_val"])
+    assert cfg.split_guards("test") == {"a_test": 0.5} and cfg.split_guards("val") == {"a_val": 0.5}
+    with pytest.raises(ValueError, match="guards names tasks that are not in tasks"):
+        RunConfig(sources=["x"], tasks={"a_dev": 1.0}, guards={"c_dev": 1.0})

@@ -105,7 +105,7 @@ def test_one_recipe_twice_is_one_merge_and_a_nested_recipe_is_refused(three, rec
     recipe, path = recipe_file
     copy = tmp_path / "copy.recipe.yaml"
     copy.write_text(Path(path).read_text())
-    g = Genome.from_route(Route.parse("0:0-1, 1:2, 0:3"), [path, str(copy)], [4, 4], 1, "slot")
+    g = Genome.from_route(Route.parse("0:0-1, 1:2, 0:3"), [path, str(copy)], [4, 4], 2, "slot")
     docs = list(yaml.safe_load_all(write_mergekit_config(g, tmp_path / "twice.yaml").read_text()))
     assert len(docs) == 2 and {sl["sources"][0]["model"] for sl in docs[1]["slices"]} == {recipe.key()}
     nested = Recipe((path, three[1]), 4, "task_arithmetic", 0, 1, ((0.5,),))
