@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("show", help="print a genome's route (and draw it with --png)")
+    s = sub.add_parser("show", help="print a genome's route or a recipe's weights (and draw it with --png)")
     s.add_argument("genome")
     s.add_argument("--png", help="also draw the route into this PNG file")
     s.add_argument("--force", action="store_true", help="replace an existing --png file")
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ablation", action="store_true", help="skip the scaling: none rerun")
     s.set_defaults(func=cmd_study)
 
-    s = sub.add_parser("export", help="write a genome as a Hugging Face checkpoint or a mergekit config")
+    s = sub.add_parser("export", help="write a genome or recipe as a Hugging Face checkpoint or a mergekit config")
     s.add_argument("genome")
     s.add_argument("--out", required=True)
     s.add_argument("--format", choices=["hf", "mergekit"], default="hf")
@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("import-mergekit", help="turn a mergekit passthrough config into a genome")
+    s = sub.add_parser("import-mergekit", help="turn a mergekit config into a genome (passthrough) or a recipe (linear, task_arithmetic, "
+                                                "ties, dare_linear, dare_ties)")
     s.add_argument("config")
     s.add_argument("--out", required=True)
     s.add_argument("--repeats", type=int)

@@ -30,6 +30,7 @@ from dfs_merge.stitch import stitch
 three = parity.three  # the parity module's three random tiny sources (seeds 10, 11, 12)
 one_thread = parity.one_thread  # autouse: tiny models run fastest on one thread
 
+
 @pytest.fixture(scope="module")
 def recipe_file(three, tmp_path_factory) -> tuple[Recipe, str]:
     r = Recipe(tuple(three), 4, "task_arithmetic", 0, 2, ((0.5, 0.2), (0.3, 0.9)), lam=0.8)
