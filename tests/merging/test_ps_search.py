@@ -281,3 +281,20 @@ def test_sources_of_other_shapes_are_refused_in_one_line(tiny_source_dirs, tmp_p
     save_genome(recipe, tmp_path / "r.yaml")
     res = run_cli("export", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o"))
     assert_refused(res, "differ in")
+
+
+def test_scores_of_the_resident_model_are_never_stale(three, tiny_suite_dir, tmp_path):
+    """The same resident model scored for one recipe then another equals a fresh one scored for the second."""
+    from dfs_merge.candidate import CandidateScorer
+    from dfs_merge.fitness.score import Fitness
+
+    pool = SourcePool.load(three)
+    fit = Fitness({"tiny_ppl": 1.0, "tiny_mc": 1.0}, suites=[tiny_suite_dir], max_length=512,
+                  cache_dir=tmp_path / "cache")
+    first = Recipe(tuple(three), 4, "task_arithmetic", 0, 2, ((0.2, 0.9), (1.0, 0.1)))
+    second = first.with_bits((), (1.1, 0.3, 0.2, 0.8))
+    reused = CandidateScorer(pool, fit)
+    a, b = reused.genome(first), reused.genome(second)
+    fresh = CandidateScorer(pool, fit).genome(second)
+    assert a.score != b.score and b.score == fresh.score
+    assert {k: t.value for k, t in b.tasks.items()} == {k: t.value for k, t in fresh.tasks.items()}
