@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--adapter", default=str(REPO / "models" / "family" / "j"))
+    ap.add_argument("--other", help="a second full model folder instead of the base with --adapter merged")
+    ap.add_argument("--task", default="family_arith_j_dev:50", help="the scoring task and its documents")
     ap.add_argument("--methods", default="task_arithmetic,ties")
     ap.add_argument("--layer-groups", type=int, default=6)
     ap.add_argument("--candidates", type=int, default=5)
@@ -86,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(0)
     work = Path(tempfile.mkdtemp(prefix="bench-ps-"))
     base = str(locate(args.base).resolve())
-    j = specialist_folder(args.base, args.adapter, REPO / "build" / "bench" / "smollm2-j")
-    sources = [base, j]
+    other = args.other or specialist_folder(args.base, args.adapter, REPO / "build" / "bench" / "smollm2-j")
+    sources = [base, other]
     pool = SourcePool.load(sources)
-    fitness = Fitness({"family_arith_j_dev": 1.0}, limit=50, batch_size=16, max_length=256)
+    task, docs = args.task.split(":")
+    fitness = Fitness({task: 1.0}, limit=int(docs), batch_size=16, max_length=256)
     rows = []
     for method in args.methods.split(","):
         template = initial_recipe(sources, len(pool.base.layers), method, 0, args.layer_groups, 1.0)
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                "in_memory_all_values_s": median(full), "in_memory_one_group_s": median(partial),
                "one_group_tensors_recomputed": median(recomputed), "mergekit_write_and_load_s": median(mk),
                "speedup_all_values": median(mk) / median(full), "speedup_one_group": median(mk) / median(partial),
-               "scoring_s": scoring, "scoring_task": "family_arith_j_dev (50 docs)", "score": ev.score,
+               "scoring_s": scoring, "scoring_task": f"{task} ({docs} docs)", "score": ev.score,
                "torch_threads": torch.get_num_threads()}
         rows.append(row)
         print(f"{method:<16} in memory {row['in_memory_all_values_s']:.2f} s (all values) / "

@@ -61,3 +61,21 @@ def test_summary_reads_whatever_results_exist():
 
     for row in run_all.targets():
         assert {"target", "figure", "value", "met"} <= set(row)
+
+
+def test_ps_bench_times_the_merge_step_and_mergekit(tmp_path, tiny_source_dirs):
+    from pathlib import Path
+
+    import pytest
+
+    if not (Path(sys.executable).parent / "mergekit-yaml").is_file():
+        pytest.skip("mergekit-yaml is not installed (the test extra)")
+    import bench_ps
+
+    out = tmp_path / "ps.json"
+    bench_ps.main(["--base", str(tiny_source_dirs[0]), "--other", str(tiny_source_dirs[1]), "--methods", "ties",
+                   "--layer-groups", "2", "--candidates", "1", "--mergekit-candidates", "1", "--task",
+                   "cloze_mc_dev:2", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["in_memory_all_values_s"] > 0 and row["mergekit_write_and_load_s"] > 0
+    assert row["one_group_tensors_recomputed"] < row["tensors"]
