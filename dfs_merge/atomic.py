@@ -50,6 +50,28 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         raise
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """`atomic_file` for a writer that opens the file by name (and a check that reads it back): yields the
+    path of the hidden temporary sibling, created empty with plain permissions; when the block ends the file
+    there is flushed to disk and renamed over `path`, and when it raises it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _plain_mode(path))
+        os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _temporary_pattern(path: Path) -> re.Pattern[str]:
     """The names of `atomic_file`'s temporaries of `path`, the writer's pid in group 1."""
     return re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[A-Za-z0-9_]+\.tmp")

@@ -120,8 +120,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     g = load_genome(args.genome)
     # before any source is loaded: the genome file and its sources are the inputs
-    check_output(args.out, kind="file" if args.format == "mergekit" else "folder", force=args.force,
+    check_output(args.out, kind="folder" if args.format == "hf" else "file", force=args.force,
                  inputs=[args.genome, *g.sources], error=ExportError)
+    if args.quant is not None and args.format != "gguf":
+        raise ExportError(f"--quant {args.quant}: only --format gguf has tensor types; drop it or add --format gguf")
+    if args.format == "gguf":
+        from dfs_merge.export.gguf import precheck_gguf
+
+        precheck_gguf(g, args.quant or "f16")
     if args.format == "mergekit":
         from dfs_merge.export.mergekit import write_mergekit_config
 
@@ -135,7 +141,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     with progress.stage(f"loading {n} source{'s' if n != 1 else ''} on {args.device} ({args.dtype})",
                         f"loaded {n} source{'s' if n != 1 else ''}"):
         pool = SourcePool.load(list(g.sources), device=args.device, dtype=args.dtype)
-    out = export_checkpoint(pool, g, args.out, force=args.force, verify=not args.no_verify, progress=progress)
+    if args.format == "gguf":
+        from dfs_merge.export.gguf import export_gguf
+
+        out = export_gguf(pool, g, args.out, quant=args.quant or "f16", force=args.force, verify=not args.no_verify,
+                          progress=progress)
+    else:
+        out = export_checkpoint(pool, g, args.out, force=args.force, verify=not args.no_verify, progress=progress)
     print(f"wrote {out}")
 
 
@@ -149,6 +161,16 @@ def cmd_import_mergekit(args: argparse.Namespace) -> None:
     g = import_mergekit(args.config, repeats=args.repeats, scaling=args.scaling)
     save_genome(g, args.out)
     print(f"wrote {args.out}: {len(g.decode())} hops, {g.text()}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from dfs_merge.errors import ReportError
+    from dfs_merge.outputs import check_output
+    from dfs_merge.report import report_inputs, write_report
+
+    if args.out:
+        check_output(args.out, kind="file", force=args.force, inputs=report_inputs(args.run_dir), error=ReportError)
+    print(f"wrote {write_report(args.run_dir, args.out)}")
 
 
 def cmd_zoo(args: argparse.Namespace) -> None:
@@ -209,10 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ablation", action="store_true", help="skip the scaling: none rerun")
     s.set_defaults(func=cmd_study)
 
-    s = sub.add_parser("export", help="write a genome or recipe as a Hugging Face checkpoint or a mergekit config")
+    s = sub.add_parser("export", help="write a genome or recipe as a Hugging Face checkpoint, a GGUF file or a "
+                       "mergekit config")
     s.add_argument("genome")
     s.add_argument("--out", required=True)
-    s.add_argument("--format", choices=["hf", "mergekit"], default="hf")
+    s.add_argument("--format", choices=["hf", "gguf", "mergekit"], default="hf")
+    s.add_argument("--quant", help="GGUF tensor type: f16 (default), q8_0, bf16 or f32")
     s.add_argument("--force", action="store_true", help="replace an existing output")
     s.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the checkpoint")
     s.add_argument("--device", default="cpu")
@@ -227,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scaling", choices=["slot", "transition", "none"], default="slot")
     s.add_argument("--force", action="store_true", help="replace an existing --out file")
     s.set_defaults(func=cmd_import_mergekit)
+
+    s = sub.add_parser("report", help="write a run folder as one self-contained HTML page (plots, routes, every "
+                                      "evaluation); a running run rewrites its own at each checkpoint")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (the config's out:)")
+    s.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html, which is always replaced)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out file")
+    s.set_defaults(func=cmd_report)
     s = sub.add_parser("zoo", help="the small two-language model family of the cross-skill experiment (train, table, ...)")
     s.add_argument("zoo_args", nargs=argparse.REMAINDER, help="train | suites | check | verify | merge | table ...")
     s.set_defaults(func=cmd_zoo)

@@ -154,6 +154,12 @@ class RunOptions(BaseModel):
     ray: str | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1)
+    # An experiment tracker (dfs_merge.search.tracking.TRACKERS: wandb | mlflow): each evaluation, each generation's
+    # summary, the best genome. One that cannot start stops the run, unless tracking_optional (then: a warning).
+    tracking: str | None = None
+    tracking_project: str | None = None  # W&B project / MLflow experiment (default dfs-merge)
+    tracking_uri: str | None = None  # W&B server / MLflow tracking URI (default: W&B's settings / the run folder)
+    tracking_optional: StrictBool = False
     out: str = "runs/run"
 
 
@@ -174,6 +180,15 @@ class RunConfig(RunOptions, SearchConfig):
 
         if v not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {v!r}; expected one of {', '.join(ALGORITHMS)}")
+        return v
+
+    @field_validator("tracking")
+    @classmethod
+    def _tracker(cls, v: str | None) -> str | None:
+        from dfs_merge.search.tracking import TRACKERS
+
+        if v is not None and v not in TRACKERS:
+            raise ValueError(f"unknown tracker {v!r}; expected one of {', '.join(TRACKERS)}")
         return v
 
     @model_validator(mode="after")

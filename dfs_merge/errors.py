@@ -34,6 +34,14 @@ class ExportError(DfsMergeError):
     """An export cannot be written or does not verify."""
 
 
+class TrackingError(DfsMergeError):
+    """The run's tracker (`tracking:` wandb, mlflow) cannot start."""
+
+
+class ReportError(DfsMergeError):
+    """A run folder cannot be reported on, or its report cannot be written."""
+
+
 def one_line(err: BaseException, limit: int = 300) -> str:
     """An exception as `Type: message` on one line, at most about `limit` characters: for error messages
     that wrap a library's exception."""

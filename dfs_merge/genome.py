@@ -27,6 +27,8 @@ from dfs_merge.errors import GenomeError
 from dfs_merge.inputs import NoAliasDumper, read_yaml
 
 FORMAT = "dfs-merge/genome@1"
+RECIPE_FORMAT = "dfs-merge/recipe@1"
+"""A parameter-space recipe's file format (`dfs_merge.merging.recipe`); its files load through `load_genome` too."""
 Scaling = Literal["slot", "transition", "none"]
 MAX_SLOTS = 2**16
 """The most slots (layers x repeats) and hops a genome may have: far above any model, low enough to allocate."""
@@ -372,8 +374,6 @@ def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
     mapping, the parameter-space `Recipe`); errors name the field."""
     if "format" not in data:
         raise GenomeError(f"{where}: not a dfs-merge genome (no 'format: {FORMAT}' key)")
-    from dfs_merge.merging.recipe import FORMAT as RECIPE_FORMAT
-
     if data.get("format") == RECIPE_FORMAT:
         from dfs_merge.merging.recipe import recipe_from_dict
 
@@ -422,9 +422,9 @@ def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
 def genome_to_dict(g: Genome) -> dict[str, Any]:
     """The YAML mapping of a genome: bits and scales in one row per (repetition, source) block (a recipe's
     own mapping for a `Recipe`)."""
-    from dfs_merge.merging.recipe import Recipe, recipe_to_dict
+    if not isinstance(g, Genome):
+        from dfs_merge.merging.recipe import recipe_to_dict
 
-    if isinstance(g, Recipe):
         return recipe_to_dict(g)
     route = g.decode()
     blocks = g.layout.blocks()

@@ -174,6 +174,7 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     out("")
     out("files:")
     for label, path in [("run directory", run_dir), ("history", result.paths.get("history")),
+                        ("report (browser)", result.paths.get("report")),
                         ("route picture", picture), ("exported checkpoint", exported_dir)]:
         out(f"  {label:<20} {path}")
     out("")

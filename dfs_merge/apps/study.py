@@ -324,6 +324,7 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
     out("\n".join(md))
     out(f"wrote {root / 'results.md'}, {root / 'results.json'}, {plot}"
         + (f", {export['folder']}" if export.get("folder") else ""))
+    out("run reports (open in a browser): " + ", ".join(str(RunDir(c.out).report) for c in runs.values()))
     return summary
 
 

@@ -70,12 +70,14 @@ def _verify_inputs(pool: SourcePool, vocab: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def verify_export(pool: SourcePool, route: Route, folder: str | Path, tolerance: float | None = None) -> VerifyResult:
+def verify_export(pool: SourcePool, route: Route, folder: str | Path, tolerance: float | None = None, *,
+                  gguf_file: str | None = None) -> VerifyResult:
     """Load the checkpoint in `folder` and compare it with the stitched model on a fixed batch.
 
     Logits are compared on every prompt and on a 32-token id sequence; each prompt is then
     continued greedily for `VERIFY_NEW_TOKENS` tokens by both models (skipped when the
-    logits already miss `tolerance`).
+    logits already miss `tolerance`). With `gguf_file`, the checkpoint is that GGUF file in `folder`,
+    read by transformers' GGUF loader.
     """
     from transformers import AutoModelForCausalLM
 
@@ -84,6 +86,8 @@ def verify_export(pool: SourcePool, route: Route, folder: str | Path, tolerance:
     stitched = stitch(pool, route)
     placement = {} if pool.device.type == "cpu" else {"device_map": str(pool.device)}
     try:
+        if gguf_file is not None:
+            placement["gguf_file"] = gguf_file
         loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=pool.dtype, **placement)
     except Exception as err:  # noqa: BLE001
         raise ExportError(f"the written checkpoint does not load ({one_line(err)})") from None

@@ -22,9 +22,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from peft.utils.merge_utils import calculate_majority_sign_mask, reshape_weight_task_tensors
+if TYPE_CHECKING:  # torch and peft are imported where tensors are merged: reading a recipe needs neither
+    import torch
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the `density` fraction of largest magnitudes (at least one value), zero the rest (mergekit's rule)."""
+    import torch
+
     if density >= 1:
         return delta
     k = max(1, int(density * delta.numel()))
@@ -65,6 +68,8 @@ def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def random_prune(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
     """Keep each value with probability `density` (DARE); with `rescale`, restore the delta's L1 norm."""
+    import torch
+
     if density >= 1:
         return delta
     work = delta.float()
@@ -80,6 +85,8 @@ def random_prune(delta: torch.Tensor, density: float, rescale: bool, generator: 
 def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
     """The random generator of DARE's mask for one tensor: a function of the recipe's seed and the tensor's
     name only, so that a tensor's merge is the same whatever else was merged before it."""
+    import torch
+
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     gen = torch.Generator(device=device)
     gen.manual_seed(int.from_bytes(digest[:8], "little"))
@@ -99,6 +106,9 @@ def merge_tensor(
 ) -> torch.Tensor:
     """Merge `tensors` (the non-base sources' for a method with a base; every source's for `linear`) with one
     weight (and density) each; the result has the dtype of the first input."""
+    import torch
+    from peft.utils.merge_utils import calculate_majority_sign_mask, reshape_weight_task_tensors
+
     normalize = method.normalize if normalize is None else normalize
     rescale = method.rescale if rescale is None else rescale
     first = tensors[0] if base is None else base

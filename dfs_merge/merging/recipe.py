@@ -23,10 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dfs_merge.config import ConstraintsConfig, describe_validation_error
 from dfs_merge.errors import GenomeError
-from dfs_merge.genome import Hop, Route, SlotLayout
+from dfs_merge.genome import RECIPE_FORMAT, Hop, Route, SlotLayout
 from dfs_merge.merging.methods import METHODS, Method
 
-FORMAT = "dfs-merge/recipe@1"
+FORMAT = RECIPE_FORMAT
 NO_LAYOUT = SlotLayout((), 1)
 """A recipe's slot layout: no slots (its genes are all continuous values)."""
 

@@ -26,6 +26,7 @@ from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError, one_line
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict
 from dfs_merge.models.metadata import layer_counts
+from dfs_merge.report import LiveReport
 from dfs_merge.search import selection
 from dfs_merge.search.algorithms import algorithm_class
 from dfs_merge.search.backends import (
@@ -39,6 +40,7 @@ from dfs_merge.search.ledger import Ledger
 from dfs_merge.search.operators import member, repair, restore_members, same_key
 from dfs_merge.search.rundir import RunDir
 from dfs_merge.search.state import RunRandom
+from dfs_merge.search.tracking import Tracking
 
 RESTART_HINT = ("move {checkpoint} away to restart the run from its evals.jsonl (every logged evaluation is "
                 "reused, none computed again)")
@@ -68,11 +70,12 @@ class Evolution:
 
     def __init__(self, cfg: RunConfig, template: Genome, rundir: RunDir, evaluator: Evaluator,
                  log: Callable[[str], Any] = print, progress: bool = True,
-                 fingerprints: Sequence[str | None] = ()):
+                 fingerprints: Sequence[str | None] = (), tracking: Tracking | None = None):
         self.cfg = cfg
         self.rundir = rundir
         self.log = log
-        self.ledger = Ledger(rundir, evaluator, cfg.objectives, progress)
+        self.tracking = tracking or Tracking()  # the experiment tracker (`tracking:`), or none
+        self.ledger = Ledger(rundir, evaluator, cfg.objectives, progress, self.tracking)
         self.algo = algorithm_class(cfg.algorithm)(cfg, template, self.ledger.known)
         self.rng = RunRandom(cfg.seed)
         self.hof = tools.HallOfFame(1, similar=same_key)
@@ -85,6 +88,7 @@ class Evolution:
         self.finished = False
         self.fingerprints = tuple(fingerprints)  # of the sources, written into the genome files
         self._plotted = time.monotonic()
+        self.live_report = LiveReport(rundir.path, log)
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -116,6 +120,7 @@ class Evolution:
         })
         self.generation = gen
         self.write_results(plot=time.monotonic() - self._plotted > PLOT_EVERY_S)  # a long run's picture stays fresh
+        self.tracking.generation(self.history[-1])
         mean_text = f"{mean:.4f}" if mean is not None else "n/a"
         self.log(
             f"gen {gen}/{self.cfg.generations}  best {best_ev.score:.4f} ({best_ev.hops} hops)  mean {mean_text}  "
@@ -149,7 +154,8 @@ class Evolution:
         return sorted(self.algo.front, key=lambda m: (self.ledger[m.key].hops, -self.ledger[m.key].score, m.key))
 
     def write_results(self, plot: bool) -> None:
-        """best.genome.yaml, the front (where the algorithm has one), history.png if `plot`, the checkpoint."""
+        """best.genome.yaml, the front (where the algorithm has one), history.png if `plot`, the checkpoint,
+        report.html (when slow to write, only if `plot`)."""
         self.rundir.write_best(self.scored(self.best()))
         if self.algo.front is not None:
             rows = []
@@ -166,6 +172,7 @@ class Evolution:
             self.rundir.plot_history(self.history)
             self._plotted = time.monotonic()
         self.checkpoint()
+        self.live_report.refresh(due=plot)
 
     # ---- checkpoint ----------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -256,6 +263,7 @@ class Evolution:
             self.score_split(report_fn, [m.genome for m in targets], self.report, "report", cfg.report_tasks)
         self.finished = True
         self.write_results(plot=True)
+        self.tracking.best(self.rundir.best, self.scored(best).scores)
         best_ev = self.ledger[best.key]
         test, val = self.report.get(best.key), self.val.get(best.key) if self.chosen else None
         self.log(
@@ -331,14 +339,16 @@ def run_evolution(
         log(f"nothing to resume in {rundir.path}; starting a new run")
     fn: GenomeEvaluator = evaluate if evaluate is not None else ModelEvaluator(cfg, "dev")
     evaluator = LazyEvaluator(cfg, fn)
+    tracking = Tracking(cfg, rundir, log)
     try:
-        evo = Evolution(cfg, template, rundir, evaluator, log, progress, fingerprints)
+        evo = Evolution(cfg, template, rundir, evaluator, log, progress, fingerprints, tracking)
         try:
             evo.restore(records, state)
         except (GenomeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise ConfigError(f"{rundir.checkpoint}: not a checkpoint this run can continue from ({one_line(err)}); "
                               f"{RESTART_HINT.format(checkpoint=rundir.checkpoint)}") from None
         rundir.start(cfg, list(fingerprints))
+        tracking.start(resume)  # before any evaluation: a tracker that cannot start stops the run here
         if not evo.finished:
             evo.run()
         evaluator.close()  # free the workers before the report starts its own
@@ -347,6 +357,10 @@ def run_evolution(
         if select_evaluate is None and isinstance(fn, ModelEvaluator) and cfg.select_tasks:
             select_evaluate = fn.for_split("val")
         return evo.finish(report_evaluate if report else None, select_evaluate if report else None)
+    except BaseException as err:
+        tracking.close(err)  # the tracker's run: failed, or killed (Ctrl-C)
+        raise
     finally:
+        tracking.close()  # finished (nothing once closed)
         evaluator.close()
         rundir.close()

@@ -16,13 +16,16 @@ from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome, genome_to_dict
 from dfs_merge.search.backends import Evaluator
 from dfs_merge.search.rundir import RunDir
+from dfs_merge.search.tracking import Tracking
 
 
 class Ledger:
     """Memo of evaluations, their log records and the run's counters."""
 
-    def __init__(self, rundir: RunDir, evaluator: Evaluator, objectives: Sequence[str], progress: bool = True):
+    def __init__(self, rundir: RunDir, evaluator: Evaluator, objectives: Sequence[str], progress: bool = True,
+                 tracking: Tracking | None = None):
         self.rundir = rundir
+        self.tracking = tracking or Tracking()  # told of each new evaluation (not cache hits, not recovered ones)
         self.evaluator = evaluator
         self.objectives = list(objectives)
         self.progress = progress
@@ -74,7 +77,9 @@ class Ledger:
             for k, ev in self.evaluator.submit(list(todo.values())):
                 self.memo[k] = ev
                 self._count(ev)
-                self.rundir.append_eval(self._record(gen, k, todo[k], ev))
+                record = self._record(gen, k, todo[k], ev)
+                self.rundir.append_eval(record)
+                self.tracking.evaluation(gen, k, record["genome"], ev, self.counters["evaluations"])
                 bar.update()
         finally:
             bar.close()

@@ -9,6 +9,8 @@ pareto/             nsga2: one genome file per member of the Pareto front
 pareto.json         nsga2: the front as a table
 history.png         best and mean score per generation
 sources.json        the sources' content fingerprints: a resume on changed weights is refused
+report.html         the run as one page for a browser (`dfs_merge.report`), rewritten at each checkpoint
+tracking/           `tracking:` only: the tracker's run id (to resume it) and its local files (wandb/, mlruns/)
 ```
 
 Nothing is pickled: every file is text (YAML or JSON) that a person can read.
@@ -49,6 +51,7 @@ class RunDir:
         self.pareto_json = self.path / "pareto.json"
         self.history = self.path / "history.png"
         self.sources = self.path / "sources.json"
+        self.report = self.path / "report.html"
         self.started = False  # whether something was evaluated here before (set by `open`)
         self._evals_file: Any = None
 
@@ -64,6 +67,7 @@ class RunDir:
             "pareto_json": self.pareto_json,
             "history": self.history,
             "sources": self.sources,
+            "report": self.report,
         }
 
     # ---- opening -----------------------------------------------------------------------
@@ -79,7 +83,8 @@ class RunDir:
         except OSError as err:
             raise ConfigError(f"out: {path} cannot be listed ({err.strerror or err})") from None
         # a run that stopped before its first evaluation computed nothing: it may start again, with any config
-        started = bool(set(existing) - {"config.yaml", "sources.json"} - {n for n in existing if n.startswith(".")})
+        started = bool(set(existing) - {"config.yaml", "sources.json", "report.html", "tracking"}
+                       - {n for n in existing if n.startswith(".")})
         if started and not resume:
             raise ConfigError(
                 f"out: {path} is not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
@@ -107,12 +112,15 @@ class RunDir:
         """Refuse to resume with a config that would change what is computed."""
         old = read_yaml(self.config, ConfigError)
         new = cfg.model_dump(mode="json")
+        defaults = type(cfg).model_fields
         for key in new:
             if key in RESUMABLE_KEYS:
                 continue
-            if old.get(key) != new[key]:
+            # a key the run's config lacks was added to dfs-merge since: the run used its default
+            was = old[key] if key in old else _json_default(defaults[key].get_default(call_default_factory=True))
+            if was != new[key]:
                 raise ConfigError(
-                    f"resume: {key} differs from the run in {self.path} ({old.get(key)!r} vs {new[key]!r}); "
+                    f"resume: {key} differs from the run in {self.path} ({was!r} vs {new[key]!r}); "
                     f"only {', '.join(sorted(RESUMABLE_KEYS - {'out'}))} may change"
                 )
 
@@ -189,3 +197,10 @@ class RunDir:
         from dfs_merge.plots import history_png
 
         return history_png(history, self.history)
+
+
+def _json_default(value: Any) -> Any:
+    """A config field's default as `model_dump(mode="json")` writes it."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Any).dump_python(value, mode="json")

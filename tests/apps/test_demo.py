@@ -30,7 +30,8 @@ def test_demo_runs_end_to_end_and_its_table_matches_lm_eval_on_the_export(demo_c
     assert "| model | hops | params (M) |" in out and "exported checkpoint" in out and "--- exported:" in out
     names = [r["name"] for r in summary["rows"]]
     assert names == ["base", "exported (evolved)", "naive deepening"]
-    for f in ("history.png", "route.png", "evals.jsonl", "exported/config.json", "exported/README.md"):
+    assert f"report (browser)     {run / 'report.html'}" in out
+    for f in ("history.png", "route.png", "evals.jsonl", "report.html", "exported/config.json", "exported/README.md"):
         assert (run / f).exists(), f
 
     # The exported checkpoint's held-out scores, through lm-eval's own HFLM(pretrained=DIR), equal the table's.

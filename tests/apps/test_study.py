@@ -37,6 +37,8 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
     assert kinds.count("shortgpt") == 2 and kinds.count("angular") == 2
     assert {"base", "deepening", "evolved", "evolved (scaling none)"} <= set(kinds)
     assert "front vs the pruning heuristics" in out and (root / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"run reports (open in a browser): {root / 'evolved' / 'report.html'}, " in out
+    assert (root / "evolved-scaling-none" / "report.html").is_file()
 
     # The heuristics' pruned routes were in generation 0 of both runs.
     heuristic_keys = {Route.parse(p["route"]).key() for p in res["points"] if p["kind"] in ("shortgpt", "angular")}

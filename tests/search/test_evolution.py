@@ -413,3 +413,18 @@ def test_real_lm_eval_task_on_tiny_models(tiny_source_dirs, tiny_suite_dir, tmp_
     assert best["scores"]["test"]["tasks"]["tiny_ppl"]["value"] > 0
     assert r.test_eval is not None and r.test_eval.error is None
     assert best["route"] == r.best.decode().text()
+
+
+def test_a_run_made_before_a_config_key_existed_resumes(sources, tmp_path):
+    """A key added to dfs-merge since a run was made (absent from its config.yaml) counts as its default."""
+    out = tmp_path / "old"
+    run_evolution(make_config(sources, out, generations=1), evaluate=TargetRoute(), **QUIET)
+    old = yaml.safe_load((out / "config.yaml").read_text())
+    for key in ("guards", "merge"):
+        old.pop(key)
+    (out / "config.yaml").write_text(yaml.safe_dump(old))
+    r = run_evolution(make_config(sources, out, generations=2), resume=True, evaluate=TargetRoute(), **QUIET)
+    assert r.generations == 2
+    with pytest.raises(ConfigError, match="resume: guards differs"):
+        run_evolution(make_config(sources, out, generations=2, guards={"synthetic": 0.0}), resume=True,
+                      evaluate=TargetRoute(), **QUIET)
