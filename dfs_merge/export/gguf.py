@@ -1,0 +1,505 @@
+"""Writing a route (or a parameter-space recipe's merge) as one GGUF file, for llama.cpp, Ollama and LM Studio.
+
+`export_gguf` writes the same model as the HF export (`dfs_merge.export.checkpoint`): the tensors that
+`plan_tensors` lists, each hop's layer folded by `FoldedLayers` (the running product of hop scales divided
+out of its residual writers, by the family's own `fold_scale`), renamed to llama.cpp's names
+(`gguf.TensorNameMap`), stored as F32, F16, BF16 or Q8_0 (`gguf.quants`; one-dimensional tensors, the norms
+and biases, stay F32, and a matrix whose rows are not a multiple of Q8_0's 32-value block falls back to F16,
+as llama.cpp's own converter does). The hyperparameters and the base's tokenizer (a byte-level BPE
+vocabulary with token types, merges, special token ids, whether BOS/EOS are added, the chat template) go
+into the metadata, with the genome as JSON under `dfs_merge.genome`.
+
+The file is written with `gguf.GGUFWriter` into a hidden temporary sibling of the target
+(`dfs_merge.atomic.atomic_path`): header, metadata and tensor index first, then the tensors one at a
+time, so the output is never held in memory. With `verify` it is then loaded back by transformers' GGUF
+loader and compared with the stitched model (logits on the fixed verify batch, `verify_export`, within
+the tolerance of its tensor type, `QUANTS`) and its tokenizer with the base's (encode and decode of
+`ROUND_TRIP_TEXTS`); only then is it renamed into place. A failed or killed export leaves nothing under
+the target's name.
+
+What a GGUF file written here can express, and what is refused in one line (`ExportError`): the Llama
+family's `llama`, `mistral` (written as llama.cpp's `llama`, as its converter does: llama.cpp attends over
+the whole context, so a Mistral sliding window is dropped, with a warning), `qwen2` and `qwen3` (only with
+`head_dim` 128, the one transformers' GGUF loader assumes); not Gemma 3 or any other family, not rope
+scaling, not sliding-window layers, not Llama attention or MLP biases, and only a byte-level BPE tokenizer
+whose pre-tokenizer has a llama.cpp name (`PRE_TOKENIZERS`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from dfs_merge.atomic import atomic_path
+from dfs_merge.errors import ExportError, SourceError, one_line
+from dfs_merge.export.tensors import Entry, FoldedLayers, plan_tensors, running_products
+from dfs_merge.export.verify import VERIFY_PROMPTS, VerifyResult, verify_export
+from dfs_merge.genome import Genome, Route, genome_to_dict
+from dfs_merge.merging.blend import merged_pool
+from dfs_merge.merging.recipe import Recipe
+from dfs_merge.models.sources import SourcePool
+from dfs_merge.outputs import check_output
+
+if TYPE_CHECKING:
+    from dfs_merge.export.checkpoint import Progress
+
+__all__ = ["ARCHITECTURES", "QUANTS", "ROUND_TRIP_TEXTS", "GgufVerifyResult", "Quant", "check_quant",
+           "export_gguf", "precheck_gguf", "verify_gguf"]
+
+log = logging.getLogger(__name__)
+
+GENOME_KEY = "dfs_merge.genome"
+
+
+@dataclass(frozen=True)
+class Quant:
+    """One `--quant`: the file type it declares, the type of its matrices, and the verify tolerance."""
+
+    name: str
+    file_type: str  # a gguf.LlamaFileType member name
+    tensor_type: str  # a gguf.GGMLQuantizationType member name, for 2-D tensors
+    tolerance: float  # the largest max|Δlogit|/max|logit| against the stitched model that verifies
+
+
+# Tolerances: max|Δlogit|/max|logit| of the file read back by transformers against the stitched model, measured
+# on a 9-hop route with scales 0.8-1.25 over the tiny random Llamas (hidden 48; hidden 64 for Q8_0 on every
+# matrix) and on SmolLM2-135M deepened to 40 hops (0-19 + 10-29, scales 0.8 and 1.2), then bounded with margin:
+#   F32  2.5e-4 tiny (the HF export's own: the fold through RMSNorm's eps), 1.9e-6 SmolLM2; bit-equal to the HF export
+#   F16  7.6e-4 tiny, 1.5e-3 SmolLM2;  BF16 6.3e-3 tiny, 1.0e-2 SmolLM2;  Q8_0 1.5e-2 tiny, 2.9e-2 SmolLM2
+QUANTS: dict[str, Quant] = {q.name: q for q in (
+    Quant("f32", "ALL_F32", "F32", 1e-3),
+    Quant("f16", "MOSTLY_F16", "F16", 5e-3),
+    Quant("bf16", "MOSTLY_BF16", "BF16", 5e-2),
+    Quant("q8_0", "MOSTLY_Q8_0", "Q8_0", 0.1),
+)}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one `model_type` is written: llama.cpp's architecture, and whether q/k rows are permuted."""
+
+    arch: str  # a gguf.MODEL_ARCH member name
+    permute_qk: bool  # llama.cpp's llama rope pairs interleaved dimensions: HF's q/k rows are reordered
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("LLAMA", True),
+    "mistral": Architecture("LLAMA", True),
+    "qwen2": Architecture("QWEN2", False),
+    "qwen3": Architecture("QWEN3", False),
+}
+
+# llama.cpp's `tokenizer.ggml.pre` for the byte-level pre-tokenizers it implements, keyed on the shape of
+# tokenizer.json's `pre_tokenizer` (`_pre_tokenizer_key`).
+_LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                 "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+_QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
+    ("bytelevel+regex",): "gpt-2",  # the ByteLevel pre-tokenizer's own split is GPT-2's
+    ("digits", "bytelevel+regex"): "smollm",
+    (f"split:{_LLAMA3_REGEX}", "bytelevel"): "llama-bpe",
+    (f"split:{_QWEN2_REGEX}", "bytelevel"): "qwen2",
+}
+
+# encoded and decoded by the written file's tokenizer and by the base's: the ids and the text must agree
+ROUND_TRIP_TEXTS = (
+    *VERIFY_PROMPTS,
+    "Hello, world! It's 2024: 3.14159 and 1,000,000 items.",
+    "  two leading spaces,\ttabs\tand\nnew\n\nlines   ",
+    "naïve café, Grüße, 日本語, emoji 🚀🦙",
+)
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5  # gguf.TokenType
+
+
+def check_quant(quant: str) -> Quant:
+    """The `Quant` named `quant`; any other name is an ExportError listing the supported ones."""
+    q = QUANTS.get(str(quant).lower())
+    if q is None:
+        raise ExportError(f"--quant {quant}: not a GGUF type this export writes; one of {', '.join(QUANTS)}")
+    return q
+
+
+def precheck_gguf(genome: Genome, quant: str) -> None:
+    """The checks that need no weights, before any source is loaded: the quantisation, the base's architecture."""
+    from dfs_merge.models.sources import locate, read_config
+
+    check_quant(quant)
+    try:
+        config, _ = read_config(locate(genome.sources[0]))
+    except SourceError:
+        return  # loading the sources says what is wrong with them
+    _check_config(config, warn=False)
+
+
+def export_gguf(
+    pool: SourcePool,
+    genome: Genome,
+    out: str | Path,
+    *,
+    quant: str = "f16",
+    force: bool = False,
+    verify: bool = True,
+    progress: bool | Progress = False,
+) -> Path:
+    """Write `genome`'s route over `pool` (or a parameter-space recipe's merge of it) as one GGUF file `out`.
+
+    An existing `out` is refused unless `force`, an input never replaced. With `verify` the written file is
+    loaded back with transformers and checked (`verify_gguf`) before it is renamed into place; a mismatch is
+    an ExportError and nothing is left under `out`'s name. Returns `out`.
+    """
+    from dfs_merge.export.checkpoint import Progress, _check_pool
+
+    show = progress if isinstance(progress, Progress) else Progress(bool(progress))
+    q = check_quant(quant)
+    route = genome.check()
+    _check_pool(pool, genome)
+    _check_config(pool.base.model.config)
+    out = check_output(out, kind="file", force=force, inputs=[*genome.sources, *pool.paths], error=ExportError,
+                       what=None, force_hint="force=True (--force)")
+    written = pool
+    if isinstance(genome, Recipe):
+        with show.stage(f"merging ({genome.method}, {genome.layer_groups} layer groups)", "merged"):
+            written = merged_pool(genome, pool)
+    _check_route(written, route)
+    if written.tokenizer is None:
+        raise ExportError("the base has no tokenizer: a GGUF file carries its vocabulary, so it cannot be written")
+    vocab = _vocab(written.tokenizer, int(written.base.model.config.vocab_size))
+    with atomic_path(out) as tmp:
+        _write(written, genome, route, q, vocab, tmp, out.stem, show)
+        if verify:
+            with show.stage(f"verifying {q.name} GGUF through transformers on {len(VERIFY_PROMPTS)} prompts",
+                            "verified"):
+                result = verify_gguf(written, route, tmp, q)
+                log.info("verify: %s", result.text())
+                check_gguf_verified(result, q)
+            show.say(f"verify: {result.text()}")
+        if not force and out.exists():  # made by someone else while this one was written and verified
+            raise ExportError(f"{out}: appeared while exporting; pass force=True (--force) to replace it")
+    return out
+
+
+# --------------------------------------------------------------------------- what a GGUF can express
+
+
+def _check_config(config: Any, warn: bool = True) -> None:
+    """Refuse, in one line, a base whose architecture or settings this GGUF writer cannot express (and, with
+    `warn`, say what it drops)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ExportError(f"--format gguf: architecture {model_type!r} cannot be written as GGUF here; "
+                          f"supported: {', '.join(ARCHITECTURES)}")
+    rope = _rope_parameters(config)
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise ExportError(f"--format gguf: {model_type} with rope scaling {rope.get('rope_type')!r} is not written "
+                          f"(transformers' GGUF loader reads no rope scaling back); only plain rope is")
+    if model_type in ("llama", "mistral") and (getattr(config, "attention_bias", False)
+                                               or getattr(config, "mlp_bias", False)):
+        raise ExportError(f"--format gguf: a {model_type} with attention or MLP biases is not written (transformers' "
+                          f"GGUF loader reads them back without)")
+    if model_type == "qwen3" and _head_dim(config) != 128:
+        raise ExportError(f"--format gguf: a qwen3 with head_dim {_head_dim(config)} is not written (transformers' "
+                          f"GGUF loader assumes 128)")
+    if warn and model_type == "mistral" and getattr(config, "sliding_window", None):
+        log.warning("GGUF: written as llama.cpp's llama architecture, which attends over the whole context: the "
+                    "sliding window of %s tokens is dropped", config.sliding_window)
+
+
+def _check_route(pool: SourcePool, route: Route) -> None:
+    sliding = [k for k, h in enumerate(route) if pool.layer_type(h.source, h.layer) != "full_attention"]
+    if sliding:
+        raise ExportError(f"--format gguf: hops {sliding[:5]} are sliding-window layers, which a GGUF file of this "
+                          f"architecture cannot mark per layer")
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and "rope_type" not in rope and "type" in rope:
+        rope = {**rope, "rope_type": rope["type"]}
+    return rope if isinstance(rope, dict) else {}
+
+
+def _rope_theta(config: Any) -> float:
+    theta = _rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
+def _head_dim(config: Any) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
+
+
+# --------------------------------------------------------------------------- the tokenizer
+
+
+@dataclass(frozen=True)
+class _Vocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    special_ids: dict[str, int]  # bos, eos, unk, pad -> id
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+
+
+def _vocab(tok: Any, vocab_size: int) -> _Vocab:
+    """The metadata of a byte-level BPE tokenizer, llama.cpp's way: one token per embedding row."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"--format gguf: the base's tokenizer ({type(tok).__name__}) is not a fast tokenizer; "
+                          f"only a byte-level BPE tokenizer is written")
+    spec = json.loads(backend.to_str())
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise ExportError(f"--format gguf: the base's tokenizer is not byte-level BPE ({model.get('type')} model, "
+                          f"{decoder.get('type')} decoder); only byte-level BPE is written")
+    key = _pre_tokenizer_key(spec.get("pre_tokenizer"))
+    pre = PRE_TOKENIZERS.get(key)
+    if pre is None:
+        raise ExportError(f"--format gguf: the tokenizer's pre-tokenizer ({' + '.join(key)[:120]}) has no llama.cpp "
+                          f"name here; known: {', '.join(PRE_TOKENIZERS.values())}")
+    vocab = tok.get_vocab()
+    if vocab and max(vocab.values()) >= vocab_size:
+        raise ExportError(f"--format gguf: the tokenizer has ids up to {max(vocab.values())}, past the model's "
+                          f"{vocab_size} embedding rows")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")  # an embedding row no token uses: llama.cpp's placeholder
+            types.append(_TOKEN_UNUSED)
+        elif i in added:
+            # llama.cpp matches added tokens as written, so a token normalised by the tokenizer is stored normalised
+            text = by_id[i] if not added[i].normalized else tok.decode(tok.encode(by_id[i], add_special_tokens=False))
+            tokens.append(text)
+            types.append(_TOKEN_CONTROL if added[i].special else _TOKEN_USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(_TOKEN_NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    special = {name: getattr(tok, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
+    special_ids = {k: int(v) for k, v in special.items() if isinstance(v, int) and 0 <= v < vocab_size}
+    probe = tok("a")["input_ids"]
+    add_bos = bool(probe) and "bos" in special_ids and probe[0] == special_ids["bos"]
+    add_eos = bool(probe) and "eos" in special_ids and probe[-1] == special_ids["eos"]
+    template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
+    return _Vocab(tokens, types, merges, pre, special_ids, add_bos, add_eos, template)
+
+
+def _pre_tokenizer_key(pre: dict[str, Any] | None) -> tuple[str, ...]:
+    """The shape of tokenizer.json's pre-tokenizer, one word per step (`split:<regex>` for a Split)."""
+    if not pre:
+        return ("none",)
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    out = []
+    for s in steps:
+        kind = s.get("type", "?")
+        if kind == "ByteLevel":
+            out.append("bytelevel+regex" if s.get("use_regex", True) and not s.get("add_prefix_space") else
+                       "bytelevel" if not s.get("add_prefix_space") else "bytelevel+prefix")
+        elif kind == "Digits":
+            out.append("digits" if s.get("individual_digits") else "digits-grouped")
+        elif kind == "Split":
+            pattern = s.get("pattern") or {}
+            out.append(f"split:{pattern.get('Regex', pattern.get('String', ''))}")
+        else:
+            out.append(kind.lower())
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write(pool: SourcePool, genome: Genome, route: Route, q: Quant, vocab: _Vocab, path: Path, name: str,
+           show: Progress) -> None:
+    """The GGUF file at `path`: metadata and tensor index, then the tensors streamed one at a time."""
+    import gguf
+
+    config = pool.base.model.config
+    spec = ARCHITECTURES[config.model_type]
+    arch = getattr(gguf.MODEL_ARCH, spec.arch, None)
+    if arch is None:
+        raise ExportError(f"--format gguf: the installed gguf library has no {spec.arch.lower()} architecture; "
+                          f"upgrade it (pip install -U gguf)")
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
+    _write_metadata(writer, pool, genome, route, q, vocab, name)
+    plan = _tensor_plan(pool, route, arch, q)
+    for gname, _, ttype, shape, nbytes in plan:
+        np_dtype = {"F32": np.float32, "F16": np.float16}.get(ttype.name, np.uint8)
+        writer.add_tensor_info(gname, shape, np_dtype, nbytes, raw_dtype=ttype)
+    total = sum(p[4] for p in plan)
+    kinds = sorted({p[2].name for p in plan})
+    layers = FoldedLayers(pool, route, running_products(route))
+    base_state = pool.base.model.state_dict()
+    try:
+        writer.open_output_file(path)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with show.stage(f"writing {len(route)} hops as GGUF {q.name}: {len(plan)} tensors ({', '.join(kinds)}), "
+                        f"{total / 2**20:.0f} MB", "wrote the GGUF file"), show.bar(len(plan), "tensor") as bar:
+            for gname, e, ttype, _, nbytes in plan:
+                t = (layers.get(e.hop) if e.hop is not None else base_state)[e.key]
+                data = _encode(t, gname, ttype, config, spec)
+                if data.nbytes != nbytes:
+                    raise ExportError(f"{gname}: {data.nbytes} bytes encoded, {nbytes} planned")
+                writer.write_tensor_data(data)
+                bar.update(1)
+        writer.flush()
+    except OSError as err:
+        raise ExportError(f"cannot write {path.name}: {one_line(err)}") from None
+    finally:
+        writer.close()
+
+
+def _write_metadata(writer: Any, pool: SourcePool, genome: Genome, route: Route, q: Quant, vocab: _Vocab,
+                    name: str) -> None:
+    import gguf
+
+    config = pool.base.model.config
+    writer.add_type(gguf.GGUFType.MODEL)
+    # transformers' loader reads a `llama` file named exactly "mistral" as an architecture gguf has no tensor names for
+    writer.add_name(name if name != "mistral" else f"{name} (dfs-merge)")
+    writer.add_description(f"dfs-merge export: {route.text()} ({len(route)} hops) over {', '.join(genome.sources)}")
+    licenses = {s.license for s in pool.sources if getattr(s, "license", None)}
+    if len(licenses) == 1:
+        writer.add_license(next(iter(licenses)))
+    writer.add_block_count(len(route))
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(config.num_attention_heads))
+    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    head_dim = _head_dim(config)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type == "qwen3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_file_type(gguf.LlamaFileType[q.file_type])
+    if q.tensor_type not in ("F32", "F16"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    for kind, token_id in vocab.special_ids.items():
+        getattr(writer, f"add_{kind}_token_id")(token_id)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
+    writer.add_string(GENOME_KEY, json.dumps(genome_to_dict(genome), separators=(",", ":")))
+
+
+def _tensor_plan(pool: SourcePool, route: Route, arch: Any,
+                 q: Quant) -> list[tuple[str, Entry, Any, tuple[int, ...], int]]:
+    """(GGUF name, entry, tensor type, GGUF shape, bytes) of every tensor, in the HF export's order."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(arch, len(route))
+    wanted = gguf.GGMLQuantizationType[q.tensor_type]
+    plan, fallback = [], []
+    for e in plan_tensors(pool, route):
+        gname = names.get_name(e.name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ExportError(f"--format gguf: tensor {e.name} has no {gguf.MODEL_ARCH_NAMES[arch]} GGUF name")
+        ttype = wanted if len(e.shape) > 1 else gguf.GGMLQuantizationType.F32
+        if e.shape[-1] % gguf.GGML_QUANT_SIZES[ttype][0]:  # rows must be whole blocks: F16 instead, as llama.cpp does
+            fallback.append(gname)
+            ttype = gguf.GGMLQuantizationType.F16
+        block, size = gguf.GGML_QUANT_SIZES[ttype]
+        nbytes = int(np.prod(e.shape)) // block * size
+        shape = e.shape if ttype.name in ("F32", "F16") else gguf.quant_shape_to_byte_shape(e.shape, ttype)
+        plan.append((gname, e, ttype, tuple(shape), nbytes))
+    if fallback:
+        log.info("GGUF: %d of %d matrices have rows that are not whole %s blocks of %d values, written as F16 "
+                 "(e.g. %s)", len(fallback), sum(len(p[1].shape) > 1 for p in plan), wanted.name,
+                 gguf.GGML_QUANT_SIZES[wanted][0], fallback[0])
+    return plan
+
+
+def _encode(t: torch.Tensor, gname: str, ttype: Any, config: Any, spec: Architecture) -> np.ndarray:
+    """One tensor as the bytes GGUF stores: float32, q/k rows permuted for llama.cpp's rope, then quantised."""
+    import gguf
+
+    data = t.detach().to("cpu", torch.float32).numpy()
+    if spec.permute_qk and gname.endswith((".attn_q.weight", ".attn_k.weight")):
+        heads = config.num_attention_heads if ".attn_q." in gname else config.num_key_value_heads
+        data = _permute_rope(data, int(heads))
+    return gguf.quants.quantize(np.ascontiguousarray(data), ttype)
+
+
+def _permute_rope(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rope pairs dimension i with i + d/2 within each head; llama.cpp's `llama` pairs 2i with 2i + 1.
+    Reorder each head's rows from (half, pair) to (pair, half): the inverse of transformers' GGUF loader."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True)
+class GgufVerifyResult:
+    """The GGUF file read back by transformers: its logits against the stitched model, its tokenizer's round trip."""
+
+    logits: VerifyResult
+    tokenizer_problem: str | None  # the first text whose ids or decoding differ; None when all agree
+
+    def text(self) -> str:
+        tok = "tokenizer round trip equal" if self.tokenizer_problem is None else self.tokenizer_problem
+        return f"{self.logits.text()}; {tok}"
+
+
+def verify_gguf(pool: SourcePool, route: Route, path: str | Path, quant: str | Quant = "f16") -> GgufVerifyResult:
+    """Load the GGUF file with transformers (model and tokenizer) and compare it with the stitched model and
+    the base's tokenizer."""
+    q = quant if isinstance(quant, Quant) else check_quant(quant)
+    path = Path(path)
+    result = verify_export(pool, route, path.parent, q.tolerance, gguf_file=path.name)
+    return GgufVerifyResult(result, _round_trip(pool.tokenizer, path))
+
+
+def _round_trip(tok: Any, path: Path) -> str | None:
+    from transformers import AutoTokenizer
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as err:  # noqa: BLE001
+        return f"the GGUF tokenizer does not load ({one_line(err)})"
+    texts = [*ROUND_TRIP_TEXTS, *(f"{t} x {t}" for t in (tok.bos_token, tok.eos_token) if t)]
+    for text in texts:
+        a, b = tok(text)["input_ids"], loaded(text)["input_ids"]
+        if a != b:
+            return f"tokenizer differs on {text[:40]!r}: ids {a[:12]} vs {b[:12]}"
+        da, db = tok.decode(a), loaded.decode(b)
+        if da != db:
+            return f"tokenizer decodes {text[:40]!r} differently: {da[:40]!r} vs {db[:40]!r}"
+    return None
+
+
+def check_gguf_verified(result: GgufVerifyResult, q: Quant) -> None:
+    """Refuse a GGUF file whose logits miss its type's tolerance or whose tokenizer differs from the base's.
+    Differing greedy generations are only logged: in 16-bit and 8-bit types they are near-ties."""
+    r = result.logits
+    if r.problem is not None:
+        raise ExportError(f"verify failed: {r.problem} (a NaN or inf scale or weight?); nothing was written")
+    if not r.rel_error <= q.tolerance:
+        raise ExportError(f"verify failed: the GGUF file's logits differ from the stitched model's, {r.text()} "
+                          f"(tolerance {q.tolerance:g} for {q.name}); nothing was written")
+    if result.tokenizer_problem is not None:
+        raise ExportError(f"verify failed: {result.tokenizer_problem}; nothing was written")
+    if r.generations_equal is False:
+        log.warning("verify: greedy generations differ in %s (near-ties); logits agree: %s", q.name, r.text())
