@@ -5,8 +5,8 @@
 recipe values changed since the last candidate, writing the result in place into that tensor's buffer
 (allocated once, on the first write, and reused for every later candidate): a candidate costs no disk
 write, no model rebuild, and no work for the layer groups a mutation left alone. Tensors that are the
-same object in every source (the untouched tensors of LoRA adapters over one base) are never merged for a
-method with a base: their deltas are zero, so the merge is the base's tensor itself.
+same in every source (the untouched tensors of LoRA adapters over one base, or of full fine-tunes that froze
+them) are never merged for a method with a base: their deltas are zero, so the merge is the base's tensor.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Blender:
             m = layer_re.match(n)
             seen_layers = seen_layers or m is not None
             inputs = [st[n] for st in states]
-            shared = all(t.data_ptr() == inputs[0].data_ptr() for t in inputs)
+            shared = all(t.data_ptr() == inputs[0].data_ptr() or torch.equal(t, inputs[0]) for t in inputs)
             self.tensors.append(_Tensor(n, params[n], inputs, int(m.group(1)) if m else None, not seen_layers, shared))
         self.layers = len(pool.base.layers)
         self._last: dict[str, tuple[Any, ...]] = {}

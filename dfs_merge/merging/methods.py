@@ -20,6 +20,7 @@ weighted sum and its divisor are written here, checked against `mergekit-yaml` i
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -55,15 +56,24 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` fraction of largest magnitudes (at least one value), zero the rest (mergekit's rule)."""
+    """Keep the `density` fraction of largest magnitudes (at least one value), zero the rest (mergekit's rule).
+
+    The k-th largest magnitude is found with a selection (`kthvalue`, linear time) rather than mergekit's full
+    sort; where several values tie at that magnitude (so that a threshold would keep more than k), the sort
+    decides, as in mergekit."""
     import torch
 
     if density >= 1:
         return delta
-    k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]] = 1
-    return delta * mask.reshape_as(delta)
+    n = delta.numel()
+    k = max(1, int(density * n))
+    magnitude = delta.abs().reshape(-1).float()
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    keep = magnitude >= threshold
+    if int(keep.sum()) != k:  # ties at the threshold
+        keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        keep[torch.argsort(magnitude, descending=True)[:k]] = True
+    return delta * keep.reshape_as(delta).to(delta.dtype)
 
 
 def random_prune(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
@@ -125,6 +135,13 @@ def merge_tensor(
         raise ValueError(f"{method.name} needs a base tensor")
     if not tensors:
         return base.clone()
+    if method.sparsify is None and not method.consensus:  # task arithmetic: no stacked deltas needed
+        divisor = math.fsum(weights) if normalize else 1.0
+        scale = lam / (divisor if abs(divisor) >= 1e-8 else 1.0)
+        out = base.clone()
+        for t, w in zip(tensors, weights, strict=True):
+            out.add_(t - base, alpha=w * scale)
+        return out
     deltas = torch.stack([t - base for t in tensors])
     if method.sparsify is not None:
         assert densities is not None

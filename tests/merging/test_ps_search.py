@@ -298,3 +298,17 @@ def test_scores_of_the_resident_model_are_never_stale(three, tiny_suite_dir, tmp
     fresh = CandidateScorer(pool, fit).genome(second)
     assert a.score != b.score and b.score == fresh.score
     assert {k: t.value for k, t in b.tasks.items()} == {k: t.value for k, t in fresh.tasks.items()}
+
+
+def test_magnitude_pruning_keeps_exactly_k_values_even_with_ties():
+    from dfs_merge.merging.methods import magnitude_prune
+
+    x = torch.randn(50, 40, generator=torch.Generator().manual_seed(3))
+    kept = magnitude_prune(x, 0.25)
+    k = int(0.25 * x.numel())
+    top = torch.zeros(x.numel())
+    top[torch.argsort(x.abs().reshape(-1), descending=True)[:k]] = 1  # mergekit's rule
+    assert torch.equal(kept, x * top.reshape_as(x))
+    ties = magnitude_prune(torch.tensor([3.0, -1.0, 1.0, 1.0, 0.5]), 0.4)  # k = 2, three values tie at |1|
+    assert int((ties != 0).sum()) == 2 and ties[0] == 3.0
+    assert magnitude_prune(torch.tensor([0.0, 0.0, 2.0]), 0.01).tolist() == [0.0, 0.0, 2.0]  # at least one kept
