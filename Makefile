@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench models clean zoo zoo-table study-smollm2 family study-family
+.PHONY: install test test-fast lint demo bench gpu-check models clean zoo zoo-table study-smollm2 family study-family
 
 install: $(STAMP)
 
@@ -66,6 +66,12 @@ zoo-table: install
 bench: install
 	$(PIP) install -q -e ".[bench]"
 	$(PY) bench/run_all.py
+
+# One GPU, at most 8 minutes: Mistral-7B-shaped bf16 sources, parity, cache, export, A/B/C, 1 vs 2 Ray workers
+# sharing the card; writes bench/results/gpu.json (`bench/gpu_check.py --tiny`: the same scaled down on the CPU).
+gpu-check: install
+	$(PIP) install -q -e ".[bench]"
+	$(PY) bench/gpu_check.py
 
 lint: install
 	$(VENV)/bin/ruff check dfs_merge tests bench

@@ -150,9 +150,15 @@ class RunOptions(BaseModel):
     select_tasks: list[str] = []
     select_limit: PositiveInt | dict[str, PositiveInt] | None = None
     select_top: int = Field(3, ge=1)
-    workers: int = Field(1, ge=1)
+    # Evaluation workers. None: 1 on cpu; with device cuda, one per visible GPU (process pool), or as many as the
+    # Ray cluster's GPUs hold at gpus_per_worker each (ray:).
+    workers: int | None = Field(None, ge=1)
     ray: str | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    gpus_per_worker: float = Field(1.0, gt=0, allow_inf_nan=False)  # Ray with device cuda: num_gpus per actor
+    # A genome whose worker, actor or node died is evaluated again on another worker, at most this many more
+    # times; then it is lost for this generation ("infrastructure: ..."), never scored nor logged as evaluated.
+    infrastructure_retries: int = Field(2, ge=0)
     threads: int | None = Field(None, ge=1)
     # An experiment tracker (dfs_merge.search.tracking.TRACKERS: wandb | mlflow): each evaluation, each generation's
     # summary, the best genome. One that cannot start stops the run, unless tracking_optional (then: a warning).

@@ -12,6 +12,9 @@ WORST_SCORE: float = -1e9
 WORST_HOPS: float = 1e9
 """The hops objective of a failed candidate, so that it is dominated on every objective."""
 OBJECTIVES = ("score", "hops")
+INFRASTRUCTURE = "infrastructure:"
+"""How the error of an evaluation lost to a fault of its worker (a dead process, actor or node) begins: such an
+evaluation is no score of the candidate; the ledger neither logs it nor remembers it (see `search/ledger.py`)."""
 
 
 @dataclass
@@ -47,10 +50,20 @@ class Evaluation:
         """The evaluation of a candidate that could not be scored: `WORST_SCORE` and its one-line reason."""
         return cls(WORST_SCORE, hops, dict(tasks or {}), seconds, error=error)
 
+    @classmethod
+    def lost(cls, why: str, hops: int = 0) -> Evaluation:
+        """A candidate whose worker died under it too often: worst objectives for this generation, no score."""
+        return cls.failed(f"{INFRASTRUCTURE} {why}", hops)
+
     @property
     def ok(self) -> bool:
         """True unless the candidate failed."""
         return self.error is None
+
+    @property
+    def infrastructure(self) -> bool:
+        """The evaluation was lost to an infrastructure fault (not the candidate's own failure)."""
+        return self.error is not None and self.error.startswith(INFRASTRUCTURE)
 
     def objectives(self, names: Sequence[str]) -> tuple[float, ...]:
         """Objective values in the order of `names` (from "score", maximised, and "hops", minimised).

@@ -9,6 +9,9 @@ backend (in-process, process pool, Ray) can run it.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -113,3 +116,40 @@ class TargetRecipe:
         value = -sum((x - self.target) ** 2 for x in recipe.scales)
         task = TaskResult("synthetic", "neg_distance", value, True, 1, 0.0)
         return Evaluation(score=value, hops=recipe.layers, tasks={"synthetic": task}, seconds=0.0)
+
+
+class Logged(TargetRoute):
+    """TargetRoute that appends "key node pid CUDA_VISIBLE_DEVICES" to the file `log` as each call starts (one file
+    shared by every worker of this machine; node: Ray's node id, or "local"). `kill_after`: the first call that
+    finds more than that many lines in the log SIGKILLs its own worker process, once per run (the marker file
+    `log`.killed holds the victim's key), so that the genome's retry succeeds."""
+
+    def __init__(self, log: Path, sleep: float = 0.0, kill_after: int | None = None, fail_hops: tuple[int, ...] = ()):
+        super().__init__(sleep=sleep, fail_hops=fail_hops)
+        self.log = str(log)
+        self.kill_after = kill_after
+        self.parent = os.getpid()  # never kill the test process itself
+
+    def __call__(self, genome: Genome) -> Evaluation:
+        node = "local"
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            node = sys.modules["ray"].get_runtime_context().get_node_id()
+        key = genome.key()
+        with open(self.log, "a") as f:
+            f.write(f"{key} {node} {os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}\n")
+        if self.kill_after is not None and os.getpid() != self.parent:
+            if len(Path(self.log).read_text().splitlines()) > self.kill_after:
+                try:
+                    fd = os.open(self.log + ".killed", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.write(fd, key.encode())
+                    os.close(fd)
+                    os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(genome)
+
+
+def calls(log: Path) -> list[list[str]]:
+    """A `Logged` call log: [key, node, pid, CUDA_VISIBLE_DEVICES] per call."""
+    return [line.split() for line in Path(log).read_text().splitlines()] if Path(log).exists() else []

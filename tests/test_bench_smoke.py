@@ -79,3 +79,13 @@ def test_ps_bench_times_the_merge_step_and_mergekit(tmp_path, tiny_source_dirs):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["in_memory_all_values_s"] > 0 and row["mergekit_write_and_load_s"] > 0
     assert row["one_group_tensors_recomputed"] < row["tensors"]
+
+
+def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path):
+    import gpu_check
+
+    out = tmp_path / "gpu.json"
+    result = gpu_check.main(["--tiny", "--out", str(out)])
+    assert json.loads(out.read_text())["ok"] and result["identity_max_abs_diff"] == 0.0
+    assert result["export"]["verified"] and result["abc"]["a_equals_b"]
+    assert [r["workers"] for r in result["ray"]] == [1, 2] and all(r["candidates"] > 0 for r in result["ray"])

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue as queue_module
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -25,7 +27,7 @@ from typing import Any
 
 from dfs_merge.candidate import CandidateScorer
 from dfs_merge.config import RunConfig
-from dfs_merge.errors import ConfigError, DfsMergeError
+from dfs_merge.errors import ConfigError, DfsMergeError, one_line
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict
 
@@ -119,14 +121,44 @@ def evaluate_safely(fn: GenomeEvaluator, genome: Genome) -> Evaluation:
                                  time.perf_counter() - start)
 
 
-def failed(genome: Genome, why: str) -> Evaluation:
-    """A failed Evaluation for a genome whose worker died."""
-    return Evaluation.failed(why, len(genome.decode()))
+def lost(genome: Genome, why: str) -> Evaluation:
+    """The evaluation of a genome whose worker kept dying under it: an infrastructure fault, not a score
+    (`Evaluation.lost`; the ledger neither logs nor remembers it)."""
+    return Evaluation.lost(why, ev_hops(genome))
 
 
-def worker_threads(cfg: RunConfig) -> int:
+CUDA_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def visible_gpus(count: int | None = None) -> list[str]:
+    """The GPUs this process may hand to its workers, as CUDA_VISIBLE_DEVICES names them: that variable's entries
+    when it is set, else 0..count-1. `count`: how many torch sees (None: ask torch; 0 without CUDA)."""
+    if count is None:
+        try:
+            import torch
+
+            count = torch.cuda.device_count()
+        except Exception:  # noqa: BLE001 - no usable CUDA: no GPU to hand out
+            count = 0
+    env = os.environ.get(CUDA_ENV)
+    if env is not None:
+        return [p.strip() for p in env.split(",") if p.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def pool_gpus(cfg: RunConfig, gpu_count: int | None = None) -> list[str]:
+    """The GPUs the local workers are spread over: none on cpu; with cuda (or auto), every visible one."""
+    return [] if cfg.device == "cpu" else visible_gpus(gpu_count)
+
+
+def worker_count(cfg: RunConfig, gpus: Sequence[str] = ()) -> int:
+    """Local workers: `workers` if set, else one per GPU in `gpus`, else 1."""
+    return cfg.workers or max(1, len(gpus))
+
+
+def worker_threads(cfg: RunConfig, workers: int | None = None) -> int:
     """Torch threads per worker: `threads` if set, else the cores shared out among the workers."""
-    return cfg.threads or max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
+    return cfg.threads or max(1, (os.cpu_count() or 1) // max(1, workers or cfg.workers or 1))
 
 
 THREADS_ENV = "DFS_MERGE_THREADS"
@@ -175,18 +207,35 @@ class InProcessEvaluator(Evaluator):
 
 
 # ---- a local process pool ---------------------------------------------------------------
+# Fault handling, common to the pool and Ray: a genome whose worker died (a killed or crashed process, a dead
+# actor or node) is evaluated again on another worker; each death while it was in flight counts one try, and
+# after `retries` + 1 of them it is lost for this generation: `lost()`, "infrastructure: ...", which the ledger
+# neither logs to evals.jsonl nor remembers, so a resumed run (or a later generation that asks for it) evaluates
+# it again. Only the candidate's own failure (an exception, NaN) is a failed evaluation, a score. A genome that
+# reliably kills its worker (a segfault, the OOM killer) cannot be told from a worker killed under it, so it
+# ends as lost too. A worker that cannot set up (load the sources) stops the run with one line naming it.
 _WORKER_FN: GenomeEvaluator | None = None
 _WORKER_SETUP_ERROR: str | None = None
+_WORKER_NAME = "worker"
 SETUP_ERROR = "__setup_error__"
 
 
-def _init_pool_worker(fn: GenomeEvaluator, threads: int | None) -> None:
-    """Process-pool initializer: set the thread count and build the evaluator's state once."""
-    global _WORKER_FN, _WORKER_SETUP_ERROR
+def _init_pool_worker(payload: bytes, threads: int | None, slots: Any) -> None:
+    """Process-pool initializer: take this worker's slot (its number and GPU) from `slots`, set CUDA_VISIBLE_DEVICES
+    and the thread count, then unpickle the genome evaluator and build its state once."""
+    global _WORKER_FN, _WORKER_SETUP_ERROR, _WORKER_NAME
+    try:
+        index, gpu = slots.get(timeout=60)
+    except queue_module.Empty:  # more processes than slots: never, as the pool starts at most `workers`
+        index, gpu = "?", None
+    if gpu is not None:
+        os.environ[CUDA_ENV] = gpu  # before the evaluator (and torch's CUDA) is set up in this process
+    _WORKER_NAME = f"worker {index} (pid {os.getpid()}{f', GPU {gpu}' if gpu is not None else ''})"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # workers' bars would garble the run's own
     _set_threads(threads)
-    _WORKER_FN = fn
     try:
+        fn = pickle.loads(payload)  # the driver's own object, sent to its own worker
+        _WORKER_FN = fn
         setup_evaluator(fn)
     except Exception as err:  # noqa: BLE001 - reported to the driver with the first result
         _WORKER_SETUP_ERROR = str(err) if isinstance(err, DfsMergeError) else f"{type(err).__name__}: {err}"
@@ -195,7 +244,7 @@ def _init_pool_worker(fn: GenomeEvaluator, threads: int | None) -> None:
 def _evaluate_dict(genome_dict: dict[str, Any]) -> dict[str, Any]:
     """Worker side: a genome dict in, an Evaluation dict out."""
     if _WORKER_SETUP_ERROR is not None or _WORKER_FN is None:
-        return {SETUP_ERROR: _WORKER_SETUP_ERROR or "worker not initialised"}
+        return {SETUP_ERROR: _WORKER_SETUP_ERROR or "worker not initialised", "worker": _WORKER_NAME}
     return _evaluate_in_worker(_WORKER_FN, genome_dict)
 
 
@@ -210,59 +259,105 @@ def _evaluate_in_worker(fn: GenomeEvaluator, genome_dict: dict[str, Any]) -> dic
 def _from_worker(result: dict[str, Any]) -> Evaluation:
     """An Evaluation from a worker's dict; a worker that could not set up stops the run with its reason."""
     if SETUP_ERROR in result:
-        raise DfsMergeError(f"evaluation worker could not start: {result[SETUP_ERROR]}")
+        who = result.get("worker") or "worker"
+        raise DfsMergeError(f"evaluation {who} could not start: {' '.join(str(result[SETUP_ERROR]).split())}")
     return Evaluation.from_dict(result)
 
 
 class ProcessPoolEvaluator(Evaluator):
-    """`workers` spawned processes, each loading the sources once (in the pool's initializer)."""
+    """`workers` spawned processes, each loading the sources once (in the pool's initializer); with `gpus`,
+    worker i sees only GPU `gpus[i % len(gpus)]` (CUDA_VISIBLE_DEVICES). At most `workers` genomes are in
+    flight, so that a dead worker breaks (and sends back to the queue) only those."""
 
-    def __init__(self, fn: GenomeEvaluator, workers: int, threads: int | None = None):
+    def __init__(self, fn: GenomeEvaluator, workers: int, threads: int | None = None,
+                 gpus: Sequence[str] = (), retries: int = 2):
         self.fn = fn
         self.workers = workers
         self.threads = threads
+        self.gpus = list(gpus)
+        self.retries = retries
+        self.restarts = 0  # pool restarts after a worker died
+        self.retried = 0  # evaluations sent again after their worker died
         self._executor: ProcessPoolExecutor | None = None
+
+    def slots(self) -> list[tuple[int, str | None]]:
+        """(worker number, its GPU or None) for each worker of a pool."""
+        return [(i, self.gpus[i % len(self.gpus)] if self.gpus else None) for i in range(self.workers)]
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
+            ctx = get_context("spawn")
+            slots = ctx.Queue()
+            for slot in self.slots():
+                slots.put(slot)
             self._executor = ProcessPoolExecutor(
                 max_workers=self.workers,
-                mp_context=get_context("spawn"),
+                mp_context=ctx,
                 initializer=_init_pool_worker,
-                initargs=(self.fn, self.threads),
+                initargs=(pickle.dumps(self.fn), self.threads, slots),
             )
         return self._executor
 
     def submit(self, genomes: Sequence[Genome]) -> Iterator[tuple[str, Evaluation]]:
-        pending: dict[Future, Genome] = {self._pool().submit(_evaluate_dict, genome_to_dict(g)): g for g in genomes}
-        crashed: list[Genome] = []
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        queue = deque(genomes)
+        tries: dict[str, int] = {}
+        pending: dict[Future, Genome] = {}
+        while queue or pending:
+            broken = False
+            while queue and len(pending) < self.workers:
+                try:
+                    fut = self._pool().submit(_evaluate_dict, genome_to_dict(queue[0]))
+                except BrokenProcessPool:
+                    broken = True
+                    break
+                pending[fut] = queue.popleft()
+            done = set() if broken else wait(pending, return_when=FIRST_COMPLETED)[0]
+            suspects: list[Genome] = []
             for fut in done:
                 g = pending.pop(fut)
                 try:
                     ev = _from_worker(fut.result())
                 except BrokenProcessPool:
-                    crashed.append(g)
+                    suspects.append(g)
                     continue
                 yield g.key(), ev
-        if crashed:
-            yield from self._retry_alone(crashed)
+            if not (broken or suspects):
+                continue
+            # A worker died: the pool is broken, and what is still in flight fails with it (or finished first).
+            for fut in wait(pending)[0]:
+                g = pending.pop(fut)
+                try:
+                    ev = _from_worker(fut.result())
+                except BrokenProcessPool:
+                    suspects.append(g)
+                    continue
+                yield g.key(), ev
+            self._restart()
+            yield from self._retry_alone(suspects, tries)
 
-    def _retry_alone(self, genomes: list[Genome]) -> Iterator[tuple[str, Evaluation]]:
-        """After a worker died, evaluate each affected genome on its own so that only the culprit fails;
-        the pool is restarted only when it breaks again."""
-        self._restart()
+    def _retry_alone(self, genomes: list[Genome], tries: dict[str, int]) -> Iterator[tuple[str, Evaluation]]:
+        """After a worker died, evaluate each genome that was in flight on its own (in a fresh pool), so that a
+        genome that kills its worker is found and charged; each death counts one try; more than `retries`: lost."""
         for g in genomes:
-            try:
-                ev = _from_worker(self._pool().submit(_evaluate_dict, genome_to_dict(g)).result())
-            except BrokenProcessPool:
-                ev = failed(g, "worker process died while evaluating this genome")
-                self._restart()
-            yield g.key(), ev
+            k = g.key()
+            while True:
+                tries[k] = tries.get(k, 0) + 1
+                if tries[k] > self.retries:
+                    yield k, lost(g, f"worker process died while evaluating this genome ({tries[k]} times, "
+                                     f"the last one alone)")
+                    break
+                self.retried += 1
+                try:
+                    ev = _from_worker(self._pool().submit(_evaluate_dict, genome_to_dict(g)).result())
+                except BrokenProcessPool:
+                    self._restart()
+                    continue
+                yield k, ev
+                break
 
     def _restart(self) -> None:
         if self._executor is not None:
+            self.restarts += 1
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
@@ -273,6 +368,10 @@ class ProcessPoolEvaluator(Evaluator):
 
 
 # ---- Ray --------------------------------------------------------------------------------
+PLACEMENT_TIMEOUT_S = 600.0
+"""How long a Ray run waits with no worker at all before it stops: no actor could be placed (or replaced)."""
+
+
 class RayWorker:
     """A Ray actor's body: unpickles the genome evaluator (after extending sys.path) and sets it up once."""
 
@@ -286,8 +385,17 @@ class RayWorker:
         self.fn: GenomeEvaluator = pickle.loads(payload)  # the driver's own object, sent to its own worker
         try:
             setup_evaluator(self.fn)
-        except Exception as err:  # noqa: BLE001 - reported to the driver with the first result
+        except Exception as err:  # noqa: BLE001 - reported to the driver by ready()
             self.setup_error = str(err) if isinstance(err, DfsMergeError) else f"{type(err).__name__}: {err}"
+
+    def ready(self) -> dict[str, Any]:
+        """Where this actor runs and what Ray gave it (node, pid, resources, CUDA_VISIBLE_DEVICES), and its
+        setup error if any."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"node": ctx.get_node_id(), "pid": os.getpid(), "resources": ctx.get_assigned_resources(),
+                "cuda_visible_devices": os.environ.get(CUDA_ENV), SETUP_ERROR: self.setup_error}
 
     def evaluate(self, genome_dict: dict[str, Any]) -> dict[str, Any]:
         if self.setup_error is not None:
@@ -304,63 +412,175 @@ def import_ray() -> Any:
     return ray
 
 
-class RayEvaluator(Evaluator):
-    """`workers` Ray actors (one CPU each), each loading the sources once; `address`: auto | local | ADDRESS."""
+def ray_actor_options(threads: int | None, num_gpus: float = 0.0) -> dict[str, Any]:
+    """What each evaluation actor asks Ray for: with GPUs (`device: cuda`), `num_gpus` (`gpus_per_worker`, a
+    fraction shares a card) and one CPU; else as many CPUs as its torch threads. Ray does not restart it: a
+    dead actor is replaced by a new one, and its genome is evaluated again elsewhere."""
+    resources: dict[str, Any] = ({"num_cpus": 1, "num_gpus": float(num_gpus)} if num_gpus
+                                 else {"num_cpus": max(1, threads or 1)})
+    return {**resources, "max_restarts": 0, "max_task_retries": 0}
 
-    def __init__(self, fn: GenomeEvaluator, workers: int, address: str = "local", threads: int | None = None):
+
+class RayEvaluator(Evaluator):
+    """`workers` Ray actors, each loading the sources once; `address`: auto | local | ADDRESS.
+
+    Each actor asks for `ray_actor_options(threads, num_gpus)`; `workers` None: as many as the cluster's GPUs
+    hold at `num_gpus` each, or 1 without GPUs. An actor is given work only once it is up (`ready`); one that
+    died is replaced, and its genome goes back to the front of the queue (at most `retries` more times).
+    `placements` maps each actor's name to where it runs and what Ray assigned it."""
+
+    def __init__(self, fn: GenomeEvaluator, workers: int | None, address: str = "local", threads: int | None = None,
+                 num_gpus: float = 0.0, retries: int = 2, placement_timeout: float = PLACEMENT_TIMEOUT_S):
         ray = import_ray()
         self._ray = ray
         self._started = False
+        self.options = ray_actor_options(threads, num_gpus)
         if not ray.is_initialized():
             try:
                 if address == "local":
-                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+                    cpus = max(os.cpu_count() or 1, (workers or 1) * self.options["num_cpus"])
+                    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
                 else:
                     ray.init(address=address, log_to_driver=False)
             except Exception as err:  # noqa: BLE001 - a cluster that cannot be reached is the user's setting
                 raise ConfigError(f"ray: cannot start or reach Ray at {address!r} ({type(err).__name__}: {err})") from None
             self._started = True
-        actor = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=0)(RayWorker)
-        payload = pickle.dumps(fn)
-        self._actors = [actor.remote(payload, list(sys.path), threads) for _ in range(workers)]
+        if workers is None:
+            gpus = ray.cluster_resources().get("GPU", 0.0)
+            workers = max(1, int(gpus / num_gpus + 1e-9)) if num_gpus else 1
+        self.workers = workers
+        self.retries = retries
+        self.placement_timeout = placement_timeout
+        self.retried = 0  # evaluations sent again after their actor died
+        self.replaced = 0  # actors replaced after they died
+        self.placements: dict[str, dict[str, Any]] = {}
+        self._cls = ray.remote(**self.options)(RayWorker)
+        self._payload = pickle.dumps(fn)
+        self._sys_path = list(sys.path)
+        self._threads = threads
+        self._made = 0
+        self._start_failures = 0
+        self._actors: dict[str, Any] = {}  # every live (or starting) actor by name
+        self._idle: list[str] = []
+        self._starting: dict[Any, str] = {}  # ready() reference -> actor name
+        for _ in range(workers):
+            self._start()
+
+    def _start(self) -> None:
+        name = f"ray worker {self._made}"
+        self._made += 1
+        actor = self._cls.remote(self._payload, self._sys_path, self._threads)
+        self._actors[name] = actor
+        self._starting[actor.ready.remote()] = name
+
+    def _drop(self, name: str) -> None:
+        actor = self._actors.pop(name, None)
+        if actor is not None:
+            try:
+                self._ray.kill(actor)
+            except Exception:  # noqa: BLE001, S110 - already gone
+                pass
+
+    def _replace(self, name: str) -> None:
+        self._drop(name)
+        self.replaced += 1
+        self._start()
+
+    def _on_ready(self, ref: Any) -> None:
+        ray = self._ray
+        name = self._starting.pop(ref)
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
+                raise DfsMergeError(f"evaluation {name} could not start: {one_line(err)}") from None
+            self._drop(name)  # died before it was up (its node was lost): start another
+            self._start_failures += 1
+            if self._start_failures > (self.retries + 1) * self.workers:
+                raise DfsMergeError(f"ray: evaluation workers keep dying before they are up "
+                                    f"({self._start_failures} times; last: {one_line(err)})") from None
+            self._start()
+            return
+        where = f"{name} (node {info['node'][:12]}, pid {info['pid']})"
+        if info.get(SETUP_ERROR):
+            raise DfsMergeError(f"evaluation {where} could not start: {' '.join(str(info[SETUP_ERROR]).split())}")
+        self.placements[name] = info
+        self._idle.append(name)
+
+    def wait_ready(self, timeout: float | None = None) -> int:
+        """Wait (at most `timeout` s) until every actor being started is up; returns how many are up."""
+        if self._starting:
+            done, _ = self._ray.wait(list(self._starting), num_returns=len(self._starting), timeout=timeout)
+            for ref in done:
+                self._on_ready(ref)
+        return len(self._idle)
 
     def submit(self, genomes: Sequence[Genome]) -> Iterator[tuple[str, Evaluation]]:
         ray = self._ray
-        queue = list(genomes)[::-1]
-        idle = list(self._actors)
-        running: dict[Any, tuple[Genome, Any]] = {}
+        queue = deque(genomes)
+        tries: dict[str, int] = {}
+        running: dict[Any, tuple[Genome, str]] = {}
         while queue or running:
-            while queue and idle:
-                g, actor = queue.pop(), idle.pop()
-                running[actor.evaluate.remote(genome_to_dict(g))] = (g, actor)
-            done, _ = ray.wait(list(running), num_returns=1)
+            while queue and self._idle:
+                g, name = queue.popleft(), self._idle.pop()
+                running[self._actors[name].evaluate.remote(genome_to_dict(g))] = (g, name)
+            timeout = None if running else self.placement_timeout
+            done, _ = ray.wait([*running, *self._starting], num_returns=1, timeout=timeout)
+            if not done:
+                raise DfsMergeError(f"ray: no evaluation worker could be placed in {self.placement_timeout:.0f} s "
+                                    f"(each asks for {self.options}; available: {ray.available_resources()})")
             for ref in done:
-                g, actor = running.pop(ref)
-                idle.append(actor)
+                if ref in self._starting:
+                    self._on_ready(ref)
+                    continue
+                g, name = running.pop(ref)
                 try:
                     ev = _from_worker(ray.get(ref))
-                except ray.exceptions.RayError as err:
-                    ev = failed(g, f"ray worker failed: {type(err).__name__}")
+                except ray.exceptions.RayTaskError as err:  # the call itself raised in a live actor: not a fault
+                    ev = Evaluation.failed(f"ray worker failed: {type(err).__name__}", ev_hops(g))
+                except ray.exceptions.RayError as err:  # the actor, its worker process or its node died
+                    self._replace(name)
+                    k = g.key()
+                    tries[k] = tries.get(k, 0) + 1
+                    if tries[k] > self.retries:
+                        yield k, lost(g, f"{name} died while evaluating this genome ({tries[k]} times; last: "
+                                         f"{type(err).__name__})")
+                    else:
+                        self.retried += 1
+                        queue.appendleft(g)
+                    continue
+                self._idle.append(name)
                 yield g.key(), ev
 
     def close(self) -> None:
-        for a in self._actors:
-            try:
-                self._ray.kill(a)
-            except Exception:  # noqa: BLE001, S110 - already gone
-                pass
-        self._actors = []
+        for name in list(self._actors):
+            self._drop(name)
+        self._idle, self._starting = [], {}
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
             self._started = False
 
 
-def make_evaluator(cfg: RunConfig, fn: GenomeEvaluator) -> Evaluator:
-    """The backend the config asks for: Ray if `ray:` is set, a process pool if `workers > 1`, else in-process."""
+def ev_hops(genome: Genome) -> int:
+    """The hop count of a genome's route (0 when it does not decode)."""
+    try:
+        return len(genome.decode())
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def make_evaluator(cfg: RunConfig, fn: GenomeEvaluator, gpu_count: int | None = None) -> Evaluator:
+    """The backend the config asks for: Ray if `ray:` is set, a process pool if there is more than one local
+    worker (`workers`, or with device cuda one per visible GPU), else in-process. `gpu_count` replaces torch's
+    count of the visible GPUs (tests)."""
+    retries = cfg.infrastructure_retries
     if cfg.ray:
-        return RayEvaluator(fn, cfg.workers, cfg.ray, worker_threads(cfg))
-    if cfg.workers > 1:
-        return ProcessPoolEvaluator(fn, cfg.workers, worker_threads(cfg))
+        num_gpus = cfg.gpus_per_worker if cfg.device == "cuda" else 0.0
+        return RayEvaluator(fn, cfg.workers, cfg.ray, worker_threads(cfg), num_gpus=num_gpus, retries=retries)
+    gpus = pool_gpus(cfg, gpu_count)
+    workers = worker_count(cfg, gpus)
+    if workers > 1:
+        return ProcessPoolEvaluator(fn, workers, worker_threads(cfg, workers), gpus=gpus, retries=retries)
     return InProcessEvaluator(fn, cfg.threads)
 
 

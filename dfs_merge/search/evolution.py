@@ -122,10 +122,12 @@ class Evolution:
         self.write_results(plot=time.monotonic() - self._plotted > PLOT_EVERY_S)  # a long run's picture stays fresh
         self.tracking.generation(self.history[-1])
         mean_text = f"{mean:.4f}" if mean is not None else "n/a"
+        lost = self.ledger.lost_now
+        lost_text = f"  lost {len(lost)} to infrastructure faults (not scored)" if lost else ""
         self.log(
             f"gen {gen}/{self.cfg.generations}  best {best_ev.score:.4f} ({best_ev.hops} hops)  mean {mean_text}  "
             f"evals {counters['evaluations']}  cache hits {counters['cache_hits']}  errors {counters['errors']}  "
-            f"{seconds:.1f}s"
+            f"{seconds:.1f}s{lost_text}"
         )
 
     # ---- results -------------------------------------------------------------------------
@@ -186,6 +188,7 @@ class Evolution:
             "hall_of_fame": [{"key": m.key, "genome": genome_to_dict(m.genome)} for m in self.hof],
             "rng": self.rng.to_json(),
             "counters": dict(self.ledger.counters),
+            "lost": {k: ev.to_dict() for k, ev in self.ledger.lost.items()},  # not in evals.jsonl: see Ledger
             "history": self.history,
             "report": {k: ev.to_dict() for k, ev in self.report.items()},
             "report_tasks": list(self.cfg.report_tasks),
@@ -199,6 +202,8 @@ class Evolution:
         self.recovered = self.ledger.recover(records, done_gen)
         if state is None:
             return
+        self.ledger.lost = {k: Evaluation.from_dict(v) for k, v in (state.get("lost") or {}).items()
+                            if k not in self.ledger.memo}
         if state.get("algorithm") != self.cfg.algorithm:
             raise ConfigError(f"resume: the checkpoint is of algorithm {state.get('algorithm')}, not {self.cfg.algorithm}")
         missing = [e["key"] for e in state["population"] + state["hall_of_fame"] if e["key"] not in self.ledger]

@@ -3,6 +3,12 @@
 A key already in the ledger is never evaluated again. On resume the ledger is rebuilt from the log;
 evaluations logged after the last checkpoint are "unclaimed" until the generation being redone asks
 for them again, so they are counted once, in that generation.
+
+An evaluation lost to an infrastructure fault (`Evaluation.infrastructure`: its worker, actor or node kept dying,
+see `backends.py`) is no score: it is not written to evals.jsonl, not counted, and not known, so the algorithm
+may ask for the genome again and a resumed run evaluates it again. For the generation that lost it, the genome
+has the worst objectives (as a failed one); it is held in `lost` (and in the checkpoint, for the members of the
+population that refer to it) until an evaluation of it succeeds.
 """
 
 from __future__ import annotations
@@ -31,13 +37,15 @@ class Ledger:
         self.progress = progress
         self.memo: dict[str, Evaluation] = {}
         self.unclaimed: set[str] = set()  # in evals.jsonl from a generation the checkpoint does not cover
+        self.lost: dict[str, Evaluation] = {}  # lost to infrastructure faults: worst objectives, not known
+        self.lost_now: list[str] = []  # the keys the last `evaluate` lost
         self.counters = {"evaluations": 0, "cache_hits": 0, "errors": 0}
 
     def __getitem__(self, key: str) -> Evaluation:
-        return self.memo[key]
+        return self.memo[key] if key in self.memo else self.lost[key]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.memo
+        return key in self.memo or key in self.lost
 
     def known(self, key: str) -> bool:
         """Evaluated earlier in this run (entries recovered for the generation being redone do not count)."""
@@ -45,7 +53,7 @@ class Ledger:
 
     def objectives_of(self, key: str) -> tuple[float, ...]:
         """The objective values of a logged evaluation."""
-        return self.memo[key].objectives(self.objectives)
+        return self[key].objectives(self.objectives)
 
     def recover(self, records: list[dict[str, Any]], done_generation: int) -> int:
         """Take the logged evaluations; those of generations after `done_generation` stay unclaimed.
@@ -62,6 +70,7 @@ class Ledger:
     def evaluate(self, individuals: Sequence[Any], gen: int, total: int) -> None:
         """Give each individual (with `genome` and `key`) its fitness; only keys never seen are evaluated."""
         todo: dict[str, Genome] = {}
+        self.lost_now = []
         for ind in individuals:
             k = ind.key
             if k in self.unclaimed:  # evaluated before the run was killed: counts as this generation's
@@ -75,6 +84,12 @@ class Ledger:
                    disable=not self.progress or not todo, dynamic_ncols=True)
         try:
             for k, ev in self.evaluator.submit(list(todo.values())):
+                if ev.infrastructure:  # not a score: neither logged nor known (see the module's docstring)
+                    self.lost[k] = ev
+                    self.lost_now.append(k)
+                    bar.update()
+                    continue
+                self.lost.pop(k, None)
                 self.memo[k] = ev
                 self._count(ev)
                 record = self._record(gen, k, todo[k], ev)

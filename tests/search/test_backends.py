@@ -79,10 +79,11 @@ def test_process_pool_backend_and_a_dying_worker(sources):
     assert set(results) == {g.key() for g in gs[:4]}
     dead = [k for k, e in results.items() if e.error]
     assert dead == [gs[3].key()] and "worker process died" in results[dead[0]].error
+    assert results[dead[0]].infrastructure  # a dead worker is no score of the genome (see test_faults.py)
 
 
 def test_worker_setup_failure_is_one_line(sources):
-    with pytest.raises(DfsMergeError, match="src0: cannot load") as err:
+    with pytest.raises(DfsMergeError, match=r"worker \d \(pid \d+\) could not start: src0: cannot load") as err:
         with ProcessPoolEvaluator(BrokenSetup(), workers=2, threads=1) as ev:
             list(ev.submit(genomes(sources)[:1]))
     assert "\n" not in str(err.value)
