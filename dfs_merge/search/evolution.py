@@ -226,17 +226,26 @@ class Evolution:
     def score_split(self, fn: GenomeEvaluator, genomes: Sequence[Genome], known: dict[str, Evaluation], what: str,
                     tasks: Sequence[str], fallback: str = "") -> bool:
         """Score the genomes not yet in `known` with `fn` (validation or report tasks) into `known`; a failure is
-        a warning line, not the end of the run. False when the tasks could not be scored."""
+        a warning line, not the end of the run. False when the tasks could not be scored. An evaluation lost to an
+        infrastructure fault is not kept (a resumed run scores that genome again)."""
         todo = list({g.key(): g for g in genomes if g.key() not in known}.values())
         if not todo:
             return True
         self.log(f"scoring {len(todo)} genome(s) on the {what} tasks {', '.join(tasks)}")
+        lost = 0
         try:
             with make_evaluator(self.cfg, fn) as ev:
                 for key, e in ev.submit(todo):
+                    if e.infrastructure:
+                        lost += 1
+                        continue
                     known[key] = e
         except DfsMergeError as err:
             self.log(f"warning: the {what} tasks could not be scored{', ' + fallback if fallback else ''}: {err}")
+            return False
+        if lost:
+            self.log(f"warning: {lost} genome(s) lost to infrastructure faults on the {what} tasks (scored again on "
+                     f"resume){', ' + fallback if fallback else ''}")
             return False
         return True
 

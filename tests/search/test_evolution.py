@@ -428,3 +428,21 @@ def test_a_run_made_before_a_config_key_existed_resumes(sources, tmp_path):
     with pytest.raises(ConfigError, match="resume: guards differs"):
         run_evolution(make_config(sources, out, generations=2, guards={"synthetic": 0.0}), resume=True,
                       evaluate=TargetRoute(), **QUIET)
+
+
+class _LostOnEveryWorker:
+    """A report evaluator whose every evaluation is lost to an infrastructure fault."""
+
+    def __call__(self, genome: Genome) -> Evaluation:
+        return Evaluation.lost("worker died", len(genome.decode()))
+
+
+def test_a_report_lost_to_infrastructure_is_not_kept_and_is_scored_again_on_resume(sources, tmp_path):
+    out, lines = tmp_path / "run", []
+    cfg = make_config(sources, out, generations=1, report_tasks=["synthetic_test"])
+    r = run_evolution(cfg, evaluate=TargetRoute(), report_evaluate=_LostOnEveryWorker(), progress=False,
+                      log=lines.append)
+    assert r.test_eval is None and any("lost to infrastructure faults on the report tasks" in x for x in lines)
+    assert json.loads((out / "checkpoint.json").read_text())["report"] == {}
+    r = run_evolution(cfg, resume=True, evaluate=TargetRoute(), report_evaluate=TargetRoute(), **QUIET)
+    assert r.test_eval is not None and r.test_eval.ok
