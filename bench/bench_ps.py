@@ -5,7 +5,8 @@ as a plain folder so that mergekit reads two full models; not timed). For each m
 process on one machine:
 
 - **in memory** (`Blender.apply`): a fresh random recipe each candidate (every value changed, as a CMA-ES
-  sample) and a GA-style candidate (one layer group's values changed);
+  sample) and a GA-style candidate (one layer group's values changed: the first, layers 0-4, which J's
+  adapter touches, so that there is work to do);
 - **mergekit** (`write_recipe_config` + `mergekit-yaml` in a subprocess + `from_pretrained`): the same
   recipe written to disk and loaded back, what a candidate costs a tool that merges on disk;
 - **scoring**: one fitness evaluation of the merged model (family J problems, 50 documents), the cost
@@ -44,8 +45,9 @@ def random_recipe(template, rng: random.Random):
 
 
 def one_group_moved(recipe, rng: random.Random):
+    """The recipe with layer group 0's values moved (layers the J adapter touches, so there is work to do)."""
     values = list(recipe.scales)
-    g = rng.randrange(recipe.layer_groups)
+    g = 0
     for i in range(len(recipe.merged) * (2 if recipe.densities else 1)):
         values[i * recipe.layer_groups + g] = min(1.0, values[i * recipe.layer_groups + g] + 0.05)
     return recipe.with_bits((), values)
