@@ -33,21 +33,9 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     The file gets the permissions a plain `open()` would give it: those of the file it replaces, else
     0o666 less the umask (not mkstemp's private 0o600). The temporaries that killed writers of `path` left
     (their process is gone) are removed first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, _plain_mode(path))
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
 
 
 @contextmanager

@@ -185,7 +185,7 @@ class RunConfig(RunOptions, SearchConfig):
         from dfs_merge.search.algorithms import ALGORITHMS
 
         if v not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {v!r}; expected one of {', '.join(ALGORITHMS)}")
+            raise ValueError(ALGORITHMS.unknown(v))
         return v
 
     @field_validator("tracking")
@@ -194,7 +194,7 @@ class RunConfig(RunOptions, SearchConfig):
         from dfs_merge.search.tracking import TRACKERS
 
         if v is not None and v not in TRACKERS:
-            raise ValueError(f"unknown tracker {v!r}; expected one of {', '.join(TRACKERS)}")
+            raise ValueError(TRACKERS.unknown(v))
         return v
 
     @model_validator(mode="after")

@@ -347,7 +347,9 @@ def seed_genomes(template: Genome, routes: Sequence[str] = ()) -> list[Genome]:
 
 
 # ---- the file format ----------------------------------------------------------------
-class _SourceEntry(BaseModel):
+class SourceEntry(BaseModel):
+    """One source as a genome or recipe file lists it: its path, layer count and (where known) fingerprint."""
+
     model_config = ConfigDict(extra="forbid")
     path: str
     layers: int = Field(ge=1)
@@ -357,7 +359,7 @@ class _SourceEntry(BaseModel):
 class _GenomeFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["dfs-merge/genome@1"]
-    sources: list[_SourceEntry] = Field(min_length=1)
+    sources: list[SourceEntry] = Field(min_length=1)
     repeats: int = Field(1, ge=1)
     scaling: Scaling = "slot"
     constraints: ConstraintsConfig = ConstraintsConfig()

@@ -23,6 +23,18 @@ import pytest
 from builders import build_tokenizer, save_source, tiny_llama_config, train_briefly, write_tiny_suite
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny matrices run several times faster so on a busy 2-core machine
+    (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The tiny tokenizer (see `build_tokenizer`)."""

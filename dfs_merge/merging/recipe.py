@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dfs_merge.config import ConstraintsConfig, describe_validation_error
 from dfs_merge.errors import GenomeError
-from dfs_merge.genome import RECIPE_FORMAT, Hop, Route, SlotLayout
+from dfs_merge.genome import RECIPE_FORMAT, Hop, Route, SlotLayout, SourceEntry
 from dfs_merge.merging.methods import METHODS, Method
 
 FORMAT = RECIPE_FORMAT
@@ -211,17 +211,10 @@ def initial_recipe(sources: Sequence[str], layers: int, method: str, base: int |
 
 
 # ---- the file format ----------------------------------------------------------------------------
-class _SourceEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str
-    layers: int = Field(ge=1)
-    fingerprint: str | None = None
-
-
 class _RecipeFile(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     format: Literal["dfs-merge/recipe@1"]
-    sources: list[_SourceEntry] = Field(min_length=1)
+    sources: list[SourceEntry] = Field(min_length=1)
     method: str
     base: int | None = None
     layer_groups: int = Field(1, ge=1)

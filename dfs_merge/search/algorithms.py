@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 from deap import algorithms, cma, tools
 
-from dfs_merge.errors import ConfigError
 from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict
+from dfs_merge.registry import Registry
 from dfs_merge.search.operators import (
     Individual,
     Vector,
@@ -41,20 +41,9 @@ from dfs_merge.search.operators import (
     variation_toolbox,
 )
 
-ALGORITHMS: dict[str, type[Algorithm]] = {}
-
-
-def register(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: make an algorithm available under its `name` (config `algorithm:`)."""
-    ALGORITHMS[cls.name] = cls
-    return cls
-
-
-def algorithm_class(name: str) -> type[Algorithm]:
-    """The algorithm registered under `name`; ConfigError naming the known ones otherwise."""
-    if name not in ALGORITHMS:
-        raise ConfigError(f"algorithm: unknown algorithm {name!r}; expected one of {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name]
+ALGORITHMS: Registry[Algorithm] = Registry("algorithm", "algorithm")
+register = ALGORITHMS.register  # class decorator: an algorithm under its `name` (config `algorithm:`)
+algorithm_class = ALGORITHMS.lookup  # the algorithm of a name; ConfigError naming the known ones otherwise
 
 
 def _num(x: float) -> float | str:

@@ -264,6 +264,20 @@ def _from_worker(result: dict[str, Any]) -> Evaluation:
     return Evaluation.from_dict(result)
 
 
+def _results(done: set[Future], pending: dict[Future, Genome],
+             suspects: list[Genome]) -> Iterator[tuple[str, Evaluation]]:
+    """The results of the `done` futures (each taken out of `pending`); a genome whose worker died goes to
+    `suspects` instead."""
+    for fut in done:
+        g = pending.pop(fut)
+        try:
+            ev = _from_worker(fut.result())
+        except BrokenProcessPool:
+            suspects.append(g)
+            continue
+        yield g.key(), ev
+
+
 class ProcessPoolEvaluator(Evaluator):
     """`workers` spawned processes, each loading the sources once (in the pool's initializer); with `gpus`,
     worker i sees only GPU `gpus[i % len(gpus)]` (CUDA_VISIBLE_DEVICES). At most `workers` genomes are in
@@ -313,25 +327,11 @@ class ProcessPoolEvaluator(Evaluator):
                 pending[fut] = queue.popleft()
             done = set() if broken else wait(pending, return_when=FIRST_COMPLETED)[0]
             suspects: list[Genome] = []
-            for fut in done:
-                g = pending.pop(fut)
-                try:
-                    ev = _from_worker(fut.result())
-                except BrokenProcessPool:
-                    suspects.append(g)
-                    continue
-                yield g.key(), ev
+            yield from _results(done, pending, suspects)
             if not (broken or suspects):
                 continue
             # A worker died: the pool is broken, and what is still in flight fails with it (or finished first).
-            for fut in wait(pending)[0]:
-                g = pending.pop(fut)
-                try:
-                    ev = _from_worker(fut.result())
-                except BrokenProcessPool:
-                    suspects.append(g)
-                    continue
-                yield g.key(), ev
+            yield from _results(wait(pending)[0], pending, suspects)
             self._restart()
             yield from self._retry_alone(suspects, tries)
 

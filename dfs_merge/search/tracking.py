@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from dfs_merge.atomic import write_atomic
-from dfs_merge.errors import ConfigError, TrackingError, one_line
+from dfs_merge.errors import TrackingError, one_line
+from dfs_merge.registry import Registry
 
 if TYPE_CHECKING:
     from dfs_merge.config import RunConfig
@@ -39,22 +40,11 @@ if TYPE_CHECKING:
 
 Status = Literal["finished", "failed", "killed"]
 
-TRACKERS: dict[str, type[Tracker]] = {}
+TRACKERS: Registry[Tracker] = Registry("tracking", "tracker")
+register = TRACKERS.register  # class decorator: a tracker under its `name` (config `tracking:`)
+tracker_class = TRACKERS.lookup  # the tracker of a name; ConfigError naming the known ones otherwise
 DEFAULT_PROJECT = "dfs-merge"
 INSTALL_HINT = "pip install 'dfs-merge[tracking]'"
-
-
-def register(cls: type[Tracker]) -> type[Tracker]:
-    """Class decorator: make a tracker available under its `name` (config `tracking:`)."""
-    TRACKERS[cls.name] = cls
-    return cls
-
-
-def tracker_class(name: str) -> type[Tracker]:
-    """The tracker registered under `name`; ConfigError naming the known ones otherwise."""
-    if name not in TRACKERS:
-        raise ConfigError(f"tracking: unknown tracker {name!r}; expected one of {', '.join(TRACKERS)}")
-    return TRACKERS[name]
 
 
 # ---- what is logged ------------------------------------------------------------------------

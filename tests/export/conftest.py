@@ -1,13 +1,9 @@
 """Fixtures of the export tests."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_threaded(one_thread):
+    """Every export test module runs torch on one thread (`one_thread`)."""
     yield
-    torch.set_num_threads(before)

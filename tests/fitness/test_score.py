@@ -28,13 +28,7 @@ TASKS = {"tiny_mc": 1.0, "tiny_ppl": 0.5, "tiny_gen": 2.0}
 MAX_LEN = 512  # the tiny models' max_position_embeddings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
 three = parity.three  # the parity module's three random tiny sources (seeds 10, 11, 12)
-one_thread = parity.one_thread  # autouse: tiny models run fastest on one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
