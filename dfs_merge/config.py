@@ -236,8 +236,7 @@ class RunConfig(RunOptions, SearchConfig):
         if split == "dev":
             return dict(self.guards)
         names = self.select_tasks if split == "val" else self.report_tasks
-        suffix = f"_{split}"
-        dev_of = {t: t[: -len(suffix)] + "_dev" for t in names if t.endswith(suffix)}
+        dev_of = _dev_names(names, split)
         return {t: self.guards[dev_of[t]] for t in names if dev_of.get(t) in self.guards}
 
     def split_tasks(self, split: Literal["dev", "val", "test"]) -> tuple[dict[str, float], dict[str, str], Any]:
@@ -257,8 +256,7 @@ class RunConfig(RunOptions, SearchConfig):
                              else (self.report_tasks, self.report_limit, "report_tasks"))
         if not names:
             raise FitnessError(f"the config lists no {key} to score on the {split} split")
-        suffix = f"_{split}"
-        dev_of = {t: t[: -len(suffix)] + "_dev" for t in names if t.endswith(suffix)}
+        dev_of = _dev_names(names, split)
         tasks = {t: float(self.tasks.get(dev_of.get(t, ""), 1.0)) for t in names}
         metrics = {}
         for t in tasks:
@@ -266,6 +264,12 @@ class RunConfig(RunOptions, SearchConfig):
             if m:
                 metrics[t] = m
         return tasks, metrics, limit
+
+
+def _dev_names(names: list[str], split: str) -> dict[str, str]:
+    """The dev task of each of a split's tasks named `x_<split>`: `x_dev`."""
+    suffix = f"_{split}"
+    return {t: t[: -len(suffix)] + "_dev" for t in names if t.endswith(suffix)}
 
 
 RESUMABLE_KEYS = frozenset(RunOptions.model_fields)

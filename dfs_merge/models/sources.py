@@ -170,16 +170,18 @@ class SourcePool:
         check_compatible(
             [configs[f.resolve()] for f in folders], [tokenizers[f.resolve()] for f in folders]
         )
+        from dfs_merge.merging.recipe import is_recipe_file
+
+        recipes = {p for p in paths if is_recipe_file(p)}  # merged from their own sources, in `_recipe_source`
         models: dict[Path, PreTrainedModel] = {}
-        for f in distinct:
+        for f in dict.fromkeys(f.resolve() for p, f in zip(paths, folders, strict=True) if p not in recipes):
             log.info("loading %s", f)
             models[f] = _load_model(f, DTYPES[dtype], dev, trust_remote_code)
         merged: dict[Path, PreTrainedModel] = {}  # BASE+ADAPTER: the base's tensors shared, adapted ones new
         sources = []
         for p, f in zip(paths, folders, strict=True):
-            recipe = _recipe_source(p, device, dtype, trust_remote_code)
-            if recipe is not None:
-                sources.append(recipe)
+            if p in recipes:
+                sources.append(_recipe_source(p, device, dtype, trust_remote_code))
                 continue
             base, adapter = split_source(p)
             model = models[f.resolve()]
@@ -224,14 +226,12 @@ class SourcePool:
         return self.base.model.dtype
 
 
-def _recipe_source(path: str, device: str, dtype: str, trust_remote_code: bool) -> Source | None:
+def _recipe_source(path: str, device: str, dtype: str, trust_remote_code: bool) -> Source:
     """A parameter-space recipe file as a source (the paper's hybrid): its sources loaded and merged in
-    memory; None for any other path."""
+    memory."""
     from dfs_merge.merging.blend import merged_source
-    from dfs_merge.merging.recipe import is_recipe_file, load_recipe_source
+    from dfs_merge.merging.recipe import load_recipe_source
 
-    if not is_recipe_file(path):
-        return None
     recipe = load_recipe_source(path)
     log.info("merging the recipe %s (%s over %d sources)", path, recipe.method, len(recipe.sources))
     inner = SourcePool.load(list(recipe.sources), device, dtype, trust_remote_code)
