@@ -28,22 +28,28 @@ class CandidateScorer:
 
         return stitch(self.pool, route, activation_cache=self.activation_cache)
 
-    def __call__(self, route: Route) -> Evaluation:
-        """Score `route`; a candidate that fails gets a failed Evaluation, never an exception."""
-        return self.fitness.score(self.model(route), self.pool.tokenizer, hops=len(route))
+    def __call__(self, route: Route, docs: tuple[float, float] | None = None) -> Evaluation:
+        """Score `route` (on a race window `docs`, see `Fitness.score`); a candidate that fails gets a failed
+        Evaluation, never an exception."""
+        return self.fitness.score(self.model(route), self.pool.tokenizer, hops=len(route), docs=docs)
 
-    def genome(self, genome: Any) -> Evaluation:
-        """Score a DFS genome (its checked route) or a parameter-space recipe (merged in the resident model)."""
+    def genome(self, genome: Any, docs: tuple[float, float] | None = None) -> Evaluation:
+        """Score a DFS genome (its checked route, tokenized by its `tokenizer_source`'s tokenizer) or a
+        parameter-space recipe (merged in the resident model)."""
         from dfs_merge.merging.recipe import Recipe
 
         if not isinstance(genome, Recipe):
-            return self(genome.check())
+            if not genome.tokenizer_source:
+                return self(genome.check(), docs)
+            route = genome.check()
+            tokenizer = self.pool.tokenizer_for(genome.tokenizer_source)
+            return self.fitness.score(self.model(route), tokenizer, hops=len(route), docs=docs)
         if self.blender is None:
             from dfs_merge.merging.blend import Blender
 
             self.blender = Blender(self.pool)
         model = self.blender.apply(genome)
-        return self.fitness.score(model, self.pool.tokenizer, hops=genome.layers)
+        return self.fitness.score(model, self.pool.tokenizer, hops=genome.layers, docs=docs)
 
     def with_fitness(self, fitness: Any) -> CandidateScorer:
         """The same sources, activation cache and resident model, scored on other tasks (another split)."""

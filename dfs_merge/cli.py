@@ -25,6 +25,14 @@ def layer_counts_arg(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def download_flag(parser: argparse.ArgumentParser, main: bool = False) -> None:
+    """`--allow-download`, on the main parser and on each command that loads sources (where it is left unset
+    unless given, so as not to undo the main parser's)."""
+    parser.add_argument("--allow-download", action="store_true", default=False if main else argparse.SUPPRESS,
+                        help="download sources named as Hub models (org/name) that are not in the local Hugging Face "
+                             "cache (default: only the cache is read)")
+
+
 def cmd_show(args: argparse.Namespace) -> None:
     from dfs_merge.genome import load_genome
     from dfs_merge.outputs import check_output
@@ -50,6 +58,9 @@ def cmd_show(args: argparse.Namespace) -> None:
     for i, s in enumerate(g.sources):
         print(f"  source {i}: {s} ({g.layout.layers[i]} layers)")
     print(f"slots: {g.layout.T} ({g.layout.M} layers x {g.layout.repeats} repeats), scaling: {g.scaling}")
+    for name, value in g.settings().items():
+        short = not isinstance(value, str) or (len(value) <= 60 and value.isprintable())
+        print(f"{name}: {value if short else repr(value[:57]) + '...'}")
     print(f"route: {route.text()}")
     print(f"hops: {len(route)}")
     print(f"{'hop':>4}  {'source':>6}  {'layer':>5}  {'scale':>7}")
@@ -114,7 +125,6 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from dfs_merge.errors import ExportError
-    from dfs_merge.export.checkpoint import export_checkpoint
     from dfs_merge.genome import load_genome
     from dfs_merge.outputs import check_output
 
@@ -124,6 +134,18 @@ def cmd_export(args: argparse.Namespace) -> None:
                  inputs=[args.genome, *g.sources], error=ExportError)
     if args.quant is not None and args.format != "gguf":
         raise ExportError(f"--quant {args.quant}: only --format gguf has tensor types; drop it or add --format gguf")
+    for flag, given in (("--max-shard-size", args.max_shard_size), ("--no-copy-tokenizer", args.no_copy_tokenizer)):
+        if given and args.format != "hf":
+            raise ExportError(f"{flag}: only --format hf writes shards and tokenizer files; drop it")
+    if args.no_verify and args.verify not in (None, "off"):
+        raise ExportError(f"--no-verify and --verify {args.verify} contradict each other; give one of them")
+    verify = "off" if args.no_verify else args.verify or "quick"
+    if args.format == "hf":
+        from dfs_merge.export.checkpoint import export_genome, export_settings
+        from dfs_merge.export.tensors import parse_size
+
+        shard_size = parse_size(args.max_shard_size or "2GB")
+        export_settings(g, args.dtype)
     if args.format == "gguf":
         from dfs_merge.export.gguf import precheck_gguf
 
@@ -131,23 +153,25 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "mergekit":
         from dfs_merge.export.mergekit import write_mergekit_config
 
-        print(f"wrote {write_mergekit_config(g, args.out, force=args.force)}")
+        print(f"wrote {write_mergekit_config(g, args.out, force=args.force, dtype=args.dtype)}")
         return
     from dfs_merge.export.checkpoint import Progress
-    from dfs_merge.models.sources import SourcePool
 
     progress = Progress(on=True)
-    n = len(g.sources)
-    with progress.stage(f"loading {n} source{'s' if n != 1 else ''} on {args.device} ({args.dtype})",
-                        f"loaded {n} source{'s' if n != 1 else ''}"):
-        pool = SourcePool.load(list(g.sources), device=args.device, dtype=args.dtype)
-    if args.format == "gguf":
-        from dfs_merge.export.gguf import export_gguf
+    if args.format == "hf":
+        out = export_genome(g, args.out, device=args.device, dtype=args.dtype, force=args.force, verify=verify,
+                            max_shard_size=shard_size, copy_tokenizer=not args.no_copy_tokenizer, progress=progress)
+        print(f"wrote {out}")
+        return
+    from dfs_merge.export.gguf import export_gguf
+    from dfs_merge.models.sources import SourcePool
 
-        out = export_gguf(pool, g, args.out, quant=args.quant or "f16", force=args.force, verify=not args.no_verify,
-                          progress=progress)
-    else:
-        out = export_checkpoint(pool, g, args.out, force=args.force, verify=not args.no_verify, progress=progress)
+    n, dtype = len(g.sources), args.dtype or "float32"
+    with progress.stage(f"loading {n} source{'s' if n != 1 else ''} on {args.device} ({dtype})",
+                        f"loaded {n} source{'s' if n != 1 else ''}"):
+        pool = SourcePool.load(list(g.sources), device=args.device, dtype=dtype)
+    out = export_gguf(pool, g, args.out, quant=args.quant or "f16", force=args.force, verify=verify != "off",
+                      progress=progress)
     print(f"wrote {out}")
 
 
@@ -185,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="dfs-merge", description="Evolve layer routes through existing language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    download_flag(p, main=True)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("show", help="print a genome's route or a recipe's weights (and draw it with --png)")
@@ -202,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--genome", help="genome file (default: the base model unchanged)")
     s.add_argument("--split", choices=["dev", "test"], default="dev")
     s.add_argument("--sources-only", action="store_true", help="score each source alone")
+    download_flag(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("baseline", help="score ShortGPT, angular-distance pruning and naive deepening of the base")
@@ -210,16 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL with a 'text' field to measure layer similarity on (default: the bundled prose dev split)")
     s.add_argument("--sizes", type=layer_counts_arg, default=(2, 4, 6, 8), help="numbers of layers to remove, comma-separated")
     s.add_argument("--split", choices=["dev", "test"], default="test")
+    download_flag(s)
     s.set_defaults(func=cmd_baseline)
 
     s = sub.add_parser("evolve", help="run the evolutionary search of a config")
     s.add_argument("config")
     s.add_argument("--resume", action="store_true", help="continue the run in the config's out: folder")
     s.add_argument("--out", help="run directory (overrides the config's out:)")
+    download_flag(s)
     s.set_defaults(func=cmd_evolve)
 
     s = sub.add_parser("demo", help="evolve, export the winner, and compare it with the base (what `make demo` runs)")
     s.add_argument("config", nargs="?", default="genomes/demo.yaml")
+    download_flag(s)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("study", help="a self-merge study: evolution (and its scaling ablation) against the pruning "
@@ -229,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numbers of layers the heuristics remove, comma-separated")
     s.add_argument("--prune-hops", type=int, default=26, help="export the best front member with at most this many hops")
     s.add_argument("--no-ablation", action="store_true", help="skip the scaling: none rerun")
+    download_flag(s)
     s.set_defaults(func=cmd_study)
 
     s = sub.add_parser("export", help="write a genome or recipe as a Hugging Face checkpoint, a GGUF file or a "
@@ -238,9 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["hf", "gguf", "mergekit"], default="hf")
     s.add_argument("--quant", help="GGUF tensor type: f16 (default), q8_0, bf16 or f32")
     s.add_argument("--force", action="store_true", help="replace an existing output")
-    s.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the checkpoint")
+    s.add_argument("--verify", choices=["quick", "full", "off"],
+                   help="quick (default): every written tensor read back and compared with its source, then logits "
+                        "on 2 prompts; full: also greedy generations; off: no check")
+    s.add_argument("--no-verify", action="store_true", help="the same as --verify off")
+    s.add_argument("--max-shard-size", help="the largest safetensors shard, e.g. 2GB (default), 500MB, 64KiB")
+    s.add_argument("--no-copy-tokenizer", action="store_true", help="write no tokenizer files (nor chat template)")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype the checkpoint is written in (default: the genome's out_dtype, else its dtype, "
+                        "else the sources' own; a GGUF export loads its sources in it, default float32)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import-mergekit", help="turn a mergekit config into a genome (passthrough) or a recipe (linear, task_arithmetic, "
@@ -250,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int)
     s.add_argument("--scaling", choices=["slot", "transition", "none"], default="slot")
     s.add_argument("--force", action="store_true", help="replace an existing --out file")
+    download_flag(s)
     s.set_defaults(func=cmd_import_mergekit)
 
     s = sub.add_parser("report", help="write a run folder as one self-contained HTML page (plots, routes, every "
@@ -268,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one subcommand; a user error gives one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.allow_download:
+        from dfs_merge.models.hub import allow_downloads
+
+        allow_downloads()
     try:
         args.func(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe is then a BrokenPipeError this handler sees

@@ -87,6 +87,30 @@ class MergeConfig(BaseModel):
         return self
 
 
+class RacingConfig(BaseModel):
+    """Candidates raced on nested prefixes of the same dev documents (`dfs_merge/search/racing.py`).
+
+    A generation's new candidates are scored on the first `stages[0]` of each task's documents, then the ones
+    that can still matter on up to `stages[1]`, ..., the last stage being all of them. A candidate stops when
+    the paired bound says, at `confidence`, that enough others beat it for it not to matter to the algorithm
+    (see the module); `keep` (below 1) also stops all but the best `keep` fraction of a stage's candidates,
+    with no such guarantee.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    stages: list[float] = Field([0.25, 0.5, 1.0], min_length=1)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    keep: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _nested(self) -> RacingConfig:
+        s = self.stages
+        if any(not (0 < x <= 1) for x in s) or any(b <= a for a, b in zip(s, s[1:], strict=False)) or s[-1] != 1:
+            raise ValueError(f"racing.stages must rise strictly within (0, 1] and end at 1, got {s}")
+        return self
+
+
 class SearchConfig(BaseModel):
     """What a run computes: the sources, the genome space, the fitness, the algorithm and its seed.
     None of these may change when a run is resumed."""
@@ -109,6 +133,8 @@ class SearchConfig(BaseModel):
     # stays within the bound (<= for a lower-is-better metric, >= otherwise) and -weight x the excess beyond it.
     # Validation and report tasks take their dev task's guard (`x_val`, `x_test` <- `x_dev`), as for weights.
     guards: dict[str, float] = {}
+    # Racing (absent: every new candidate is scored on every document, as before).
+    racing: RacingConfig | None = None
     # Documents per task: one number for all, or {task: number}; the same documents for every candidate.
     limit: PositiveInt | dict[str, PositiveInt] | None = None
     report_limit: PositiveInt | dict[str, PositiveInt] | None = None  # for report_tasks; None: all documents
@@ -166,6 +192,8 @@ class RunOptions(BaseModel):
     tracking_project: str | None = None  # W&B project / MLflow experiment (default dfs-merge)
     tracking_uri: str | None = None  # W&B server / MLflow tracking URI (default: W&B's settings / the run folder)
     tracking_optional: StrictBool = False
+    # Sources named as Hub models (org/name) that are not in the local Hugging Face cache may be downloaded.
+    allow_download: StrictBool = False
     out: str = "runs/run"
 
 
@@ -286,6 +314,10 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     except ValidationError as err:
         label = str(path) if str(path).isprintable() else repr(str(path))  # a newline in the name would break the line
         raise ConfigError(f"{label}: {describe_validation_error(err)}") from None
+    if cfg.allow_download:
+        from dfs_merge.models.hub import allow_downloads
+
+        allow_downloads()
     base = Path(path).resolve().parent
     cfg.sources = [_resolve(s, base) for s in cfg.sources]
     cfg.eval_suites = [_resolve(s, base) for s in cfg.eval_suites]

@@ -43,6 +43,11 @@ class Evaluation:
     tasks: dict[str, TaskResult] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
+    # Racing (`search/racing.py`): a stage's per-document results, {task: {"aggregation", "start", "total",
+    # "items"}}, kept only until the ledger has stored them; and, for a candidate the race stopped early,
+    # {"dropped": stage, "docs": {task: documents scored}, "partial": its score on those documents}.
+    per_doc: dict[str, Any] | None = None
+    race: dict[str, Any] | None = None
 
     @classmethod
     def failed(cls, error: str, hops: int = 0, seconds: float = 0.0,
@@ -57,8 +62,13 @@ class Evaluation:
 
     @property
     def ok(self) -> bool:
-        """True unless the candidate failed."""
-        return self.error is None
+        """True when the candidate has a full score: it neither failed nor was stopped early by a race."""
+        return self.error is None and not self.dropped
+
+    @property
+    def dropped(self) -> bool:
+        """A race stopped it on part of the documents: it has no full score (and the worst objectives)."""
+        return bool(self.race and self.race.get("dropped") is not None)
 
     @property
     def infrastructure(self) -> bool:
@@ -89,17 +99,24 @@ class Evaluation:
         }
         if self.error:
             out["error"] = self.error
+        if self.race:
+            out["race"] = self.race
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe mapping (finite floats only)."""
-        return {
+        """A JSON-safe mapping (finite floats only); the racing fields only where set."""
+        out = {
             "score": float(self.score),
             "hops": int(self.hops),
             "seconds": round(float(self.seconds), 4),
             "error": self.error,
             "tasks": {name: asdict(r) for name, r in self.tasks.items()},
         }
+        if self.per_doc is not None:
+            out["per_doc"] = self.per_doc
+        if self.race is not None:
+            out["race"] = self.race
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Evaluation:
@@ -110,4 +127,6 @@ class Evaluation:
             tasks={name: TaskResult(**r) for name, r in (d.get("tasks") or {}).items()},
             seconds=float(d.get("seconds", 0.0)),
             error=d.get("error"),
+            per_doc=d.get("per_doc"),
+            race=d.get("race"),
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from dfs_merge.atomic import write_atomic
 from dfs_merge.config import ConstraintsConfig, describe_validation_error
@@ -36,6 +36,36 @@ MAX_SCALES = 2**20
 """The most scales a genome may hold (a `transition` genome over M layers holds M x M)."""
 Scale = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 """A hop scale as read from a file: finite and positive (0 would divide the folded export, NaN poison it)."""
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""The dtypes a genome's `dtype` / `out_dtype` may name (mergekit's names)."""
+DtypeName = Literal["float32", "bfloat16", "float16"]
+CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral", "auto")
+"""The `chat_template` names mergekit 0.1.5 knows (its bundled templates, and `auto`: the sources' most common
+template); any other value must be Jinja text."""
+SETTINGS = ("embed_source", "head_source", "tokenizer_source", "dtype", "out_dtype", "chat_template")
+"""The genome fields besides the route: where embeddings, head and tokenizer come from, and mergekit's settings."""
+
+
+def check_chat_template(value: str) -> None:
+    """Refuse a `chat_template` mergekit would refuse: not one of its names and not Jinja text (mergekit's test:
+    a name has no newline and no `{`; a template has a `{` and at least 20 characters), or Jinja that does not
+    parse."""
+    if not isinstance(value, str) or not value.strip():
+        raise GenomeError("chat_template: expected a template name or Jinja text, got an empty value")
+    if len(value) < 256 and "\n" not in value and "{" not in value:
+        if value not in CHAT_TEMPLATE_NAMES:
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            raise GenomeError(f"chat_template: {shown!r} is neither a mergekit template name "
+                              f"({', '.join(CHAT_TEMPLATE_NAMES)}) nor Jinja text")
+        return
+    if len(value) < 20 or "{" not in value:
+        raise GenomeError("chat_template: Jinja text needs at least 20 characters and a '{' (mergekit's rule)")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(value)
+    except jinja2.TemplateSyntaxError as err:
+        raise GenomeError(f"chat_template: the Jinja text does not parse (line {err.lineno}: {err.message})") from None
 
 
 def check_scales(scales: Sequence[float], what: str = "scales") -> None:
@@ -56,9 +86,12 @@ class Hop:
 
 @dataclass(frozen=True)
 class Route:
-    """The ordered hops a hidden state takes from the embeddings to the final norm."""
+    """The ordered hops a hidden state takes from the embeddings (of source `embed_source`) to the final norm
+    and LM head (of source `head_source`)."""
 
     hops: tuple[Hop, ...]
+    embed_source: int = 0
+    head_source: int = 0
 
     def __len__(self) -> int:
         return len(self.hops)
@@ -91,8 +124,11 @@ class Route:
         return [tuple(r) for r in runs]  # type: ignore[misc]
 
     def key(self) -> str:
-        """Canonical key: equal for any two genomes that decode to the same hops and scales."""
+        """Canonical key: equal for any two genomes that decode to the same hops and scales (and embeddings and
+        head sources; the base's, 0, leave the key as it was before they could be chosen)."""
         text = ",".join(f"{h.source}:{h.layer}@{h.scale:.6g}" for h in self.hops)
+        if self.embed_source or self.head_source:
+            text += f"|embed {self.embed_source}|head {self.head_source}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     @classmethod
@@ -173,8 +209,25 @@ class Genome:
     scores: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # content fingerprints of the sources this genome was evolved on (models.metadata.fingerprint), where known
     fingerprints: tuple[str | None, ...] = field(default=(), compare=False, hash=False)
+    embed_source: int = 0  # the source whose embed_tokens the model uses
+    head_source: int = 0  # the source whose final norm and LM head it uses
+    tokenizer_source: int = 0  # the source whose tokenizer it uses
+    dtype: str | None = None  # mergekit's `dtype` (what its merge computes in); None: the base's stored dtype
+    out_dtype: str | None = None  # the dtype the checkpoint is written in; None: as `dtype`
+    chat_template: str | None = None  # a mergekit template name (CHAT_TEMPLATE_NAMES) or Jinja text
 
     def __post_init__(self) -> None:
+        n = len(self.sources)
+        for name in ("embed_source", "head_source", "tokenizer_source"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+                raise GenomeError(f"{name}: {value!r} is not a source index (0..{n - 1})")
+        for name in ("dtype", "out_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPE_NAMES:
+                raise GenomeError(f"{name}: {value!r} is not one of {', '.join(DTYPE_NAMES)}")
+        if self.chat_template is not None:
+            check_chat_template(self.chat_template)
         if len(self.sources) != len(self.layout.layers):
             raise GenomeError(f"sources: {len(self.sources)} paths but {len(self.layout.layers)} layer counts")
         if len(self.bits) != self.layout.T:
@@ -211,7 +264,7 @@ class Genome:
                 else:
                     scale = 1.0
             out.append(Hop(s, layer, float(scale)))
-        return Route(tuple(out))
+        return Route(tuple(out), self.embed_source, self.head_source)
 
     def check(self) -> Route:
         """Decode and enforce the hop constraints; raises GenomeError naming the violation."""
@@ -264,8 +317,12 @@ class Genome:
             constraints or ConstraintsConfig(),
         )
 
+    def settings(self) -> dict[str, Any]:
+        """The fields besides the route (`SETTINGS`) that differ from their defaults."""
+        return {name: getattr(self, name) for name in SETTINGS if getattr(self, name) != _DEFAULTS[name]}
+
     def with_bits(self, bits: Sequence[int], scales: Sequence[float] | None = None) -> Genome:
-        """A copy with other bits (and scales), same layout and constraints; scores dropped."""
+        """A copy with other bits (and scales), same layout, constraints and settings; scores dropped."""
         return replace(
             self,
             bits=tuple(int(b) for b in bits),
@@ -283,8 +340,10 @@ class Genome:
         scaling: Scaling = "slot",
         constraints: ConstraintsConfig | None = None,
     ) -> Genome:
-        """Encode a route: each hop takes the next slot of its layer; refused if the layout cannot hold it."""
+        """Encode a route: each hop takes the next slot of its layer; refused if the layout cannot hold it.
+        The route's embeddings and head sources become the genome's."""
         g = cls.empty(sources, layers, repeats, scaling, constraints)
+        g = replace(g, embed_source=route.embed_source, head_source=route.head_source)
         lay = g.layout
         bits = [0] * lay.T
         scales = list(g.scales)
@@ -322,6 +381,9 @@ class Genome:
         return out
 
 
+_DEFAULTS = {name: Genome.__dataclass_fields__[name].default for name in SETTINGS}
+
+
 # ---- seeds ------------------------------------------------------------------------
 def seed_genomes(template: Genome, routes: Sequence[str] = ()) -> list[Genome]:
     """Generation-0 seeds: model 0 unchanged, then each other source alone where its depth equals model 0's,
@@ -336,12 +398,13 @@ def seed_genomes(template: Genome, routes: Sequence[str] = ()) -> list[Genome]:
         bits[start : start + n] = [1] * n
         seeds.append(template.with_bits(bits, [1.0] * len(template.scales)))
     for text in routes:
+        route = replace(Route.parse(text), embed_source=template.embed_source, head_source=template.head_source)
         try:
-            g = Genome.from_route(Route.parse(text), template.sources, lay.layers, lay.repeats, template.scaling,
+            g = Genome.from_route(route, template.sources, lay.layers, lay.repeats, template.scaling,
                                   template.constraints)
         except GenomeError as err:
             raise GenomeError(f"seed route {text!r}: {err}") from None
-        seeds.append(g)
+        seeds.append(replace(g, **template.settings()))
     unique = {g.key(): g for g in reversed(seeds)}  # a route given twice (or equal to a source) seeds once
     return [g for g in seeds if unique.get(g.key()) is g]
 
@@ -368,6 +431,12 @@ class _GenomeFile(BaseModel):
     hop_scales: list[Scale] | None = None
     bits: str | list[str] | None = None
     scales: list[Scale] | list[list[Scale]] | None = None
+    embed_source: Annotated[StrictInt, Field(ge=0)] = 0
+    head_source: Annotated[StrictInt, Field(ge=0)] = 0
+    tokenizer_source: Annotated[StrictInt, Field(ge=0)] = 0
+    dtype: DtypeName | None = None
+    out_dtype: DtypeName | None = None
+    chat_template: str | None = None
     scores: dict[str, Any] = {}
 
 
@@ -393,11 +462,13 @@ def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
     if f.scaling == "transition" and m * m > MAX_SCALES:
         raise GenomeError(f"{where}: scaling 'transition' over {m} layers needs {m * m} scales, "
                           f"more than the {MAX_SCALES} a genome may have")
+    settings = {name: getattr(f, name) for name in SETTINGS}
     try:
         if f.bits is None:
             if f.route is None:
                 raise GenomeError("needs either 'bits' or 'route'")
             route = Route.parse(f.route, f.hop_scales)
+            route = replace(route, embed_source=f.embed_source, head_source=f.head_source)
             g = Genome.from_route(route, sources, layers, f.repeats, f.scaling, f.constraints)
         else:
             text = "".join(f.bits) if isinstance(f.bits, list) else f.bits
@@ -410,10 +481,11 @@ def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
                 n = SlotLayout(tuple(layers), f.repeats)
                 flat = [1.0] * (n.T if f.scaling == "slot" else n.M**2)
             g = Genome(tuple(sources), SlotLayout(tuple(layers), f.repeats), tuple(int(c) for c in text),
-                       f.scaling, tuple(flat), f.constraints)
+                       f.scaling, tuple(flat), f.constraints, embed_source=f.embed_source, head_source=f.head_source)
             g.check()
             if f.route is not None and Route.parse(f.route).text() != g.decode().text():
                 raise GenomeError(f"route: {f.route!r} does not match the bits, which decode to {g.decode().text()!r}")
+        g = replace(g, **settings)
         g.check()
     except GenomeError as err:
         raise GenomeError(f"{where}: {err}") from None
@@ -435,6 +507,7 @@ def genome_to_dict(g: Genome) -> dict[str, Any]:
         "sources": [{"path": p, "layers": n, **({"fingerprint": fp} if fp else {})}
                     for p, n, fp in zip(g.sources, g.layout.layers, g.fingerprints or [None] * len(g.sources),
                                         strict=True)],
+        **g.settings(),  # only those other than the defaults: older files and their keys stay as they were
         "repeats": g.layout.repeats,
         "scaling": g.scaling,
         "constraints": g.constraints.model_dump(),

@@ -207,9 +207,15 @@ def _rows(records: Sequence[dict[str, Any]]) -> list[Row]:
                                "higher_is_better": t.get("higher_is_better")}
         gen = rec.get("generation")
         hops = rec.get("hops", ev.get("hops"))
+        error = _error(rec.get("error", ev.get("error")))
+        race = _dict(ev.get("race"))
+        if error is None and isinstance(race.get("dropped"), int):  # no full score: the documents it got
+            partial = _num(race.get("partial"))
+            error = (f"stopped by the race after stage {race['dropped'] + 1}"
+                     + (f" (score {partial:.4f} on those documents)" if partial is not None else ""))
         rows.append(Row(i, gen if isinstance(gen, int) else None, str(rec.get("key", "?")), _text(rec.get("genome")),
                         hops if isinstance(hops, int) else None, _num(rec.get("score", ev.get("score"))), tasks,
-                        _num(rec.get("seconds", ev.get("seconds"))), _error(rec.get("error", ev.get("error")))))
+                        _num(rec.get("seconds", ev.get("seconds"))), error))
     return rows
 
 

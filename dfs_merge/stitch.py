@@ -3,9 +3,12 @@
 The stitched model is an instance of the base's own Hugging Face class (e.g.
 `LlamaForCausalLM`) whose decoder-layer list holds one `HopLayer` per hop. Each
 `HopLayer` references a pool layer, multiplies the residual stream entering it by
-the hop's scale, and gives the layer its own KV-cache slot. Embeddings, rotary
-tables, final norm and LM head are the base's modules themselves. Masks, cache
-handling, `generate` and everything lm-eval's `HFLM` needs come from transformers.
+the hop's scale, and gives the layer its own KV-cache slot. The embeddings are the
+modules of the route's `embed_source`, the final norm and LM head those of its
+`head_source` (both the base's unless the genome says otherwise, as a mergekit
+passthrough takes them from its first and last slice's model); rotary tables and
+config are the base's. Masks, cache handling, `generate` and everything lm-eval's
+`HFLM` needs come from transformers.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from transformers import PreTrainedModel
 
 from dfs_merge.errors import GenomeError
 from dfs_merge.genome import Route
-from dfs_merge.models.sources import SourcePool
+from dfs_merge.models.sources import SourcePool, ties_embeddings
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 
@@ -188,6 +191,7 @@ def stitch(pool: SourcePool, route: Route, activation_cache: ActivationCache | N
     inner, base_inner = family.inner_model(shell), family.inner_model(base)
     layers_name = family.layers_attr.split(".")[-1]
     _adopt_children(inner, base_inner, keep=layers_name)
+    _adopt_ends(shell, pool, route)
     prefix = _PrefixRun(activation_cache, prefix_keys(route)) if activation_cache is not None else None
     hops = [
         HopLayer(pool.layer(h.source, h.layer), k, h.scale, pool.layer_type(h.source, h.layer), prefix)
@@ -220,6 +224,27 @@ def prefix_keys(route: Route) -> list[str]:
         digest.update(f"{h.source}:{h.layer}@{h.scale!r};".encode())
         keys.append(digest.copy().hexdigest())
     return keys
+
+
+def _adopt_ends(shell: nn.Module, pool: SourcePool, route: Route) -> None:
+    """Point the shell's embeddings at `route.embed_source`'s modules, its final norm and LM head at
+    `route.head_source`'s (the family's non-layer weights: those named `embed` are the embeddings)."""
+    embed, head = route.embed_source, route.head_source
+    if not embed and not head:
+        return
+    for what, i in (("embed_source", embed), ("head_source", head)):
+        if not 0 <= i < len(pool.sources):
+            raise GenomeError(f"{what} {i} names no source (there are {len(pool.sources)})")
+    if embed != head and any(ties_embeddings(pool.sources[i].config) for i in (embed, head)):
+        raise GenomeError(
+            f"embed_source {embed} and head_source {head} differ, but the sources tie the LM head to the "
+            "embeddings (tie_word_embeddings): a tied model's head is its embeddings' source's"
+        )
+    for name in pool.family.non_layer_weights:
+        path = name.rsplit(".", 1)[0]
+        donor = pool.sources[embed if "embed" in path else head].model
+        parent, _, attr = path.rpartition(".")
+        setattr(shell.get_submodule(parent), attr, donor.get_submodule(path))
 
 
 def _adopt_children(shell: nn.Module, donor: nn.Module, keep: str) -> None:

@@ -153,3 +153,39 @@ class Logged(TargetRoute):
 def calls(log: Path) -> list[list[str]]:
     """A `Logged` call log: [key, node, pid, CUDA_VISIBLE_DEVICES] per call."""
     return [line.split() for line in Path(log).read_text().splitlines()] if Path(log).exists() else []
+
+
+class NoisyDocs(TargetRoute):
+    """A fitness over `docs` documents: each document's value is TargetRoute's value plus deterministic noise
+    (Gaussian, sd `noise`, drawn from the genome's key and the document's index), the score their mean. The true
+    ranking is TargetRoute's (up to the noise's finite-sample mean). Called with a race window `docs=(from, to)`
+    it scores only those documents and returns their per-document results, as `Fitness.score` does; `windows`
+    lists (key, first, last + 1) of every call, for counting documents."""
+
+    def __init__(self, docs: int = 48, noise: float = 1.0, sleep: float = 0.0):
+        super().__init__(sleep=sleep)
+        self.docs = docs
+        self.noise = noise
+        self.windows: list[tuple[str, int, int]] = []
+
+    def values(self, genome: Genome) -> list[float]:
+        """Every document's value for `genome`."""
+        import random
+
+        mean = super().__call__(genome).score
+        rng = random.Random(genome.key())
+        return [mean + self.noise * rng.gauss(0.0, 1.0) for _ in range(self.docs)]
+
+    def __call__(self, genome: Genome, docs: tuple[float, float] | None = None) -> Evaluation:
+        from dfs_merge.fitness.score import prefix_size
+
+        values = self.values(genome)
+        window = range(self.docs) if docs is None else range(prefix_size(docs[0], self.docs),
+                                                              prefix_size(docs[1], self.docs))
+        self.windows.append((genome.key(), window.start, window.stop))
+        items = [values[i] for i in window]
+        mean = sum(items) / len(items)
+        task = TaskResult("synthetic", "value", mean, True, len(items), 0.0)
+        per_doc = None if docs is None else {"synthetic": {"aggregation": "mean", "start": window.start,
+                                                           "total": self.docs, "items": items}}
+        return Evaluation(mean, len(genome.check()), {"synthetic": task}, 0.0, per_doc=per_doc)

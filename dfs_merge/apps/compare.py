@@ -70,13 +70,13 @@ def evaluate_for_cli(
     pool = SourcePool.load(cfg.sources, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if sources_only:
         evals = {
-            f"source {i}": fitness.score(src.model, pool.tokenizer, hops=len(src.layers))
+            f"source {i}": fitness.score(src.model, pool.tokenizer_for(i), hops=len(src.layers))
             for i, src in enumerate(pool.sources)
         }
-    elif isinstance(g, Recipe):
-        evals = {Path(genome).name: CandidateScorer(pool, fitness).genome(g)}
     elif g is not None:
-        evals = score_routes(pool, fitness, {Path(genome).name: route_of(g, pool)})
+        if not isinstance(g, Recipe):
+            route_of(g, pool)  # a layout that does not fit the sources is refused before any scoring
+        evals = {Path(genome).name: CandidateScorer(pool, fitness).genome(g)}
     else:
         evals = score_routes(pool, fitness, {"base": identity_route(pool)})
     out(task_table(evals))

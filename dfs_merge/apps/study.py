@@ -259,7 +259,8 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
            if cfg.select_tasks else None)
     dev = ScoreLog(root / "dev_scores.jsonl", score_dev)
     for key, ev in searched.items():  # the seeded heuristics were scored on dev in generation 0 already
-        dev.remember(key, ev)
+        if ev.ok:  # not a candidate a race stopped early (it has no full dev score)
+            dev.remember(key, ev)
     top = cfg.select_top if val else 1
     out("[3/4] each front's member per hop count: " + (
         f"best on {', '.join(cfg.select_tasks)} of the {top} best by dev" if val else "best by dev")

@@ -1,15 +1,17 @@
 """Writing a route as a plain Hugging Face checkpoint: the orchestration, the side files, publishing.
 
-`export_checkpoint` writes the route as an ordinary Hugging Face checkpoint of the
-base's own class (`num_hidden_layers` = hops), with each hop's running scale
-product folded into its weights by the family (`Family.fold_scale`). The weights
-are written shard by shard straight from the pool's tensors (`tensors`), so the
-output is never held in memory twice. Everything goes into a staging folder beside
-the target (`dfs_merge.atomic.Staging`), is verified there against the in-memory
-stitched model (`verify`), gets its model card (`card`), and is renamed into place
-only when complete: a killed or failed export never leaves a half folder under the
-target's name. This module also writes the config, the generation config, the
-tokenizer files and the genome.
+An export writes the route as an ordinary Hugging Face checkpoint of the base's own class
+(`num_hidden_layers` = hops), with each hop's running scale product folded into its weights by the
+family (`Family.fold_scale`). One path plans, writes and checks it (`_export`), over one of two tensor
+providers (`providers`): `export_genome` streams the tensors from the sources' safetensors files, a
+layer at a time, without loading a model; `export_checkpoint` reads them from a loaded `SourcePool`
+(a `BASE+ADAPTER` source, a recipe's merge, a model built in memory). Shards are written one tensor
+at a time (`tensors`), so the output is never held in memory. The genome's settings are honoured: the
+embeddings and head sources (the route's), the tokenizer source, `dtype` (the merge's) and `out_dtype`
+(the written one), the chat template. Everything goes into a staging folder beside the target
+(`dfs_merge.atomic.Staging`), is verified there (`verify`: tensors read back, logits, or in full the
+generations too), gets its model card (`card`), and is renamed into place only when complete: a killed
+or failed export never leaves a half folder under the target's name.
 
 mergekit passthrough configs of the same route, out and in: `dfs_merge.export.mergekit`.
 """
@@ -23,7 +25,9 @@ import logging
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +35,46 @@ import torch
 
 from dfs_merge.atomic import Staging
 from dfs_merge.errors import ExportError, SourceError
-from dfs_merge.export.card import model_card
+from dfs_merge.export.card import CardSource, card_sources, model_card
+from dfs_merge.export.providers import (
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    FileTensors,
+    PoolTensors,
+    TensorProvider,
+    safetensors_files,
+)
 from dfs_merge.export.tensors import Entry, FoldedLayers, parse_size, plan_tensors, running_products, shards
 from dfs_merge.export.tensors import save_shard as _save_shard
 from dfs_merge.export.verify import (
+    QUICK_LOGITS_MAX_BYTES,
+    VERIFY_MODES,
     VERIFY_PROMPTS,
     VerifyResult,
+    check_tensors,
     check_verified,
+    coarsest,
+    compare_logits,
     verify_export,
     verify_tolerance,
 )
 from dfs_merge.genome import Genome, Route, save_genome
 from dfs_merge.merging.blend import merged_pool
 from dfs_merge.merging.recipe import Recipe
+from dfs_merge.models.adapters import split_source
 from dfs_merge.models.metadata import check_same_sources
-from dfs_merge.models.sources import SourcePool
+from dfs_merge.models.sources import DTYPES, SourcePool, check_compatible, locate, read_config
 from dfs_merge.outputs import check_output
 
 __all__ = [
-    "GENOME_FILE", "INDEX_NAME", "TOKENIZER_FILES", "WEIGHTS_NAME", "Progress", "VerifyResult", "export_checkpoint",
-    "export_config", "export_genome", "parse_size", "running_products", "verify_export",
+    "GENOME_FILE", "INDEX_NAME", "TOKENIZER_FILES", "WEIGHTS_NAME", "ExportInputs", "Progress", "Settings",
+    "VerifyResult", "export_checkpoint", "export_config", "export_genome", "export_settings", "parse_size",
+    "running_products", "stream_folders", "verify_export", "verify_mode",
 ]
 
 log = logging.getLogger(__name__)
 
 GENOME_FILE = "dfs-merge-genome.yaml"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 # staging folder beside DIR: .<DIR name>.dfs-export-<pid>-<hex>; a replaced DIR: .<DIR name>.dfs-replaced-<pid>-<hex>
 _STAGING = Staging(tag="dfs-export", old_tag="dfs-replaced", what="export")
 TOKENIZER_FILES = (
@@ -107,22 +124,27 @@ def export_checkpoint(
     out: str | Path,
     *,
     force: bool = False,
-    verify: bool = True,
+    verify: bool | str = True,
     max_shard_size: int | str = "2GB",
     command: str | None = None,
     progress: bool | Progress = False,
+    copy_tokenizer: bool = True,
+    dtype: str | None = None,
 ) -> Path:
-    """Write `genome`'s route over `pool` (or a parameter-space recipe's merge of it) as a plain HF
-    checkpoint in `out`; returns its path.
+    """Write `genome`'s route over the loaded `pool` (or a parameter-space recipe's merge of it) as a plain
+    HF checkpoint in `out`; returns its path.
 
-    The folder holds safetensors shards (and an index when sharded), config, generation
-    config, the base's tokenizer files, the genome (`dfs-merge-genome.yaml`) and a model
-    card. An existing `out` is refused unless `force`. With `verify`, the written
-    checkpoint is loaded and compared with the stitched model before it is published;
-    a mismatch is an ExportError and nothing is left under `out`'s name. `progress` prints stage lines and a
-    bar to stderr (the CLI's; off for library calls).
+    The folder holds safetensors shards (and an index when sharded), config, generation config, the
+    tokenizer source's tokenizer files (unless not `copy_tokenizer`), the genome (`dfs-merge-genome.yaml`)
+    and a model card. An existing `out` is refused unless `force`. `verify` is `quick` (or True), `full`
+    or `off` (or False), see `dfs_merge.export.verify`; a failed check is an ExportError and nothing is
+    left under `out`'s name. `dtype` overrides the genome's `out_dtype`. `progress` prints stage lines and
+    a bar to stderr (the CLI's; off for library calls). `export_genome` streams from the sources' files
+    instead of a pool.
     """
     show = progress if isinstance(progress, Progress) else Progress(bool(progress))
+    mode = verify_mode(verify)
+    settings = export_settings(genome, dtype)
     route = genome.check()
     _check_pool(pool, genome)
     written = pool  # whose route is written: the sources, or for a recipe its merge as the one source
@@ -132,23 +154,189 @@ def export_checkpoint(
     out = check_output(out, kind="folder", force=force, inputs=[*genome.sources, *pool.paths], error=ExportError,
                        what=None, force_hint="force=True (--force)")
     limit = parse_size(max_shard_size)
+    configs = [s.config for s in written.sources]
+    inputs = ExportInputs(
+        PoolTensors(written), list(pool.paths), [s.folder for s in written.sources], configs,
+        type(written.base.model).__name__,
+        card_sources(genome.sources, [s.folder for s in pool.sources], [s.config for s in pool.sources],
+                     genome.source_layers, [s.license for s in pool.sources]),
+        pool=written, device=str(pool.device),
+    )
+    return _export(inputs, genome, route, out, settings, mode=mode, limit=limit, force=force, show=show,
+                   command=command, copy_tokenizer=copy_tokenizer)
+
+
+def export_genome(genome: Genome, out: str | Path, *, device: str = "cpu", dtype: str | None = None,
+                  progress: bool | Progress = False, **kwargs: Any) -> Path:
+    """Export `genome` from its own sources (the arguments of `export_checkpoint`, without a pool).
+
+    Where every source is a folder of safetensors weights (as given, or a packaged model, GGUF file or Hub
+    name once located) the tensors are streamed from those files, one layer at a time, and no model is
+    loaded to write them; otherwise (a recipe, a `BASE+ADAPTER` or recipe-file source) the sources are
+    loaded whole, in the genome's `dtype` (else the written one, else the base's stored one), and written
+    by `export_checkpoint`. Missing sources are a SourceError.
+    """
+    show = progress if isinstance(progress, Progress) else Progress(bool(progress))
+    folders = stream_folders(genome)
+    if folders is not None:
+        return _export_streamed(genome, folders, out, device=device, dtype=dtype, show=show, **kwargs)
+    name = genome.dtype or dtype or genome.out_dtype or stored_dtype(locate(genome.sources[0])) or "float32"
+    n = len(genome.sources)
+    with show.stage(f"loading {n} source{'s' if n != 1 else ''} on {device} ({name})",
+                    f"loaded {n} source{'s' if n != 1 else ''}"):
+        pool = SourcePool.load(list(genome.sources), device=device, dtype=name)
+    return export_checkpoint(pool, genome, out, dtype=dtype, progress=show, **kwargs)
+
+
+def stream_folders(genome: Genome) -> list[Path] | None:
+    """Each source's local folder where an export can stream all of them from safetensors files; None for a
+    recipe (merged in memory), a `BASE+ADAPTER` or recipe-file source, or a folder without safetensors."""
+    from dfs_merge.merging.recipe import is_recipe_file
+
+    if isinstance(genome, Recipe) or any(split_source(p)[1] is not None or is_recipe_file(p) for p in genome.sources):
+        return None
+    folders = [locate(p) for p in genome.sources]
+    return folders if all(safetensors_files(f) is not None for f in folders) else None
+
+
+def stored_dtype(folder: Path) -> str | None:
+    """The dtype a folder's config.json says its weights are stored in, where it is one `SourcePool` loads."""
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = data.get("dtype") or data.get("torch_dtype") if isinstance(data, dict) else None
+    return name if name in DTYPES else None
+
+
+def _export_streamed(genome: Genome, folders: list[Path], out: str | Path, *, device: str, dtype: str | None,
+                     show: Progress, force: bool = False, verify: bool | str = True,
+                     max_shard_size: int | str = "2GB", command: str | None = None,
+                     copy_tokenizer: bool = True) -> Path:
+    """`export_genome` over safetensors folders: the sources checked from their configs, tensors streamed."""
+    mode = verify_mode(verify)
+    settings = export_settings(genome, dtype)
+    route = genome.check()
+    out = check_output(out, kind="folder", force=force, inputs=[*genome.sources, *map(str, folders)],
+                       error=ExportError, what=None, force_hint="force=True (--force)")
+    limit = parse_size(max_shard_size)
+    read: dict[Path, tuple[Any, Any]] = {}
+    for f in folders:
+        read.setdefault(f.resolve(), read_config(f))
+    pairs = [read[f.resolve()] for f in folders]
+    check_compatible(pairs, _tokenizers_if_differ(folders))
+    _check_layers(tuple(int(c.num_hidden_layers) for c, _ in pairs), genome)
+    if any(genome.fingerprints):
+        check_same_sources(genome.sources, genome.fingerprints, list(genome.sources))
+    configs = [c for c, _ in pairs]
+    n = len(read)
+    show.say(f"streaming the tensors of {n} source{'s' if n != 1 else ''} from safetensors files")
+    inputs = ExportInputs(
+        FileTensors(folders, configs, [f for _, f in pairs]), list(genome.sources), folders, configs,
+        _architecture(configs[0]),
+        card_sources(genome.sources, folders, configs, genome.source_layers),
+        pool=None, device=device,
+    )
+    return _export(inputs, genome, route, out, settings, mode=mode, limit=limit, force=force, show=show,
+                   command=command, copy_tokenizer=copy_tokenizer)
+
+
+def _tokenizers_if_differ(folders: list[Path]) -> list[Any] | None:
+    """The sources' tokenizers for `check_compatible`, loaded only where their tokenizer files differ (a
+    self-merge or fine-tunes that ship the same files need none)."""
+    distinct = list(dict.fromkeys(f.resolve() for f in folders))
+
+    def files(folder: Path) -> tuple[bytes, ...]:
+        return tuple((folder / n).read_bytes() if (folder / n).is_file() else b"" for n in TOKENIZER_FILES)
+
+    if len(distinct) == 1 or len({files(f) for f in distinct}) == 1:
+        return None
+    from dfs_merge.models.sources import _load_tokenizer
+
+    loaded = {f: _load_tokenizer(f, False) for f in distinct}
+    return [loaded[f.resolve()] for f in folders]
+
+
+def _architecture(config: Any) -> str:
+    """The output's class name: the base config's `architectures`, else transformers' causal LM for its type."""
+    names = getattr(config, "architectures", None)
+    if names:
+        return str(names[0])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if name is None:
+        raise ExportError(f"{config.model_type}: transformers has no causal LM class for it")
+    return name
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A genome's settings for its export: the tokenizer's source, the dtypes, the chat template."""
+
+    tokenizer_source: int = 0
+    dtype: torch.dtype | None = None  # what the merge computes in (mergekit's `dtype`); None: as held
+    out_dtype: torch.dtype | None = None  # as written; None: as `dtype`, else as the sources hold them
+    chat_template: str | None = None
+
+
+def export_settings(genome: Genome, dtype: str | None = None) -> Settings:
+    """The settings of `genome` (read so that a genome without them gets the defaults); `dtype` overrides its
+    `out_dtype` (the CLI's `--dtype`)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    compute = getattr(genome, "dtype", None)
+    written = dtype or getattr(genome, "out_dtype", None) or compute
+    tok = int(getattr(genome, "tokenizer_source", 0) or 0)
+    if not 0 <= tok < len(genome.sources):
+        raise ExportError(f"tokenizer_source {tok} names no source (there are {len(genome.sources)})")
+    return Settings(tok, DTYPES[compute] if compute else None, DTYPES[written] if written else None,
+                    getattr(genome, "chat_template", None))
+
+
+def verify_mode(verify: bool | str) -> str:
+    """`quick`, `full` or `off` for a `verify` argument (True is `quick`, False is `off`)."""
+    if verify is True or verify is False:
+        return "quick" if verify else "off"
+    if verify not in VERIFY_MODES:
+        raise ExportError(f"verify {verify!r} is not one of {', '.join(VERIFY_MODES)}")
+    return str(verify)
+
+
+@dataclass
+class ExportInputs:
+    """What an export reads, whichever provider its tensors come from."""
+
+    tensors: TensorProvider
+    paths: list[str]  # the sources as the genome names them (for a recipe: as its pool names them)
+    folders: list[Path | None]  # each written source's folder (None: built in memory)
+    configs: list[Any]  # each written source's HF config; the first is the output's
+    architecture: str  # the output's class name
+    card: list[CardSource]
+    pool: SourcePool | None = None  # the loaded sources, where the export is made from memory
+    device: str = "cpu"
+
+
+def _export(inputs: ExportInputs, genome: Genome, route: Route, out: Path, settings: Settings, *, mode: str,
+            limit: int, force: bool, show: Progress, command: str | None, copy_tokenizer: bool) -> Path:
+    """The one path of every HF export: plan, write into a staging folder, verify, card, publish."""
+    entries = plan_tensors(inputs.tensors, route, settings.out_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     _STAGING.remove_leftovers(out)
     with _STAGING.folder(out, replace=force, refuse=_appeared) as staging:
-        _write_weights(written, route, staging, limit, show)
-        _write_config(written, route, staging)
-        _write_generation_config(pool, staging)
-        _write_tokenizer(pool, staging)
+        _write_weights(inputs.tensors, route, entries, staging, limit, show, settings.dtype)
+        export_config(inputs, route, entries).save_pretrained(staging)
+        _write_generation_config(inputs, staging)
+        if copy_tokenizer:
+            _write_tokenizer(inputs, staging, settings)
+        elif settings.chat_template:
+            log.warning("chat_template is set but the tokenizer is not copied: no template is written")
         save_genome(genome, staging / GENOME_FILE)
-        result = None
-        if verify:
-            with show.stage(f"verifying against the stitched model on {len(VERIFY_PROMPTS)} prompts",
-                            "verified"):
-                result = verify_export(written, route, staging, verify_tolerance(pool.dtype))
-                log.info("verify: %s", result.text())
-                check_verified(result, pool.dtype)
-            show.say(f"verify: {result.text()}")
-        card = model_card(pool, genome, route, title=out.name, genome_file=GENOME_FILE, result=result, command=command)
+        verified = _verify(inputs, route, entries, staging, settings, mode, show)
+        card = model_card(inputs.card, genome, route, architecture=inputs.architecture,
+                          family=inputs.tensors.family.name, title=out.name, genome_file=GENOME_FILE,
+                          genome_text=(staging / GENOME_FILE).read_text(), verified=verified, command=command,
+                          written=written_dtype(entries), settings=settings)
         (staging / "README.md").write_text(card)
     return out
 
@@ -157,30 +345,27 @@ def _appeared(out: Path) -> ExportError:
     return ExportError(f"{out}: appeared while exporting; pass force=True (--force) to replace it")
 
 
-def export_genome(genome: Genome, out: str | Path, *, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> Path:
-    """Load the genome's own sources and export it (`export_checkpoint`); missing sources are a SourceError."""
-    pool = SourcePool.load(list(genome.sources), device=device, dtype=dtype)
-    return export_checkpoint(pool, genome, out, **kwargs)
-
-
 def _check_pool(pool: SourcePool, genome: Genome) -> None:
     """The pool must hold the genome's sources: same number, same layer counts, the same weights."""
-    have, want = pool.layers_per_source, genome.source_layers
+    _check_layers(pool.layers_per_source, genome)
+    check_same_sources(genome.sources, genome.fingerprints, pool.paths)
+
+
+def _check_layers(have: tuple[int, ...], genome: Genome) -> None:
+    want = genome.source_layers
     if have != want:
         raise SourceError(
             f"the loaded sources ({len(have)} with layers {list(have)}) are not the genome's "
             f"({len(want)} with layers {list(want)}: {', '.join(genome.sources)})"
         )
-    check_same_sources(genome.sources, genome.fingerprints, pool.paths)
 
 
-def _write_weights(pool: SourcePool, route: Route, folder: Path, limit: int, show: Progress | None = None) -> None:
-    """The safetensors shards (and index), streamed from the pool's tensors: only one folded layer is ever copied."""
+def _write_weights(tensors: TensorProvider, route: Route, entries: list[Entry], folder: Path, limit: int,
+                   show: Progress | None = None, dtype: torch.dtype | None = None) -> None:
+    """The safetensors shards (and index), streamed from the provider: one folded layer is held at a time."""
     show = show or Progress()
-    entries = plan_tensors(pool, route)
     groups = shards(entries, limit)
-    base_state = pool.base.model.state_dict()
-    layers = FoldedLayers(pool, route, running_products(route))
+    feed = FoldedLayers(tensors, route, running_products(route), dtype)
     n = len(groups)
     weight_map: dict[str, str] = {}
     total = sum(e.nbytes for e in entries)
@@ -192,43 +377,51 @@ def _write_weights(pool: SourcePool, route: Route, folder: Path, limit: int, sho
             by_name = {e.name: e for e in shard}
 
             def get(tensor: str, by_name: dict[str, Entry] = by_name) -> torch.Tensor:
-                e = by_name[tensor]
                 bar.update(1)
-                return (layers.get(e.hop) if e.hop is not None else base_state)[e.key]
+                return feed.tensor(by_name[tensor])
 
             _save_shard(folder / name, [(e.name, e.dtype, e.shape) for e in shard], get)
             weight_map.update(dict.fromkeys(by_name, name))
     if n > 1:
         index = {
-            "metadata": {"total_size": sum(e.nbytes for e in entries)},
+            "metadata": {"total_size": total},
             "weight_map": dict(sorted(weight_map.items())),
         }
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def export_config(pool: SourcePool, route: Route) -> Any:
-    """The base's config for `route`: `num_hidden_layers` = hops, `layer_types` per hop where it has them."""
-    base = pool.base.model
-    config = copy.deepcopy(base.config)
+def written_dtype(entries: list[Entry]) -> torch.dtype:
+    """The floating dtype that holds most of the written bytes: the one the config names."""
+    sizes: dict[torch.dtype, int] = {}
+    for e in entries:
+        if e.dtype.is_floating_point:
+            sizes[e.dtype] = sizes.get(e.dtype, 0) + e.nbytes
+    return max(sizes, key=sizes.__getitem__) if sizes else torch.float32
+
+
+def export_config(inputs: ExportInputs, route: Route, entries: list[Entry]) -> Any:
+    """The base's config for `route`: `num_hidden_layers` = hops, `layer_types` per hop where it has them, the
+    written dtype, and the head untied where one is written beside tied embeddings."""
+    config = copy.deepcopy(inputs.configs[0])
     config.num_hidden_layers = len(route)
     if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [pool.layer_type(h.source, h.layer) for h in route]
-    config.architectures = [type(base).__name__]
-    config.dtype = pool.dtype
+        config.layer_types = [inputs.tensors.families[h.source].layer_type(inputs.configs[h.source], h.layer)
+                              for h in route]
+    config.architectures = [inputs.architecture]
+    config.dtype = written_dtype(entries)
+    head = inputs.tensors.family.non_layer_weights[-1]
+    if getattr(config, "tie_word_embeddings", False) and any(e.name == head for e in entries):
+        config.tie_word_embeddings = False
     return config
 
 
-def _write_config(pool: SourcePool, route: Route, folder: Path) -> None:
-    export_config(pool, route).save_pretrained(folder)
-
-
-def _write_generation_config(pool: SourcePool, folder: Path) -> None:
+def _write_generation_config(inputs: ExportInputs, folder: Path) -> None:
     """The base folder's generation_config.json, copied verbatim; else the base model's saved; else none."""
-    base_dir = pool.base.folder
+    base_dir = inputs.folders[0]
     if base_dir is not None and (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", folder / "generation_config.json")
         return
-    gen = getattr(pool.base.model, "generation_config", None)
+    gen = getattr(inputs.pool.base.model, "generation_config", None) if inputs.pool is not None else None
     if gen is not None:
         try:
             gen.save_pretrained(folder)
@@ -236,20 +429,117 @@ def _write_generation_config(pool: SourcePool, folder: Path) -> None:
             log.warning("generation config not written (%s)", err)
 
 
-def _write_tokenizer(pool: SourcePool, folder: Path) -> None:
-    """The base folder's tokenizer files, copied verbatim; else the pool's tokenizer saved; else none."""
-    base_dir = pool.base.folder
+def _write_tokenizer(inputs: ExportInputs, folder: Path, settings: Settings) -> None:
+    """The tokenizer source's tokenizer files, copied verbatim (else its loaded tokenizer saved; else none),
+    then the genome's chat template, if it names one, as chat_template.jinja."""
+    i = settings.tokenizer_source if settings.tokenizer_source < len(inputs.folders) else 0
+    source_dir = inputs.folders[i]
     copied = []
-    if base_dir is not None:
+    if source_dir is not None:
         for name in TOKENIZER_FILES:
-            if (base_dir / name).is_file():
-                shutil.copy2(base_dir / name, folder / name)
+            if (source_dir / name).is_file():
+                shutil.copy2(source_dir / name, folder / name)
                 copied.append(name)
-    if copied:
-        return
-    if pool.tokenizer is not None:
-        pool.tokenizer.save_pretrained(folder)
+    if not copied:
+        pool = inputs.pool
+        tok = (pool.tokenizer_for(i) if hasattr(pool, "tokenizer_for") else pool.tokenizer) if pool else None
+        if tok is None:
+            log.warning("source %d has no tokenizer: the export has none either", i)
+            return
+        tok.save_pretrained(folder)
+    if settings.chat_template:
+        text = chat_template_text(settings.chat_template, inputs.folders)
+        if text is not None:
+            write_chat_template(folder, text)
+
+
+def _verify(inputs: ExportInputs, route: Route, entries: list[Entry], folder: Path, settings: Settings, mode: str,
+            show: Progress) -> str:
+    """Run the `mode` checks on the staged folder (an ExportError when one fails); what they found, one line."""
+    if mode == "off":
+        return "not verified (--verify off)"
+    n = len(entries)
+    with show.stage(f"checking the {n} written tensors against their sources", f"checked {n} tensors"):
+        checked = check_tensors(folder, entries, FoldedLayers(inputs.tensors, route, running_products(route),
+                                                              settings.dtype))
+    show.say(f"verify: {checked.text()}")
+    written = written_dtype(entries)
+    pool = inputs.pool
+    ref_name = next((k for k, v in DTYPES.items() if v == written), "float32")
+    ref_dtype = pool.dtype if pool is not None else DTYPES[ref_name]
+    coarse = coarsest(settings.dtype, written, ref_dtype)
+
+    def load() -> SourcePool:
+        k = len(inputs.paths)
+        with show.stage(f"loading {k} source{'s' if k != 1 else ''} on {inputs.device} ({ref_name}) to compare",
+                        f"loaded {k} source{'s' if k != 1 else ''}"):
+            return SourcePool.load(list(inputs.paths), device=inputs.device, dtype=ref_name)
+
+    if mode == "quick":
+        if pool is None:
+            size = max(sum(e.nbytes for e in entries), inputs.tensors.distinct_bytes(ref_dtype))
+            if size > QUICK_LOGITS_MAX_BYTES:
+                note = (f"logits not compared: {size / 2**30:.1f} GiB to load, over quick's "
+                        f"{QUICK_LOGITS_MAX_BYTES / 2**30:.0f} GiB (--verify full compares them)")
+                show.say(f"verify: {note}")
+                return f"{checked.text()}; {note}"
+        with show.stage(f"comparing logits with the stitched model on {len(VERIFY_PROMPTS)} prompts", "compared"):
+            result = compare_logits(pool if pool is not None else load, route, folder, ref_dtype)
     else:
-        log.warning("the base has no tokenizer: the export has none either")
+        reference = pool if pool is not None else load()
+        with show.stage(f"verifying against the stitched model on {len(VERIFY_PROMPTS)} prompts", "verified"):
+            result = verify_export(reference, route, folder, verify_tolerance(coarse))
+    log.info("verify: %s", result.text())
+    check_verified(result, coarse)
+    show.say(f"verify: {result.text()}")
+    return f"{checked.text()}; {result.text()}"
 
 
+def chat_template_text(value: str, folders: list[Path | None]) -> str | None:
+    """The Jinja text of a genome's `chat_template`: mergekit's bundled template of that name, `auto` (the
+    sources' most common template; None when none has one), or the text itself."""
+    if value == "auto":
+        found = [t for t in (read_chat_template(f) for f in folders if f is not None) if t]
+        if not found:
+            log.warning("chat_template auto: no source has a chat template; none is written")
+            return None
+        return Counter(found).most_common(1)[0][0]
+    if len(value) < 256 and "\n" not in value and "{" not in value:
+        try:
+            from importlib.resources import files
+
+            return (files("mergekit._data.chat_templates") / f"{value}.jinja").read_text()
+        except ModuleNotFoundError:
+            raise ExportError(f"chat_template {value!r}: a mergekit template name needs mergekit installed "
+                              "(pip install mergekit), or give the template's Jinja text") from None
+        except OSError:
+            raise ExportError(f"chat_template {value!r}: mergekit has no template of that name") from None
+    return value
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """A model folder's chat template: chat_template.jinja, else tokenizer_config.json's or chat_template.json's
+    `chat_template` text; None when it has none."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        try:
+            value = json.loads((folder / name).read_text()).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def write_chat_template(folder: Path, text: str) -> None:
+    """Write `text` as the folder's chat template the way transformers 5 saves one (chat_template.jinja), and
+    drop any other copy (chat_template.json, tokenizer_config.json's key) that would compete with it."""
+    (folder / "chat_template.jinja").write_text(text)
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and "chat_template" in data:
+            del data["chat_template"]
+            config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +38,11 @@ from dfs_merge.atomic import write_atomic
 from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import ExportError, GenomeError, SourceError
 from dfs_merge.export.tensors import running_products
-from dfs_merge.genome import Genome, Hop, Route, Scaling
+from dfs_merge.genome import DTYPE_NAMES, Genome, Hop, Route, Scaling, check_chat_template
 from dfs_merge.inputs import NoAliasDumper, read_yaml
 from dfs_merge.models.adapters import split_source
 from dfs_merge.models.families import Family
-from dfs_merge.models.sources import locate, read_config
+from dfs_merge.models.sources import locate, read_config, ties_embeddings
 from dfs_merge.outputs import check_output
 
 if TYPE_CHECKING:
@@ -101,14 +101,19 @@ def write_mergekit_config(
 
     Slices group consecutive layers of one source with one running scale product; a slice
     whose product P is not 1 gets `scale: 1/P` on the family's residual writers (Llama:
-    `o_proj`, `down_proj`), exactly the fold of `export_checkpoint`. Empty base slices
-    (`layer_range: [0, 0]`) are added first / last where needed so that embeddings, final
-    norm and head come from the base. `base_model` is the base: mergekit takes the output
-    config from it and, with `copy_tokenizer` (its default), copies the base's tokenizer and
-    generation config files verbatim. `tokenizer_source` is left unset on purpose: it would
-    rebuild the vocabulary and reset `vocab_size` to the tokenizer's length, which changes
-    models whose embedding matrix is padded. `dtype` defaults to the base's stored dtype.
-    Families whose fold mergekit cannot express (Gemma 3) are an ExportError.
+    `o_proj`, `down_proj`), exactly the fold of `export_checkpoint`. Empty slices
+    (`layer_range: [0, 0]`) are added first / last where needed so that the embeddings come
+    from the genome's `embed_source` and the final norm and head from its `head_source`.
+    `base_model` is the base: mergekit takes the output config from it and, with
+    `copy_tokenizer` (its default), copies the base's tokenizer and generation config files
+    verbatim. `tokenizer_source` is written only for a genome whose `tokenizer_source` is not
+    the base (as that source's folder, mergekit 0.1.5's syntax): it rebuilds the vocabulary
+    (the sources share one, so the embeddings stay as they are) and sets `vocab_size` to the
+    tokenizer's length, which trims an embedding matrix padded beyond it. `dtype` is the
+    argument if given, else the genome's `dtype` (or `out_dtype`), else the base's stored
+    dtype; `out_dtype` and `chat_template` are the genome's. A route whose attention types
+    differ from the base's `layer_types` (of the route's length) is an ExportError; families
+    whose fold mergekit cannot express (Gemma 3) are one too.
     A `Recipe` (a parameter-space merge) is written by `mergekit_recipe.write_recipe_config`.
 
     A hybrid, whose sources include recipe files, is written as a multi-document
@@ -143,19 +148,12 @@ def write_mergekit_config(
             f"mergekit output is not supported for the {family.name} family with hop scales other than 1: "
             "its scales fold into norm gains, which mergekit's multiplicative scale cannot express"
         )
-    base_types = getattr(base_cfg, "layer_types", None)
-    if base_types is not None:
-        types = [family.layer_type(configs[h.source][0], h.layer) for h in route]
-        if list(base_types) != types:
-            raise ExportError(
-                f"mergekit output is not supported for this {family.name} route: mergekit keeps the base's "
-                "layer_types, which differ from the route's attention types"
-            )
+    note = _layer_types_note(route, configs, family)
     writers = _residual_writers(family) or ()
     slices = mergekit_slices(route)
     entries: list[dict[str, Any]] = []
-    if slices[0].source != 0:
-        entries.append({"sources": [{"model": str(folders[0]), "layer_range": [0, 0]}]})
+    if slices[0].source != genome.embed_source:
+        entries.append({"sources": [{"model": str(folders[genome.embed_source]), "layer_range": [0, 0]}]})
     for s in slices:
         src: dict[str, Any] = {"model": str(folders[s.source]), "layer_range": [s.start, s.end]}
         if s.product != 1.0:
@@ -164,14 +162,20 @@ def write_mergekit_config(
                 "scale": [{"filter": w, "value": value} for w in writers] + [{"value": 1.0}]
             }
         entries.append({"sources": [src]})
-    if slices[-1].source != 0:
-        entries.append({"sources": [{"model": str(folders[0]), "layer_range": [0, 0]}]})
-    data = {
+    if slices[-1].source != genome.head_source:
+        entries.append({"sources": [{"model": str(folders[genome.head_source]), "layer_range": [0, 0]}]})
+    data: dict[str, Any] = {
         "merge_method": "passthrough",
         "base_model": str(folders[0]),
-        "dtype": dtype or _dtype_name(base_cfg),
-        "slices": entries,
+        "dtype": dtype or genome.dtype or genome.out_dtype or _dtype_name(base_cfg),
     }
+    if dtype is None and genome.out_dtype and genome.out_dtype != data["dtype"]:
+        data["out_dtype"] = genome.out_dtype
+    if genome.tokenizer_source:
+        data["tokenizer_source"] = str(folders[genome.tokenizer_source])
+    if genome.chat_template is not None:
+        data["chat_template"] = genome.chat_template
+    data["slices"] = entries
 
     def dump(d: dict[str, Any]) -> str:
         return yaml.dump(d, Dumper=NoAliasDumper, sort_keys=False, default_flow_style=None, width=200)
@@ -181,7 +185,8 @@ def write_mergekit_config(
             f"# mergekit passthrough config written by dfs-merge {dfs_merge.__version__}\n"
             f"# route ({len(route)} hops): {route.text()}\n"
             f"# genome key {genome.key()}; sources: {', '.join(genome.sources)}\n"
-            f"# build: mergekit-yaml {out.name} OUTPUT_DIR  (the base's tokenizer is copied)\n"
+            f"{note}# build: mergekit-yaml {out.name} OUTPUT_DIR  (the "
+            f"{'base' if not genome.tokenizer_source else f'source {genome.tokenizer_source}'}'s tokenizer)\n"
         )
         write_atomic(out, header + dump(data))
         return out
@@ -201,7 +206,7 @@ def write_mergekit_config(
                    f"{'s' if r.layer_groups != 1 else ''}): {r.text()}; recipe key {r.key()}; "
                    f"its sources: {', '.join(r.sources)}\n")
         notes += dare_note(r)
-    header += notes
+    header += notes + note
     header += (
         f"# build: mergekit-multi {out.name} --intermediate-dir DIR --out-path OUTPUT_DIR\n"
         "#   each named document is merged first into DIR/NAME (kept and reused while it exists, unless --no-lazy);\n"
@@ -211,6 +216,32 @@ def write_mergekit_config(
     docs = [dump({"name": name, **cfg}) for name, (_, cfg, _) in merges.items()]
     write_atomic(out, header + "---\n".join([*docs, dump(data)]))
     return out
+
+
+def _layer_types_note(route: Route, configs: Sequence[tuple[Any, Family]], family: Family) -> str:
+    """Refuse a route whose attention types are not the base's `layer_types` (all the same type, for a route of
+    another depth), as mergekit keeps them; a header note when the depth changes, which mergekit 0.1.5 cannot
+    save under transformers 5 (it keeps the base's list beside the new `num_hidden_layers`)."""
+    base_types = getattr(configs[0][0], "layer_types", None)
+    if base_types is None:
+        return ""
+    types = [family.layer_type(configs[h.source][0], h.layer) for h in route]
+    if len(base_types) == len(types):
+        want = list(base_types)
+    elif len(set(base_types)) == 1:
+        want = [base_types[0]] * len(types)
+    else:
+        raise ExportError(f"mergekit output is not supported for this {family.name} route: the base's layer_types mix "
+                          f"attention types, which mergekit cannot lay out for {len(types)} layers")
+    k = next((k for k, (a, b) in enumerate(zip(want, types, strict=True)) if a != b), None)
+    if k is not None:
+        raise ExportError(f"mergekit output is not supported for this {family.name} route: mergekit keeps the base's "
+                          f"layer_types, and hop {k} is {types[k]} where the base's layer {k} is {want[k]}")
+    if len(base_types) == len(types):
+        return ""
+    return (f"# note: mergekit 0.1.5 keeps the base's layer_types ({len(base_types)} entries) beside num_hidden_layers "
+            f"{len(types)}; transformers 5 refuses to save that config after the weights are written. The config of "
+            f"this model is the base's with layer_types: [{types[0]}] x {len(types)} (as `dfs-merge export` writes)\n")
 
 
 def _config_folder(source: str, recipe: Recipe | None) -> Path:
@@ -317,12 +348,20 @@ def import_mergekit(
     `dare_linear` or `dare_ties` config into a recipe: `mergekit_recipe.import_recipe`).
 
     Sources are `sources` if given, else `base_model` (when set) and then the slices'
-    models in order of first appearance. Layer counts come from each source's
-    config.json (no weights are loaded). Hop scales are recovered from the slices'
-    `scale` on the residual writers (the inverse running product); any other scaled
-    tensor is refused. `repeats` defaults to the smallest that expresses the route; a
-    route the layout cannot express is a GenomeError naming the slice. `pin_ends` is
-    kept when the route starts and ends with the base's first and last layer.
+    models in order of first appearance; a model may be a folder or a Hub name in the
+    local cache (`models.hub`). Layer counts come from each source's config.json (no
+    weights are loaded). Hop scales are recovered from the slices' `scale` on the
+    residual writers (the inverse running product); any other tensor that mergekit
+    scales is refused (a slice's layers; the embeddings for the first slice and the final
+    norm and head for the last, at t = 0). The embeddings come from the first slice's
+    model (`embed_source`), the final norm and head from the last slice's (`head_source`),
+    as in mergekit. `tokenizer_source` (`base`, `model:NAME` or a model's path),
+    `dtype`, `out_dtype` (default: `dtype`, what mergekit writes) and `chat_template`
+    are carried. A `linear` config in which every slice has exactly one model of nonzero
+    weight (the dummy-model trick of miquliz and TheProfessor) is the passthrough it
+    builds. `repeats` defaults to the smallest that expresses the route; a route the
+    layout cannot express is a GenomeError naming the slice. `pin_ends` is kept when the
+    route starts and ends with the base's first and last layer.
     """
     path = Path(config_path)
     try:
@@ -337,6 +376,10 @@ def import_mergekit(
         raise
     where = str(path)
     method = data.get("merge_method")
+    if method == "linear":
+        passthrough = _linear_as_passthrough(data)
+        if passthrough is not None:
+            data, method = passthrough, "passthrough"
     if method != "passthrough":
         from dfs_merge.export.mergekit_recipe import import_recipe, supported_message
         from dfs_merge.merging.methods import METHODS
@@ -389,21 +432,32 @@ def import_mergekit(
             raise GenomeError(f"{where}: slice {i}: model {m} is not one of the sources ({', '.join(src_list)})")
         index_of.append(k)
 
-    tok = data.get("tokenizer_source")
-    if isinstance(data.get("tokenizer"), dict):
-        tok = data["tokenizer"].get("source", tok)
-    if tok is not None and tok != "base" and not (isinstance(tok, str) and _same_path(tok, src_list[0])):
-        raise GenomeError(f"{where}: tokenizer_source {tok!r}: a genome always uses the base's tokenizer")
+    settings = {
+        "tokenizer_source": _tokenizer_source(data, src_list, where),
+        "dtype": _dtype_setting(data, "dtype", where),
+        "out_dtype": _dtype_setting(data, "out_dtype", where),
+        "chat_template": data.get("chat_template"),
+    }
+    settings["out_dtype"] = settings["out_dtype"] or settings["dtype"]
+    if settings["chat_template"] is not None:
+        try:
+            check_chat_template(settings["chat_template"])
+        except GenomeError as err:
+            raise GenomeError(f"{where}: {err}") from None
 
     # layer counts, from config.json only
     layers: list[int] = []
     families: list[Family] = []
+    configs: list[Any] = []
     for s in src_list:
         cfg, fam = read_config(locate(s))
         layers.append(int(cfg.num_hidden_layers))
         families.append(fam)
+        configs.append(cfg)
     family = families[0]
     writers = _residual_writers(family)
+    pre = tuple(n for n in family.non_layer_weights if "embed" in n)
+    post = tuple(n for n in family.non_layer_weights if "embed" not in n)
 
     # hops and their running products
     hops: list[tuple[int, int, float, int]] = []  # (source, layer, product, slice)
@@ -412,22 +466,20 @@ def import_mergekit(
         if end > layers[src]:
             raise GenomeError(f"{w}: layer_range ends past the model's {layers[src]} layers")
         n = end - start
+        ends = (pre if i == 0 else ()) + (post if i == len(named) - 1 else ())
+        _unscaled(setting, ends, w)  # mergekit scales them with this slice's setting at t = 0
         for j in range(n):
             t = j / (n - 1) if n > 1 else 1.0
             product = _slice_product(setting, family, writers, len(hops), t, w)
             hops.append((src, start + j, product, i))
-        if n == 0 and setting is not None and i in (0, len(named) - 1):
-            _slice_product(setting, family, writers, len(hops), 1.0, w)  # the base's embeddings / head must stay unscaled
     if not hops:
         raise GenomeError(f"{where}: the slices contain no layer")
-    first_model, last_model = index_of[0], index_of[-1]
-    if first_model != 0 or last_model != 0:
-        which = "first" if first_model != 0 else "last"
-        slice_i = 0 if which == "first" else len(named) - 1
+    embed, head = index_of[0], index_of[-1]
+    if embed != head and any(ties_embeddings(configs[k]) for k in (embed, head)):
         raise GenomeError(
-            f"{where}: slice {slice_i}: mergekit takes the embeddings / final norm and head from the {which} slice's "
-            f"model ({named[slice_i][0]}), but a genome takes them from the base ({src_list[0]}); add an empty "
-            "base slice (layer_range [0, 0]) there"
+            f"{where}: slice {len(named) - 1}: mergekit takes the final norm from its model ({named[-1][0]}) but, "
+            f"the models tying the LM head to the embeddings, the head from the first slice's ({named[0][0]}); a "
+            "genome takes norm and head from one source"
         )
 
     scales, prev = [], 1.0
@@ -436,7 +488,7 @@ def import_mergekit(
         prev = p
     if scaling == "none" and any(s != 1.0 for s in scales):
         raise GenomeError(f"{where}: the config scales hops but scaling is 'none'")
-    route = Route(tuple(Hop(s, layer, sc) for (s, layer, _, _), sc in zip(hops, scales, strict=True)))
+    route = Route(tuple(Hop(s, layer, sc) for (s, layer, _, _), sc in zip(hops, scales, strict=True)), embed, head)
 
     # the slot layout
     offsets = [sum(layers[:i]) for i in range(len(layers))]
@@ -458,7 +510,7 @@ def import_mergekit(
     pin = route[0].source == 0 and route[0].layer == 0 and route[-1].source == 0 and route[-1].layer == layers[0] - 1
     constraints = ConstraintsConfig(pin_ends=pin)
     try:
-        genome = Genome.from_route(route, src_list, layers, r, scaling, constraints)
+        genome = replace(Genome.from_route(route, src_list, layers, r, scaling, constraints), **settings)
         genome.check()
     except GenomeError as err:
         raise GenomeError(f"{where}: {err}") from None
@@ -477,18 +529,103 @@ def _document_count(path: Path) -> int:
     return n
 
 
+def _linear_as_passthrough(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The passthrough config a `linear` config builds when every slice has exactly one model of nonzero weight
+    (each tensor is then that model's: w x / w with mergekit's default `normalize`, or w = 1): the dummy-model
+    trick of frankenmerges such as miquliz and TheProfessor. None for any other linear config (a real linear
+    merge, or one with per-tensor or gradient weights), which `import_recipe` reads or refuses."""
+    raw, top = data.get("slices"), data.get("parameters") or {}
+    if not isinstance(raw, list) or not raw or not isinstance(top, dict) or set(top) - {"weight", "normalize"}:
+        return None
+    slices = []
+    for sl in raw:
+        if not isinstance(sl, dict) or set(sl) - {"sources", "parameters"} or not isinstance(sl.get("sources"), list):
+            return None
+        own = sl.get("parameters") or {}
+        if not isinstance(own, dict) or set(own) - {"weight", "normalize"}:
+            return None
+        normalize = own.get("normalize", top.get("normalize", True))
+        kept = []
+        for entry in sl["sources"]:
+            params = (entry.get("parameters") or {}) if isinstance(entry, dict) else None
+            if not isinstance(params, dict) or set(params) - {"weight"}:
+                return None
+            weight = next((scope["weight"] for scope in (params, own, top) if scope.get("weight") is not None), None)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                return None
+            if weight != 0:
+                kept.append((entry, weight))
+        if len(kept) != 1 or (kept[0][1] != 1 and normalize is not True):
+            return None
+        slices.append({"sources": [{k: v for k, v in kept[0][0].items() if k != "parameters"}]})
+    rest = {k: v for k, v in data.items() if k not in ("merge_method", "parameters", "slices")}
+    return {"merge_method": "passthrough", **rest, "slices": slices}
+
+
+def _tokenizer_source(data: dict[str, Any], sources: Sequence[str], where: str) -> int:
+    """The source index of a config's `tokenizer_source` (or `tokenizer.source`): `base` (or none) is 0,
+    `model:NAME` (older mergekit's syntax) or a model's path names one of the sources."""
+    tok = data.get("tokenizer_source")
+    spec = data.get("tokenizer")
+    if spec is not None:
+        if not isinstance(spec, dict):
+            raise GenomeError(f"{where}: tokenizer: expected a mapping")
+        changed = next((k for k in ("tokens", "pad_to_multiple_of") if spec.get(k)), None)
+        if changed is not None:
+            raise GenomeError(f"{where}: tokenizer.{changed}: mergekit changes the vocabulary (adds tokens or pads "
+                              "the embeddings); a genome uses one source's tokenizer as it is")
+        tok = spec.get("source", tok)
+    if tok is None or tok == "base":
+        return 0
+    if tok == "union":
+        raise GenomeError(f"{where}: tokenizer_source 'union': mergekit builds a new vocabulary from every model's; a "
+                          "genome uses one source's tokenizer as it is (use base or model:NAME)")
+    name = tok.removeprefix("model:") if isinstance(tok, str) else None
+    k = next((i for i, s in enumerate(sources) if name and _same_path(name, s)), None)
+    if k is None:
+        raise GenomeError(f"{where}: tokenizer_source {tok!r} is none of the config's models ({', '.join(sources)}); "
+                          "a genome's tokenizer is one of its sources'")
+    return k
+
+
+def _dtype_setting(data: dict[str, Any], key: str, where: str) -> str | None:
+    """A config's `dtype` / `out_dtype` as a genome names it (`torch.` dropped, as mergekit does); None if unset."""
+    value = data.get(key)
+    if value is None:
+        return None
+    name = value.removeprefix("torch.") if isinstance(value, str) else value
+    if name not in DTYPE_NAMES:
+        raise GenomeError(f"{where}: {key} {value!r}: a genome's {key} is one of {', '.join(DTYPE_NAMES)}")
+    return name
+
+
+def _unscaled(setting: Any, names: Sequence[str], where: str) -> None:
+    """Refuse a slice's scale on the embeddings or the final norm and head (`names`), which mergekit applies
+    at t = 0 to the first and the last slice's; a hop scale cannot express it."""
+    if setting is None:
+        return
+    for name in names:
+        try:
+            value = _resolve_setting(setting, name, 0.0)
+        except ValueError as err:
+            raise GenomeError(f"{where}: scale: {err}") from None
+        if value is not None and value != 1.0:
+            raise GenomeError(f"{where}: scale {value:g} on {name} cannot be read as a hop scale "
+                              "(mergekit scales it with this slice's setting; only the residual writers may be scaled)")
+
+
 def _slice_product(
     setting: Any, family: Family, writers: tuple[str, ...] | None, hop: int, t: float, where: str
 ) -> float:
     """The running product P of output layer `hop`: its residual writers are scaled by 1/P, all else by 1.
 
-    Every weight the family names (`non_layer_weights`, `layer_weights`) is probed against the setting.
+    Every weight of the layer the family names (`layer_weights`) is probed against the setting.
     """
     if setting is None:
         return 1.0
     mine = {f"{w}.weight" for w in writers or ()}
     layer = f"{family.layers_attr}.{hop}"
-    names = [*family.non_layer_weights, *(f"{layer}.{n}" for n in family.layer_weights if n not in mine)]
+    names = [f"{layer}.{n}" for n in family.layer_weights if n not in mine]
     try:
         probe = {n: _resolve_setting(setting, n, t) for n in names}
         values = [_resolve_setting(setting, f"{layer}.{w}.weight", t) for w in writers or ()]
@@ -507,6 +644,12 @@ def _slice_product(
     if len(vals) > 1:
         raise GenomeError(f"{where}: the residual writers ({', '.join(writers or ())}) have different scales {sorted(vals)}")
     v = vals.pop()
+    if v == 0:
+        raise GenomeError(
+            f"{where}: scale 0 on the residual writers ({', '.join(writers or ())}) makes output layer {hop} an "
+            "identity block (LLaMA Pro's block expansion, new layers to train); a hop scale cannot be 1/0 (the model "
+            "computes what the route without this slice computes)"
+        )
     if not (math.isfinite(v) and v > 0):
         raise GenomeError(f"{where}: scale {v} on the residual writers is not a positive number")
     return 1.0 / v

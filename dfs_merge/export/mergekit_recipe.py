@@ -39,7 +39,14 @@ import yaml
 import dfs_merge
 from dfs_merge.atomic import write_atomic
 from dfs_merge.errors import ExportError, GenomeError, SourceError
-from dfs_merge.export.mergekit import _dtype_name, _model_name, _model_reference, _resolve_setting, _same_path
+from dfs_merge.export.mergekit import (
+    _dtype_name,
+    _model_name,
+    _model_reference,
+    _resolve_setting,
+    _same_path,
+    _tokenizer_source,
+)
 from dfs_merge.inputs import NoAliasDumper
 from dfs_merge.merging.methods import METHODS
 from dfs_merge.merging.recipe import Recipe
@@ -322,14 +329,9 @@ def import_recipe(data: dict[str, Any], where: str, sources: Sequence[str] | Non
                               "layer group" + (" (and mergekit needs the base in every slice)" if spec.needs_base else ""))
         per_slice.append(mine)
 
-    tok = data.get("tokenizer_source")
-    if isinstance(data.get("tokenizer"), dict):
-        tok = data["tokenizer"].get("source", tok)
-    elif data.get("tokenizer") is not None:
-        raise GenomeError(f"{where}: tokenizer: expected a mapping")
-    if tok is not None and tok != "base" and not (isinstance(tok, str) and _same_path(tok, src_list[0])):
-        raise GenomeError(f"{where}: tokenizer_source {tok!r}: a recipe's merge keeps the vocabulary of its "
-                          f"sources (the tokenizer of {src_list[0]})")
+    if _tokenizer_source(data, src_list, where) != 0:
+        raise GenomeError(f"{where}: tokenizer_source {data.get('tokenizer_source')!r}: a recipe's merge keeps the "
+                          f"vocabulary of its sources (the tokenizer of {src_list[0]})")
 
     # layers, from config.json only
     layer_counts, family, tied = [], None, False
@@ -434,6 +436,16 @@ def import_recipe(data: dict[str, Any], where: str, sources: Sequence[str] | Non
         raise GenomeError(f"{where}: {err}") from None
 
 
+_WHY_NOT = {
+    "slerp": "it interpolates two models' weights along the sphere between them, which no route and none of the "
+             "recipes' weighted sums reproduces",
+    "nuslerp": "it interpolates models' weights along the sphere between them, which no route and none of the "
+               "recipes' weighted sums reproduces",
+}
+
+
 def supported_message(method: Any) -> str:
-    """The refusal of a merge method that neither a route nor a recipe can express."""
-    return f"merge_method is {method!r}, which is not supported; supported: {', '.join(SUPPORTED)}"
+    """The refusal of a merge method that neither a route nor a recipe can express (with why, where known)."""
+    why = _WHY_NOT.get(method) if isinstance(method, str) else None
+    return (f"merge_method is {method!r}, which is not supported{f' ({why})' if why else ''}; "
+            f"supported: {', '.join(SUPPORTED)}")

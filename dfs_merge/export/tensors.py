@@ -18,14 +18,17 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dfs_merge.errors import ExportError
+from dfs_merge.errors import ExportError, GenomeError
+from dfs_merge.export.providers import ST_DTYPES, TensorProvider, as_provider
 from dfs_merge.genome import Route
 from dfs_merge.models.families import Family
-from dfs_merge.models.sources import SourcePool
+
+if TYPE_CHECKING:
+    from dfs_merge.models.sources import SourcePool
 
 log = logging.getLogger(__name__)
 
@@ -45,52 +48,54 @@ def parse_size(size: int | str) -> int:
 
 @dataclass(frozen=True)
 class Entry:
-    """One output tensor: where it comes from and how big it is."""
+    """One output tensor: where it comes from, how it is written and how big it is."""
 
     name: str
-    hop: int | None  # index into the route, None for the base's non-layer tensors
-    key: str  # key in the hop's layer state dict, or in the base's state dict
-    dtype: torch.dtype
+    hop: int | None  # index into the route, None for a tensor outside the layers
+    key: str  # key in the hop's layer state, or in its source's tensors outside the layers
+    dtype: torch.dtype  # as written
     shape: tuple[int, ...]
+    source: int = 0  # the source it is read from
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * _itemsize(self.dtype)
 
 
-def plan_tensors(pool: SourcePool, route: Route) -> list[Entry]:
-    """Every tensor of the output in HF order: embeddings, the hops' layers, final norm, head.
+def plan_tensors(tensors: TensorProvider | SourcePool, route: Route, dtype: torch.dtype | None = None) -> list[Entry]:
+    """Every tensor of the output, nothing copied: the embeddings (of `route.embed_source`), each hop's layer,
+    the final norm and LM head (of `route.head_source`); floating tensors in `dtype` (None: as held).
 
-    A non-layer tensor that shares storage with an earlier one (the LM head of a base with
-    tied embeddings) is left out, as `save_pretrained` does.
+    Names are sorted within each of the three parts, so that both providers plan the same files. The
+    head is left out where the output (the base's config) ties it to embeddings of the same model, as
+    `save_pretrained` does; an embed and a head source that differ while a source ties them is refused,
+    as the stitched model refuses it.
     """
-    family, base = pool.family, pool.base.model
+    from dfs_merge.models.sources import ties_embeddings
+
+    p = as_provider(tensors)
+    family = p.family
+    embed, head = route.embed_source, route.head_source
+    embed_key, *_, head_key = family.non_layer_weights
+    if embed != head and any(ties_embeddings(p.configs[i]) for i in (0, embed, head)):
+        raise GenomeError(f"embed_source {embed} and head_source {head} differ, but the sources tie the LM head "
+                          "to the embeddings (tie_word_embeddings): a tied model's head is its embeddings' source's")
+
+    def out(dt: torch.dtype) -> torch.dtype:
+        return dtype if dtype is not None and dt.is_floating_point else dt
+
+    pre, post = [], []
+    for source, side in ((embed, pre), (head, post)):
+        for key, dt, shape in sorted(p.non_layer_specs(source)):
+            if ("embed" in key) == (side is pre):
+                side.append(Entry(key, None, key, out(dt), shape, source))
+    if not ties_embeddings(p.configs[0]) and not any(e.name == head_key for e in post):
+        dt, shape = next((dt, shape) for k, dt, shape in p.non_layer_specs(head) if k == embed_key)
+        post.append(Entry(head_key, None, embed_key, out(dt), shape, head))  # its embeddings are its head
     prefix = family.layers_attr + "."
-    base_state = base.state_dict()
-    seen: dict[int, str] = {}
-    pre: list[Entry] = []
-    post: list[Entry] = []
-    in_layers = False
-    for key, t in base_state.items():
-        if key.startswith(prefix):
-            in_layers = True
-            continue
-        ptr = t.untyped_storage().data_ptr()
-        if ptr and ptr in seen and _ties_embeddings(base.config):
-            log.debug("%s is tied to %s: not written", key, seen[ptr])
-            continue
-        seen.setdefault(ptr, key)
-        (post if in_layers else pre).append(Entry(key, None, key, t.dtype, tuple(t.shape)))
-    hops = []
-    for k, h in enumerate(route):
-        for key, t in pool.layer(h.source, h.layer).state_dict().items():
-            hops.append(Entry(f"{prefix}{k}.{key}", k, key, t.dtype, tuple(t.shape)))
+    hops = [Entry(f"{prefix}{k}.{key}", k, key, out(dt), shape, h.source)
+            for k, h in enumerate(route) for key, dt, shape in sorted(p.layer_specs(h.source, h.layer))]
     return pre + hops + post
-
-
-def _ties_embeddings(config: Any) -> bool:
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -123,27 +128,40 @@ def running_products(route: Route) -> list[float]:
 
 
 class FoldedLayers:
-    """The hops' layer states with their running scale products (`products`, one per hop) folded in.
+    """The output's tensors, read from a provider (or a pool) with each hop's running scale product
+    (`products`, one per hop) folded in by its source's family.
 
-    Only the last hop asked for is kept, so an export copies one layer at a time.
+    `dtype` is what the merge computes in (a genome's `dtype`, mergekit's): each tensor is cast to it before
+    the fold, and to its entry's dtype after. Only the last hop asked for is kept, so an export holds one
+    layer at a time.
     """
 
-    def __init__(self, pool: SourcePool, route: Route, products: Sequence[float]):
-        self.pool, self.route = pool, route
+    def __init__(self, tensors: TensorProvider | SourcePool, route: Route, products: Sequence[float],
+                 dtype: torch.dtype | None = None):
+        self.tensors, self.route = as_provider(tensors), route
         self.products = list(products)
+        self.dtype = dtype
         self._hop: int | None = None
         self._state: dict[str, torch.Tensor] = {}
 
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
     def get(self, hop: int) -> dict[str, torch.Tensor]:
-        """Hop `hop`'s layer state, folded (the pool's own tensors when its product is 1)."""
+        """Hop `hop`'s layer state, folded (the provider's own tensors when its product is 1 and no cast)."""
         if hop != self._hop:
             h = self.route[hop]
-            state = dict(self.pool.layer(h.source, h.layer).state_dict())
+            state = {k: self._cast(v) for k, v in self.tensors.layer_state(h.source, h.layer).items()}
             factor = self.products[hop]
             if factor != 1.0:
-                state = fold(self.pool.sources[h.source].family, state, factor)
+                state = fold(self.tensors.families[h.source], state, factor)
             self._hop, self._state = hop, state
         return self._state
+
+    def tensor(self, e: Entry) -> torch.Tensor:
+        """The tensor written for `e`, in its dtype."""
+        t = self.get(e.hop)[e.key] if e.hop is not None else self._cast(self.tensors.tensor(e.source, e.key))
+        return t if t.dtype == e.dtype else t.to(e.dtype)
 
 
 def fold(family: Family, state: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
@@ -157,16 +175,6 @@ def fold(family: Family, state: dict[str, torch.Tensor], factor: float) -> dict[
 
 
 # --------------------------------------------------------------------------- the safetensors writer
-
-
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        _ST_DTYPES[getattr(torch, _name)] = _code
 
 
 def save_shard(path: Path, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], get: Callable[[str], torch.Tensor]) -> None:
@@ -185,10 +193,10 @@ def save_shard(path: Path, specs: Sequence[tuple[str, torch.dtype, tuple[int, ..
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, shape in specs:
-        if dtype not in _ST_DTYPES:
+        if dtype not in ST_DTYPES:
             raise ExportError(f"{name}: dtype {dtype} cannot be written as safetensors")
         n = math.prod(shape) * _itemsize(dtype)
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)

@@ -1,22 +1,41 @@
-"""Checking a written checkpoint against the in-memory stitched model before it is published.
+"""Checking a written checkpoint before it is published: its tensors, its logits, its generations.
 
-`verify_export` loads the folder with transformers and compares it with `stitch(pool,
-route)` on a fixed batch (logits, then greedy generations); `check_verified` turns a
-result outside the dtype's tolerance (`verify_tolerance`) into an ExportError.
+Three levels (`VERIFY_MODES`, the CLI's `--verify`):
+
+- `quick` (the default): `check_tensors` reads every written tensor back (memory-mapped, one at a time)
+  and compares it bit for bit with its source tensor, cast and folded as planned, and the files' names,
+  dtypes, shapes and index with the plan; then `compare_logits` runs the verify prompts through the
+  written checkpoint (loaded by transformers, as a user loads it) and through the stitched model, one model
+  after the other, without generation. The logit check is skipped where either model would exceed
+  `QUICK_LOGITS_MAX_BYTES` (the tensor check still runs).
+- `full`: the tensor check, then `verify_export`: logits on the prompts and a 32-token row, then greedy
+  generations of both models compared token for token.
+- `off`: nothing.
+
+`check_verified` turns a result outside the dtype's tolerance (`verify_tolerance`) into an ExportError.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import logging
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dfs_merge.errors import ExportError, one_line
+from dfs_merge.export.providers import INDEX_NAME, read_header, safetensors_files
+from dfs_merge.export.tensors import Entry, FoldedLayers
 from dfs_merge.genome import Route
-from dfs_merge.models.sources import SourcePool
+
+if TYPE_CHECKING:
+    from dfs_merge.models.sources import SourcePool
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +43,11 @@ VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 VERIFY_TOLERANCE_HALF = 5e-2
 VERIFY_NEW_TOKENS = 16
 VERIFY_PROMPTS = ("The capital of France is", "def add(a, b):\n    return")
+VERIFY_MODES = ("quick", "full", "off")
+QUICK_LOGITS_MAX_BYTES = 4 * 2**30
+"""`quick` compares logits only where the written checkpoint and the sources each hold at most this (4 GiB):
+beyond it, loading them for the comparison would cost more memory than the streamed write (`full` always
+compares)."""
 
 
 @dataclass(frozen=True)
@@ -47,16 +71,23 @@ class VerifyResult:
         """One line for the log and the model card."""
         if self.problem is not None:
             return self.problem
+        text = f"max|Δlogit|/max|logit| = {self.rel_error:.2e} (max|Δ| {self.max_abs_diff:.2e})"
+        if not self.new_tokens:
+            return text + f" on {len(VERIFY_PROMPTS)} prompts; no generation compared"
         gen = {True: "identical", False: "DIFFERENT", None: "not compared"}[self.generations_equal]
-        return (
-            f"max|Δlogit|/max|logit| = {self.rel_error:.2e} (max|Δ| {self.max_abs_diff:.2e}); "
-            f"greedy generations ({self.new_tokens} new tokens) {gen}"
-        )
+        return text + f"; greedy generations ({self.new_tokens} new tokens) {gen}"
 
 
 def verify_tolerance(dtype: torch.dtype) -> float:
     """The largest max|Δlogit|/max|logit| an export in `dtype` may show."""
     return VERIFY_TOLERANCE.get(dtype, VERIFY_TOLERANCE_HALF)
+
+
+def coarsest(*dtypes: torch.dtype | None) -> torch.dtype:
+    """Of the floating dtypes a comparison went through (the merge's, the written one, the reference's),
+    the one with the widest tolerance: it decides `check_verified`."""
+    present = [d for d in dtypes if d is not None]
+    return max(present, key=verify_tolerance) if present else torch.float32
 
 
 def _verify_inputs(pool: SourcePool, vocab: int) -> list[torch.Tensor]:
@@ -79,19 +110,10 @@ def verify_export(pool: SourcePool, route: Route, folder: str | Path, tolerance:
     logits already miss `tolerance`). With `gguf_file`, the checkpoint is that GGUF file in `folder`,
     read by transformers' GGUF loader.
     """
-    from transformers import AutoModelForCausalLM
-
     from dfs_merge.stitch import stitch
 
     stitched = stitch(pool, route)
-    placement = {} if pool.device.type == "cpu" else {"device_map": str(pool.device)}
-    try:
-        if gguf_file is not None:
-            placement["gguf_file"] = gguf_file
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=pool.dtype, **placement)
-    except Exception as err:  # noqa: BLE001
-        raise ExportError(f"the written checkpoint does not load ({one_line(err)})") from None
-    loaded = loaded.to(pool.device).eval()
+    loaded = _load_written(folder, pool.dtype, pool.device, gguf_file)
     vocab = int(loaded.config.get_text_config(decoder=True).vocab_size)
     prompts = _verify_inputs(pool, vocab)
     batch = [*prompts, torch.tensor([[(3 + 37 * i) % vocab for i in range(32)]])]
@@ -122,6 +144,128 @@ def verify_export(pool: SourcePool, route: Route, folder: str | Path, tolerance:
         same = same and ga.shape == gb.shape and bool((ga == gb).all())
     del loaded
     return VerifyResult(diff, top, same, VERIFY_NEW_TOKENS)
+
+
+def _load_written(folder: str | Path, dtype: torch.dtype, device: torch.device, gguf_file: str | None = None) -> Any:
+    """The written checkpoint as transformers loads it (`from_pretrained`, no remote code), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    placement: dict[str, Any] = {} if device.type == "cpu" else {"device_map": str(device)}
+    if gguf_file is not None:
+        placement["gguf_file"] = gguf_file
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement)
+    except Exception as err:  # noqa: BLE001
+        raise ExportError(f"the written checkpoint does not load ({one_line(err)})") from None
+    return loaded.to(device).eval()
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """One torch thread on a CPU for the block: a forward of a dozen tokens reads the weights once and is
+    memory-bound, and on a busy machine extra threads make it several times slower (OFFLINE.md)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def compare_logits(reference: SourcePool | Callable[[], SourcePool], route: Route, folder: str | Path,
+                   dtype: torch.dtype | None = None) -> VerifyResult:
+    """The quick logit check: the verify prompts, as one row, through the stitched model over `reference` and
+    through the checkpoint in `folder` (loaded in `dtype`, default the reference's), logits only.
+
+    A callable `reference` is loaded, used and dropped before the checkpoint is loaded, so that the two
+    models are never in memory together.
+    """
+    from dfs_merge.stitch import stitch
+
+    pool = reference() if callable(reference) else reference
+    device, dtype = pool.device, dtype or pool.dtype
+    ids = torch.cat(_verify_inputs(pool, int(pool.base.config.get_text_config(decoder=True).vocab_size)), dim=1)
+    ids = ids.to(device)
+    with _one_thread(device):
+        expected = stitch(pool, route)(input_ids=ids).logits.float()
+    if callable(reference):
+        del pool
+        gc.collect()
+    loaded = _load_written(folder, dtype, device)
+    with _one_thread(device):
+        got = loaded(input_ids=ids).logits.float()
+    del loaded
+    for name, logits in (("the stitched model", expected), ("the written checkpoint", got)):
+        if not bool(torch.isfinite(logits).all()):
+            return VerifyResult(math.nan, math.nan, None, 0, f"{name} gives non-finite logits")
+    if expected.shape != got.shape:
+        return VerifyResult(math.nan, math.nan, None, 0, f"the written checkpoint gives logits of shape "
+                            f"{list(got.shape)}, the stitched model {list(expected.shape)}")
+    return VerifyResult(float((expected - got).abs().max()), float(expected.abs().max()), None, 0)
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """What `check_tensors` read back."""
+
+    tensors: int
+    nbytes: int
+
+    def text(self) -> str:
+        """One line for the log and the model card."""
+        return (f"{self.tensors} tensors ({self.nbytes / 2**20:.0f} MB) read back equal bit for bit to their "
+                "sources' (cast and scales folded as planned)")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def check_tensors(folder: Path, entries: Sequence[Entry], feed: FoldedLayers) -> TensorCheck:
+    """Read every tensor written in `folder` back and compare it bit for bit with what `feed` computes from the
+    sources for its entry; the files must hold exactly the planned names, dtypes and shapes (and the index,
+    where there is one, name the file that holds each). An ExportError names the first tensor that differs.
+
+    Each tensor is read through its own short-lived memory map, so the check holds one tensor (and the
+    feed's one layer) at a time.
+    """
+    from safetensors import safe_open
+
+    files = safetensors_files(folder) or []
+    where: dict[str, tuple[Path, torch.dtype, tuple[int, ...]]] = {}
+    for file in files:
+        for name, (dt, shape) in read_header(file).items():
+            where[name] = (file, dt, shape)
+    planned = {e.name for e in entries}
+    extra, missing = sorted(set(where) - planned), sorted(planned - set(where))
+    if extra or missing:
+        what = f"holds {extra[0]}, which was not planned" if extra else f"lacks {missing[0]}"
+        raise ExportError(f"verify failed: the written checkpoint {what}; nothing was written")
+    index = folder / INDEX_NAME
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    for e in entries:
+        file, dt, shape = where[e.name]
+        if weight_map is not None and weight_map.get(e.name) != file.name:
+            raise ExportError(f"verify failed: the index names {weight_map.get(e.name)} for {e.name}, which "
+                              f"{file.name} holds; nothing was written")
+        if (dt, shape) != (e.dtype, e.shape):
+            raise ExportError(f"verify failed: {e.name} in {file.name} is {dt} {list(shape)}, planned "
+                              f"{e.dtype} {list(e.shape)}; nothing was written")
+        with safe_open(str(file), framework="pt") as f:
+            written = f.get_tensor(e.name)
+        expected = feed.tensor(e)
+        if not _same_bits(written, expected):
+            origin = (f"source {e.source} layer {feed.route[e.hop].layer}, scale product {feed.products[e.hop]:.6g}"
+                      if e.hop is not None else f"source {e.source}'s {e.key}")
+            differ = int((written.float() != expected.float()).sum()) if written.shape == expected.shape else "all"
+            raise ExportError(f"verify failed: {e.name} in {file.name} differs from its source tensor ({origin}) in "
+                              f"{differ} of {expected.numel()} values; nothing was written")
+        del written, expected
+    return TensorCheck(len(entries), sum(e.nbytes for e in entries))
 
 
 def check_verified(result: VerifyResult, dtype: torch.dtype) -> None:

@@ -152,13 +152,24 @@ class Fitness:
             for name, s in self._specs.items()
         }
 
-    def score(self, model: Any, tokenizer: Any, hops: int | None = None) -> Evaluation:
-        """Evaluate one candidate on every task; a failure yields `WORST_SCORE` and `error`, never an exception."""
+    def window(self, name: str, docs: tuple[float, float]) -> range:
+        """The documents of task `name` in a race stage `docs` = (from, to), fractions of its documents:
+        [ceil(from x N), ceil(to x N)), each bound at least 1 document where it is above 0."""
+        n = self._specs[name].docs
+        return range(prefix_size(docs[0], n), prefix_size(docs[1], n))
+
+    def score(self, model: Any, tokenizer: Any, hops: int | None = None,
+              docs: tuple[float, float] | None = None) -> Evaluation:
+        """Evaluate one candidate on every task; a failure yields `WORST_SCORE` and `error`, never an exception.
+
+        `docs` (racing): only each task's documents in `window(task, docs)`; the Evaluation then also holds their
+        per-document results (`per_doc`), which `search/racing.py` combines over the stages."""
         t0 = time.perf_counter()
         if hops is None:
             hops = _hops_of(model)
+        per_doc: dict[str, Any] | None = {} if docs is not None else None
         try:
-            results = self._evaluate(model, tokenizer)
+            results = self._evaluate(model, tokenizer, docs, per_doc)
         except Exception as err:  # noqa: BLE001 - a candidate's failure must not stop the run
             reason = one_line(err)
             _release_memory(err)
@@ -169,17 +180,12 @@ class Fitness:
             reason = "; ".join(f"task {r.task}: {r.metric} is {r.value}" for r in bad)
             log.warning("candidate with %d hops failed: %s", hops, reason)
             return Evaluation.failed(reason, hops, time.perf_counter() - t0, results)
-        total = math.fsum(self.term(name, r) for name, r in results.items())
-        return Evaluation(total, hops, results, time.perf_counter() - t0)
+        total = weighted_score(results, self.weights, self.guards)
+        return Evaluation(total, hops, results, time.perf_counter() - t0, per_doc=per_doc)
 
     def term(self, name: str, r: TaskResult) -> float:
-        """What a task adds to the score: weight x its signed value; for a guarded task, nothing while it stays
-        within its bound and -weight x the excess beyond it."""
-        bound = self.guards.get(name)
-        if bound is None:
-            return self.weights[name] * r.signed
-        excess = bound - r.value if r.higher_is_better else r.value - bound
-        return -self.weights[name] * max(0.0, excess)
+        """What a task adds to the score (`task_term` with this fitness's weights and guards)."""
+        return task_term(r, self.weights[name], self.guards.get(name))
 
     def _lm(self, model: Any, tokenizer: Any) -> Any:
         """A fresh `CandidateLM` over `model`, sharing the tokenisations memoised for `tokenizer`.
@@ -198,8 +204,10 @@ class Fitness:
             batch_size=self.batch_size, memo=memo,
         )
 
-    def _evaluate(self, model: Any, tokenizer: Any) -> dict[str, TaskResult]:
-        """Each task's primary metric for one candidate; raises on any failure (`score` contains it)."""
+    def _evaluate(self, model: Any, tokenizer: Any, docs: tuple[float, float] | None = None,
+                  per_doc: dict[str, Any] | None = None) -> dict[str, TaskResult]:
+        """Each task's primary metric for one candidate (on the race window `docs`, filling `per_doc`);
+        raises on any failure (`score` contains it)."""
         import torch
         from lm_eval.evaluator import evaluate
 
@@ -208,6 +216,9 @@ class Fitness:
         with torch.inference_mode(), no_request_bars():
             for name, spec in self._specs.items():
                 t = time.perf_counter()
+                window = self.window(name, docs) if docs is not None else None
+                if window is not None and not window:
+                    continue  # this stage adds no document of this task
                 # The sampler's RNG keeps advancing across evaluate() calls: without this reset every
                 # candidate would see other few-shot examples.
                 spec.task.set_fewshot_seed(self.seed)
@@ -215,9 +226,10 @@ class Fitness:
                     res = evaluate(
                         lm=lm,
                         task_dict={"tasks": {name: spec.task}, "groups": {}, "group_map": {}},
-                        limit=self.limits[name],
+                        limit=self.limits[name] if window is None else None,
+                        samples={name: list(window)} if window is not None else None,
                         bootstrap_iters=0,
-                        log_samples=False,
+                        log_samples=window is not None,
                     )
                 if res is None:
                     raise RuntimeError("lm-eval returned no results (not rank 0?)")
@@ -229,10 +241,70 @@ class Fitness:
                     metric=spec.label,
                     value=float(metrics[spec.key]),
                     higher_is_better=spec.higher_is_better,
-                    docs=spec.docs,
+                    docs=spec.docs if window is None else len(window),
                     seconds=time.perf_counter() - t,
                 )
+                if window is not None and per_doc is not None:
+                    per_doc[name] = {"aggregation": aggregation_name(spec.task, spec.metric),
+                                     "start": window.start, "total": spec.docs,
+                                     "items": document_items(res.get("samples", {}).get(name, []), spec, window)}
         return out
+
+
+def prefix_size(fraction: float, n: int) -> int:
+    """How many of a task's `n` documents the prefix `fraction` holds: ceil(fraction x n), at least 1 when the
+    fraction is above 0 (racing's stages)."""
+    return 0 if fraction <= 0 else min(n, max(1, math.ceil(fraction * n - 1e-9)))
+
+
+def task_term(r: TaskResult, weight: float, bound: float | None = None) -> float:
+    """What a task adds to the score: weight x its signed value; for a guarded task (`bound`), nothing while it
+    stays within its bound and -weight x the excess beyond it."""
+    if bound is None:
+        return weight * r.signed
+    excess = bound - r.value if r.higher_is_better else r.value - bound
+    return -weight * max(0.0, excess)
+
+
+def weighted_score(results: Mapping[str, TaskResult], weights: Mapping[str, float],
+                   guards: Mapping[str, float]) -> float:
+    """The candidate's score: the sum of its tasks' terms (`task_term`)."""
+    return math.fsum(task_term(r, weights[name], guards.get(name)) for name, r in results.items())
+
+
+def aggregation_name(task: Any, metric: str) -> str:
+    """The name in lm-eval's aggregation registry of how `task` aggregates `metric` over documents (`mean`,
+    `bits_per_byte`, ...): racing combines the per-document results of its stages with it."""
+    import lm_eval.api.metrics  # noqa: F401 - registers lm-eval's aggregations
+    from lm_eval.api.registry import AGGREGATION_REGISTRY
+
+    fn = task.aggregation()[metric]
+    for name, registered in AGGREGATION_REGISTRY.items():
+        if registered is fn:
+            return name
+    raise FitnessError(f"racing: the aggregation of {metric} is not one of lm-eval's registered aggregations; "
+                       "racing cannot combine its documents (turn racing off)")
+
+
+def aggregate(name: str, items: Sequence[Any]) -> float:
+    """lm-eval's aggregation `name` over per-document items (as `aggregation_name` named it)."""
+    import lm_eval.api.metrics  # noqa: F401 - registers lm-eval's aggregations
+    from lm_eval.api.registry import AGGREGATION_REGISTRY
+
+    return float(AGGREGATION_REGISTRY.get(name)([tuple(x) if isinstance(x, list) else x for x in items]))
+
+
+def document_items(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window: range) -> list[Any]:
+    """The per-document metric items of a window (lm-eval's logged samples, in document order), JSON-safe."""
+    items: dict[int, Any] = {}
+    for s in samples:
+        if s.get("filter") == spec.filter and spec.metric in s:
+            v = s[spec.metric]
+            items[int(s["doc_id"])] = [float(x) for x in v] if isinstance(v, (tuple, list)) else float(v)
+    missing = [d for d in window if d not in items]
+    if missing:
+        raise RuntimeError(f"task {spec.name}: lm-eval logged no result for documents {missing[:5]}")
+    return [items[d] for d in window]
 
 
 def _hops_of(model: Any) -> int:

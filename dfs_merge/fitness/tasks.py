@@ -233,13 +233,20 @@ def _freeze_requests(task: Any, limit: int | None) -> None:
     never the data, so it is not used.
     """
     task.build_all_requests(limit=limit, rank=0, world_size=1)
-    frozen = list(task.instances)
+    frozen = [(inst, inst.doc_id) for inst in task.instances]
 
-    def build_all_requests(**_ignored: Any) -> None:
-        for inst in frozen:
+    def build_all_requests(samples: list[int] | None = None, **_ignored: Any) -> None:
+        # With `samples` (racing's document windows) lm-eval numbers the chosen documents 0, 1, ... in order.
+        position = {doc: i for i, doc in enumerate(samples)} if samples is not None else None
+        chosen = []
+        for inst, doc in frozen:
+            if position is not None and doc not in position:
+                continue
             inst.resps = []
             inst.filtered_resps = {}
-        task._instances = list(frozen)
+            inst.doc_id = doc if position is None else position[doc]
+            chosen.append(inst)
+        task._instances = chosen
 
     task.build_all_requests = build_all_requests
 

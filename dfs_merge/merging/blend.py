@@ -7,6 +7,15 @@ recipe values changed since the last candidate, writing the result in place into
 write, no model rebuild, and no work for the layer groups a mutation left alone. Tensors that are the
 same in every source (the untouched tensors of LoRA adapters over one base, or of full fine-tunes that froze
 them) are never merged for a method with a base: their deltas are zero, so the merge is the base's tensor.
+
+For TIES and DARE it keeps, per merged tensor and merged source, what no candidate changes (`methods.Delta`):
+the delta against the base and, for TIES, each value's rank in mergekit's magnitude order, made on the first
+candidate that needs them, so that a later candidate's TIES is elementwise passes only (the top-k at a new
+density is `rank < k`; no selection, no sort). It costs, per merged source, 4 bytes (the rank) plus the
+tensors' element size (the delta) per value of the tensors that differ from the base: 0.85 GB for
+SmolLM2-135M in float32 with one adapter, about 40 GB for a 7B in bfloat16 (three times the source's size).
+`cache=False` keeps nothing (each merge as `merge_tensor`, same result); a one-off merge (`merged_model`)
+keeps nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Any
 import torch
 
 from dfs_merge.errors import IncompatibleSources
-from dfs_merge.merging.methods import merge_tensor, tensor_generator
+from dfs_merge.merging.methods import Delta, merge_deltas, merge_tensor, tensor_generator
 from dfs_merge.merging.recipe import Recipe
 
 
@@ -37,10 +46,13 @@ class _Tensor:
 
 
 class Blender:
-    """The resident model of one worker and what it needs to turn a recipe into merged weights."""
+    """The resident model of one worker and what it needs to turn a recipe into merged weights; with `cache`
+    (default), the TIES / DARE deltas and magnitude ranks it reuses between candidates (see the module)."""
 
-    def __init__(self, pool: Any):
+    def __init__(self, pool: Any, cache: bool = True):
         self.pool = pool
+        self.cache = cache
+        self._deltas: dict[tuple[str, int, int], Delta] = {}  # (tensor, base, source)
         models = [s.model for s in pool.sources]
         states = [dict(m.named_parameters()) for m in models]
         names = list(states[0])
@@ -112,14 +124,32 @@ class Blender:
         inputs = [t.inputs[s] for s in recipe.merged]
         base = t.inputs[recipe.base] if recipe.base is not None and spec.needs_base else None
         gen = tensor_generator(recipe.seed, t.name, t.inputs[0].device) if spec.sparsify == "random" else None
+        if base is not None and (spec.sparsify is not None or spec.consensus):
+            deltas = [self._delta(t, recipe.base, s) for s in recipe.merged]
+            return merge_deltas(spec, deltas, weights, base, densities=densities or None, normalize=recipe.normalize,
+                                lam=recipe.lam, rescale=recipe.rescale, generator=gen)
         return merge_tensor(spec, inputs, weights, base=base, densities=densities or None,
                             normalize=recipe.normalize, lam=recipe.lam, rescale=recipe.rescale, generator=gen)
+
+    def _delta(self, t: _Tensor, base: int, source: int) -> Delta:
+        key = (t.name, base, source)
+        if key in self._deltas:
+            return self._deltas[key]
+        delta = Delta(t.inputs[source] - t.inputs[base], reused=self.cache)
+        if self.cache:
+            self._deltas[key] = delta
+        return delta
+
+    @property
+    def cache_bytes(self) -> int:
+        """The bytes the kept deltas and ranks hold now."""
+        return sum(d.nbytes for d in self._deltas.values())
 
 
 def merged_model(recipe: Recipe, pool: Any) -> Any:
     """A model of `recipe`'s merge over `pool` (its sources, loaded), with buffers of its own: for a hybrid's
     source and for the export. The pool's models are left unchanged."""
-    return Blender(pool).apply(recipe)
+    return Blender(pool, cache=False).apply(recipe)
 
 
 def merged_source(recipe: Recipe, pool: Any, path: str) -> Any:

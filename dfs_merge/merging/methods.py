@@ -8,13 +8,18 @@
 - `dare_linear`, `dare_ties`: as task arithmetic and TIES, with a random (Bernoulli) mask of probability
   `density` on each delta, rescaled to keep its L1 norm (mergekit's `rescale`, on by default).
 
-What comes from a library and what is written here: the sign election is PEFT's
-`calculate_majority_sign_mask(..., "total")` and the weight broadcast PEFT's `reshape_weight_task_tensors`
-(`peft.utils.merge_utils`). PEFT's composite `ties` / `dare_*` do not match mergekit (one density for all
-sources, the disjoint mean divided by a count rather than by the weights, the DARE rescale 1/density rather
-than mergekit's L1 norm), and mergekit is not a runtime dependency, so the pruning (magnitude top-k keeping
-at least one value, mergekit's rule; the Bernoulli mask drawn from a seeded generator per tensor) and the
-weighted sum and its divisor are written here, checked against `mergekit-yaml` in the tests.
+What comes from a library and what is written here: the weight broadcast is PEFT's
+`reshape_weight_task_tensors` (`peft.utils.merge_utils`). PEFT's composite `ties` / `dare_*` do not match
+mergekit (one density for all sources, the disjoint mean divided by a count rather than by the weights, the
+DARE rescale 1/density rather than mergekit's L1 norm), and mergekit is not a runtime dependency, so the
+pruning (magnitude top-k keeping at least one value, mergekit's rule; the Bernoulli mask drawn from a seeded
+generator per tensor), the weighted sum and its divisor are written here, checked against `mergekit-yaml`
+in the tests; the sign election is PEFT's `calculate_majority_sign_mask(..., "total")` written as boolean
+comparisons (the same mask, tested against it, without its int64 intermediates: a third of a TIES merge).
+
+A search merges the same deltas for every candidate with new weights and densities only: a `Delta` made
+with `reused=True` keeps what no candidate changes, the delta and each value's rank in mergekit's magnitude
+order (`magnitude_rank`), so that a density's top-k is one comparison instead of a selection or a sort.
 """
 
 from __future__ import annotations
@@ -55,29 +60,58 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
-def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` fraction of largest magnitudes (at least one value), zero the rest (mergekit's rule).
+def keep_count(n: int, density: float) -> int:
+    """How many of `n` values magnitude pruning keeps at `density`: at least one (mergekit's rule)."""
+    return max(1, int(density * n))
 
-    The k-th largest magnitude is found with a selection (`kthvalue`, linear time) rather than mergekit's full
+
+def magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
+    """Each value's position (int32, 0 = largest) in mergekit's order of magnitudes, `argsort(|delta|,
+    descending=True)`: the values magnitude pruning keeps at any density are `rank < k`, ties at the k-th
+    magnitude broken as mergekit's sort breaks them (torch's sort is not stable: only the sort itself can)."""
+    import torch
+
+    n = delta.numel()
+    order = torch.argsort(delta.abs().reshape(-1).float(), descending=True)
+    rank = torch.empty(n, dtype=torch.int32, device=delta.device)
+    rank[order] = torch.arange(n, dtype=torch.int32, device=delta.device)
+    return rank.reshape_as(delta)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float, rank: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """1 where magnitude pruning at `density` (< 1) keeps a value (the largest magnitudes, at least one: mergekit's
+    rule), 0 elsewhere, in the delta's dtype (into `out` when given).
+
+    With `rank` (`magnitude_rank(delta)`, computed once for many densities) it is one comparison. Without, the
+    k-th largest magnitude is found with a selection (`kthvalue`, linear time) rather than mergekit's full
     sort; where several values tie at that magnitude (so that a threshold would keep more than k), the sort
     decides, as in mergekit."""
     import torch
 
-    if density >= 1:
-        return delta
+    out = torch.empty_like(delta) if out is None else out
+    if density <= 0:
+        return out.zero_()
     n = delta.numel()
-    k = max(1, int(density * n))
-    magnitude = delta.abs().reshape(-1).float()
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
-    keep = magnitude >= threshold
-    if int(keep.sum()) != k:  # ties at the threshold
-        keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-        keep[torch.argsort(magnitude, descending=True)[:k]] = True
-    return delta * keep.reshape_as(delta).to(delta.dtype)
+    k = keep_count(n, density)
+    if rank is None:
+        magnitude = delta.abs().reshape(-1).float()
+        keep = magnitude >= torch.kthvalue(magnitude, n - k + 1).values
+        if int(keep.sum()) == k:
+            return out.copy_(keep.reshape_as(delta))
+        rank = magnitude_rank(delta)  # ties at the threshold
+    return torch.lt(rank, k, out=out)
 
 
-def random_prune(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
-    """Keep each value with probability `density` (DARE); with `rescale`, restore the delta's L1 norm."""
+def magnitude_prune(delta: torch.Tensor, density: float, rank: torch.Tensor | None = None) -> torch.Tensor:
+    """The delta with all but its `density` fraction of largest magnitudes zeroed (`magnitude_mask`)."""
+    return delta if density >= 1 else delta * magnitude_mask(delta, density, rank)
+
+
+def random_prune(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator,
+                 l1: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep each value with probability `density` (DARE); with `rescale`, restore the delta's L1 norm (`l1`
+    when given: it is the same for every density)."""
     import torch
 
     if density >= 1:
@@ -86,10 +120,44 @@ def random_prune(delta: torch.Tensor, density: float, rescale: bool, generator: 
     mask = torch.bernoulli(torch.full_like(work, density), generator=generator)
     kept = work * mask
     if rescale:
-        before, after = work.abs().sum(), kept.abs().sum()
+        before, after = work.abs().sum() if l1 is None else l1, kept.abs().sum()
         if before >= 1e-7 and after >= 1e-7:
             kept = kept * (before / after)
     return kept.to(delta.dtype)
+
+
+class Delta:
+    """One source's delta against the base for one tensor, and what pruning it at any density needs that no
+    candidate's values change: its L1 norm (DARE's rescale) and, when `reused` (it will be pruned for many
+    candidates), each value's magnitude rank, both computed on first use. The rank costs 4 bytes a value."""
+
+    __slots__ = ("_l1", "_rank", "reused", "value")
+
+    def __init__(self, value: torch.Tensor, reused: bool = False):
+        self.value, self.reused = value, reused
+        self._rank: torch.Tensor | None = None
+        self._l1: torch.Tensor | None = None
+
+    def prune_into(self, out: torch.Tensor, method: Method, density: float, rescale: bool,
+                   generator: torch.Generator | None) -> None:
+        """Write the delta pruned as `method` prunes at `density` (DARE's mask drawn from `generator`) into `out`."""
+        import torch
+
+        if density >= 1 or method.sparsify is None:
+            out.copy_(self.value)
+        elif method.sparsify == "magnitude":
+            if self.reused and self._rank is None:
+                self._rank = magnitude_rank(self.value)
+            magnitude_mask(self.value, density, self._rank, out=out).mul_(self.value)
+        else:
+            if rescale and self._l1 is None:
+                self._l1 = self.value.float().abs().sum()
+            out.copy_(random_prune(self.value, density, rescale, generator or torch.Generator(), self._l1))
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes it holds: the delta, and the rank once computed."""
+        return sum(t.numel() * t.element_size() for t in (self.value, self._rank) if t is not None)
 
 
 def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
@@ -117,7 +185,6 @@ def merge_tensor(
     """Merge `tensors` (the non-base sources' for a method with a base; every source's for `linear`) with one
     weight (and density) each; the result has the dtype of the first input."""
     import torch
-    from peft.utils.merge_utils import calculate_majority_sign_mask, reshape_weight_task_tensors
 
     normalize = method.normalize if normalize is None else normalize
     rescale = method.rescale if rescale is None else rescale
@@ -142,25 +209,67 @@ def merge_tensor(
         for t, w in zip(tensors, weights, strict=True):
             out.add_(t - base, alpha=w * scale)
         return out
-    deltas = torch.stack([t - base for t in tensors])
-    if method.sparsify is not None:
-        assert densities is not None
-        for i, d in enumerate(densities):
-            deltas[i] = (magnitude_prune(deltas[i], d) if method.sparsify == "magnitude"
-                         else random_prune(deltas[i], d, rescale, generator or torch.Generator()))
-    w = reshape_weight_task_tensors(deltas, torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device))
-    deltas.mul_(w)
+    return merge_deltas(method, [Delta(t - base) for t in tensors], weights, base, densities, normalize, lam,
+                        rescale, generator)
+
+
+def sum_stacked(stacked: torch.Tensor) -> torch.Tensor:
+    """`stacked.sum(dim=0)`, the same values bit for bit (a zero's sign included), with one pass instead of
+    a fill and a pass where one tensor is stacked: the common case of two sources, a base and one other."""
+    return stacked[0] + 0.0 if len(stacked) == 1 else stacked.sum(dim=0)
+
+
+def majority_sign_mask(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES's sign election on weighted deltas stacked on dimension 0: 1 where a value has the sign of its
+    column's sum (+ where the sum is >= 0), 0 elsewhere and for zeros, in the deltas' dtype. PEFT's
+    `calculate_majority_sign_mask(deltas, "total")` with its int64 majority and boolean result replaced by the
+    deltas' dtype: on the CPU those conversions cost more than the rest of a merge whose deltas are kept."""
+    import torch
+
+    total = sum_stacked(deltas)
+    majority = torch.ge(total, 0, out=torch.empty_like(total)).mul_(2).sub_(1)
+    return torch.eq(deltas.sign(), majority, out=torch.empty_like(deltas))
+
+
+def merge_deltas(
+    method: Method,
+    deltas: Sequence[Delta],
+    weights: Sequence[float],
+    base: torch.Tensor,
+    densities: Sequence[float] | None = None,
+    normalize: bool | None = None,
+    lam: float = 1.0,
+    rescale: bool | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A method with a base that prunes or elects signs (TIES, DARE) over the merged sources' `deltas`: each
+    pruned at its density, weighted, summed (over the agreeing signs for TIES), divided by mergekit's divisor,
+    added to `base`. `merge_tensor`'s path, and the resident model's with deltas it keeps between candidates."""
+    import torch
+    from peft.utils.merge_utils import reshape_weight_task_tensors
+
+    normalize = method.normalize if normalize is None else normalize
+    rescale = method.rescale if rescale is None else rescale
+    if not deltas:
+        return base.clone()
+    if method.sparsify is not None and densities is None:
+        raise ValueError(f"{method.name} needs one density per merged source")
+    stack = base.new_empty((len(deltas), *base.shape))
+    for i, d in enumerate(deltas):
+        d.prune_into(stack[i], method, densities[i] if densities is not None else 1.0, rescale, generator)
+    w = reshape_weight_task_tensors(stack, torch.tensor(list(weights), dtype=stack.dtype, device=stack.device))
+    stack.mul_(w)
     if method.consensus:
-        mask = calculate_majority_sign_mask(deltas, method="total").to(deltas.dtype)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        mask = majority_sign_mask(stack)
+        mixed = sum_stacked(stack.mul_(mask))
+        divisor = sum_stacked(mask.mul_(w))
+        divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))  # 0 -> 1, as mergekit
     else:
-        mixed = deltas.sum(dim=0)
+        mixed = sum_stacked(stack)
         divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor.masked_fill_(divisor.abs() < 1e-8, 1)
     if normalize:
-        mixed = mixed / divisor
+        mixed.div_(divisor)
     if lam != 1:
-        mixed = mixed * lam
-    return (base + mixed).to(base.dtype)
+        mixed.mul_(lam)
+    return mixed.add_(base).to(base.dtype)

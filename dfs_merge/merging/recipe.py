@@ -58,6 +58,14 @@ class Recipe:
     layout: SlotLayout = field(default=NO_LAYOUT, init=False, compare=False)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig, init=False, compare=False)
     scaling: Literal["none"] = field(default="none", init=False, compare=False)
+    # a DFS genome's settings (`genome.SETTINGS`), at their defaults: a recipe's merge has the base's
+    # embeddings, head, tokenizer and dtype
+    embed_source: int = field(default=0, init=False, compare=False)
+    head_source: int = field(default=0, init=False, compare=False)
+    tokenizer_source: int = field(default=0, init=False, compare=False)
+    dtype: str | None = field(default=None, init=False, compare=False)
+    out_dtype: str | None = field(default=None, init=False, compare=False)
+    chat_template: str | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.sources)

@@ -63,13 +63,76 @@ def card_license(folder: Path) -> str | None:
 
 def source_license(path: str, folder: Path | None) -> str | None:
     """The licence of the source named `path` and loaded from `folder`: a packaged model's (by name, or
-    by the package a converted folder records), else the folder's model card's, else None."""
+    by the package a converted folder records), else the folder's model card's, else its LICENSE file's,
+    else None."""
     from dfs_merge.models.store import packaged_license
 
     lic = packaged_license(path, folder)
     if lic is not None:
         return lic
-    return card_license(folder) if folder is not None else None
+    if folder is None:
+        return None
+    return card_license(folder) or file_license(folder)
+
+
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "LICENCE.txt", "COPYING")
+_KNOWN_LICENSES = (  # (pattern in the text, the Hub's identifier); the narrower ones first
+    (r"GNU LESSER GENERAL PUBLIC LICENSE\s+Version 3", "lgpl-3.0"),
+    (r"GNU GENERAL PUBLIC LICENSE\s+Version 3", "gpl-3.0"),
+    (r"GNU GENERAL PUBLIC LICENSE\s+Version 2", "gpl-2.0"),
+    (r"Apache License,?\s+Version 2\.0", "apache-2.0"),
+    (r"\bMIT License\b|Permission is hereby granted, free of charge", "mit"),
+    (r"BSD 3-Clause|Redistribution and use in source and binary forms", "bsd-3-clause"),
+    (r"Creative Commons Attribution 4\.0", "cc-by-4.0"),
+    (r"LLAMA 2 COMMUNITY LICENSE", "llama2"),
+    (r"LLAMA 3\.1 COMMUNITY LICENSE", "llama3.1"),
+    (r"LLAMA 3\.2 COMMUNITY LICENSE", "llama3.2"),
+    (r"LLAMA 3 COMMUNITY LICENSE", "llama3"),
+    (r"Gemma Terms of Use", "gemma"),
+)
+
+
+def file_license(folder: Path) -> str | None:
+    """The licence of `folder`'s LICENSE file: a Hub identifier where its text is a well-known licence, else its
+    first line (the licence's own title); None without such a file."""
+    for name in LICENSE_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as fh:
+                text = fh.read(16384).decode(errors="replace")
+        except OSError:
+            return None
+        for pattern, ident in _KNOWN_LICENSES:
+            if re.search(pattern, text, re.I):
+                return ident
+        first = next((line.strip(" #*\t") for line in text.splitlines() if line.strip(" #*\t")), "")
+        return first[:80] or None
+    return None
+
+
+def source_name(path: str, folder: Path | None) -> str:
+    """How a model card's `base_model:` names a source: its Hub name where it was given as one (the revision
+    dropped), else the Hub name recorded for it (a packaged model's, or its config's `_name_or_path` when
+    that is one), else its folder's name. A `BASE+ADAPTER` source is named by its base."""
+    from dfs_merge.models import hub
+    from dfs_merge.models.store import packaged_hub_name
+
+    base = split_source(path)[0]
+    if hub.is_hub_name(base) and not Path(base).expanduser().exists():
+        return base.partition("@")[0]
+    recorded = packaged_hub_name(base, folder)
+    if recorded:
+        return recorded
+    if folder is not None and (folder / "config.json").is_file():
+        try:
+            named = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            named = None
+        if isinstance(named, str) and hub.is_hub_name(named) and not Path(named).expanduser().exists():
+            return named.partition("@")[0]
+    return (folder or Path(base).expanduser()).name or base
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")

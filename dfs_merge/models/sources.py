@@ -1,9 +1,11 @@
 """Loading the source models once, checking they can be stitched, and exposing the layer pool.
 
-Source 0 is the base: it supplies the tokenizer, the embeddings, the final norm and
-the LM head. Every source supplies its decoder layers. A source may be a local
-Hugging Face folder (safetensors), a GGUF file, or a packaged model name (see
-`dfs_merge.models.store`); the same path given twice (a self-merge) is loaded once.
+Source 0 is the base: it supplies the config and, unless a genome names other sources
+(`embed_source`, `head_source`, `tokenizer_source`), the tokenizer, the embeddings, the
+final norm and the LM head. Every source supplies its decoder layers. A source may be a
+local Hugging Face folder (safetensors), a GGUF file, a packaged model name (see
+`dfs_merge.models.store`) or a Hub name `org/name` found in the local Hugging Face cache
+(see `hub`); the same path given twice (a self-merge) is loaded once.
 A source may also be a base plus a LoRA adapter, `BASE+ADAPTER` (see `adapters`). A loaded source
 remembers where it came from (its folder, adapter and licence), for the export.
 """
@@ -21,11 +23,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from dfs_merge.errors import IncompatibleSources, SourceError, one_line
 from dfs_merge.inputs import read_json
+from dfs_merge.models import hub
 from dfs_merge.models.adapters import check_base, merged_model, read_adapter_config, split_source
 from dfs_merge.models.families import Family, family_for, supported_model_types
 from dfs_merge.models.metadata import layer_counts, source_license
 
-__all__ = ["DTYPES", "Source", "SourcePool", "check_compatible", "layer_counts", "locate", "read_config", "resolve_device"]
+__all__ = ["DTYPES", "Source", "SourcePool", "check_compatible", "layer_counts", "locate", "read_config", "resolve_device",
+           "ties_embeddings"]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def locate(path: str) -> Path:
-    """A local HF folder for `path`: a folder as is; a GGUF file or packaged model name converted once;
-    for `BASE+ADAPTER`, the base's (the adapter's files are checked here, merged at load)."""
+    """A local HF folder for `path`: a folder as is; a GGUF file or packaged model name converted once; a Hub
+    name, its snapshot in the local Hugging Face cache (`hub.resolve`); for `BASE+ADAPTER`, the base's (the
+    adapter's files are checked here, merged at load)."""
     base, adapter = split_source(path)
     if adapter is not None:
         read_adapter_config(adapter)
@@ -84,6 +89,11 @@ def locate(path: str) -> Path:
         if not (p / "config.json").is_file():
             raise SourceError(f"{path}: not a Hugging Face model folder (no config.json)")
         return p
+    if not p.exists() and hub.is_hub_name(path):
+        folder = hub.resolve(path)
+        if not (folder / "config.json").is_file():
+            raise SourceError(f"{path}: its snapshot in the Hugging Face cache ({folder}) has no config.json")
+        return folder
     is_gguf = p.suffix == ".gguf" and p.is_file()
     is_name = not p.exists() and "/" not in path
     if is_gguf or is_name:
@@ -116,6 +126,12 @@ def read_config(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Fam
     return config.get_text_config(decoder=True), family
 
 
+def ties_embeddings(config: Any) -> bool:
+    """Whether a model's config ties its LM head to its embeddings (its own or its text config's flag)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
+
+
 def check_compatible(configs: list[tuple[Any, Family]], tokenizers: list[Any] | None = None) -> None:
     """Refuse sources that cannot share a hidden space, naming the first field that differs."""
     base_cfg, base_fam = configs[0]
@@ -142,12 +158,22 @@ def check_compatible(configs: list[tuple[Any, Family]], tokenizers: list[Any] | 
 
 
 class SourcePool:
-    """The loaded sources: the layer pool `(source, layer)` and the base's embeddings, norm, head, tokenizer."""
+    """The loaded sources: the layer pool `(source, layer)`, their embeddings, norms and heads, the base's
+    tokenizer (`tokenizer`) and each source's (`tokenizer_for`)."""
 
-    def __init__(self, sources: list[Source], tokenizer: Any, paths: list[str] | None = None):
+    def __init__(self, sources: list[Source], tokenizer: Any, paths: list[str] | None = None,
+                 tokenizers: list[Any] | None = None):
         self.sources = sources
         self.tokenizer = tokenizer
         self.paths = paths or [s.path for s in sources]
+        self.tokenizers = tokenizers
+
+    def tokenizer_for(self, source: int = 0) -> Any:
+        """The tokenizer of `source` (a genome's `tokenizer_source`); the base's for a pool built without the
+        others'."""
+        if source and self.tokenizers:
+            return self.tokenizers[source]
+        return self.tokenizer
 
     @classmethod
     def load(
@@ -194,7 +220,7 @@ class SourcePool:
                 model = merged[key]
             sources.append(Source(str(p), model, configs[f.resolve()][1], f.resolve(), source_license(base, f.resolve()),
                                   adapter.resolve() if adapter is not None else None))
-        return cls(sources, tokenizers[folders[0].resolve()], list(paths))
+        return cls(sources, tokenizers[folders[0].resolve()], list(paths), [tokenizers[f.resolve()] for f in folders])
 
     @property
     def base(self) -> Source:

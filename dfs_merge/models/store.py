@@ -83,6 +83,7 @@ class PackagedModel:
     locate: str  # a key of _LOCATORS
     description: str
     license: str
+    hub_name: str = ""  # the model's name on the Hugging Face Hub (a model card's `base_model:`)
 
     @property
     def install_command(self) -> str:
@@ -103,6 +104,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             locate="package_file",
             description="SmolLM2-135M-Instruct (llama, 30 layers, hidden 576), Q4_1 GGUF",
             license="Apache-2.0",
+            hub_name="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         PackagedModel(
             name="gemma3-270m",
@@ -114,6 +116,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             locate="assemble",
             description="Gemma-3-270M (gemma3_text, 18 layers, hidden 640), Q4_K_M GGUF",
             license="Gemma Terms of Use",
+            hub_name="google/gemma-3-270m",
         ),
     )
 }
@@ -166,20 +169,31 @@ def packaged_models() -> list[PackagedModelInfo]:
     return out
 
 
-def packaged_license(path: str, folder: Path | None) -> str | None:
-    """The licence of a packaged model: `path` is its registered name, or `folder` is a conversion of one
-    (its marker records the package); None for any other model."""
+def packaged_spec(path: str, folder: Path | None) -> PackagedModel | None:
+    """The packaged model `path` names (its registered name), or whose conversion `folder` is (its marker
+    records the package); None for any other model."""
     spec = PACKAGED_MODELS.get(path)
     if spec is not None:
-        return spec.license
+        return spec
     if folder is None or not (folder / MARKER).is_file():
         return None
     try:
         package = json.loads((folder / MARKER).read_text()).get("source", {}).get("package")
     except (OSError, ValueError, AttributeError):
         return None
-    spec = next((m for m in PACKAGED_MODELS.values() if m.package == package), None)
+    return next((m for m in PACKAGED_MODELS.values() if m.package == package), None)
+
+
+def packaged_license(path: str, folder: Path | None) -> str | None:
+    """The licence of a packaged model (see `packaged_spec`); None for any other model."""
+    spec = packaged_spec(path, folder)
     return spec.license if spec is not None else None
+
+
+def packaged_hub_name(path: str, folder: Path | None) -> str | None:
+    """The Hub name of a packaged model (see `packaged_spec`); None for any other model."""
+    spec = packaged_spec(path, folder)
+    return spec.hub_name or None if spec is not None else None
 
 
 def _package_dir(spec: PackagedModel) -> Path | None:

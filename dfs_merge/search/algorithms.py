@@ -79,6 +79,16 @@ class Algorithm(ABC):
         """Take the evaluated individuals; choose the next population; return every individual the
         generation saw (for the hall of fame)."""
 
+    def race_cut(self) -> int:
+        """Racing: how many others must be confidently better than a candidate for it not to matter to this
+        algorithm (`racing.py`). The base rule: only the best (or the front) matters."""
+        return 1
+
+    def race_references(self) -> list[str]:
+        """Racing: the keys of the fully scored individuals a new candidate is compared with besides its own
+        generation (those the algorithm's selection will weigh it against)."""
+        return []
+
     def seeds(self) -> list[Genome]:
         """Generation 0's fixed members: each source unchanged, then `seed_routes`, repaired."""
         return [repair(s, random) for s in self.template.seeds(self.cfg.seed_routes)][: self.cfg.population]
@@ -159,6 +169,13 @@ class GA(_BitsAlgorithm):
 
     name = "ga"
 
+    def race_cut(self) -> int:
+        # below the population's median: a tournament of size t picks from there with probability at most 2^-t
+        return max(1, self.cfg.population // 2)
+
+    def race_references(self) -> list[str]:
+        return [ind.key for ind in self.population]
+
     def ask(self, gen: int) -> list[Any]:
         if gen == 0:
             self._elites, self._offspring = [], self.initial()
@@ -180,6 +197,13 @@ class NSGA2(_BitsAlgorithm):
 
     name = "nsga2"
     objectives = ("score", "hops")
+
+    def race_cut(self) -> int:
+        # dominated by a population's worth of individuals, it is in a front NSGA-II never reaches
+        return self.cfg.population
+
+    def race_references(self) -> list[str]:
+        return [ind.key for ind in self.population]
 
     def __init__(self, cfg: Any, template: Genome, known: Callable[[str], bool]):
         super().__init__(cfg, template, known)
@@ -245,6 +269,9 @@ class CMAES(Algorithm):
     """DEAP's CMA-ES over inclusion values and scales (the paper's optimiser)."""
 
     name = "cmaes"
+
+    def race_cut(self) -> int:
+        return int(self.strategy.mu)  # only the best mu of a generation enter the update
 
     def __init__(self, cfg: Any, template: Genome, known: Callable[[str], bool]):
         super().__init__(cfg, template, known)

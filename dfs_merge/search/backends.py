@@ -31,7 +31,10 @@ from dfs_merge.errors import ConfigError, DfsMergeError, one_line
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict
 
-GenomeEvaluator = Callable[[Genome], Evaluation]
+GenomeEvaluator = Callable[..., Evaluation]
+"""`fn(genome)` -> its Evaluation; with racing also `fn(genome, docs=(from, to))`: only that window of each task's
+documents (fractions), with per-document results (`Fitness.score`)."""
+Window = tuple[float, float] | None
 
 
 # ---- the work for one genome ------------------------------------------------------------
@@ -85,9 +88,9 @@ class ModelEvaluator:
         other.blender = self.blender
         return other
 
-    def __call__(self, genome: Genome) -> Evaluation:
+    def __call__(self, genome: Genome, docs: Window = None) -> Evaluation:
         scorer = self.scorer
-        ev = scorer.genome(genome)
+        ev = scorer.genome(genome, docs)
         self.blender = scorer.blender
         return ev
 
@@ -104,11 +107,12 @@ def setup_evaluator(fn: GenomeEvaluator) -> None:
         setup()
 
 
-def evaluate_safely(fn: GenomeEvaluator, genome: Genome) -> Evaluation:
-    """`fn(genome)`, with any exception turned into a failed Evaluation (WORST_SCORE, `error` set)."""
+def evaluate_safely(fn: GenomeEvaluator, genome: Genome, docs: Window = None) -> Evaluation:
+    """`fn(genome)` (`fn(genome, docs=docs)` for a race window), with any exception turned into a failed
+    Evaluation (WORST_SCORE, `error` set)."""
     start = time.perf_counter()
     try:
-        ev = fn(genome)
+        ev = fn(genome) if docs is None else fn(genome, docs=docs)
         if not isinstance(ev, Evaluation):
             raise TypeError(f"the genome evaluator returned {type(ev).__name__}, not an Evaluation")
         return ev
@@ -180,8 +184,9 @@ class Evaluator(ABC):
     """Evaluates genomes; results come back in completion order, each with the key of its genome."""
 
     @abstractmethod
-    def submit(self, genomes: Sequence[Genome]) -> Iterator[tuple[str, Evaluation]]:
-        """Evaluate `genomes` (distinct keys); yield `(genome.key(), Evaluation)` as each finishes."""
+    def submit(self, genomes: Sequence[Genome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
+        """Evaluate `genomes` (distinct keys; on the race window `docs` where given, the same for all of them);
+        yield `(genome.key(), Evaluation)` as each finishes."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release workers."""
@@ -201,9 +206,9 @@ class InProcessEvaluator(Evaluator):
         _set_threads(threads)
         setup_evaluator(fn)
 
-    def submit(self, genomes: Sequence[Genome]) -> Iterator[tuple[str, Evaluation]]:
+    def submit(self, genomes: Sequence[Genome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         for g in genomes:
-            yield g.key(), evaluate_safely(self.fn, g)
+            yield g.key(), evaluate_safely(self.fn, g, docs)
 
 
 # ---- a local process pool ---------------------------------------------------------------
@@ -241,19 +246,19 @@ def _init_pool_worker(payload: bytes, threads: int | None, slots: Any) -> None:
         _WORKER_SETUP_ERROR = str(err) if isinstance(err, DfsMergeError) else f"{type(err).__name__}: {err}"
 
 
-def _evaluate_dict(genome_dict: dict[str, Any]) -> dict[str, Any]:
-    """Worker side: a genome dict in, an Evaluation dict out."""
+def _evaluate_dict(genome_dict: dict[str, Any], docs: Window = None) -> dict[str, Any]:
+    """Worker side: a genome dict (and race window) in, an Evaluation dict out."""
     if _WORKER_SETUP_ERROR is not None or _WORKER_FN is None:
         return {SETUP_ERROR: _WORKER_SETUP_ERROR or "worker not initialised", "worker": _WORKER_NAME}
-    return _evaluate_in_worker(_WORKER_FN, genome_dict)
+    return _evaluate_in_worker(_WORKER_FN, genome_dict, docs)
 
 
-def _evaluate_in_worker(fn: GenomeEvaluator, genome_dict: dict[str, Any]) -> dict[str, Any]:
+def _evaluate_in_worker(fn: GenomeEvaluator, genome_dict: dict[str, Any], docs: Window = None) -> dict[str, Any]:
     try:
         genome = genome_from_dict(genome_dict)
     except Exception as err:  # noqa: BLE001
         return Evaluation.failed(f"{type(err).__name__}: {err}").to_dict()
-    return evaluate_safely(fn, genome).to_dict()
+    return evaluate_safely(fn, genome, docs).to_dict()
 
 
 def _from_worker(result: dict[str, Any]) -> Evaluation:
@@ -312,7 +317,7 @@ class ProcessPoolEvaluator(Evaluator):
             )
         return self._executor
 
-    def submit(self, genomes: Sequence[Genome]) -> Iterator[tuple[str, Evaluation]]:
+    def submit(self, genomes: Sequence[Genome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         queue = deque(genomes)
         tries: dict[str, int] = {}
         pending: dict[Future, Genome] = {}
@@ -320,7 +325,7 @@ class ProcessPoolEvaluator(Evaluator):
             broken = False
             while queue and len(pending) < self.workers:
                 try:
-                    fut = self._pool().submit(_evaluate_dict, genome_to_dict(queue[0]))
+                    fut = self._pool().submit(_evaluate_dict, genome_to_dict(queue[0]), docs)
                 except BrokenProcessPool:
                     broken = True
                     break
@@ -333,9 +338,10 @@ class ProcessPoolEvaluator(Evaluator):
             # A worker died: the pool is broken, and what is still in flight fails with it (or finished first).
             yield from _results(wait(pending)[0], pending, suspects)
             self._restart()
-            yield from self._retry_alone(suspects, tries)
+            yield from self._retry_alone(suspects, tries, docs)
 
-    def _retry_alone(self, genomes: list[Genome], tries: dict[str, int]) -> Iterator[tuple[str, Evaluation]]:
+    def _retry_alone(self, genomes: list[Genome], tries: dict[str, int],
+                     docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         """After a worker died, evaluate each genome that was in flight on its own (in a fresh pool), so that a
         genome that kills its worker is found and charged; each death counts one try; more than `retries`: lost."""
         for g in genomes:
@@ -348,7 +354,7 @@ class ProcessPoolEvaluator(Evaluator):
                     break
                 self.retried += 1
                 try:
-                    ev = _from_worker(self._pool().submit(_evaluate_dict, genome_to_dict(g)).result())
+                    ev = _from_worker(self._pool().submit(_evaluate_dict, genome_to_dict(g), docs).result())
                 except BrokenProcessPool:
                     self._restart()
                     continue
@@ -397,10 +403,10 @@ class RayWorker:
         return {"node": ctx.get_node_id(), "pid": os.getpid(), "resources": ctx.get_assigned_resources(),
                 "cuda_visible_devices": os.environ.get(CUDA_ENV), SETUP_ERROR: self.setup_error}
 
-    def evaluate(self, genome_dict: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, genome_dict: dict[str, Any], docs: Window = None) -> dict[str, Any]:
         if self.setup_error is not None:
             return {SETUP_ERROR: self.setup_error}
-        return _evaluate_in_worker(self.fn, genome_dict)
+        return _evaluate_in_worker(self.fn, genome_dict, docs)
 
 
 def import_ray() -> Any:
@@ -515,7 +521,7 @@ class RayEvaluator(Evaluator):
                 self._on_ready(ref)
         return len(self._idle)
 
-    def submit(self, genomes: Sequence[Genome]) -> Iterator[tuple[str, Evaluation]]:
+    def submit(self, genomes: Sequence[Genome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         ray = self._ray
         queue = deque(genomes)
         tries: dict[str, int] = {}
@@ -523,7 +529,7 @@ class RayEvaluator(Evaluator):
         while queue or running:
             while queue and self._idle:
                 g, name = queue.popleft(), self._idle.pop()
-                running[self._actors[name].evaluate.remote(genome_to_dict(g))] = (g, name)
+                running[self._actors[name].evaluate.remote(genome_to_dict(g), docs)] = (g, name)
             timeout = None if running else self.placement_timeout
             done, _ = ray.wait([*running, *self._starting], num_returns=1, timeout=timeout)
             if not done:
@@ -597,12 +603,12 @@ class LazyEvaluator(Evaluator):
         """Whether the backend was started."""
         return self.inner is not None
 
-    def submit(self, genomes: Sequence[Genome]) -> Iterator[tuple[str, Evaluation]]:
+    def submit(self, genomes: Sequence[Genome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         if not genomes:
             return iter(())
         if self.inner is None:
             self.inner = make_evaluator(self.cfg, self.fn)
-        return self.inner.submit(genomes)
+        return self.inner.submit(genomes, docs)
 
     def close(self) -> None:
         if self.inner is not None:

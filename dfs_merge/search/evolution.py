@@ -77,6 +77,11 @@ class Evolution:
         self.tracking = tracking or Tracking()  # the experiment tracker (`tracking:`), or none
         self.ledger = Ledger(rundir, evaluator, cfg.objectives, progress, self.tracking)
         self.algo = algorithm_class(cfg.algorithm)(cfg, template, self.ledger.known)
+        if cfg.racing is not None:
+            from dfs_merge.search.racing import Race
+
+            self.ledger.race = Race(cfg.racing, rundir, cfg.split_tasks("dev")[0], cfg.split_guards("dev"),
+                                    self.algo.race_cut(), "hops" in cfg.objectives, log)
         self.rng = RunRandom(cfg.seed)
         self.hof = tools.HallOfFame(1, similar=same_key)
         self.generation = -1
@@ -100,7 +105,10 @@ class Evolution:
             t0 = time.perf_counter()
             with self.rng.active():
                 asked = self.algo.ask(gen)
-            self.ledger.evaluate(asked, gen, self.cfg.generations)
+            # generation 0 opens with the seeds (each source unchanged, seed_routes): racing never stops them
+            seeds = len(self.algo.template.seeds(self.cfg.seed_routes)[: self.cfg.population]) if gen == 0 else 0
+            incumbents = [ind.key for ind in asked[:seeds]]
+            self.ledger.evaluate(asked, gen, self.cfg.generations, self.algo.race_references(), incumbents)
             with self.rng.active():
                 seen = self.algo.tell(gen, asked)
             self.after_generation(gen, seen, time.perf_counter() - t0)
@@ -124,6 +132,8 @@ class Evolution:
         mean_text = f"{mean:.4f}" if mean is not None else "n/a"
         lost = self.ledger.lost_now
         lost_text = f"  lost {len(lost)} to infrastructure faults (not scored)" if lost else ""
+        if "documents" in counters:  # racing
+            lost_text += f"  documents {counters['documents']}  stopped early {counters['stopped']}"
         self.log(
             f"gen {gen}/{self.cfg.generations}  best {best_ev.score:.4f} ({best_ev.hops} hops)  mean {mean_text}  "
             f"evals {counters['evaluations']}  cache hits {counters['cache_hits']}  errors {counters['errors']}  "
@@ -200,6 +210,8 @@ class Evolution:
         """Re-use logged evaluations and continue from the checkpoint (if any)."""
         done_gen = state["generation"] if state else -1
         self.recovered = self.ledger.recover(records, done_gen)
+        if self.ledger.race is not None:
+            self.ledger.race.recover(self.rundir.read_docs())
         if state is None:
             return
         self.ledger.lost = {k: Evaluation.from_dict(v) for k, v in (state.get("lost") or {}).items()

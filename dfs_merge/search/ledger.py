@@ -14,7 +14,7 @@ population that refer to it) until an evaluation of it succeeds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -23,6 +23,9 @@ from dfs_merge.genome import Genome, genome_to_dict
 from dfs_merge.search.backends import Evaluator
 from dfs_merge.search.rundir import RunDir
 from dfs_merge.search.tracking import Tracking
+
+if TYPE_CHECKING:
+    from dfs_merge.search.racing import Race
 
 
 class Ledger:
@@ -40,6 +43,7 @@ class Ledger:
         self.lost: dict[str, Evaluation] = {}  # lost to infrastructure faults: worst objectives, not known
         self.lost_now: list[str] = []  # the keys the last `evaluate` lost
         self.counters = {"evaluations": 0, "cache_hits": 0, "errors": 0}
+        self.race: Race | None = None  # racing (`racing.py`); None: every candidate on every document
 
     def __getitem__(self, key: str) -> Evaluation:
         return self.memo[key] if key in self.memo else self.lost[key]
@@ -67,14 +71,18 @@ class Ledger:
                 self.unclaimed.add(key)
         return len(self.unclaimed)
 
-    def evaluate(self, individuals: Sequence[Any], gen: int, total: int) -> None:
-        """Give each individual (with `genome` and `key`) its fitness; only keys never seen are evaluated."""
+    def evaluate(self, individuals: Sequence[Any], gen: int, total: int, references: Sequence[str] = (),
+                 incumbents: Sequence[str] = ()) -> None:
+        """Give each individual (with `genome` and `key`) its fitness; only keys never seen are evaluated (raced
+        against `references`, fully scored earlier candidates, when racing; `incumbents` run the whole race)."""
         todo: dict[str, Genome] = {}
+        claimed: list[str] = []
         self.lost_now = []
         for ind in individuals:
             k = ind.key
             if k in self.unclaimed:  # evaluated before the run was killed: counts as this generation's
                 self.unclaimed.discard(k)
+                claimed.append(k)
                 self._count(self.memo[k])
             elif k in self.memo or k in todo:
                 self.counters["cache_hits"] += 1
@@ -83,7 +91,10 @@ class Ledger:
         bar = tqdm(total=len(todo), desc=f"gen {gen}/{total}", unit="eval", leave=False,
                    disable=not self.progress or not todo, dynamic_ncols=True)
         try:
-            for k, ev in self.evaluator.submit(list(todo.values())):
+            results = (self.evaluator.submit(list(todo.values())) if self.race is None else
+                       self.race.run(todo, gen, self.evaluator, finished=claimed, references=references,
+                                     incumbents=incumbents))
+            for k, ev in results:
                 if ev.infrastructure:  # not a score: neither logged nor known (see the module's docstring)
                     self.lost[k] = ev
                     self.lost_now.append(k)
@@ -104,6 +115,10 @@ class Ledger:
     def _count(self, ev: Evaluation) -> None:
         self.counters["evaluations"] += 1
         self.counters["errors"] += ev.error is not None
+        if self.race is not None:  # the documents each candidate got, and how many a race stopped early
+            self.counters["documents"] = self.counters.get("documents", 0) + sum(
+                r.docs for r in ev.tasks.values())
+            self.counters["stopped"] = self.counters.get("stopped", 0) + ev.dropped
 
     def _record(self, gen: int, key: str, g: Genome, ev: Evaluation) -> dict[str, Any]:
         return {

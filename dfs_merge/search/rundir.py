@@ -45,6 +45,7 @@ class RunDir:
         self.path = Path(path)
         self.config = self.path / "config.yaml"
         self.evals = self.path / "evals.jsonl"
+        self.docs = self.path / "docs.jsonl"  # racing's per-document results (`racing.py`)
         self.checkpoint = self.path / "checkpoint.json"
         self.best = self.path / "best.genome.yaml"
         self.pareto_dir = self.path / "pareto"
@@ -53,7 +54,7 @@ class RunDir:
         self.sources = self.path / "sources.json"
         self.report = self.path / "report.html"
         self.started = False  # whether something was evaluated here before (set by `open`)
-        self._evals_file: Any = None
+        self._logs: dict[Path, Any] = {}  # the open JSON-lines logs (evals.jsonl, docs.jsonl)
 
     def paths(self) -> dict[str, Path]:
         """Every file a run may write, by name."""
@@ -61,6 +62,7 @@ class RunDir:
             "out": self.path,
             "config": self.config,
             "evals": self.evals,
+            "docs": self.docs,
             "checkpoint": self.checkpoint,
             "best": self.best,
             "pareto": self.pareto_dir,
@@ -148,15 +150,26 @@ class RunDir:
 
     def append_eval(self, record: dict[str, Any]) -> None:
         """Append one evaluation as a JSON line, flushed and fsynced before returning."""
-        if self._evals_file is None:
-            self._evals_file = open(self.evals, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
-        append_jsonl(self._evals_file, record)
+        self._append(self.evals, record)
+
+    def read_docs(self) -> list[dict[str, Any]]:
+        """Every complete line of the racing log (per-document results of each candidate's stages)."""
+        return read_jsonl(self.docs)
+
+    def append_docs(self, record: dict[str, Any]) -> None:
+        """Append one stage's per-document results of one candidate, flushed and fsynced before returning."""
+        self._append(self.docs, record)
+
+    def _append(self, log: Path, record: dict[str, Any]) -> None:
+        if log not in self._logs:
+            self._logs[log] = open(log, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        append_jsonl(self._logs[log], record)
 
     def close(self) -> None:
-        """Close the evaluation log."""
-        if self._evals_file is not None:
-            self._evals_file.close()
-            self._evals_file = None
+        """Close the evaluation logs."""
+        for f in self._logs.values():
+            f.close()
+        self._logs = {}
 
     # ---- checkpoint --------------------------------------------------------------------
     def read_checkpoint(self) -> dict[str, Any] | None:

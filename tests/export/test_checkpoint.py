@@ -383,7 +383,6 @@ def test_import_mergekit_refuses_bad_configs(tiny_source_dirs, tmp_path):
             "slices": slices((a, [0, 4], {"parameters": {"scale": [{"filter": "q_proj", "value": 0.5}]}})),
         },
         "past the model": {"merge_method": "passthrough", "slices": slices((a, [0, 9], {}))},
-        "first slice's model": {"merge_method": "passthrough", "slices": slices((b, [0, 4], {}))},
         "tokenizer_source 'union'": {
             "merge_method": "passthrough", "tokenizer_source": "union", "slices": slices((a, [0, 4], {})),
         },
@@ -391,7 +390,7 @@ def test_import_mergekit_refuses_bad_configs(tiny_source_dirs, tmp_path):
     for needle, data in cases.items():
         path = write_cfg(tmp_path, data)
         with pytest.raises(GenomeError) as err:
-            import_mergekit(path, sources=[a, b] if "first" in needle else [a], repeats=2)
+            import_mergekit(path, sources=[a], repeats=2)
         assert needle in one_line(err), (needle, str(err.value))
 
 
@@ -427,9 +426,10 @@ def test_smollm2_route_exports_and_round_trips_through_mergekit(tmp_path):
     route = Route.parse("0:0-19, 0:10-29", scales)
     g = Genome.from_route(route, [str(folder)], [30], 2)
     pool = SourcePool.load([str(folder)])
-    ours = export_checkpoint(pool, g, tmp_path / "ours")  # verify: logits within TOL, same greedy text
+    ours = export_checkpoint(pool, g, tmp_path / "ours", verify="full")  # logits within TOL, same greedy text
     card = (ours / "README.md").read_text()
     assert "license: apache-2.0" in card and "generations (16 new tokens) identical" in card
+    assert "- HuggingFaceTB/SmolLM2-135M-Instruct" in card  # base_model: the packaged model's Hub name
 
     cfg = write_mergekit_config(g, tmp_path / "merge.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -21,14 +21,24 @@ def test_cli_export_prints_its_stages(tiny_source_dirs, tmp_path):
     assert result.out.strip() == f"wrote {tmp_path / 'out'}"
     lines = [line for line in result.err.splitlines() if line.startswith("export: ")]
     text = "\n".join(lines)
-    assert "export: loading 2 sources on cpu (float32) ..." in lines, text
-    assert re.search(r"^export: loaded 2 sources \(\d+\.\d s\)$", text, re.M), text
+    assert "export: streaming the tensors of 2 sources from safetensors files" in lines, text
     assert re.search(r"^export: writing 5 hops: \d+ tensors, \d+ MB in 1 shard \.\.\.$", text, re.M), text
     assert re.search(r"^export: wrote 1 shard \(\d+\.\d s\)$", text, re.M), text
-    assert re.search(r"^export: verifying against the stitched model on 2 prompts \.\.\.$", text, re.M), text
-    assert re.search(r"^export: verified \(\d+\.\d s\)$", text, re.M), text
-    assert re.search(r"^export: verify: max\|Δlogit\|/max\|logit\| = .* identical$", text, re.M), text
+    assert re.search(r"^export: checked 48 tensors \(\d+\.\d s\)$", text, re.M), text
+    assert re.search(r"^export: verify: 48 tensors \(\d+ MB\) read back equal bit for bit", text, re.M), text
+    assert "export: loading 2 sources on cpu (float32) to compare ..." in lines, text
+    assert re.search(r"^export: compared \(\d+\.\d s\)$", text, re.M), text
+    assert re.search(r"^export: verify: max\|Δlogit\|/max\|logit\| = .* on 2 prompts; no generation compared$",
+                     text, re.M), text
     assert "Traceback" not in result.err
+
+
+def test_cli_export_verify_full_compares_generations(tiny_source_dirs, tmp_path):
+    save_genome(genome(tiny_source_dirs), tmp_path / "g.yaml")
+    result = run_cli("export", tmp_path / "g.yaml", "--out", tmp_path / "out", "--verify", "full")
+    assert result.code == 0, result.err
+    assert re.search(r"^export: verifying against the stitched model on 2 prompts \.\.\.$", result.err, re.M)
+    assert re.search(r"^export: verify: max\|Δlogit\|/max\|logit\| = .* identical$", result.err, re.M), result.err
 
 
 def test_cli_export_without_verify_says_no_verifying(tiny_source_dirs, tmp_path):

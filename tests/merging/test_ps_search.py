@@ -247,7 +247,7 @@ def test_recipe_exports_as_a_verified_checkpoint_and_serves_as_a_hybrid_source(t
     recipe = Recipe(tuple(three), 4, "ties", 0, 2, ((0.6, 1.0), (0.9, 0.4)), ((0.5, 0.8), (1.0, 0.3)))
     path = tmp_path / "ps.recipe.yaml"
     save_genome(recipe, path)
-    res = run_cli("export", str(path), "--out", str(tmp_path / "out"))
+    res = run_cli("export", str(path), "--out", str(tmp_path / "out"), "--verify", "full")
     assert res.code == 0, res.err
     from transformers import AutoModelForCausalLM
 

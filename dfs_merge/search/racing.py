@@ -1,0 +1,239 @@
+"""Racing: a generation's new candidates scored in stages on nested prefixes of the same dev documents.
+
+Stage s scores every candidate still in the race on the documents of each task between the previous stage's
+prefix and its own (`racing.stages`, fractions of each task's documents; `Fitness.window`), so a document of a
+candidate is scored once, and every candidate of a stage is scored on the same documents (the comparisons are
+paired). After each stage but the last, a candidate stops when it **cannot still matter**:
+
+- *the paired bound*: another candidate r is confidently better than c when the upper confidence bound of
+  score(c) - score(r) on all documents is below 0. The estimate is the difference of their scores on the
+  documents seen (lm-eval's own aggregation of the prefix); its uncertainty comes from the per-document
+  differences d of each task (weighted, signed): the documents not yet seen are taken as a sample without
+  replacement from the task's documents, so the mean of the unseen differences lies within
+  t x sd(d) x sqrt((1 - n/N) / n) of the seen mean (Student's t with n - 1 degrees of freedom for the fewest
+  documents seen; the tasks' terms added in variance). `confidence` holds for all of a candidate's decisions
+  together: t's level is Bonferroni-corrected over the others it is compared with and the stages, so the candidate best on all documents is stopped with probability at most
+  1 - confidence. A task seen on fewer than 2 documents proves nothing and keeps c in.
+- *the cut* (per algorithm, `Algorithm.race_cut`): c stops once at least `cut` others are confidently better
+  (with hops in the objectives: confidently better *and* no more hops, i.e. dominating it). `ga`: half the
+  population (a candidate below the population's median seldom wins a tournament); `nsga2`: the population size
+  (dominated by that many, it cannot survive NSGA-II's selection nor be on the front); `cmaes`: mu (only the
+  best mu enter the update); `random`: 1 (only the best, or the front, matters). The others are this stage's
+  candidates and, for `ga` and `nsga2`, the current population (scored on every document earlier).
+- `keep` < 1 also stops all but the best `keep` fraction of a stage's candidates (rounded, at least 1), with no
+  guarantee: the EvoPress-style truncation. Best means the highest prefix score; with hops in the objectives,
+  first the fewest others of the stage dominating it on (prefix score, hops), so every hop count's best stays.
+- The incumbents never stop: generation 0's seeds (each source unchanged, `seed_routes`) are always scored on
+  every document.
+
+A stopped candidate has no full score: its Evaluation has `race.dropped` (the stage), the documents it got and
+its prefix score, and the worst objectives, so selection never compares it with a full score; every candidate
+that finishes the race has a full score, lm-eval's aggregation over all its documents. Each stage's
+per-document results are appended to `docs.jsonl` as they arrive: a resumed run replays the decisions from
+them (the same choices) and scores no document twice.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dfs_merge.config import RacingConfig
+from dfs_merge.evaluation import WORST_SCORE, Evaluation, TaskResult
+from dfs_merge.fitness.score import aggregate, prefix_size, weighted_score
+from dfs_merge.genome import Genome
+from dfs_merge.search.backends import Evaluator
+from dfs_merge.search.rundir import RunDir
+
+
+@dataclass
+class Scored:
+    """What the race knows of one candidate: per task its aggregation, its document count, its items by document;
+    its hops, the metric of each task, the seconds spent and the stages done."""
+
+    hops: int = 0
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    seconds: float = 0.0
+    stages: set[int] = field(default_factory=set)
+
+    def add(self, stage: int, ev: Evaluation) -> None:
+        """Take one stage's per-document results."""
+        self.hops = ev.hops
+        self.seconds += ev.seconds
+        self.stages.add(stage)
+        for name, r in ev.tasks.items():
+            self.metrics[name] = (r.metric, r.higher_is_better)
+        for name, d in (ev.per_doc or {}).items():
+            t = self.tasks.setdefault(name, {"aggregation": d["aggregation"], "total": d["total"], "items": {}})
+            for i, item in enumerate(d["items"], start=d["start"]):
+                t["items"][i] = item
+
+    def prefix(self, name: str, n: int) -> list[Any] | None:
+        """The items of task `name`'s first `n` documents, or None when some are missing."""
+        items = self.tasks.get(name, {}).get("items", {})
+        if any(i not in items for i in range(n)):
+            return None
+        return [items[i] for i in range(n)]
+
+
+class Race:
+    """One run's racing: the stages, the per-document store (`docs.jsonl`) and the stopping rule."""
+
+    def __init__(self, cfg: RacingConfig, rundir: RunDir, weights: Mapping[str, float], guards: Mapping[str, float],
+                 cut: int, dominance: bool, log: Callable[[str], Any] = print):
+        self.cfg = cfg
+        self.rundir = rundir
+        self.weights = dict(weights)
+        self.guards = dict(guards)
+        self.cut = max(1, int(cut))
+        self.dominance = dominance
+        self.log = log
+        self.known: dict[str, Scored] = {}
+        self.documents = 0  # documents scored by this process (the forwards racing is there to save)
+
+    @property
+    def windows(self) -> list[tuple[float, float]]:
+        """Each stage's window of documents, as fractions (from, to)."""
+        edges = [0.0, *self.cfg.stages]
+        return list(zip(edges, edges[1:], strict=False))
+
+    def recover(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Take the per-document results a killed run logged."""
+        for rec in records:
+            if "key" in rec and "stage" in rec and "evaluation" in rec:
+                self.known.setdefault(rec["key"], Scored()).add(int(rec["stage"]), Evaluation.from_dict(rec["evaluation"]))
+
+    # ---- the race of one generation --------------------------------------------------------
+    def run(self, genomes: Mapping[str, Genome], gen: int, evaluator: Evaluator, finished: Sequence[str] = (),
+            references: Sequence[str] = (), incumbents: Sequence[str] = ()) -> Iterator[tuple[str, Evaluation]]:
+        """Race `genomes` (key -> genome, to be evaluated) beside `finished` (this generation's candidates whose
+        result a killed run already logged: they race again from their stored documents, so the decisions are
+        the same) against `references` (fully scored earlier candidates); yield each evaluated key's
+        Evaluation: full, stopped, failed or lost. `incumbents` never stop."""
+        alive = [k for k in list(finished) + list(genomes) if k in genomes or k in self.known]
+        refs = [k for k in references if k not in alive and k in self.known]
+        windows = self.windows
+        for s, window in enumerate(windows):
+            todo = [k for k in alive if k in genomes and s not in self.known.get(k, Scored()).stages]
+            docs_before = self.documents
+            for k, ev in evaluator.submit([genomes[k] for k in todo], docs=window):
+                if not ev.ok:  # failed or lost: out of the race, reported as it is
+                    alive.remove(k)
+                    yield k, ev
+                    continue
+                self._store(k, gen, s, ev)
+            entered = len(alive)
+            if s < len(windows) - 1:
+                stopped = self._stops(alive, refs, window[1], set(incumbents))
+                for k, why in stopped.items():
+                    alive.remove(k)
+                    if k in genomes:
+                        yield k, self._stopped(k, s, window[1], why)
+            self.log(f"gen {gen} race stage {s + 1}/{len(windows)} (documents to {window[1]:.0%}): {entered} in, "
+                     f"{len(alive)} on, {self.documents - docs_before} documents scored")
+        for k in alive:
+            if k in genomes:
+                yield k, self._full(k)
+
+    def _store(self, key: str, gen: int, stage: int, ev: Evaluation) -> None:
+        self.rundir.append_docs({"generation": gen, "key": key, "stage": stage, "evaluation": ev.to_dict()})
+        self.known.setdefault(key, Scored()).add(stage, ev)
+        self.documents += sum(len(d["items"]) for d in (ev.per_doc or {}).values())
+
+    # ---- the stopping rule ---------------------------------------------------------------
+    def _sizes(self, key: str, upto: float) -> dict[str, int]:
+        """Documents per task in the prefix up to the fraction `upto` (the same windows as `Fitness.window`)."""
+        return {name: prefix_size(upto, t["total"]) for name, t in self.known[key].tasks.items()}
+
+    def _prefix_results(self, key: str, sizes: Mapping[str, int]) -> dict[str, TaskResult] | None:
+        sc = self.known[key]
+        out = {}
+        for name, n in sizes.items():
+            items = sc.prefix(name, n)
+            if items is None:
+                return None
+            metric, hib = sc.metrics[name]
+            out[name] = TaskResult(name, metric, aggregate(sc.tasks[name]["aggregation"], items), hib, n, 0.0)
+        return out
+
+    def _doc_values(self, key: str, name: str, n: int) -> list[float]:
+        """Task `name`'s per-document values of a candidate (each document's own metric), signed and weighted."""
+        sc = self.known[key]
+        agg, (_, hib) = sc.tasks[name]["aggregation"], sc.metrics[name]
+        w = self.weights.get(name, 1.0) * (1.0 if hib else -1.0)
+        return [w * aggregate(agg, [item]) for item in sc.prefix(name, n) or []]
+
+    def better(self, r: str, c: str, upto: float, alpha: float) -> bool:
+        """Whether `r` is confidently better than `c` on all documents, from their first `upto` of each task:
+        the upper bound (at level 1 - `alpha`) of score(c) - score(r) is below 0."""
+        from scipy.stats import t as student
+        sizes = self._sizes(c, upto)
+        pr, pc = self._prefix_results(r, sizes), self._prefix_results(c, sizes)
+        if pr is None or pc is None:
+            return False
+        diff = weighted_score(pc, self.weights, self.guards) - weighted_score(pr, self.weights, self.guards)
+        var, fewest = 0.0, None
+        for name, n in sizes.items():
+            total = self.known[c].tasks[name]["total"]
+            if n >= total:
+                continue
+            if n < 2:
+                return False
+            d = [a - b for a, b in zip(self._doc_values(c, name, n), self._doc_values(r, name, n), strict=True)]
+            var += statistics.variance(d) * (1 - n / total) / n
+            fewest = n if fewest is None else min(fewest, n)
+        if fewest is None:
+            return diff < 0
+        return diff + float(student.ppf(1 - alpha, fewest - 1)) * math.sqrt(var) < 0
+
+    def _stops(self, alive: list[str], refs: list[str], upto: float, incumbents: set[str]) -> dict[str, str]:
+        """The candidates that stop after the stage ending at `upto`, with why."""
+        out: dict[str, str] = {}
+        racing = [c for c in alive if c not in incumbents]
+        others = alive + refs
+        alpha = (1 - self.cfg.confidence) / max(1, (len(others) - 1) * (len(self.cfg.stages) - 1))
+        for c in racing:
+            beaten = sum(1 for r in others if r != c and (not self.dominance or self.known[r].hops <= self.known[c].hops)
+                         and self.better(r, c, upto, alpha))
+            if beaten >= self.cut:
+                out[c] = f"{beaten} confidently better"
+        if self.cfg.keep < 1:
+            rest = [c for c in racing if c not in out]
+            room = max(1, round(self.cfg.keep * len(alive))) - (len(alive) - len(racing))
+            if len(rest) > max(0, room):
+                score = {k: self._prefix_score(k, upto) for k in alive}
+                hops = {k: self.known[k].hops for k in alive}
+
+                def dominated(k: str) -> int:  # by how many of the stage, on (prefix score, hops)
+                    return sum(1 for r in alive if r != k and hops[r] <= hops[k] and score[r] >= score[k]
+                               and (hops[r] < hops[k] or score[r] > score[k])) if self.dominance else 0
+
+                ranked = sorted(rest, key=lambda k: (dominated(k), -score[k], k))
+                out.update(dict.fromkeys(ranked[max(0, room):], f"below the best {self.cfg.keep:.0%}"))
+        return out
+
+    def _prefix_score(self, key: str, upto: float) -> float:
+        results = self._prefix_results(key, self._sizes(key, upto))
+        return weighted_score(results, self.weights, self.guards) if results is not None else WORST_SCORE
+
+    # ---- evaluations ---------------------------------------------------------------------
+    def _stopped(self, key: str, stage: int, upto: float, why: str) -> Evaluation:
+        sizes = self._sizes(key, upto)
+        results = self._prefix_results(key, sizes) or {}
+        partial = weighted_score(results, self.weights, self.guards)
+        sc = self.known[key]
+        return Evaluation(WORST_SCORE, sc.hops, results, sc.seconds,
+                          race={"dropped": stage, "docs": sizes, "partial": partial, "why": why})
+
+    def _full(self, key: str) -> Evaluation:
+        sc = self.known[key]
+        sizes = {name: t["total"] for name, t in sc.tasks.items()}
+        results = self._prefix_results(key, sizes)
+        if results is None:  # cannot happen: the last stage scores every remaining document
+            return Evaluation.failed("racing: documents missing after the last stage", sc.hops)
+        return Evaluation(weighted_score(results, self.weights, self.guards), sc.hops, results, sc.seconds,
+                          race={"docs": sizes})

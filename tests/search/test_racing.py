@@ -1,0 +1,285 @@
+"""Racing (`dfs_merge/search/racing.py`): candidates scored in stages on nested prefixes of the same documents.
+
+The synthetic `NoisyDocs` fitness (tests/synthetic.py) gives each candidate a known true value plus known
+per-document noise, so the ranking on all documents is known and the paired bound can be checked against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+from synthetic import NoisyDocs, TargetRoute, evals, make_config, outcome, write_fake_sources
+
+from dfs_merge.config import RacingConfig
+from dfs_merge.errors import ConfigError
+from dfs_merge.evaluation import Evaluation, TaskResult
+from dfs_merge.search.evolution import run_evolution
+from dfs_merge.search.racing import Race
+from dfs_merge.search.rundir import RunDir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUIET = {"progress": False, "log": lambda *_: None}
+RACING = {"stages": [0.25, 0.5, 1.0], "confidence": 0.95}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> list[str]:
+    return write_fake_sources(tmp_path_factory.mktemp("fake_sources"))
+
+
+# ---- the bound, on synthetic documents ----------------------------------------------------------
+class Table:
+    """A fake backend over fixed per-document values: candidate key -> list of values (one task, mean)."""
+
+    def __init__(self, values: dict[str, list[float]]):
+        self.values = values
+        self.scored = 0
+
+    def submit(self, genomes, docs=None):
+        from dfs_merge.fitness.score import prefix_size
+
+        for g in genomes:
+            v = self.values[g.key()]
+            w = range(prefix_size(docs[0], len(v)), prefix_size(docs[1], len(v)))
+            self.scored += len(w)
+            items = [v[i] for i in w]
+            task = TaskResult("t", "acc", sum(items) / len(items), True, len(items), 0.0)
+            yield g.key(), Evaluation(task.value, 10, {"t": task}, per_doc={
+                "t": {"aggregation": "mean", "start": w.start, "total": len(v), "items": items}})
+
+
+class Key:
+    def __init__(self, k: str):
+        self.k = k
+
+    def key(self) -> str:
+        return self.k
+
+
+def race_once(values: dict[str, list[float]], tmp: Path, cut: int = 1, **racing) -> tuple[dict[str, Evaluation], int]:
+    rd = RunDir(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    race = Race(RacingConfig(**{**RACING, **racing}), rd, {"t": 1.0}, {}, cut=cut, dominance=False,
+                log=lambda *_: None)
+    table = Table(values)
+    out = dict(race.run({k: Key(k) for k in values}, 0, table))
+    rd.close()
+    return out, table.scored
+
+
+def test_the_true_best_is_never_stopped_and_the_bound_holds_at_its_confidence(tmp_path):
+    """Many generations of 12 candidates whose per-document accuracy (0/1) has known means: the candidate best
+    on all documents always finishes, and "confidently better" is wrong at most as often as the confidence allows."""
+    rng = random.Random(0)
+    trials, decisions, best_stopped, saved = 200, 0, 0, 0
+    for trial in range(trials):
+        means = [rng.uniform(0.2, 0.8) for _ in range(12)]
+        values = {f"c{i}": [float(rng.random() < m) for _ in range(96)] for i, m in enumerate(means)}
+        full = {k: sum(v) / len(v) for k, v in values.items()}
+        out, scored = race_once(values, tmp_path / str(trial), confidence=0.95)
+        saved += 12 * 96 - scored
+        best = max(full.values())
+        for k, ev in out.items():
+            if ev.dropped:
+                decisions += 1
+                best_stopped += full[k] == best
+            else:  # a full score: lm-eval's aggregation over every document, as unraced
+                assert ev.score == sum(values[k]) / 96 and ev.race["docs"] == {"t": 96}
+    assert decisions > trials and saved > 0.2 * trials * 12 * 96  # the race stops candidates and saves documents
+    assert best_stopped <= 0.05 * trials  # the bound's promise: at most 1 - confidence of the generations
+
+
+def test_clear_differences_stop_at_the_first_stage_and_keep_caps_the_rest(tmp_path):
+    values = {f"c{i}": [float(i) + 0.01 * ((j * 7) % 5) for j in range(40)] for i in range(6)}
+    out, scored = race_once(values, tmp_path / "a")
+    assert [k for k, ev in out.items() if not ev.dropped] == ["c5"]
+    assert all(ev.race["dropped"] == 0 and ev.race["docs"] == {"t": 10} for k, ev in out.items() if k != "c5")
+    assert scored == 6 * 10 + 30
+    stopped = {k: ev for k, ev in out.items() if ev.dropped}
+    assert all(ev.score < -1e8 and ev.objectives(["score"])[0] < -1e8 for ev in stopped.values())
+    # keep: an EvoPress-style cap on top of the bound, here where the bound cannot stop anything (cut 8 of 7 others)
+    noisy = {f"c{i}": [0.5 + 0.01 * i + random.Random(i * 100 + j).gauss(0, 5) for j in range(16)] for i in range(8)}
+    out, _ = race_once(noisy, tmp_path / "b", cut=8, keep=0.5)
+    on = [k for k, ev in out.items() if not ev.dropped]
+    assert len(on) == 2  # 8 -> 4 after stage 1 -> 2 after stage 2, the best by their prefix scores
+    second = sorted(noisy, key=lambda k: -sum(noisy[k][:8]))
+    assert set(on) <= set(second[:4])
+    assert all(ev.race["why"] == "below the best 50%" for ev in out.values() if ev.dropped)
+
+
+def test_the_cut_needs_that_many_confidently_better(tmp_path):
+    values = {f"c{i}": [float(i)] * 40 for i in range(6)}
+    for cut, finish in ((1, 1), (3, 3), (6, 6)):
+        out, _ = race_once(values, tmp_path / f"cut{cut}", cut=cut)
+        # with zero noise: c stops once `cut` others are better
+        assert sum(not ev.dropped for ev in out.values()) == min(finish, 6)
+
+
+def test_racing_config_is_validated():
+    with pytest.raises(ValueError, match="end at 1"):
+        RacingConfig(stages=[0.25, 0.5])
+    with pytest.raises(ValueError, match="rise strictly"):
+        RacingConfig(stages=[0.5, 0.25, 1.0])
+
+
+# ---- in the search ------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["ga", "nsga2", "cmaes", "random"])
+def test_a_raced_search_scores_fewer_documents_and_reports_only_full_scores(sources, tmp_path, algorithm):
+    kw = {"algorithm": algorithm, "generations": 4, "population": 8, "seed": 2, "racing": RACING}
+    if algorithm == "nsga2":
+        kw["objectives"] = ["score", "hops"]
+    fn = NoisyDocs(docs=48, noise=0.3)
+    r = run_evolution(make_config(sources, tmp_path / "raced", **kw), evaluate=fn, **QUIET)
+    lines = evals(tmp_path / "raced")
+    scored = sum(stop - start for _, start, stop in fn.windows)
+    assert scored < 48 * len(lines)  # fewer documents than every candidate on all of them
+    stopped = [e for e in lines if e["evaluation"].get("race", {}).get("dropped") is not None]
+    assert stopped and all(e["score"] < -1e8 for e in stopped)
+    full = [e for e in lines if e not in stopped]
+    assert all(e["evaluation"]["race"]["docs"] == {"synthetic": 48} for e in full)
+    assert r.best_eval.ok and r.best_eval.race["docs"] == {"synthetic": 48}
+    assert all(ev.ok for _, ev in r.pareto)
+    # no document of a candidate scored twice; the per-document log holds every stage
+    windows = [(k, a) for k, a, _ in fn.windows]
+    assert len(windows) == len(set(windows))
+    docs = [json.loads(line) for line in (tmp_path / "raced" / "docs.jsonl").read_text().splitlines()]
+    assert len(docs) == len(fn.windows)
+    state = json.loads((tmp_path / "raced" / "checkpoint.json").read_text())
+    assert state["counters"]["documents"] == sum(sum(t["docs"] for t in e["evaluation"]["tasks"].values())
+                                                 for e in lines)
+    assert state["counters"]["stopped"] == len(stopped)
+
+
+class DiesAfterWindows(NoisyDocs):
+    """Scores `n` windows, then 'dies' (raises Interrupt, not an Exception) on the next one."""
+
+    def __init__(self, n: int, **kw):
+        super().__init__(**kw)
+        self.n = n
+
+    def __call__(self, genome, docs=None):
+        if len(self.windows) >= self.n:
+            raise Interrupt
+        return super().__call__(genome, docs)
+
+
+class Interrupt(BaseException):
+    """Stands for a kill."""
+
+
+@pytest.mark.parametrize("algorithm", ["ga", "nsga2"])
+def test_a_run_killed_mid_race_resumes_exactly(sources, tmp_path, algorithm):
+    kw = {"algorithm": algorithm, "generations": 4, "population": 8, "seed": 5, "racing": RACING}
+    if algorithm == "nsga2":
+        kw["objectives"] = ["score", "hops"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_evolution(make_config(sources, straight, **kw), evaluate=NoisyDocs(noise=0.3), **QUIET)
+    total = len([json.loads(x) for x in (straight / "docs.jsonl").read_text().splitlines()])
+    for cut in (total // 3, total // 2):  # killed twice, at two points in the middle of races
+        with pytest.raises(Interrupt):
+            run_evolution(make_config(sources, broken, **kw), resume=(broken / "checkpoint.json").exists(),
+                          evaluate=DiesAfterWindows(cut - len(_docs(broken)) if _docs(broken) else cut, noise=0.3),
+                          **QUIET)
+    fn = NoisyDocs(noise=0.3)
+    run_evolution(make_config(sources, broken, **kw), resume=True, evaluate=fn, **QUIET)
+    done_before = {(d["key"], d["stage"]) for d in _docs(broken)[: len(_docs(broken)) - len(fn.windows)]}
+    assert not done_before & {(k, _stage(a)) for k, a, _ in fn.windows}  # no document scored twice
+    assert outcome(broken) == outcome(straight)
+    stages = [(d["key"], d["stage"]) for d in _docs(broken)]
+    assert len(stages) == len(set(stages)) == total
+
+
+def _docs(out: Path) -> list[dict]:
+    p = out / "docs.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def _stage(start: int, docs: int = 48) -> int:
+    return {0: 0, 12: 1, 24: 2}[start]
+
+
+def test_the_process_pool_and_ray_race_as_in_process(sources, tmp_path):
+    kw = {"algorithm": "nsga2", "objectives": ["score", "hops"], "generations": 3, "population": 6, "seed": 4,
+          "racing": {**RACING, "keep": 0.5}}
+    run_evolution(make_config(sources, tmp_path / "a", **kw), evaluate=NoisyDocs(noise=0.3), **QUIET)
+    run_evolution(make_config(sources, tmp_path / "b", workers=2, **kw), evaluate=NoisyDocs(noise=0.3), **QUIET)
+    assert outcome(tmp_path / "a") == outcome(tmp_path / "b")
+    assert (tmp_path / "a" / "docs.jsonl").read_text().count("\n") == (tmp_path / "b" / "docs.jsonl").read_text().count("\n")
+    ray = pytest.importorskip("ray")  # a declared extra ([ray]) that CI installs
+    try:
+        run_evolution(make_config(sources, tmp_path / "c", workers=2, ray="local", **kw), evaluate=NoisyDocs(noise=0.3),
+                      **QUIET)
+        assert outcome(tmp_path / "c") == outcome(tmp_path / "a")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def test_resume_refuses_changed_racing(sources, tmp_path):
+    out = tmp_path / "run"
+    run_evolution(make_config(sources, out, generations=1, racing=RACING), evaluate=NoisyDocs(), **QUIET)
+    with pytest.raises(ConfigError, match="racing differs"):
+        run_evolution(make_config(sources, out, generations=2, racing={**RACING, "confidence": 0.9}), resume=True,
+                      evaluate=NoisyDocs(), **QUIET)
+
+
+# ---- racing off: today's results bit for bit ---------------------------------------------------------
+# Digests of `outcome` plus every evals.jsonl line (timings left out) of these runs, made with the code before
+# racing existed (commit d5b7114); racing off must reproduce them exactly.
+BEFORE_RACING = {
+    "ga": "210df04fc6ba0640",
+    "nsga2": "663ae758f450fcca",
+}
+
+
+def digest(out: Path, sources: list[str]) -> str:
+    """A digest of a run's outcome and evaluations, without timings and with the sources' folder written SRC."""
+    lines = []
+    for e in evals(out):
+        e = dict(e, seconds=None)
+        e["evaluation"] = dict(e["evaluation"], seconds=None)
+        lines.append(e)
+    text = json.dumps([[sorted(o) if isinstance(o, set) else o for o in outcome(out)], lines], sort_keys=True).replace(str(Path(sources[0]).parent), "SRC")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("algorithm", ["ga", "nsga2"])
+def test_racing_off_is_bit_identical_to_before(sources, tmp_path, algorithm):
+    kw = {"algorithm": algorithm, "generations": 4, "population": 6, "seed": 11}
+    if algorithm == "nsga2":
+        kw["objectives"] = ["score", "hops"]
+    run_evolution(make_config(sources, tmp_path / "run", **kw), evaluate=TargetRoute(), **QUIET)
+    assert not (tmp_path / "run" / "docs.jsonl").exists()
+    assert digest(tmp_path / "run", sources) == BEFORE_RACING[algorithm]
+
+
+# ---- a real fitness ---------------------------------------------------------------------------------
+def test_raced_lm_eval_scores_equal_unraced_ones(tiny_source_dirs, tiny_suite_dir, tmp_path):
+    """lm-eval tasks of every kind (multiple choice, rolling perplexity, few-shot generation) on tiny models, with
+    the prefix cache: a candidate that finished the race has the score unraced scoring gives it; the documents
+    of its stages add up to each task's documents."""
+    from dfs_merge.config import RunConfig
+    from dfs_merge.search.backends import ModelEvaluator
+
+    tasks = {"tiny_mc": 1.0, "tiny_ppl": 1.0, "tiny_gen": 1.0}
+    cfg = make_config([str(p) for p in tiny_source_dirs], tmp_path / "run", repeats=1, population=4, generations=1,
+                      tasks=tasks, metrics={"tiny_ppl": "bits_per_byte"}, eval_suites=[str(tiny_suite_dir)],
+                      constraints={"max_hops": 6}, prefix_cache_mb=64, racing={"stages": [0.5, 1.0]},
+                      objectives=["score"], algorithm="ga")
+    run_evolution(cfg, **QUIET)
+    lines = evals(tmp_path / "run")
+    full = [e for e in lines if e["error"] is None and e["evaluation"]["race"].get("dropped") is None]
+    assert full
+    unraced = ModelEvaluator(RunConfig(**{**cfg.model_dump(by_alias=True), "racing": None}))
+    from dfs_merge.genome import genome_from_dict
+
+    for e in full:
+        ev = unraced(genome_from_dict(e["genome"]))
+        assert e["evaluation"]["race"]["docs"] == {"tiny_mc": 6, "tiny_ppl": 4, "tiny_gen": 5}
+        for name, r in ev.tasks.items():
+            assert e["tasks"][name] == pytest.approx(r.value, rel=1e-6, abs=1e-9), name
+        assert e["score"] == pytest.approx(ev.score, rel=1e-6, abs=1e-9)
