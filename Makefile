@@ -62,7 +62,8 @@ zoo-table: install
 	$(PY) -m dfs_merge.apps.zoo table --out build/zoo/table.md
 
 # Benchmarks (not timed tests): throughput vs mergekit write-then-load and the forward floor, prefix cache,
-# worker scaling, memory. Writes bench/results/*.json and a summary of the targets.
+# worker scaling, memory, export time and peak memory vs mergekit-yaml. Writes bench/results/*.json and a
+# summary of the targets.
 bench: install
 	$(PIP) install -q -e ".[bench]"
 	$(PY) bench/run_all.py

@@ -4,7 +4,7 @@ Each script writes its own bench/results/<name>.json; this one then reads them a
 bench/results/summary.json: every target of issue 6 with the measured figure, whether it is
 met, and the load average it was measured under.
 
-    .venv/bin/python bench/run_all.py                          # throughput, prefix_cache, scaling, memory, ps
+    .venv/bin/python bench/run_all.py                          # throughput, prefix_cache, scaling, memory, ps, export
     .venv/bin/python bench/run_all.py --only scaling,memory    # a subset (also: fitness)
     .venv/bin/python bench/run_all.py --summary-only           # only re-read the results
 """
@@ -26,6 +26,7 @@ SCRIPTS = {
     "scaling": ["bench_scaling.py"],
     "memory": ["bench_memory.py"],
     "ps": ["bench_ps.py"],
+    "export": ["bench_export.py"],
     # not by default (each 5-10 min more):
     "throughput_cli": ["bench_throughput.py", "--models", "smollm2", "--tasks", "cloze_mc_dev:100", "--mergekit-cli",
                        "--out", "bench/results/throughput_cli.json"],
@@ -33,7 +34,7 @@ SCRIPTS = {
                              "--out", "bench/results/prefix_cache_noscale.json"],
     "fitness": ["bench_fitness.py"],  # bench_throughput measures its A and C figures too
 }
-DEFAULT = "throughput,prefix_cache,scaling,memory,ps"
+DEFAULT = "throughput,prefix_cache,scaling,memory,ps,export"
 
 
 def _read(name: str) -> dict[str, Any] | None:
@@ -105,6 +106,15 @@ def targets() -> list[dict[str, Any]]:
                 add("PS merge step >= 20x faster than mergekit-yaml + load", f"{r['method']} ({case.replace('_', ' ')})",
                     round(r[f"speedup_{case}"], 1), r[f"speedup_{case}"] >= 20, ps["machine"]["loadavg"],
                     ps["machine"]["date"])
+    ex = _read("export")
+    if ex:
+        for r in ex["rows"]:
+            if r["variant"].startswith("dfs-merge (default"):
+                load, date = ex["machine"]["loadavg"], ex["machine"]["date"]
+                add("export (default verification) no slower than mergekit-yaml", f"{r['dtype']} time / mergekit's",
+                    r["time_vs_mergekit"], r["time_vs_mergekit"] <= 1.0, load, date)
+                add("export (default verification) no heavier than mergekit-yaml", f"{r['dtype']} peak RSS / "
+                    "mergekit's", r["memory_vs_mergekit"], r["memory_vs_mergekit"] <= 1.0, load, date)
     return out
 
 

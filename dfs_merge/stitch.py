@@ -218,8 +218,11 @@ def stitch(pool: SourcePool, route: Route, activation_cache: ActivationCache | N
 
 
 def prefix_keys(route: Route) -> list[str]:
-    """Key of each route prefix (hops 0..k with their scales): equal prefixes give equal keys."""
+    """Key of each route prefix (hops 0..k with their scales, after the embeddings of `embed_source`): equal
+    prefixes give equal keys."""
     keys, digest = [], hashlib.sha1()
+    if route.embed_source:
+        digest.update(f"embed {route.embed_source};".encode())
     for h in route:
         digest.update(f"{h.source}:{h.layer}@{h.scale!r};".encode())
         keys.append(digest.copy().hexdigest())

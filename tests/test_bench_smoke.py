@@ -89,3 +89,21 @@ def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path):
     assert json.loads(out.read_text())["ok"] and result["identity_max_abs_diff"] == 0.0
     assert result["export"]["verified"] and result["abc"]["a_equals_b"]
     assert [r["workers"] for r in result["ray"]] == [1, 2] and all(r["candidates"] > 0 for r in result["ray"])
+
+
+def test_export_bench_times_our_export_and_mergekit_side_by_side(tmp_path, tiny_source_dirs):
+    from pathlib import Path
+
+    import pytest
+
+    if not (Path(sys.executable).parent / "mergekit-yaml").is_file():
+        pytest.skip("mergekit-yaml is not installed (the test extra)")
+    import bench_export
+
+    out = tmp_path / "export.json"
+    result = bench_export.main(["--model", str(tiny_source_dirs[0]), "--slices", "0-2,1-3", "--dtypes", "float32",
+                                "--rounds", "1", "--variants", "mergekit,quick", "--out", str(out)])
+    assert json.loads(out.read_text())["identical_to_mergekit"] == {"float32": True}
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert len(rows) == 2 and all(r["seconds"] > 0 and r["peak_mb"] > 0 for r in rows.values())
+    assert rows["dfs-merge (default: quick verify)"]["verify_s"] > 0

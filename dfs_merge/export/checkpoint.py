@@ -44,7 +44,15 @@ from dfs_merge.export.providers import (
     TensorProvider,
     safetensors_files,
 )
-from dfs_merge.export.tensors import Entry, FoldedLayers, parse_size, plan_tensors, running_products, shards
+from dfs_merge.export.tensors import (
+    Entry,
+    FoldedLayers,
+    one_thread,
+    parse_size,
+    plan_tensors,
+    running_products,
+    shards,
+)
 from dfs_merge.export.tensors import save_shard as _save_shard
 from dfs_merge.export.verify import (
     QUICK_LOGITS_MAX_BYTES,
@@ -323,7 +331,7 @@ def _export(inputs: ExportInputs, genome: Genome, route: Route, out: Path, setti
     entries = plan_tensors(inputs.tensors, route, settings.out_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     _STAGING.remove_leftovers(out)
-    with _STAGING.folder(out, replace=force, refuse=_appeared) as staging:
+    with one_thread(), _STAGING.folder(out, replace=force, refuse=_appeared) as staging:
         _write_weights(inputs.tensors, route, entries, staging, limit, show, settings.dtype)
         export_config(inputs, route, entries).save_pretrained(staging)
         _write_generation_config(inputs, staging)
@@ -486,9 +494,8 @@ def _verify(inputs: ExportInputs, route: Route, entries: list[Entry], folder: Pa
         with show.stage(f"comparing logits with the stitched model on {len(VERIFY_PROMPTS)} prompts", "compared"):
             result = compare_logits(pool if pool is not None else load, route, folder, ref_dtype)
     else:
-        reference = pool if pool is not None else load()
         with show.stage(f"verifying against the stitched model on {len(VERIFY_PROMPTS)} prompts", "verified"):
-            result = verify_export(reference, route, folder, verify_tolerance(coarse))
+            result = verify_export(pool if pool is not None else load, route, folder, verify_tolerance(coarse))
     log.info("verify: %s", result.text())
     check_verified(result, coarse)
     show.say(f"verify: {result.text()}")

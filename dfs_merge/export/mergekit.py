@@ -38,8 +38,9 @@ from dfs_merge.atomic import write_atomic
 from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import ExportError, GenomeError, SourceError
 from dfs_merge.export.tensors import running_products
-from dfs_merge.genome import DTYPE_NAMES, Genome, Hop, Route, Scaling, check_chat_template
+from dfs_merge.genome import DTYPE_NAMES, Genome, Hop, Route, Scaling
 from dfs_merge.inputs import NoAliasDumper, read_yaml
+from dfs_merge.models import hub
 from dfs_merge.models.adapters import split_source
 from dfs_merge.models.families import Family
 from dfs_merge.models.sources import locate, read_config, ties_embeddings
@@ -149,6 +150,9 @@ def write_mergekit_config(
             "its scales fold into norm gains, which mergekit's multiplicative scale cannot express"
         )
     note = _layer_types_note(route, configs, family)
+    if any(hub.is_hub_name(split_source(p)[0]) and not Path(split_source(p)[0]).exists() for p in genome.sources):
+        note += ("# Hub names are written as their folders in the local Hugging Face cache: mergekit asks the Hub "
+                 "for a name even when it is cached\n")
     writers = _residual_writers(family) or ()
     slices = mergekit_slices(route)
     entries: list[dict[str, Any]] = []
@@ -438,12 +442,7 @@ def import_mergekit(
         "out_dtype": _dtype_setting(data, "out_dtype", where),
         "chat_template": data.get("chat_template"),
     }
-    settings["out_dtype"] = settings["out_dtype"] or settings["dtype"]
-    if settings["chat_template"] is not None:
-        try:
-            check_chat_template(settings["chat_template"])
-        except GenomeError as err:
-            raise GenomeError(f"{where}: {err}") from None
+    settings["out_dtype"] = settings["out_dtype"] or settings["dtype"]  # what mergekit writes the checkpoint in
 
     # layer counts, from config.json only
     layers: list[int] = []

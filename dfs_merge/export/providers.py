@@ -228,12 +228,12 @@ class FileTensors(TensorProvider):
         return where
 
     def _layer_names(self, source: int, layer: int) -> dict[str, str]:
-        names = self._layers[source].get(layer)
-        if not names:
-            raise SourceError(f"{self.folders[source]}: its safetensors files hold no tensors of layer {layer}")
+        names = self._layers[source].get(layer, {})
         missing = [w for w in self.families[source].layer_weights if w not in names]
         if missing:
-            raise SourceError(f"{self.folders[source]}: layer {layer} lacks {missing[0]} in its safetensors files")
+            raise SourceError(f"{self.folders[source]}: the weights lack {self.families[source].layers_attr}.{layer}."
+                              f"{missing[0]}, which its config.json asks for; does the config claim more layers "
+                              "than the weights hold?")
         return names
 
     def layer_specs(self, source: int, layer: int) -> list[Spec]:
@@ -248,7 +248,7 @@ class FileTensors(TensorProvider):
                  if not name.startswith(prefix)}
         embed, *_, head = self.families[source].non_layer_weights
         if embed not in specs:
-            raise SourceError(f"{self.folders[source]}: its safetensors files lack {embed}")
+            raise SourceError(f"{self.folders[source]}: the weights lack {embed}")
         if ties_embeddings(self.configs[source]):
             specs.pop(head, None)
         return list(specs.values())
@@ -275,7 +275,7 @@ class FileTensors(TensorProvider):
 
     def tensor(self, source: int, key: str) -> torch.Tensor:
         if key not in self._where[source]:
-            raise SourceError(f"{self.folders[source]}: its safetensors files lack {key}")
+            raise SourceError(f"{self.folders[source]}: the weights lack {key}")
         return self._read(source, {key: key})[key]
 
     def same_weights(self, a: int, b: int) -> bool:

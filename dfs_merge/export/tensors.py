@@ -1,21 +1,23 @@
 """The tensors of an exported checkpoint: which ones, in which shard, with which scale folded in, and their bytes.
 
-`plan_tensors` lists every output tensor in Hugging Face order (where it comes from,
-its dtype and shape) without copying anything; `shards` groups them by size;
-`FoldedLayers` hands out one hop's layer state at a time with the running product of
-hop scales folded in by the family; `save_shard` streams one safetensors file from
-those tensors, one tensor at a time, so an export never holds its output in memory.
+`plan_tensors` lists every output tensor (where it comes from, its written dtype and shape)
+from a tensor provider (`providers`: a loaded pool, or the sources' safetensors files) without
+copying anything; `shards` groups them by size; `FoldedLayers` hands out one hop's layer state
+at a time, cast to the merge's dtype, with the running product of hop scales folded in by the
+family; `save_shard` streams one safetensors file from those tensors, one tensor at a time, so an
+export never holds its output in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,6 +118,19 @@ def shards(entries: list[Entry], limit: int) -> list[list[Entry]]:
 
 
 # --------------------------------------------------------------------------- scale folding
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one CPU thread for the block. An export's casts, folds and comparisons stream through memory
+    a tensor at a time and its verify forwards read each weight once: memory-bound work that more threads
+    only slow down on a busy machine (eight times, measured on 2 shared cores; see OFFLINE.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def running_products(route: Route) -> list[float]:

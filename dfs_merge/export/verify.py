@@ -17,12 +17,10 @@ Three levels (`VERIFY_MODES`, the CLI's `--verify`):
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,48 +99,46 @@ def _verify_inputs(pool: SourcePool, vocab: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def verify_export(pool: SourcePool, route: Route, folder: str | Path, tolerance: float | None = None, *,
-                  gguf_file: str | None = None) -> VerifyResult:
-    """Load the checkpoint in `folder` and compare it with the stitched model on a fixed batch.
+def verify_export(reference: SourcePool | Callable[[], SourcePool], route: Route, folder: str | Path,
+                  tolerance: float | None = None, *, gguf_file: str | None = None) -> VerifyResult:
+    """The full check: the checkpoint in `folder` against the stitched model over `reference` on a fixed batch.
 
-    Logits are compared on every prompt and on a 32-token id sequence; each prompt is then
-    continued greedily for `VERIFY_NEW_TOKENS` tokens by both models (skipped when the
-    logits already miss `tolerance`). With `gguf_file`, the checkpoint is that GGUF file in `folder`,
-    read by transformers' GGUF loader.
+    Logits are compared on every prompt and on a 32-token id sequence; each prompt is then continued greedily
+    for `VERIFY_NEW_TOKENS` tokens by both models (the checkpoint's skipped when its logits already miss
+    `tolerance`). The stitched model runs first; a callable `reference` is loaded for it and dropped before
+    the checkpoint is loaded, so that the two models are never in memory together. With `gguf_file`, the
+    checkpoint is that GGUF file in `folder`, read by transformers' GGUF loader.
     """
     from dfs_merge.stitch import stitch
 
+    pool = reference() if callable(reference) else reference
+    device, dtype = pool.device, pool.dtype
+    vocab = int(pool.base.config.get_text_config(decoder=True).vocab_size)
+    prompts = [ids.to(device) for ids in _verify_inputs(pool, vocab)]
+    batch = [*prompts, torch.tensor([[(3 + 37 * i) % vocab for i in range(32)]], device=device)]
+    pad = getattr(pool.tokenizer, "pad_token_id", None) if pool.tokenizer is not None else None
+    kw = dict(max_new_tokens=VERIFY_NEW_TOKENS, do_sample=False, num_beams=1, pad_token_id=pad if pad is not None else 0)
     stitched = stitch(pool, route)
-    loaded = _load_written(folder, pool.dtype, pool.device, gguf_file)
-    vocab = int(loaded.config.get_text_config(decoder=True).vocab_size)
-    prompts = _verify_inputs(pool, vocab)
-    batch = [*prompts, torch.tensor([[(3 + 37 * i) % vocab for i in range(32)]])]
+    expected = [stitched(input_ids=ids).logits.float() for ids in batch]
+    generated = [stitched.generate(ids, attention_mask=torch.ones_like(ids), **kw) for ids in prompts]
+    del stitched
+    if callable(reference):
+        del pool  # freed here (no cycles hold a model), before the checkpoint is loaded
+    loaded = _load_written(folder, dtype, device, gguf_file)
     diff = top = 0.0
-    for ids in batch:
-        ids = ids.to(pool.device)
-        a = stitched(input_ids=ids).logits.float()
+    for ids, a in zip(batch, expected, strict=True):
         b = loaded(input_ids=ids).logits.float()
         for name, logits in (("the stitched model", a), ("the written checkpoint", b)):
             if not bool(torch.isfinite(logits).all()):  # max() would drop a NaN and call the export identical
-                del loaded
                 return VerifyResult(math.nan, math.nan, None, VERIFY_NEW_TOKENS, f"{name} gives non-finite logits")
         diff = max(diff, float((a - b).abs().max()))
         top = max(top, float(a.abs().max()))
     if tolerance is not None and not diff <= tolerance * top:
-        del loaded
         return VerifyResult(diff, top, None, VERIFY_NEW_TOKENS)
     same = True
-    pad = getattr(pool.tokenizer, "pad_token_id", None) if pool.tokenizer is not None else None
-    for ids in prompts:
-        ids = ids.to(pool.device)
-        kw = dict(
-            attention_mask=torch.ones_like(ids), max_new_tokens=VERIFY_NEW_TOKENS, do_sample=False,
-            num_beams=1, pad_token_id=pad if pad is not None else 0,
-        )
-        ga = stitched.generate(ids, **kw)
-        gb = loaded.generate(ids, **kw)
+    for ids, ga in zip(prompts, generated, strict=True):
+        gb = loaded.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         same = same and ga.shape == gb.shape and bool((ga == gb).all())
-    del loaded
     return VerifyResult(diff, top, same, VERIFY_NEW_TOKENS)
 
 
@@ -160,19 +156,6 @@ def _load_written(folder: str | Path, dtype: torch.dtype, device: torch.device, 
     return loaded.to(device).eval()
 
 
-@contextlib.contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """One torch thread on a CPU for the block: a forward of a dozen tokens reads the weights once and is
-    memory-bound, and on a busy machine extra threads make it several times slower (OFFLINE.md)."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @torch.no_grad()
 def compare_logits(reference: SourcePool | Callable[[], SourcePool], route: Route, folder: str | Path,
                    dtype: torch.dtype | None = None) -> VerifyResult:
@@ -188,14 +171,11 @@ def compare_logits(reference: SourcePool | Callable[[], SourcePool], route: Rout
     device, dtype = pool.device, dtype or pool.dtype
     ids = torch.cat(_verify_inputs(pool, int(pool.base.config.get_text_config(decoder=True).vocab_size)), dim=1)
     ids = ids.to(device)
-    with _one_thread(device):
-        expected = stitch(pool, route)(input_ids=ids).logits.float()
+    expected = stitch(pool, route)(input_ids=ids).logits.float()
     if callable(reference):
-        del pool
-        gc.collect()
+        del pool  # freed here (no cycles hold a model), before the checkpoint is loaded
     loaded = _load_written(folder, dtype, device)
-    with _one_thread(device):
-        got = loaded(input_ids=ids).logits.float()
+    got = loaded(input_ids=ids).logits.float()
     del loaded
     for name, logits in (("the stitched model", expected), ("the written checkpoint", got)):
         if not bool(torch.isfinite(logits).all()):
@@ -219,10 +199,17 @@ class TensorCheck:
                 "sources' (cast and scales folded as planned)")
 
 
+_SAME_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (a NaN equals itself, -0.0 differs from 0.0), compared as integers of the same width."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    if a.dtype == torch.bool:
+        return torch.equal(a, b)
+    width = _SAME_WIDTH[a.element_size()]
+    return torch.equal(a.contiguous().reshape(-1).view(width), b.contiguous().reshape(-1).view(width))
 
 
 def check_tensors(folder: Path, entries: Sequence[Entry], feed: FoldedLayers) -> TensorCheck:

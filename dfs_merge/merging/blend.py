@@ -9,13 +9,15 @@ same in every source (the untouched tensors of LoRA adapters over one base, or o
 them) are never merged for a method with a base: their deltas are zero, so the merge is the base's tensor.
 
 For TIES and DARE it keeps, per merged tensor and merged source, what no candidate changes (`methods.Delta`):
-the delta against the base and, for TIES, each value's rank in mergekit's magnitude order, made on the first
-candidate that needs them, so that a later candidate's TIES is elementwise passes only (the top-k at a new
-density is `rank < k`; no selection, no sort). It costs, per merged source, 4 bytes (the rank) plus the
-tensors' element size (the delta) per value of the tensors that differ from the base: 0.85 GB for
-SmolLM2-135M in float32 with one adapter, about 40 GB for a 7B in bfloat16 (three times the source's size).
-`cache=False` keeps nothing (each merge as `merge_tensor`, same result); a one-off merge (`merged_model`)
-keeps nothing.
+DARE's L1 norm of the delta, and TIES's rank of each value in mergekit's magnitude order, made on the first
+candidate that prunes, so that a later candidate's TIES is elementwise passes only (the top-k at a new
+density is `rank < k`; no selection, no sort), into buffers reused from tensor to tensor (`methods.Scratch`).
+A rank costs 4 bytes a value of the tensors that differ from the base, per merged source: 216 MB for
+SmolLM2-135M with the J adapter (56.6M adapted values); about 28 GB per merged source for a 7B (twice a
+bfloat16 source's size, once a float32 one's). So what is kept is bounded (`keep`), by default by the bytes
+the sources' weights take: keeping at most doubles a worker's memory. Tensors met once the bound is reached
+are pruned from scratch each time (the same result, at the uncached cost); `keep=0` keeps nothing, nor does
+a one-off merge (`merged_model`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 
 from dfs_merge.errors import IncompatibleSources
-from dfs_merge.merging.methods import Delta, merge_deltas, merge_tensor, tensor_generator
+from dfs_merge.merging.methods import Delta, Method, Scratch, merge_deltas, merge_tensor, tensor_generator
 from dfs_merge.merging.recipe import Recipe
 
 
@@ -46,13 +48,15 @@ class _Tensor:
 
 
 class Blender:
-    """The resident model of one worker and what it needs to turn a recipe into merged weights; with `cache`
-    (default), the TIES / DARE deltas and magnitude ranks it reuses between candidates (see the module)."""
+    """The resident model of one worker and what it needs to turn a recipe into merged weights, with the TIES
+    magnitude ranks it reuses between candidates: at most `keep` bytes of them (default: the bytes of the
+    sources' weights; see the module)."""
 
-    def __init__(self, pool: Any, cache: bool = True):
+    def __init__(self, pool: Any, keep: int | None = None):
         self.pool = pool
-        self.cache = cache
         self._deltas: dict[tuple[str, int, int], Delta] = {}  # (tensor, base, source)
+        self._reserved = 0  # the bytes of the ranks allowed so far (each made on first use)
+        self._scratch = Scratch()
         models = [s.model for s in pool.sources]
         states = [dict(m.named_parameters()) for m in models]
         names = list(states[0])
@@ -80,6 +84,8 @@ class Blender:
             shared = all(t.data_ptr() == inputs[0].data_ptr() or torch.equal(t, inputs[0]) for t in inputs)
             self.tensors.append(_Tensor(n, params[n], inputs, int(m.group(1)) if m else None, not seen_layers, shared))
         self.layers = len(pool.base.layers)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for st in states for t in st.values()}
+        self.keep = sum(storages.values()) if keep is None else keep
         self._last: dict[str, tuple[Any, ...]] = {}
         self.recomputed = 0  # tensors merged by the last `apply` (the rest kept their values)
 
@@ -110,46 +116,49 @@ class Blender:
                          recipe.seed, weights, densities)
             if self._last.get(t.name) == signature:
                 continue
-            merged = self._merge(t, recipe, weights, densities)
             if not t.own:
                 t.param.data = torch.empty_like(t.inputs[0])
                 t.own = True
-            t.param.data.copy_(merged)
+            buffer = t.param.data
+            merged = self._merge(t, recipe, weights, densities, buffer)
+            if merged.data_ptr() != buffer.data_ptr():
+                buffer.copy_(merged)
             self._last[t.name] = signature
             self.recomputed += 1
         return self.model
 
-    def _merge(self, t: _Tensor, recipe: Recipe, weights: tuple[float, ...], densities: tuple[float, ...]) -> torch.Tensor:
+    def _merge(self, t: _Tensor, recipe: Recipe, weights: tuple[float, ...], densities: tuple[float, ...],
+               out: torch.Tensor) -> torch.Tensor:
         spec = recipe.spec
         inputs = [t.inputs[s] for s in recipe.merged]
         base = t.inputs[recipe.base] if recipe.base is not None and spec.needs_base else None
         gen = tensor_generator(recipe.seed, t.name, t.inputs[0].device) if spec.sparsify == "random" else None
         if base is not None and (spec.sparsify is not None or spec.consensus):
-            deltas = [self._delta(t, recipe.base, s) for s in recipe.merged]
+            deltas = [self._delta(t, spec, recipe.base, s) for s in recipe.merged]
             return merge_deltas(spec, deltas, weights, base, densities=densities or None, normalize=recipe.normalize,
-                                lam=recipe.lam, rescale=recipe.rescale, generator=gen)
+                                lam=recipe.lam, rescale=recipe.rescale, generator=gen, out=out, scratch=self._scratch)
         return merge_tensor(spec, inputs, weights, base=base, densities=densities or None,
                             normalize=recipe.normalize, lam=recipe.lam, rescale=recipe.rescale, generator=gen)
 
-    def _delta(self, t: _Tensor, base: int, source: int) -> Delta:
+    def _delta(self, t: _Tensor, method: Method, base: int, source: int) -> Delta:
         key = (t.name, base, source)
-        if key in self._deltas:
-            return self._deltas[key]
-        delta = Delta(t.inputs[source] - t.inputs[base], reused=self.cache)
-        if self.cache:
-            self._deltas[key] = delta
-        return delta
+        if key not in self._deltas:
+            need = t.param.numel() * 4 if method.sparsify == "magnitude" else 0  # an int32 rank a value
+            ranked = need > 0 and self._reserved + need <= self.keep
+            self._reserved += need if ranked else 0
+            self._deltas[key] = Delta(t.inputs[source], t.inputs[base], ranked)
+        return self._deltas[key]
 
     @property
-    def cache_bytes(self) -> int:
-        """The bytes the kept deltas and ranks hold now."""
+    def kept_bytes(self) -> int:
+        """The bytes the kept ranks hold now."""
         return sum(d.nbytes for d in self._deltas.values())
 
 
 def merged_model(recipe: Recipe, pool: Any) -> Any:
     """A model of `recipe`'s merge over `pool` (its sources, loaded), with buffers of its own: for a hybrid's
     source and for the export. The pool's models are left unchanged."""
-    return Blender(pool, cache=False).apply(recipe)
+    return Blender(pool, keep=0).apply(recipe)
 
 
 def merged_source(recipe: Recipe, pool: Any, path: str) -> Any:

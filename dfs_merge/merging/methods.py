@@ -14,12 +14,14 @@ mergekit (one density for all sources, the disjoint mean divided by a count rath
 DARE rescale 1/density rather than mergekit's L1 norm), and mergekit is not a runtime dependency, so the
 pruning (magnitude top-k keeping at least one value, mergekit's rule; the Bernoulli mask drawn from a seeded
 generator per tensor), the weighted sum and its divisor are written here, checked against `mergekit-yaml`
-in the tests; the sign election is PEFT's `calculate_majority_sign_mask(..., "total")` written as boolean
-comparisons (the same mask, tested against it, without its int64 intermediates: a third of a TIES merge).
+in the tests; the sign election is PEFT's `calculate_majority_sign_mask(..., "total")` written with the deltas'
+dtype (the same mask, tested against it, without its int64 and boolean intermediates, which on the CPU cost
+more than the rest of a TIES merge with kept ranks).
 
-A search merges the same deltas for every candidate with new weights and densities only: a `Delta` made
-with `reused=True` keeps what no candidate changes, the delta and each value's rank in mergekit's magnitude
-order (`magnitude_rank`), so that a density's top-k is one comparison instead of a selection or a sort.
+A search merges the same deltas for every candidate with new weights and densities only: a `Delta` kept
+between candidates keeps what none of them changes, and, made with `ranked=True`, each value's rank in
+mergekit's magnitude order (`magnitude_rank`), so that a density's top-k is one comparison instead of a
+selection or a sort.
 """
 
 from __future__ import annotations
@@ -60,11 +62,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
-def keep_count(n: int, density: float) -> int:
-    """How many of `n` values magnitude pruning keeps at `density`: at least one (mergekit's rule)."""
-    return max(1, int(density * n))
-
-
 def magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
     """Each value's position (int32, 0 = largest) in mergekit's order of magnitudes, `argsort(|delta|,
     descending=True)`: the values magnitude pruning keeps at any density are `rank < k`, ties at the k-th
@@ -93,7 +90,7 @@ def magnitude_mask(delta: torch.Tensor, density: float, rank: torch.Tensor | Non
     if density <= 0:
         return out.zero_()
     n = delta.numel()
-    k = keep_count(n, density)
+    k = max(1, int(density * n))
     if rank is None:
         magnitude = delta.abs().reshape(-1).float()
         keep = magnitude >= torch.kthvalue(magnitude, n - k + 1).values
@@ -127,37 +124,41 @@ def random_prune(delta: torch.Tensor, density: float, rescale: bool, generator: 
 
 
 class Delta:
-    """One source's delta against the base for one tensor, and what pruning it at any density needs that no
-    candidate's values change: its L1 norm (DARE's rescale) and, when `reused` (it will be pruned for many
-    candidates), each value's magnitude rank, both computed on first use. The rank costs 4 bytes a value."""
+    """One source's tensor against the base's for one tensor name, and what pruning their delta at any density
+    needs that no candidate changes, computed on first use and kept for the next candidates: the delta's L1
+    norm (DARE's rescale, a scalar) and, when `ranked`, each value's magnitude rank (TIES: 4 bytes a value).
+    The delta itself is not kept: it is one pass to recompute and would cost as much again."""
 
-    __slots__ = ("_l1", "_rank", "reused", "value")
+    __slots__ = ("_l1", "_rank", "base", "ranked", "tensor")
 
-    def __init__(self, value: torch.Tensor, reused: bool = False):
-        self.value, self.reused = value, reused
+    def __init__(self, tensor: torch.Tensor, base: torch.Tensor, ranked: bool = False):
+        self.tensor, self.base, self.ranked = tensor, base, ranked
         self._rank: torch.Tensor | None = None
         self._l1: torch.Tensor | None = None
 
     def prune_into(self, out: torch.Tensor, method: Method, density: float, rescale: bool,
-                   generator: torch.Generator | None) -> None:
-        """Write the delta pruned as `method` prunes at `density` (DARE's mask drawn from `generator`) into `out`."""
+                   generator: torch.Generator | None, scratch: Scratch | None = None) -> None:
+        """Write the delta pruned as `method` prunes at `density` (DARE's mask drawn from `generator`) into `out`
+        (TIES's mask into `scratch`'s buffer)."""
         import torch
 
+        delta = torch.sub(self.tensor, self.base, out=out)
         if density >= 1 or method.sparsify is None:
-            out.copy_(self.value)
-        elif method.sparsify == "magnitude":
-            if self.reused and self._rank is None:
-                self._rank = magnitude_rank(self.value)
-            magnitude_mask(self.value, density, self._rank, out=out).mul_(self.value)
-        else:
-            if rescale and self._l1 is None:
-                self._l1 = self.value.float().abs().sum()
-            out.copy_(random_prune(self.value, density, rescale, generator or torch.Generator(), self._l1))
+            return
+        if method.sparsify == "magnitude":
+            if self.ranked and self._rank is None:
+                self._rank = magnitude_rank(delta)
+            keep = (scratch or Scratch()).take("keep", delta.shape, delta)
+            delta.mul_(magnitude_mask(delta, density, self._rank, keep))
+            return
+        if rescale and self._l1 is None:
+            self._l1 = delta.float().abs().sum()
+        delta.copy_(random_prune(delta, density, rescale, generator or torch.Generator(), self._l1))
 
     @property
     def nbytes(self) -> int:
-        """The bytes it holds: the delta, and the rank once computed."""
-        return sum(t.numel() * t.element_size() for t in (self.value, self._rank) if t is not None)
+        """The bytes it keeps: the rank, once computed."""
+        return 0 if self._rank is None else self._rank.numel() * self._rank.element_size()
 
 
 def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
@@ -209,26 +210,52 @@ def merge_tensor(
         for t, w in zip(tensors, weights, strict=True):
             out.add_(t - base, alpha=w * scale)
         return out
-    return merge_deltas(method, [Delta(t - base) for t in tensors], weights, base, densities, normalize, lam,
+    return merge_deltas(method, [Delta(t, base) for t in tensors], weights, base, densities, normalize, lam,
                         rescale, generator)
 
 
-def sum_stacked(stacked: torch.Tensor) -> torch.Tensor:
-    """`stacked.sum(dim=0)`, the same values bit for bit (a zero's sign included), with one pass instead of
-    a fill and a pass where one tensor is stacked: the common case of two sources, a base and one other."""
-    return stacked[0] + 0.0 if len(stacked) == 1 else stacked.sum(dim=0)
+class Scratch:
+    """The buffers `merge_deltas` writes its intermediates into, one per role, grown to the largest tensor
+    merged and reused: on the CPU a fresh tensor of megabytes costs its page faults, which cost more than the
+    pass that fills it (a resident model merging hundreds of tensors a candidate keeps one)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(self, role: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of `shape` with `like`'s dtype and device: `role`'s buffer (its last contents
+        are overwritten)."""
+        import torch
+
+        n, key = math.prod(shape), (role, like.dtype, like.device)
+        if key not in self._buffers or self._buffers[key].numel() < n:
+            self._buffers[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return self._buffers[key][:n].view(*shape)
 
 
-def majority_sign_mask(deltas: torch.Tensor) -> torch.Tensor:
+def sum_stacked(stacked: torch.Tensor, out: torch.Tensor, zero_sign: bool = True) -> torch.Tensor:
+    """`stacked.sum(dim=0)` into `out`. Where one tensor is stacked (two sources: a base and one other), the
+    same bits without the sum's fill and pass: that tensor + 0.0 (as in the sum, -0.0 becomes 0.0), or, with
+    `zero_sign=False` (where the sign of a zero cannot matter), the tensor itself."""
+    import torch
+
+    if len(stacked) > 1:
+        return torch.sum(stacked, dim=0, out=out)
+    return torch.add(stacked[0], 0.0, out=out) if zero_sign else stacked[0]
+
+
+def majority_sign_mask(deltas: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
     """TIES's sign election on weighted deltas stacked on dimension 0: 1 where a value has the sign of its
     column's sum (+ where the sum is >= 0), 0 elsewhere and for zeros, in the deltas' dtype. PEFT's
     `calculate_majority_sign_mask(deltas, "total")` with its int64 majority and boolean result replaced by the
     deltas' dtype: on the CPU those conversions cost more than the rest of a merge whose deltas are kept."""
     import torch
 
-    total = sum_stacked(deltas)
-    majority = torch.ge(total, 0, out=torch.empty_like(total)).mul_(2).sub_(1)
-    return torch.eq(deltas.sign(), majority, out=torch.empty_like(deltas))
+    scratch = scratch or Scratch()
+    shape = deltas.shape[1:]
+    total = sum_stacked(deltas, scratch.take("total", shape, deltas), zero_sign=False)  # only compared with 0
+    majority = torch.ge(total, 0, out=scratch.take("majority", shape, deltas)).mul_(2).sub_(1)
+    return torch.sign(deltas, out=scratch.take("agree", deltas.shape, deltas)).eq_(majority)
 
 
 def merge_deltas(
@@ -241,35 +268,40 @@ def merge_deltas(
     lam: float = 1.0,
     rescale: bool | None = None,
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """A method with a base that prunes or elects signs (TIES, DARE) over the merged sources' `deltas`: each
     pruned at its density, weighted, summed (over the agreeing signs for TIES), divided by mergekit's divisor,
-    added to `base`. `merge_tensor`'s path, and the resident model's with deltas it keeps between candidates."""
+    added to `base` (into `out` when given: a resident model's buffer; the intermediates into `scratch`'s).
+    `merge_tensor`'s path, and the resident model's with deltas it keeps between candidates."""
     import torch
     from peft.utils.merge_utils import reshape_weight_task_tensors
 
     normalize = method.normalize if normalize is None else normalize
     rescale = method.rescale if rescale is None else rescale
     if not deltas:
-        return base.clone()
+        return base.clone() if out is None else out.copy_(base)
     if method.sparsify is not None and densities is None:
         raise ValueError(f"{method.name} needs one density per merged source")
-    stack = base.new_empty((len(deltas), *base.shape))
+    scratch = scratch or Scratch()
+    stack = scratch.take("stack", (len(deltas), *base.shape), base)
     for i, d in enumerate(deltas):
-        d.prune_into(stack[i], method, densities[i] if densities is not None else 1.0, rescale, generator)
+        d.prune_into(stack[i], method, densities[i] if densities is not None else 1.0, rescale, generator, scratch)
     w = reshape_weight_task_tensors(stack, torch.tensor(list(weights), dtype=stack.dtype, device=stack.device))
     stack.mul_(w)
+    mixed_out = scratch.take("mixed", base.shape, base)
     if method.consensus:
-        mask = majority_sign_mask(stack)
-        mixed = sum_stacked(stack.mul_(mask))
-        divisor = sum_stacked(mask.mul_(w))
-        divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))  # 0 -> 1, as mergekit
+        mask = majority_sign_mask(stack, scratch)
+        mixed = sum_stacked(stack.mul_(mask), mixed_out)
+        divisor = sum_stacked(mask.mul_(w), scratch.take("divisor", base.shape, base), zero_sign=False)
+        divisor.add_(torch.eq(divisor, 0, out=scratch.take("zero", base.shape, base)))  # 0 -> 1, as mergekit
     else:
-        mixed = sum_stacked(stack)
+        mixed = sum_stacked(stack, mixed_out)
         divisor = w.sum(dim=0)
         divisor.masked_fill_(divisor.abs() < 1e-8, 1)
     if normalize:
         mixed.div_(divisor)
     if lam != 1:
         mixed.mul_(lam)
-    return mixed.add_(base).to(base.dtype)
+    return torch.add(mixed, base, out=torch.empty_like(base) if out is None else out)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dfs_merge.config import RacingConfig
@@ -123,7 +123,7 @@ class Race:
             for k, ev in evaluator.submit([genomes[k] for k in todo], docs=window):
                 if not ev.ok:  # failed or lost: out of the race, reported as it is
                     alive.remove(k)
-                    yield k, ev
+                    yield k, replace(ev, per_doc=None)
                     continue
                 self._store(k, gen, s, ev)
             entered = len(alive)

@@ -45,46 +45,21 @@ IDS = torch.tensor([[(5 + 41 * i) % 300 for i in range(24)], [(9 + 13 * i) % 300
 
 # --------------------------------------------------------------------------- the recipes, as published
 
-GOLIATH = """\
-slices:
-  - sources:
-    - model: Xwin-LM/Xwin-LM-70B-V0.1
-      layer_range: [0, 16]
-  - sources:
-    - model: Sao10K/Euryale-1.3-L2-70B
-      layer_range: [8, 24]
-  - sources:
-    - model: Xwin-LM/Xwin-LM-70B-V0.1
-      layer_range: [17, 32]
-  - sources:
-    - model: Sao10K/Euryale-1.3-L2-70B
-      layer_range: [25, 40]
-  - sources:
-    - model: Xwin-LM/Xwin-LM-70B-V0.1
-      layer_range: [33, 48]
-  - sources:
-    - model: Sao10K/Euryale-1.3-L2-70B
-      layer_range: [41, 56]
-  - sources:
-    - model: Xwin-LM/Xwin-LM-70B-V0.1
-      layer_range: [49, 64]
-  - sources:
-    - model: Sao10K/Euryale-1.3-L2-70B
-      layer_range: [57, 72]
-  - sources:
-    - model: Xwin-LM/Xwin-LM-70B-V0.1
-      layer_range: [65, 80]
-merge_method: passthrough
-dtype: float16
-"""
+def stack(slices: list[tuple[str, int, int]], dtype: str) -> str:
+    """A passthrough recipe of one-model slices `(model, start, end)`, in the key order of mergekit's model cards."""
+    body = "".join(f"- sources:\n  - layer_range: [{a}, {b}]\n    model: {m}\n" for m, a, b in slices)
+    return f"dtype: {dtype}\nmerge_method: passthrough\nslices:\n{body}"
 
 
 def self_stack(model: str, ranges: list[tuple[int, int]], dtype: str) -> str:
-    """A recipe that stacks slices of one model, in the key order mlabonne's and Eric Hartford's configs use."""
-    slices = "".join(f"- sources:\n  - layer_range: [{a}, {b}]\n    model: {model}\n" for a, b in ranges)
-    return f"dtype: {dtype}\nmerge_method: passthrough\nslices:\n{slices}"
+    """A recipe that stacks slices of one model (mlabonne's, Eric Hartford's, elinas' and Na0s' configs)."""
+    return stack([(model, a, b) for a, b in ranges], dtype)
 
 
+# Goliath's card lists its ranges (Xwin 0-16, Euryale 8-24, Xwin 17-32, ...): that list as the config.
+GOLIATH = stack([("Xwin-LM/Xwin-LM-70B-V0.1" if k % 2 == 0 else "Sao10K/Euryale-1.3-L2-70B", a, b) for k, (a, b) in
+                 enumerate([(0, 16), (8, 24), (17, 32), (25, 40), (33, 48), (41, 56), (49, 64), (57, 72), (65, 80)])],
+                "float16")
 LLAMA3_120B = self_stack("meta-llama/Meta-Llama-3-70B-Instruct", [(i, i + 20) for i in range(0, 61, 10)], "float16")
 MEGADOLPHIN = self_stack("cognitivecomputations/dolphin-2.2-70b", [(i, i + 20) for i in range(0, 61, 10)], "float16")
 BIGSTRAL = self_stack("mistralai/Mistral-7B-Instruct-v0.2", [(i, i + 8) for i in range(0, 25, 4)], "bfloat16")
@@ -736,3 +711,32 @@ def test_a_genome_is_scored_with_its_tokenizer_sources_tokenizer(hub_cache):
     scorer.genome(g)
     scorer.genome(replace(g, tokenizer_source=1))
     assert seen == [(pool.tokenizer, pool.sources[1].model.lm_head), (pool.tokenizers[1], pool.sources[1].model.lm_head)]
+
+
+def test_prefix_cache_keeps_apart_routes_over_other_embeddings(hub_cache):
+    from dfs_merge.stitch import ActivationCache, stitch
+
+    a, b = "psmathur/orca_mini_v3_13b", "garage-bAInd/Platypus2-13B"
+    pool = SourcePool.load([a, b])
+    cache = ActivationCache(64)
+    hops = Route.parse("0:0-5, 1:5-9").hops
+    with torch.no_grad():
+        first = stitch(pool, Route(hops), cache)(input_ids=IDS).logits
+        other = stitch(pool, Route(hops, embed_source=1), cache)(input_ids=IDS).logits
+        alone = stitch(pool, Route(hops, embed_source=1))(input_ids=IDS).logits
+    assert torch.equal(other, alone) and not torch.equal(first, other)
+
+
+def test_the_mergekit_yaml_command_builds_what_run_merge_builds(hub_cache, tmp_path):
+    """The in-process build above is the `mergekit-yaml` command's: once through the command itself."""
+    import os
+    import subprocess
+    import sys
+
+    text, f, *_ = BUILT["orcamini-platy-44layer"]
+    cfg = write(tmp_path, "mk.yaml", for_mergekit(scaled(text, f), hub_cache))
+    done = subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(cfg), str(tmp_path / "cli"),
+                           "--quiet", "--no-cuda"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.equal(logits(tmp_path / "cli"), logits(mergekit_yaml(cfg, tmp_path / "api")))

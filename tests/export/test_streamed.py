@@ -60,6 +60,11 @@ def test_streamed_export_equals_the_in_memory_one_bit_for_bit(tiny_pool, tiny_so
         assert json.loads((streamed / name).read_text()) == json.loads((in_memory / name).read_text()), name
     assert "2 prompts" in (streamed / "README.md").read_text()
 
+    # a sharded checkpoint (an index, several files) streams as a source too: its identity route is itself
+    again = export_genome(Genome.from_route(Route.parse("0:0-8"), [str(streamed)], [9], 1), tmp_path / "again")
+    c = tensors(again)
+    assert c.keys() == a.keys() and all(torch.equal(c[k], a[k]) for k in a)
+
 
 def test_out_dtype_bfloat16_writes_bf16_tensors_and_a_config_that_says_so(tiny_source_dirs, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -49,7 +49,8 @@ def state(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_kept_deltas_merge_every_candidate_bit_for_bit_as_alone(method, pool):
     template = initial_recipe(pool.paths, len(pool.base.layers), method, 0, 2, 1.0)
-    kept, alone = Blender(pool), Blender(pool, cache=False)
+    kept, alone = Blender(pool), Blender(pool, keep=0)
+    partly = Blender(pool, keep=sum(p.numel() for p in pool.base.model.parameters()) * 4 // 2)  # ranks for some
     gen = torch.Generator().manual_seed(0)
     candidates = []
     for c in range(4):  # weights in [0, 1.5), densities in [0.1, 1); one density 1
@@ -61,12 +62,13 @@ def test_kept_deltas_merge_every_candidate_bit_for_bit_as_alone(method, pool):
     candidates.append(candidates[-1].with_bits((), moved))
     merges = []
     for recipe in candidates:
-        ours, theirs = state(kept.apply(recipe)), state(alone.apply(recipe))
-        assert all(same_bits(ours[n], theirs[n]) for n in ours), recipe
+        ours, theirs, some = state(kept.apply(recipe)), state(alone.apply(recipe)), state(partly.apply(recipe))
+        assert all(same_bits(ours[n], theirs[n]) and same_bits(some[n], theirs[n]) for n in ours), recipe
         merges.append(ours)
     assert kept.recomputed < len(kept.tensors)  # the last candidate moved one group's values only
     assert not torch.equal(merges[-2][TIED], merges[-1][TIED])  # that density moves the merge
-    assert kept.cache_bytes > 0 and alone.cache_bytes == 0
+    assert (kept.kept_bytes > 0) == (method == "ties") and alone.kept_bytes == 0  # DARE keeps no rank
+    assert partly.kept_bytes <= partly.keep and (method != "ties" or 0 < partly.kept_bytes < kept.kept_bytes)
     if method == "ties":  # the tensor with ties: every candidate's density put its threshold inside a tie
         magnitude = (pool.sources[1].model.get_parameter(TIED) - pool.sources[0].model.get_parameter(TIED)).abs()
         for recipe in candidates:
@@ -90,7 +92,7 @@ def test_merge_is_mergekits_merge_group_bit_for_bit(method, m):
     gen = torch.Generator().manual_seed(m)
     base, sources = deltas_with_ties(m, gen)
     group = TensorGroup.from_tensors([base, *sources], base_index=0)
-    kept = [Delta(t - base, reused=True) for t in sources]
+    kept = [Delta(t, base, ranked=True) for t in sources]
     for density in (0.3, 0.71, 0.5):
         weights, densities = [0.4 + 0.3 * i for i in range(m)], [density - 0.05 * i for i in range(m)]
         torch.manual_seed(7)  # mergekit's DARE draws from the global generator
