@@ -188,7 +188,8 @@ def export_genome(genome: Genome, out: str | Path, *, device: str = "cpu", dtype
     folders = stream_folders(genome)
     if folders is not None:
         return _export_streamed(genome, folders, out, device=device, dtype=dtype, show=show, **kwargs)
-    name = genome.dtype or dtype or genome.out_dtype or stored_dtype(locate(genome.sources[0])) or "float32"
+    name = (getattr(genome, "dtype", None) or dtype or getattr(genome, "out_dtype", None)
+            or stored_dtype(locate(genome.sources[0])) or "float32")
     n = len(genome.sources)
     with show.stage(f"loading {n} source{'s' if n != 1 else ''} on {device} ({name})",
                     f"loaded {n} source{'s' if n != 1 else ''}"):

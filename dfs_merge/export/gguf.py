@@ -168,6 +168,7 @@ def export_gguf(
         with show.stage(f"merging ({genome.method}, {genome.layer_groups} layer groups)", "merged"):
             written = merged_pool(genome, pool)
     _check_route(written, route)
+    _check_settings(genome)
     if written.tokenizer is None:
         raise ExportError("the base has no tokenizer: a GGUF file carries its vocabulary, so it cannot be written")
     vocab = _vocab(written.tokenizer, int(written.base.model.config.vocab_size))
@@ -233,6 +234,16 @@ def _rope_theta(config: Any) -> float:
 def _head_dim(config: Any) -> int:
     head_dim = getattr(config, "head_dim", None)
     return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
+
+
+def _check_settings(genome: Genome) -> None:
+    """Refuse what a GGUF file of this writer cannot carry yet: a tokenizer or chat template other than the base's."""
+    if getattr(genome, "tokenizer_source", 0):
+        raise ExportError(f"--format gguf writes the base's tokenizer, but the genome takes its tokenizer from source "
+                          f"{genome.tokenizer_source}; export an HF checkpoint instead (dfs-merge export --out DIR)")
+    if getattr(genome, "chat_template", None) is not None:
+        raise ExportError("--format gguf writes the base's chat template, but the genome sets chat_template; export "
+                          "an HF checkpoint instead (dfs-merge export --out DIR)")
 
 
 # --------------------------------------------------------------------------- the tokenizer
@@ -339,7 +350,6 @@ def _write(pool: SourcePool, genome: Genome, route: Route, q: Quant, vocab: _Voc
     total = sum(p[4] for p in plan)
     kinds = sorted({p[2].name for p in plan})
     layers = FoldedLayers(pool, route, running_products(route))
-    base_state = pool.base.model.state_dict()
     try:
         writer.open_output_file(path)
         writer.write_header_to_file()
@@ -348,7 +358,7 @@ def _write(pool: SourcePool, genome: Genome, route: Route, q: Quant, vocab: _Voc
         with show.stage(f"writing {len(route)} hops as GGUF {q.name}: {len(plan)} tensors ({', '.join(kinds)}), "
                         f"{total / 2**20:.0f} MB", "wrote the GGUF file"), show.bar(len(plan), "tensor") as bar:
             for gname, e, ttype, _, nbytes in plan:
-                t = (layers.get(e.hop) if e.hop is not None else base_state)[e.key]
+                t = layers.tensor(e)  # a hop's folded layer tensor, or its embed / head source's
                 data = _encode(t, gname, ttype, config, spec)
                 if data.nbytes != nbytes:
                     raise ExportError(f"{gname}: {data.nbytes} bytes encoded, {nbytes} planned")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dfs_merge.errors import ExportError, GenomeError
+from dfs_merge.errors import ExportError, GenomeError, SourceError
 from dfs_merge.export.providers import ST_DTYPES, TensorProvider, as_provider
 from dfs_merge.genome import Route
 from dfs_merge.models.families import Family
@@ -92,6 +92,8 @@ def plan_tensors(tensors: TensorProvider | SourcePool, route: Route, dtype: torc
             if ("embed" in key) == (side is pre):
                 side.append(Entry(key, None, key, out(dt), shape, source))
     if not ties_embeddings(p.configs[0]) and not any(e.name == head_key for e in post):
+        if not ties_embeddings(p.configs[head]):
+            raise SourceError(f"source {head} has no {head_key} and does not tie it to its embeddings")
         dt, shape = next((dt, shape) for k, dt, shape in p.non_layer_specs(head) if k == embed_key)
         post.append(Entry(head_key, None, embed_key, out(dt), shape, head))  # its embeddings are its head
     prefix = family.layers_attr + "."

@@ -257,3 +257,13 @@ def test_smollm2_f16_with_its_tokenizer(tmp_path):
     assert fields["llama.block_count"].contents() == 40 and fields["tokenizer.ggml.eos_token_id"].contents() == 2
     assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
     assert 300e6 < out.stat().st_size < 360e6
+
+
+@pytest.mark.parametrize("setting", [{"tokenizer_source": 1}, {"chat_template": "chatml"}])
+def test_a_tokenizer_or_template_other_than_the_bases_is_refused(setting, tiny_pool, tiny_source_dirs, tmp_path):
+    from dataclasses import replace
+
+    g = replace(genome_of(tiny_source_dirs), **setting)
+    with pytest.raises(ExportError, match=r"--format gguf writes the base's .*export an HF checkpoint instead"):
+        export_gguf(tiny_pool, g, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
