@@ -5,8 +5,10 @@ Side by side in one process, on the search of `genomes/smollm2-self.yaml` (NSGA-
 
 1. **unraced**: the search as the study runs it (8 generations): wall time W, candidates, documents scored.
 2. **raced, same generations**: `racing:` as in genomes/smollm2-self-raced.yaml: documents scored against (1).
-3. **raced, equal wall time**: the raced run of (2) extended generation by generation (a finished run resumes
-   and extends) until its total wall time reaches W: how many candidates it evaluated against (1).
+3. **raced, equal time**: the raced run of (2) extended generation by generation (a finished run resumes and
+   extends) until its total time reaches (1)'s: how many candidates it evaluated against (1). "Time" is this
+   process's CPU seconds (`--budget cpu`, the default: on a shared machine wall time swings with the other jobs'
+   load, CPU time much less) or wall seconds (`--budget wall`); both are recorded.
 
 Each run's front is scored on the held-out test split (`report_tasks`, the study's documents); per n (the hop
 counts of the heuristics' pruned routes), the front member with the most hops <= n is compared, test score
@@ -37,27 +39,29 @@ def search_config(racing: dict[str, Any] | None, out: Path, generations: int) ->
     data = raced.model_dump(mode="json", by_alias=True)
     if ROUTE_SEEDS.is_file():
         data["seed_routes"] = read_yaml(ROUTE_SEEDS).get("seed_routes", [])
-    data.update({"racing": racing, "out": str(out), "generations": generations, "select_tasks": []})
+    data.update({"racing": racing, "out": str(out), "generations": generations, "select_tasks": [],
+                 "select_limit": None})
     return RunConfig(**data), raced.racing.model_dump() if raced.racing else None
 
 
-def run(cfg: Any, log: list[str]) -> tuple[Any, float]:
+def run(cfg: Any, log: list[str]) -> tuple[Any, float, float]:
+    """Run (or resume) one search with its held-out report; (result, wall seconds, CPU seconds)."""
     from dfs_merge.search.evolution import run_evolution
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = run_evolution(cfg, resume=(Path(cfg.out) / "config.yaml").exists(), report=True, progress=False,
                            log=lambda line: (log.append(line), print(line, flush=True)))
-    return result, time.perf_counter() - t0
+    return result, time.perf_counter() - t0, time.process_time() - c0
 
 
-def summary(result: Any, out: Path, seconds: float) -> dict[str, Any]:
+def summary(result: Any, out: Path, seconds: float, cpu: float) -> dict[str, Any]:
     """Candidates, documents scored, candidates stopped early, seconds, and the held-out front."""
     state = json.loads((out / "checkpoint.json").read_text())
     lines = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines() if x.strip()]
     docs = sum(sum(t["docs"] for t in e["evaluation"]["tasks"].values()) for e in lines)
     front = json.loads((out / "pareto.json").read_text()) if (out / "pareto.json").is_file() else []
     return {"candidates": len(lines), "documents": docs, "stopped": state["counters"].get("stopped", 0),
-            "generations": state["generation"], "seconds": round(seconds, 1),
+            "generations": state["generation"], "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
             "front": [{"hops": m["hops"], "dev": m["score"], "test": m.get("test_score"), "route": m["route"]}
                       for m in front]}
 
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--max-generations", type=int, default=40, help="cap on the equal-wall-time raced run")
     ap.add_argument("--n", default="2,4,6,8", help="layers removed by the heuristics (28, 26, 24, 22 hops of 30)")
+    ap.add_argument("--budget", choices=["cpu", "wall"], default="cpu", help="what 'equal time' measures")
     ap.add_argument("--out", default=str(RESULTS / "racing.json"))
     args = ap.parse_args(argv)
     work = Path(args.work)
@@ -83,20 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     if racing is None:
         print("genomes/smollm2-self-raced.yaml has no racing: section", file=sys.stderr)
         return 2
-    unraced, w_unraced = run(base_cfg, log)
+    unraced, w_unraced, c_unraced = run(base_cfg, log)
     raced_cfg, _ = search_config(racing, work / "raced", args.generations)
-    raced, w_raced = run(raced_cfg, log)
-    rows = {"unraced": summary(unraced, work / "unraced", w_unraced),
-            "raced": summary(raced, work / "raced", w_raced)}
-    # the equal-wall-time run: the raced run extended, generation by generation, until it has used W
-    spent, g = w_raced, args.generations
+    raced, w_raced, c_raced = run(raced_cfg, log)
+    rows = {"unraced": summary(unraced, work / "unraced", w_unraced, c_unraced),
+            "raced": summary(raced, work / "raced", w_raced, c_raced)}
+    # the equal-time run: the raced run extended, generation by generation, until it has used the unraced time
+    wall, cpu, g = w_raced, c_raced, args.generations
+    budget = c_unraced if args.budget == "cpu" else w_unraced
     extended = raced
-    while spent < w_unraced and g < args.max_generations:
+    while (cpu if args.budget == "cpu" else wall) < budget and g < args.max_generations:
         g += 1
         cfg, _ = search_config(racing, work / "raced", g)
-        extended, w = run(cfg, log)
-        spent += w
-    rows["raced_equal_time"] = {**summary(extended, work / "raced", spent), "seconds": round(spent, 1)}
+        extended, w, c = run(cfg, log)
+        wall, cpu = wall + w, cpu + c
+    rows["raced_equal_time"] = summary(extended, work / "raced", wall, cpu)
     u, r, e = rows["unraced"], rows["raced"], rows["raced_equal_time"]
     comparison = []
     for k in (int(x) for x in args.n.split(",")):
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                            if diff < -1e-9 else "equal"})
     data = {
         "machine": machine(), "loadavg_end": loadavg(), "racing": racing, "seconds_total": round(time.perf_counter() - t0),
-        "runs": rows,
+        "budget": args.budget, "runs": rows,
         "documents_ratio_same_generations": r["documents"] / u["documents"],
         "candidates_ratio_equal_time": e["candidates"] / u["candidates"],
         "held_out_per_n": comparison,
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     write_result(Path(args.out), data)
     print(f"documents, same generations: raced {r['documents']} / unraced {u['documents']} = "
           f"{data['documents_ratio_same_generations']:.3f} ({r['candidates']} vs {u['candidates']} candidates)")
-    print(f"candidates at equal wall time ({e['seconds']:.0f} s vs {u['seconds']:.0f} s): {e['candidates']} vs "
+    print(f"candidates at equal {args.budget} time (wall {e['seconds']:.0f} s vs {u['seconds']:.0f} s, CPU "
+          f"{e['cpu_seconds']:.0f} s vs {u['cpu_seconds']:.0f} s): {e['candidates']} vs "
           f"{u['candidates']} = x{data['candidates_ratio_equal_time']:.2f}")
     for c in comparison:
         print(f"  n={c['n']}: {c['verdict']} ({c['difference']})")
