@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench gpu-check models clean zoo zoo-table study-smollm2 family study-family
+.PHONY: install test test-fast lint demo bench gpu-check models clean zoo zoo-table study-smollm2 study-smollm2-raced family study-family
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: $(VENV)/.smollm2
 # naive deepening, scored held out; writes runs/smollm2-self/results.md and pareto.png (~50 min on 2 cores; resumes).
 study-smollm2: $(VENV)/.smollm2
 	$(VENV)/bin/dfs-merge study genomes/smollm2-self.yaml
+
+# The same study with racing (candidates scored on nested prefixes of the dev documents; README "Racing");
+# writes runs/smollm2-self-raced/results.md.
+study-smollm2-raced: $(VENV)/.smollm2
+	$(VENV)/bin/dfs-merge study genomes/smollm2-self-raced.yaml
 
 test: install $(VENV)/.smollm2
 	$(VENV)/bin/ruff check dfs_merge tests bench
