@@ -44,14 +44,21 @@ def search_config(racing: dict[str, Any] | None, out: Path, generations: int) ->
     return RunConfig(**data), raced.racing.model_dump() if raced.racing else None
 
 
-def run(cfg: Any, log: list[str]) -> tuple[Any, float, float]:
-    """Run (or resume) one search with its held-out report; (result, wall seconds, CPU seconds)."""
+def run(cfg: Any, log: list[str], phase: str) -> tuple[Any, float, float]:
+    """Run (or resume) one search with its held-out report; (result, wall seconds, CPU seconds). The seconds of a
+    phase that finished are kept in `<out>/bench-<phase>.json`, so a resumed bench keeps what it measured."""
     from dfs_merge.search.evolution import run_evolution
 
     t0, c0 = time.perf_counter(), time.process_time()
     result = run_evolution(cfg, resume=(Path(cfg.out) / "config.yaml").exists(), report=True, progress=False,
                            log=lambda line: (log.append(line), print(line, flush=True)))
-    return result, time.perf_counter() - t0, time.process_time() - c0
+    timed = Path(cfg.out) / f"bench-{phase}.json"
+    if timed.is_file():
+        kept = json.loads(timed.read_text())
+        return result, kept["wall"], kept["cpu"]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timed.write_text(json.dumps({"wall": wall, "cpu": cpu}))
+    return result, wall, cpu
 
 
 def summary(result: Any, out: Path, seconds: float, cpu: float) -> dict[str, Any]:
@@ -88,19 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     if racing is None:
         print("genomes/smollm2-self-raced.yaml has no racing: section", file=sys.stderr)
         return 2
-    unraced, w_unraced, c_unraced = run(base_cfg, log)
+    unraced, w_unraced, c_unraced = run(base_cfg, log, "unraced")
     raced_cfg, _ = search_config(racing, work / "raced", args.generations)
-    raced, w_raced, c_raced = run(raced_cfg, log)
+    raced, w_raced, c_raced = run(raced_cfg, log, "raced")
     rows = {"unraced": summary(unraced, work / "unraced", w_unraced, c_unraced),
             "raced": summary(raced, work / "raced", w_raced, c_raced)}
-    # the equal-time run: the raced run extended, generation by generation, until it has used the unraced time
+    # the equal-time run: the raced run extended (a finished run resumes and extends) by as many generations as its
+    # own cost per generation says the unraced run's time allows; again while it is short of that time
     wall, cpu, g = w_raced, c_raced, args.generations
     budget = c_unraced if args.budget == "cpu" else w_unraced
     extended = raced
-    while (cpu if args.budget == "cpu" else wall) < budget and g < args.max_generations:
-        g += 1
+    while (spent := cpu if args.budget == "cpu" else wall) < budget and g < args.max_generations:
+        per_generation = spent / g
+        g = min(args.max_generations, max(g + 1, int(budget / per_generation)))
         cfg, _ = search_config(racing, work / "raced", g)
-        extended, w, c = run(cfg, log)
+        extended, w, c = run(cfg, log, f"extended-{g}")
         wall, cpu = wall + w, cpu + c
     rows["raced_equal_time"] = summary(extended, work / "raced", wall, cpu)
     u, r, e = rows["unraced"], rows["raced"], rows["raced_equal_time"]

@@ -9,6 +9,9 @@ see `backends.py`) is no score: it is not written to evals.jsonl, not counted, a
 may ask for the genome again and a resumed run evaluates it again. For the generation that lost it, the genome
 has the worst objectives (as a failed one); it is held in `lost` (and in the checkpoint, for the members of the
 population that refer to it) until an evaluation of it succeeds.
+
+With racing (`race`, see `racing.py`) the new keys of a generation are raced instead of evaluated one by one; what
+the race yields (full scores, and candidates stopped early with the worst objectives) is logged the same way.
 """
 
 from __future__ import annotations
