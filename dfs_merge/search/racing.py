@@ -126,6 +126,8 @@ class Race:
                     yield k, replace(ev, per_doc=None)
                     continue
                 self._store(k, gen, s, ev)
+            # a finished candidate without this stage failed in it before the kill: it left the race here
+            alive = [k for k in alive if k in genomes or s in self.known[k].stages]
             entered = len(alive)
             if s < len(windows) - 1:
                 stopped = self._stops(alive, refs, window[1], set(incumbents))
