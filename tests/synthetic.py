@@ -20,6 +20,8 @@ from dfs_merge.config import RunConfig
 from dfs_merge.evaluation import Evaluation, TaskResult
 from dfs_merge.genome import Genome, Route
 
+QUIET = {"progress": False, "log": lambda *_: None}
+"""`run_evolution` keyword arguments for a run that prints nothing."""
 LAYERS = 4  # per fake source
 TARGET = "0:0-1, 1:1-3, 0:2-3"  # 7 hops; reachable with 2 sources x 4 layers x 2 repeats
 

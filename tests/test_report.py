@@ -15,13 +15,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from synthetic import TargetRecipe, TargetRoute, evals, make_config, write_fake_sources
+from synthetic import QUIET, TargetRecipe, TargetRoute, evals, make_config, write_fake_sources
 
 from dfs_merge.cli import main
 from dfs_merge.report import LiveReport, write_report
 from dfs_merge.search.evolution import run_evolution
 
-QUIET = {"progress": False, "log": lambda *_: None}
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 

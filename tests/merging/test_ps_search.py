@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from builders import assert_refused, run_cli
-from synthetic import TargetRecipe, evals, make_config, outcome, write_fake_sources
+from synthetic import QUIET, TargetRecipe, evals, make_config, outcome, write_fake_sources
 
 from dfs_merge.errors import ConfigError, GenomeError
 from dfs_merge.genome import genome_from_dict, genome_to_dict, load_genome, save_genome
@@ -29,7 +29,6 @@ from dfs_merge.search.evolution import run_evolution
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 ZOO = ROOT / "models" / "zoo"
-QUIET = {"progress": False, "log": lambda *_: None}
 MERGE = {"method": "ties", "base": 0, "layer_groups": 2, "weight_range": [0.0, 1.0], "density_range": [0.2, 1.0]}
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from synthetic import TargetRoute, evals, make_config, write_fake_sources
+from synthetic import QUIET, TargetRoute, evals, make_config
 
 from dfs_merge.errors import ConfigError
 from dfs_merge.search.algorithms import ALGORITHMS, Algorithm, register
 from dfs_merge.search.evolution import run_evolution
 from dfs_merge.search.operators import Individual, variation_toolbox
 
-QUIET = {"progress": False, "log": lambda *_: None}
 NEAR = "0:0, 0:2-3"  # one edit (drop layer 1) from the base route 0:0-3: within reach of one mutation
 
 
@@ -49,11 +48,6 @@ def registered():
     register(OnePlusLambda)
     yield
     ALGORITHMS.pop(OnePlusLambda.name)
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> list[str]:
-    return write_fake_sources(tmp_path_factory.mktemp("fake_sources"))
 
 
 def test_a_registered_algorithm_runs_improves_and_resumes_exactly(sources, tmp_path):

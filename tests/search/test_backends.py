@@ -7,7 +7,7 @@ import pickle
 import sys
 
 import pytest
-from synthetic import TARGET, TargetRoute, make_config, outcome, write_fake_sources
+from synthetic import QUIET, TARGET, TargetRoute, make_config, outcome
 
 from dfs_merge.errors import ConfigError, DfsMergeError
 from dfs_merge.evaluation import WORST_SCORE
@@ -20,13 +20,6 @@ from dfs_merge.search.backends import (
     make_evaluator,
 )
 from dfs_merge.search.evolution import run_evolution
-
-QUIET = {"progress": False, "log": lambda *_: None}
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> list[str]:
-    return write_fake_sources(tmp_path_factory.mktemp("fake_sources"))
 
 
 def genomes(sources: list[str]) -> list[Genome]:

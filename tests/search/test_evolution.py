@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from synthetic import TARGET, TargetRoute, evals, make_config, outcome, write_fake_sources
+from synthetic import QUIET, TARGET, TargetRoute, evals, make_config, outcome
 
 from dfs_merge.config import ConstraintsConfig, load_config
 from dfs_merge.errors import ConfigError
@@ -29,12 +29,6 @@ from dfs_merge.search.operators import repair, scale_genes
 from dfs_merge.search.state import RunRandom
 
 TESTS = Path(__file__).resolve().parents[1]  # builders.py and synthetic.py
-QUIET = {"progress": False, "log": lambda *_: None}
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> list[str]:
-    return write_fake_sources(tmp_path_factory.mktemp("fake_sources"))
 
 
 def dominates(a: tuple[float, int], b: tuple[float, int]) -> bool:

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 
 import pytest
-from synthetic import Logged, TargetRoute, calls, evals, make_config, outcome, write_fake_sources
+from synthetic import QUIET, Logged, TargetRoute, calls, evals, make_config, outcome
 from test_backends import CrashesOn, genomes
 
 from dfs_merge.search.backends import (
@@ -22,13 +22,6 @@ from dfs_merge.search.backends import (
     visible_gpus,
 )
 from dfs_merge.search.evolution import run_evolution
-
-QUIET = {"progress": False, "log": lambda *_: None}
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> list[str]:
-    return write_fake_sources(tmp_path_factory.mktemp("fake_sources"))
 
 
 def scored_keys(out) -> list[str]:

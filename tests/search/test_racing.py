@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
-from synthetic import NoisyDocs, TargetRoute, evals, make_config, outcome, write_fake_sources
+from synthetic import QUIET, NoisyDocs, TargetRoute, evals, make_config, outcome
 
 from dfs_merge.config import RacingConfig
 from dfs_merge.errors import ConfigError
@@ -22,13 +22,7 @@ from dfs_merge.search.racing import Race
 from dfs_merge.search.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-QUIET = {"progress": False, "log": lambda *_: None}
 RACING = {"stages": [0.25, 0.5, 1.0], "confidence": 0.95}
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> list[str]:
-    return write_fake_sources(tmp_path_factory.mktemp("fake_sources"))
 
 
 # ---- the bound, on synthetic documents ----------------------------------------------------------

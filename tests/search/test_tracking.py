@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from synthetic import TargetRoute, evals, make_config, outcome, write_fake_sources
+from synthetic import TargetRoute, evals, make_config, outcome
 
 from dfs_merge.config import load_config
 from dfs_merge.errors import ConfigError, TrackingError
@@ -26,11 +26,6 @@ from dfs_merge.search import tracking
 from dfs_merge.search.evolution import run_evolution
 
 TESTS = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> list[str]:
-    return write_fake_sources(tmp_path_factory.mktemp("fake_sources"))
 
 
 @pytest.fixture
