@@ -1,13 +1,13 @@
-"""Racing on the SmolLM2 study's search: document forwards, candidates at equal wall time, held-out fronts.
+"""Racing on the SmolLM2 study's search: document forwards, candidates at equal time, held-out fronts.
 
 Side by side in one process, on the search of `genomes/smollm2-self.yaml` (NSGA-II on [score, hops], population
 12, the heuristics' routes as generation-0 seeds, taken from a study run's config when one exists):
 
 1. **unraced**: the search as the study runs it (8 generations): wall time W, candidates, documents scored.
 2. **raced, same generations**: `racing:` as in genomes/smollm2-self-raced.yaml: documents scored against (1).
-3. **raced, equal time**: the raced run of (2) extended generation by generation (a finished run resumes and
-   extends) until its total time reaches (1)'s: how many candidates it evaluated against (1). "Time" is this
-   process's CPU seconds (`--budget cpu`, the default: on a shared machine wall time swings with the other jobs'
+3. **raced, equal time**: the raced run of (2) extended (a finished run resumes and extends) by as many
+   generations as its own time per generation says fit into (1)'s time, again while it is short of it: how
+   many candidates it evaluated against (1). "Time" is this process's CPU seconds (`--budget cpu`, the default: on a shared machine wall time swings with the other jobs'
    load, CPU time much less) or wall seconds (`--budget wall`); both are recorded.
 
 Each run's front is scored on the held-out test split (`report_tasks`, the study's documents); per n (the hop
@@ -44,24 +44,24 @@ def search_config(racing: dict[str, Any] | None, out: Path, generations: int) ->
     return RunConfig(**data), raced.racing.model_dump() if raced.racing else None
 
 
-def run(cfg: Any, log: list[str], phase: str) -> tuple[Any, float, float]:
-    """Run (or resume) one search with its held-out report; (result, wall seconds, CPU seconds). The seconds of a
+def run(cfg: Any, log: list[str], phase: str) -> tuple[float, float]:
+    """Run (or resume) one search with its held-out report; (wall seconds, CPU seconds). The seconds of a
     phase that finished are kept in `<out>/bench-<phase>.json`, so a resumed bench keeps what it measured."""
     from dfs_merge.search.evolution import run_evolution
 
     t0, c0 = time.perf_counter(), time.process_time()
-    result = run_evolution(cfg, resume=(Path(cfg.out) / "config.yaml").exists(), report=True, progress=False,
+    run_evolution(cfg, resume=(Path(cfg.out) / "config.yaml").exists(), report=True, progress=False,
                            log=lambda line: (log.append(line), print(line, flush=True)))
     timed = Path(cfg.out) / f"bench-{phase}.json"
     if timed.is_file():
         kept = json.loads(timed.read_text())
-        return result, kept["wall"], kept["cpu"]
+        return kept["wall"], kept["cpu"]
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     timed.write_text(json.dumps({"wall": wall, "cpu": cpu}))
-    return result, wall, cpu
+    return wall, cpu
 
 
-def summary(result: Any, out: Path, seconds: float, cpu: float) -> dict[str, Any]:
+def summary(out: Path, seconds: float, cpu: float) -> dict[str, Any]:
     """Candidates, documents scored, candidates stopped early, seconds, and the held-out front."""
     state = json.loads((out / "checkpoint.json").read_text())
     lines = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines() if x.strip()]
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=str(REPO / "build" / "bench" / "racing"))
     ap.add_argument("--generations", type=int, default=8)
-    ap.add_argument("--max-generations", type=int, default=40, help="cap on the equal-wall-time raced run")
+    ap.add_argument("--max-generations", type=int, default=40, help="cap on the equal-time raced run")
     ap.add_argument("--n", default="2,4,6,8", help="layers removed by the heuristics (28, 26, 24, 22 hops of 30)")
     ap.add_argument("--budget", choices=["cpu", "wall"], default="cpu", help="what 'equal time' measures")
     ap.add_argument("--out", default=str(RESULTS / "racing.json"))
@@ -95,23 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     if racing is None:
         print("genomes/smollm2-self-raced.yaml has no racing: section", file=sys.stderr)
         return 2
-    unraced, w_unraced, c_unraced = run(base_cfg, log, "unraced")
+    w_unraced, c_unraced = run(base_cfg, log, "unraced")
     raced_cfg, _ = search_config(racing, work / "raced", args.generations)
-    raced, w_raced, c_raced = run(raced_cfg, log, "raced")
-    rows = {"unraced": summary(unraced, work / "unraced", w_unraced, c_unraced),
-            "raced": summary(raced, work / "raced", w_raced, c_raced)}
+    w_raced, c_raced = run(raced_cfg, log, "raced")
+    rows = {"unraced": summary(work / "unraced", w_unraced, c_unraced),
+            "raced": summary(work / "raced", w_raced, c_raced)}
     # the equal-time run: the raced run extended (a finished run resumes and extends) by as many generations as its
     # own cost per generation says the unraced run's time allows; again while it is short of that time
     wall, cpu, g = w_raced, c_raced, args.generations
     budget = c_unraced if args.budget == "cpu" else w_unraced
-    extended = raced
     while (spent := cpu if args.budget == "cpu" else wall) < budget and g < args.max_generations:
         per_generation = spent / g
         g = min(args.max_generations, max(g + 1, int(budget / per_generation)))
         cfg, _ = search_config(racing, work / "raced", g)
-        extended, w, c = run(cfg, log, f"extended-{g}")
+        w, c = run(cfg, log, f"extended-{g}")
         wall, cpu = wall + w, cpu + c
-    rows["raced_equal_time"] = summary(extended, work / "raced", wall, cpu)
+    rows["raced_equal_time"] = summary(work / "raced", wall, cpu)
     u, r, e = rows["unraced"], rows["raced"], rows["raced_equal_time"]
     comparison = []
     for k in (int(x) for x in args.n.split(",")):

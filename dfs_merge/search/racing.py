@@ -80,6 +80,16 @@ class Scored:
         return [items[i] for i in range(n)]
 
 
+@dataclass
+class Prefix:
+    """A candidate on the first documents of each task: its score there, and per task the values of those documents
+    (each document's own metric, signed and weighted) and the task's document count."""
+
+    score: float
+    values: dict[str, list[float]]
+    totals: dict[str, int]
+
+
 class Race:
     """One run's racing: the stages, the per-document store (`docs.jsonl`) and the stopping rule."""
 
@@ -162,30 +172,37 @@ class Race:
             out[name] = TaskResult(name, metric, aggregate(sc.tasks[name]["aggregation"], items), hib, n, 0.0)
         return out
 
-    def _doc_values(self, key: str, name: str, n: int) -> list[float]:
-        """Task `name`'s per-document values of a candidate (each document's own metric), signed and weighted."""
+    def _prefix(self, key: str, upto: float) -> Prefix | None:
+        """The candidate on the first `upto` of each task's documents; None when it has not been scored on them."""
         sc = self.known[key]
-        agg, (_, hib) = sc.tasks[name]["aggregation"], sc.metrics[name]
-        w = self.weights.get(name, 1.0) * (1.0 if hib else -1.0)
-        return [w * aggregate(agg, [item]) for item in sc.prefix(name, n) or []]
-
-    def better(self, r: str, c: str, upto: float, alpha: float) -> bool:
-        """Whether `r` is confidently better than `c` on all documents, from their first `upto` of each task:
-        the upper bound (at level 1 - `alpha`) of score(c) - score(r) is below 0."""
-        from scipy.stats import t as student
-        sizes = self._sizes(c, upto)
-        pr, pc = self._prefix_results(r, sizes), self._prefix_results(c, sizes)
-        if pr is None or pc is None:
-            return False
-        diff = weighted_score(pc, self.weights, self.guards) - weighted_score(pr, self.weights, self.guards)
-        var, fewest = 0.0, None
+        sizes = self._sizes(key, upto)
+        results = self._prefix_results(key, sizes)
+        if results is None:
+            return None
+        values = {}
         for name, n in sizes.items():
-            total = self.known[c].tasks[name]["total"]
+            w = self.weights.get(name, 1.0) * (1.0 if sc.metrics[name][1] else -1.0)
+            values[name] = [w * aggregate(sc.tasks[name]["aggregation"], [item]) for item in sc.prefix(name, n) or []]
+        return Prefix(weighted_score(results, self.weights, self.guards), values,
+                      {name: t["total"] for name, t in sc.tasks.items()})
+
+    @staticmethod
+    def better(r: Prefix | None, c: Prefix | None, alpha: float) -> bool:
+        """Whether `r` is confidently better than `c` on all documents, from their prefixes: the upper bound (at
+        level 1 - `alpha`) of score(c) - score(r) is below 0."""
+        from scipy.stats import t as student
+
+        if r is None or c is None:
+            return False
+        diff = c.score - r.score
+        var, fewest = 0.0, None
+        for name, vc in c.values.items():
+            n, total = len(vc), c.totals[name]
             if n >= total:
                 continue
             if n < 2:
                 return False
-            d = [a - b for a, b in zip(self._doc_values(c, name, n), self._doc_values(r, name, n), strict=True)]
+            d = [a - b for a, b in zip(vc, r.values[name], strict=True)]
             var += statistics.variance(d) * (1 - n / total) / n
             fewest = n if fewest is None else min(fewest, n)
         if fewest is None:
@@ -198,16 +215,17 @@ class Race:
         racing = [c for c in alive if c not in incumbents]
         others = alive + refs
         alpha = (1 - self.cfg.confidence) / max(1, (len(others) - 1) * (len(self.cfg.stages) - 1))
+        prefix = {k: self._prefix(k, upto) for k in others}  # once per candidate, not once per pair
         for c in racing:
             beaten = sum(1 for r in others if r != c and (not self.dominance or self.known[r].hops <= self.known[c].hops)
-                         and self.better(r, c, upto, alpha))
+                         and self.better(prefix[r], prefix[c], alpha))
             if beaten >= self.cut:
                 out[c] = f"{beaten} confidently better"
         if self.cfg.keep < 1:
             rest = [c for c in racing if c not in out]
             room = max(1, round(self.cfg.keep * len(alive))) - (len(alive) - len(racing))
             if len(rest) > max(0, room):
-                score = {k: self._prefix_score(k, upto) for k in alive}
+                score = {k: p.score if (p := prefix[k]) is not None else WORST_SCORE for k in alive}
                 hops = {k: self.known[k].hops for k in alive}
 
                 def dominated(k: str) -> int:  # by how many of the stage, on (prefix score, hops)
@@ -217,10 +235,6 @@ class Race:
                 ranked = sorted(rest, key=lambda k: (dominated(k), -score[k], k))
                 out.update(dict.fromkeys(ranked[max(0, room):], f"below the best {self.cfg.keep:.0%}"))
         return out
-
-    def _prefix_score(self, key: str, upto: float) -> float:
-        results = self._prefix_results(key, self._sizes(key, upto))
-        return weighted_score(results, self.weights, self.guards) if results is not None else WORST_SCORE
 
     # ---- evaluations ---------------------------------------------------------------------
     def _stopped(self, key: str, stage: int, upto: float, why: str) -> Evaluation:
