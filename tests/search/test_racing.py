@@ -277,3 +277,22 @@ def test_raced_lm_eval_scores_equal_unraced_ones(tiny_source_dirs, tiny_suite_di
         for name, r in ev.tasks.items():
             assert e["tasks"][name] == pytest.approx(r.value, rel=1e-6, abs=1e-9), name
         assert e["score"] == pytest.approx(ev.score, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("racing, phrase", [
+    ({"stages": [0.5, 0.25, 1.0]}, "racing.stages must rise strictly"),
+    ({"stages": [0.25, 0.5]}, "end at 1"),
+    ({"keep": 0}, "keep"),
+    ({"confidence": 1.5}, "confidence"),
+    ({"stage": [0.5, 1.0]}, "stage"),
+])
+def test_a_bad_racing_block_is_one_line_exit_2_and_writes_nothing(sources, tmp_path, racing, phrase):
+    import yaml
+    from builders import assert_refused, run_cli, tree_state
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"sources": sources, "tasks": {"synthetic": 1.0}, "racing": racing,
+                                   "out": str(tmp_path / "out")}))
+    before = tree_state(tmp_path)
+    assert_refused(run_cli("evolve", cfg), phrase)
+    assert tree_state(tmp_path) == before
