@@ -94,7 +94,8 @@ class RacingConfig(BaseModel):
     that can still matter on up to `stages[1]`, ..., the last stage being all of them. A candidate stops when
     the paired bound says, at `confidence`, that enough others beat it for it not to matter to the algorithm
     (see the module); `keep` (below 1) also stops all but the best `keep` fraction of a stage's candidates,
-    with no such guarantee.
+    with no such guarantee, ranked by `keep_by`: `probability` (the prefix score with each multiple-choice
+    accuracy replaced by the mean probability of the right choice) or `score` (the prefix score itself).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -102,6 +103,7 @@ class RacingConfig(BaseModel):
     stages: list[float] = Field([0.25, 0.5, 1.0], min_length=1)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     keep: float = Field(1.0, gt=0, le=1)
+    keep_by: Literal["probability", "score"] = "probability"
 
     @model_validator(mode="after")
     def _nested(self) -> RacingConfig:

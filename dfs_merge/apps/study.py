@@ -7,10 +7,11 @@ with objectives [score, hops] and:
    angular-distance block pruning for each n, naive deepening);
 2. evolves the config with those routes among the generation-0 seeds (`seed_routes`), then
    reruns the same search with `scaling: none` (the paper's ablation of the scales);
-3. picks each run's member at every hop count of its final front: with `select_tasks`, the one
-   with the best validation score among the `select_top` best by dev at that hop count
-   (`selection.py`), else the best by dev; scores on the held-out split the base, every
-   heuristic and every picked member;
+3. picks each run's member at every hop count from its final front's fewest to its most (a hop
+   count the dev front skips included: a route dominated on dev by one with fewer hops may still
+   win on validation): with `select_tasks`, the one with the best validation score among the
+   `select_top` best by dev at that hop count (`selection.py`), else the best by dev; scores on
+   the held-out split the base, every heuristic and every picked member;
 4. compares, for each heuristic, the front member at no more hops that the selection score
    (validation, else dev) prefers, by its held-out score; writes `results.md`, `results.json`
    and `pareto.png`; exports the pruned member the selection score prefers at `prune_hops` or
@@ -271,8 +272,9 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
         out(f"  {name:<26} {len(route):>3} hops  test score {points[-1].test.score:.4f}")
     members: dict[str, list[Candidate]] = {}
     for label, front in fronts.items():
-        front_hops = {ev.hops for _, ev in front if ev.ok}
-        lists = per_hop_count(evaluated[label], front_hops, top)
+        front_hops = [ev.hops for _, ev in front if ev.ok]
+        span = range(min(front_hops), max(front_hops) + 1) if val and front_hops else front_hops
+        lists = per_hop_count(evaluated[label], span, top)
         chosen = choose(lists, (lambda g: val(g.decode())) if val else None)
         members[label] = [chosen[h] for h in sorted(chosen)]
         for c in members[label]:
@@ -303,8 +305,9 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
     md = [f"# Study: {config} ({stamp}, seed {cfg.seed})", "",
           f"Layers: {layers}; heuristics for n = {', '.join(map(str, sizes))}; evolution seeded with the "
           f"heuristics' pruned routes; " + (
-              f"each front member (one per hop count of the dev front) chosen on {', '.join(cfg.select_tasks)} "
-              f"among the {top} best by dev at its hop count" if val else "fronts chosen on dev")
+              f"each front member (one per hop count from the dev front's fewest to its most) chosen on "
+              f"{', '.join(cfg.select_tasks)} among the {top} best by dev at its hop count" if val
+              else "fronts chosen on dev")
           + f"; scored on {', '.join(cfg.report_tasks)}, which chooses nothing.", "",
           points_table(points, list(cfg.tasks), cfg.report_tasks), ""]
     for label, rows in comparisons.items():

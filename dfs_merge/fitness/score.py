@@ -245,9 +245,13 @@ class Fitness:
                     seconds=time.perf_counter() - t,
                 )
                 if window is not None and per_doc is not None:
+                    samples = res.get("samples", {}).get(name, [])
                     per_doc[name] = {"aggregation": aggregation_name(spec.task, spec.metric),
                                      "start": window.start, "total": spec.docs,
-                                     "items": document_items(res.get("samples", {}).get(name, []), spec, window)}
+                                     "items": document_items(samples, spec, window)}
+                    probs = choice_probabilities(samples, spec, window)
+                    if probs is not None:
+                        per_doc[name]["probability"] = probs
         return out
 
 
@@ -305,6 +309,32 @@ def document_items(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window:
     if missing:
         raise RuntimeError(f"task {spec.name}: lm-eval logged no result for documents {missing[:5]}")
     return [items[d] for d in window]
+
+
+def choice_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window: range) -> list[float] | None:
+    """Per document of a multiple-choice task scored by `acc`: the probability the model gives the right choice
+    (its choices' loglikelihoods normalised over the choices), a smoother measure of the same answers than 0/1,
+    which racing's `keep` ranks by; None for any other task, or when lm-eval's samples do not say."""
+    if spec.metric != "acc" or getattr(spec.task, "OUTPUT_TYPE", None) != "multiple_choice":
+        return None
+    probs: dict[int, float] = {}
+    for s in samples:
+        if s.get("filter") != spec.filter:
+            continue
+        target = s.get("target")
+        golds = target if isinstance(target, list) else [target]
+        try:
+            lls = [float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in s["filtered_resps"]]
+            if not lls or not all(isinstance(g, int) and 0 <= g < len(lls) for g in golds):
+                return None
+        except (KeyError, TypeError, ValueError):
+            return None
+        top = max(lls)
+        weights = [math.exp(x - top) for x in lls]
+        probs[int(s["doc_id"])] = math.fsum(weights[g] for g in set(golds)) / math.fsum(weights)
+    if any(d not in probs for d in window):
+        return None
+    return [probs[d] for d in window]
 
 
 def _hops_of(model: Any) -> int:

@@ -68,6 +68,11 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
         assert all(e["key"] in val_log for e in shortlisted)
         assert m["val"]["score"] == max(val_log[e["key"]] for e in shortlisted)
 
+    # A member at every hop count the search scored from the dev front's fewest hops to its most.
+    front = [m["hops"] for m in json.loads((root / "evolved" / "pareto.json").read_text())]
+    assert sorted(m["hops"] for m in members) == sorted(
+        {e["hops"] for e in evals if not e["error"] and min(front) <= e["hops"] <= max(front)})
+
     # Each comparison takes the member the validation score prefers and reports its held-out score.
     for row in res["comparisons"]["evolved"]:
         fits = [p for p in members if p["hops"] <= row["hops"]]

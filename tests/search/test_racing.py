@@ -29,8 +29,11 @@ RACING = {"stages": [0.25, 0.5, 1.0], "confidence": 0.95}
 class Table:
     """A fake backend over fixed per-document values: candidate key -> list of values (one task, mean)."""
 
-    def __init__(self, values: dict[str, list[float]]):
+    def __init__(self, values: dict[str, list[float]], probability: dict[str, list[float]] | None = None,
+                 hops: dict[str, int] | None = None):
         self.values = values
+        self.probability = probability or {}
+        self.hops = hops or {}
         self.scored = 0
 
     def submit(self, genomes, docs=None):
@@ -42,8 +45,10 @@ class Table:
             self.scored += len(w)
             items = [v[i] for i in w]
             task = TaskResult("t", "acc", sum(items) / len(items), True, len(items), 0.0)
-            yield g.key(), Evaluation(task.value, 10, {"t": task}, per_doc={
-                "t": {"aggregation": "mean", "start": w.start, "total": len(v), "items": items}})
+            per_doc = {"aggregation": "mean", "start": w.start, "total": len(v), "items": items}
+            if g.key() in self.probability:
+                per_doc["probability"] = [self.probability[g.key()][i] for i in w]
+            yield g.key(), Evaluation(task.value, self.hops.get(g.key(), 10), {"t": task}, per_doc={"t": per_doc})
 
 
 class Key:
@@ -54,12 +59,13 @@ class Key:
         return self.k
 
 
-def race_once(values: dict[str, list[float]], tmp: Path, cut: int = 1, **racing) -> tuple[dict[str, Evaluation], int]:
+def race_once(values: dict[str, list[float]], tmp: Path, cut: int = 1, probability: dict[str, list[float]] | None = None,
+              **racing) -> tuple[dict[str, Evaluation], int]:
     rd = RunDir(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     race = Race(RacingConfig(**{**RACING, **racing}), rd, {"t": 1.0}, {}, cut=cut, dominance=False,
                 log=lambda *_: None)
-    table = Table(values)
+    table = Table(values, probability)
     out = dict(race.run({k: Key(k) for k in values}, 0, table))
     rd.close()
     return out, table.scored
@@ -103,6 +109,39 @@ def test_clear_differences_stop_at_the_first_stage_and_keep_caps_the_rest(tmp_pa
     second = sorted(noisy, key=lambda k: -sum(noisy[k][:8]))
     assert set(on) <= set(second[:4])
     assert all(ev.race["why"] == "below the best 50%" for ev in out.values() if ev.dropped)
+
+
+def test_keep_ranks_by_the_probability_of_the_right_choice_or_by_score(tmp_path):
+    """Four candidates with 0/1 items: on the first stage's 4 documents c0 and c1 are right as often as c2 and c3
+    (c3 once more), but c1 gives the right choice the most probability. `keep_by: probability` keeps c1,
+    `keep_by: score` the best by accuracy (c3); every finished score is the accuracy on all documents."""
+    values = {"c0": [1, 0, 1, 0] + [1] * 12, "c1": [1, 0, 1, 0] + [0] * 12, "c2": [1, 1, 0, 0] + [1] * 12,
+              "c3": [1, 1, 1, 0] + [0] * 12}
+    values = {k: [float(x) for x in v] for k, v in values.items()}
+    probability = {"c0": [0.6, 0.3, 0.6, 0.3] + [0.9] * 12, "c1": [0.99, 0.45, 0.99, 0.45] + [0.1] * 12,
+                   "c2": [0.6, 0.6, 0.2, 0.2] + [0.9] * 12, "c3": [0.51, 0.51, 0.51, 0.2] + [0.1] * 12}
+    racing = {"stages": [0.25, 1.0], "keep": 0.25}
+    for keep_by, winner in (("probability", "c1"), ("score", "c3")):
+        out, scored = race_once(values, tmp_path / keep_by, cut=9, probability=probability, keep_by=keep_by, **racing)
+        assert [k for k, ev in out.items() if not ev.dropped] == [winner]
+        assert out[winner].score == sum(values[winner]) / 16 and scored == 4 * 4 + 12
+    with pytest.raises(ValueError, match="keep_by"):
+        RacingConfig(keep_by="tokens")
+
+
+def test_with_hops_keep_goes_by_the_gain_over_the_front(tmp_path):
+    """[score, hops]: references A (20 hops) and B (10 hops) are on the front. c1 (25 hops) is the best by score
+    but only 0.02 above A; c2 (12 hops) is 0.1 above B, the only reference with no more hops: the race keeps c2."""
+    values = {"A": [0.8] * 16, "B": [0.5] * 16, "c1": [0.82] * 16, "c2": [0.6] * 16, "c3": [0.7] * 16}
+    hops = {"A": 20, "B": 10, "c1": 25, "c2": 12, "c3": 22}
+    rd = RunDir(tmp_path)
+    race = Race(RacingConfig(stages=[0.25, 1.0], keep=0.2), rd, {"t": 1.0}, {}, cut=99, dominance=True,
+                log=lambda *_: None)
+    table = Table(values, hops=hops)
+    assert all(not ev.dropped for _, ev in race.run({k: Key(k) for k in "AB"}, 0, table, incumbents=["A", "B"]))
+    out = dict(race.run({k: Key(k) for k in ("c1", "c2", "c3")}, 1, table, references=["A", "B"]))
+    rd.close()
+    assert [k for k, ev in out.items() if not ev.dropped] == ["c2"]
 
 
 def test_the_cut_needs_that_many_confidently_better(tmp_path):
@@ -277,6 +316,14 @@ def test_raced_lm_eval_scores_equal_unraced_ones(tiny_source_dirs, tiny_suite_di
         for name, r in ev.tasks.items():
             assert e["tasks"][name] == pytest.approx(r.value, rel=1e-6, abs=1e-9), name
         assert e["score"] == pytest.approx(ev.score, rel=1e-6, abs=1e-9)
+    # The multiple-choice task's stages also log the probability of the right choice, one per document in [0, 1];
+    # where it is above 1/2 the right choice had the highest likelihood, so the document's accuracy is 1.
+    for rec in _docs(tmp_path / "run"):
+        per_doc = rec["evaluation"]["per_doc"]
+        assert "probability" not in per_doc["tiny_ppl"] and "probability" not in per_doc["tiny_gen"]
+        mc = per_doc["tiny_mc"]
+        assert len(mc["probability"]) == len(mc["items"]) and all(0 <= p <= 1 for p in mc["probability"])
+        assert all(acc == 1.0 for acc, p in zip(mc["items"], mc["probability"], strict=True) if p > 0.5)
 
 
 @pytest.mark.parametrize("racing, phrase", [
