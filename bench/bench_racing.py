@@ -4,7 +4,8 @@ Side by side in one process, on the search of `genomes/smollm2-self.yaml` (NSGA-
 12, the heuristics' routes as generation-0 seeds, taken from a study run's config when one exists):
 
 1. **unraced**: the search as the study runs it (8 generations): wall time W, candidates, documents scored.
-2. **raced, same generations**: `racing:` as in genomes/smollm2-self-raced.yaml: documents scored against (1).
+2. **raced, same generations**: `racing:` as in genomes/smollm2-self-raced.yaml: documents scored against (1);
+   also the documents of its first as many candidates as (1) evaluated (from the extended run of 3).
 3. **raced, equal time**: the raced run of (2) extended (a finished run resumes and extends) by as many
    generations as its own time per generation says fit into (1)'s time, again while it is short of it: how
    many candidates it evaluated against (1). "Time" is this process's CPU seconds (`--budget cpu`, the default: on a shared machine wall time swings with the other jobs'
@@ -73,6 +74,12 @@ def summary(out: Path, seconds: float, cpu: float) -> dict[str, Any]:
                       for m in front]}
 
 
+def documents_of_first(out: Path, n: int) -> int:
+    """The documents scored for a run's first `n` candidates (in the order they were evaluated)."""
+    lines = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines() if x.strip()][:n]
+    return sum(sum(t["docs"] for t in e["evaluation"]["tasks"].values()) for e in lines)
+
+
 def at_most(front: list[dict[str, Any]], n: int) -> dict[str, Any] | None:
     """The front member with the most hops <= n (on a front: the best dev score among them)."""
     fit = [m for m in front if m["hops"] <= n and m.get("test") is not None]
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         wall, cpu = wall + w, cpu + c
     rows["raced_equal_time"] = summary(work / "raced", wall, cpu)
     u, r, e = rows["unraced"], rows["raced"], rows["raced_equal_time"]
+    same_candidates = documents_of_first(work / "raced", u["candidates"]) if e["candidates"] >= u["candidates"] else None
     comparison = []
     for k in (int(x) for x in args.n.split(",")):
         n = 30 - k
@@ -124,12 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "loadavg_end": loadavg(), "racing": racing, "seconds_total": round(time.perf_counter() - t0),
         "budget": args.budget, "runs": rows,
         "documents_ratio_same_generations": r["documents"] / u["documents"],
+        "documents_ratio_same_candidates": None if same_candidates is None else same_candidates / u["documents"],
         "candidates_ratio_equal_time": e["candidates"] / u["candidates"],
         "held_out_per_n": comparison,
     }
     write_result(Path(args.out), data)
     print(f"documents, same generations: raced {r['documents']} / unraced {u['documents']} = "
           f"{data['documents_ratio_same_generations']:.3f} ({r['candidates']} vs {u['candidates']} candidates)")
+    if same_candidates is not None:
+        print(f"documents, same candidates (the raced run's first {u['candidates']}): {same_candidates} / "
+              f"{u['documents']} = {data['documents_ratio_same_candidates']:.3f}")
     print(f"candidates at equal {args.budget} time (wall {e['seconds']:.0f} s vs {u['seconds']:.0f} s, CPU "
           f"{e['cpu_seconds']:.0f} s vs {u['cpu_seconds']:.0f} s): {e['candidates']} vs "
           f"{u['candidates']} = x{data['candidates_ratio_equal_time']:.2f}")
