@@ -33,7 +33,7 @@ SCRIPTS = {
     "prefix_cache_noscale": ["bench_prefix_cache.py", "--scaling", "none", "--seed", "2",
                              "--out", "bench/results/prefix_cache_noscale.json"],
     "fitness": ["bench_fitness.py"],  # bench_throughput measures its A and C figures too
-    "racing": ["bench_racing.py"],  # about an hour: three SmolLM2 searches and their held-out fronts
+    "racing": ["bench_racing.py", "--budget", "wall"],  # about 25 min idle: SmolLM2 searches and held-out fronts
 }
 DEFAULT = "throughput,prefix_cache,scaling,memory,ps,export"
 
