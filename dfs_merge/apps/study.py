@@ -48,7 +48,7 @@ from dfs_merge.plots import save_png
 from dfs_merge.search.backends import ModelEvaluator
 from dfs_merge.search.evolution import run_evolution
 from dfs_merge.search.rundir import RunDir
-from dfs_merge.search.selection import Candidate, choose, per_hop_count, selection_score
+from dfs_merge.search.selection import Candidate, choose, front_span, per_hop_count, selection_score
 from dfs_merge.stitch import ActivationCache, stitch
 
 PRINT = functools.partial(print, flush=True)  # progress lines reach a log file as they happen
@@ -273,8 +273,7 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
     members: dict[str, list[Candidate]] = {}
     for label, front in fronts.items():
         front_hops = [ev.hops for _, ev in front if ev.ok]
-        span = range(min(front_hops), max(front_hops) + 1) if val and front_hops else front_hops
-        lists = per_hop_count(evaluated[label], span, top)
+        lists = (front_span if val else per_hop_count)(evaluated[label], front_hops, top)
         chosen = choose(lists, (lambda g: val(g.decode())) if val else None)
         members[label] = [chosen[h] for h in sorted(chosen)]
         for c in members[label]:

@@ -59,6 +59,14 @@ def per_hop_count(evaluated: Iterable[tuple[Genome, Evaluation]], hop_counts: It
     return shortlist(((g, ev) for g, ev in evaluated if ev.hops in wanted), top, group=lambda ev: ev.hops)
 
 
+def front_span(evaluated: Iterable[tuple[Genome, Evaluation]], front_hops: Iterable[int],
+               top: int) -> dict[Hashable, list[Candidate]]:
+    """Shortlists at every hop count from a dev front's fewest hops to its most, not only those on it: a route that
+    a shorter one dominates on dev (so it is off the dev front) may still be the better one on validation."""
+    hops = list(front_hops)
+    return per_hop_count(evaluated, range(min(hops), max(hops) + 1) if hops else (), top)
+
+
 def choose(shortlists: dict[Hashable, list[Candidate]],
            score_val: Callable[[Genome], Evaluation] | None) -> dict[Hashable, Candidate]:
     """Per group, the shortlisted candidate with the best validation score (dev breaks ties; dev alone
