@@ -65,8 +65,8 @@ def run(cfg: Any, log: list[str], phase: str) -> tuple[float, float]:
 def summary(out: Path, seconds: float, cpu: float) -> dict[str, Any]:
     """Candidates, documents scored, candidates stopped early, seconds, and the held-out front."""
     state = json.loads((out / "checkpoint.json").read_text())
-    lines = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines() if x.strip()]
-    docs = sum(sum(t["docs"] for t in e["evaluation"]["tasks"].values()) for e in lines)
+    lines = evaluations(out)
+    docs = documents(lines)
     front = json.loads((out / "pareto.json").read_text()) if (out / "pareto.json").is_file() else []
     return {"candidates": len(lines), "documents": docs, "stopped": state["counters"].get("stopped", 0),
             "generations": state["generation"], "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
@@ -74,9 +74,13 @@ def summary(out: Path, seconds: float, cpu: float) -> dict[str, Any]:
                       for m in front]}
 
 
-def documents_of_first(out: Path, n: int) -> int:
-    """The documents scored for a run's first `n` candidates (in the order they were evaluated)."""
-    lines = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines() if x.strip()][:n]
+def evaluations(out: Path) -> list[dict[str, Any]]:
+    """A run's `evals.jsonl` lines, in the order the candidates were evaluated."""
+    return [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines() if x.strip()]
+
+
+def documents(lines: list[dict[str, Any]]) -> int:
+    """The documents scored for these evaluations (a stopped candidate's: those of its stages)."""
     return sum(sum(t["docs"] for t in e["evaluation"]["tasks"].values()) for e in lines)
 
 
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         wall, cpu = wall + w, cpu + c
     rows["raced_equal_time"] = summary(work / "raced", wall, cpu)
     u, r, e = rows["unraced"], rows["raced"], rows["raced_equal_time"]
-    same_candidates = documents_of_first(work / "raced", u["candidates"]) if e["candidates"] >= u["candidates"] else None
+    raced_lines = evaluations(work / "raced")
+    same_candidates = documents(raced_lines[: u["candidates"]]) if len(raced_lines) >= u["candidates"] else None
     comparison = []
     for k in (int(x) for x in args.n.split(",")):
         n = 30 - k
