@@ -298,13 +298,18 @@ def aggregate(name: str, items: Sequence[Any]) -> float:
     return float(AGGREGATION_REGISTRY.get(name)([tuple(x) if isinstance(x, list) else x for x in items]))
 
 
+def logged_documents(samples: Sequence[Mapping[str, Any]], spec: TaskSpec) -> dict[int, Mapping[str, Any]]:
+    """lm-eval's logged samples of the task's primary filter, by document id."""
+    return {int(s["doc_id"]): s for s in samples if s.get("filter") == spec.filter}
+
+
 def document_items(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window: range) -> list[Any]:
     """The per-document metric items of a window (lm-eval's logged samples, in document order), JSON-safe."""
     items: dict[int, Any] = {}
-    for s in samples:
-        if s.get("filter") == spec.filter and spec.metric in s:
+    for doc, s in logged_documents(samples, spec).items():
+        if spec.metric in s:
             v = s[spec.metric]
-            items[int(s["doc_id"])] = [float(x) for x in v] if isinstance(v, (tuple, list)) else float(v)
+            items[doc] = [float(x) for x in v] if isinstance(v, (tuple, list)) else float(v)
     missing = [d for d in window if d not in items]
     if missing:
         raise RuntimeError(f"task {spec.name}: lm-eval logged no result for documents {missing[:5]}")
@@ -318,9 +323,7 @@ def choice_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, w
     if spec.metric != "acc" or getattr(spec.task, "OUTPUT_TYPE", None) != "multiple_choice":
         return None
     probs: dict[int, float] = {}
-    for s in samples:
-        if s.get("filter") != spec.filter:
-            continue
+    for doc, s in logged_documents(samples, spec).items():
         target = s.get("target")
         golds = target if isinstance(target, list) else [target]
         try:
@@ -331,7 +334,7 @@ def choice_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, w
             return None
         top = max(lls)
         weights = [math.exp(x - top) for x in lls]
-        probs[int(s["doc_id"])] = math.fsum(weights[g] for g in set(golds)) / math.fsum(weights)
+        probs[doc] = math.fsum(weights[g] for g in set(golds)) / math.fsum(weights)
     if any(d not in probs for d in window):
         return None
     return [probs[d] for d in window]
