@@ -139,7 +139,6 @@ class SearchConfig(BaseModel):
     racing: RacingConfig | None = None
     # Documents per task: one number for all, or {task: number}; the same documents for every candidate.
     limit: PositiveInt | dict[str, PositiveInt] | None = None
-    report_limit: PositiveInt | dict[str, PositiveInt] | None = None  # for report_tasks; None: all documents
     eval_suites: list[str] = []
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=16)
@@ -173,6 +172,7 @@ class RunOptions(BaseModel):
 
     generations: int = Field(10, ge=0)
     report_tasks: list[str] = []
+    report_limit: PositiveInt | dict[str, PositiveInt] | None = None  # for report_tasks; None: all documents
     # Final choice on a validation split the search never saw: the `select_top` best candidates by dev score
     # (per hop count on a front) are scored on `select_tasks` and the best there is chosen. Empty: dev decides.
     select_tasks: list[str] = []
@@ -294,6 +294,15 @@ class RunConfig(RunOptions, SearchConfig):
             if m:
                 metrics[t] = m
         return tasks, metrics, limit
+
+    def split_signature(self, split: Literal["val", "test"]) -> dict[str, Any] | None:
+        """What a validation or report split's scores depend on (its tasks, weights, metrics, limit, guards),
+        JSON-safe, or None when the config has no such split: a resumed run reuses its scores only when this is
+        unchanged."""
+        if not (self.select_tasks if split == "val" else self.report_tasks):
+            return None
+        tasks, metrics, limit = self.split_tasks(split)
+        return {"tasks": tasks, "metrics": metrics, "limit": limit, "guards": self.split_guards(split)}
 
 
 def _dev_names(names: list[str], split: str) -> dict[str, str]:

@@ -80,17 +80,30 @@ class Point:
         return selection_score(self.dev, self.val)
 
     def to_dict(self) -> dict[str, Any]:
+        """The point as `results.json` records it (per-document results stay in the split's score log)."""
+        def scores(ev: Evaluation | None) -> dict[str, Any] | None:
+            return None if ev is None else {k: v for k, v in ev.to_dict().items() if k != "per_doc"}
+
         return {"name": self.name, "kind": self.kind, "hops": self.hops, "route": self.route.text(),
-                "scales": self.route.scales, "dev": self.dev.to_dict() if self.dev else None,
-                "val": self.val.to_dict() if self.val else None, "test": self.test.to_dict()}
+                "scales": self.route.scales, "dev": scores(self.dev), "val": scores(self.val),
+                "test": scores(self.test)}
 
 
 class ScoreLog:
-    """One split's evaluations by route key, appended to a JSONL file as they are made and reused on resume."""
+    """One split's evaluations by route key, appended to a JSONL file as they are made and reused on resume.
 
-    def __init__(self, path: Path, score: CandidateScorer):
-        self.path, self.score = path, score
-        self.known = {r["key"]: Evaluation.from_dict(r["eval"]) for r in read_jsonl(path)}
+    Only lines made on the split `score` scores now are reused (a full score on as many documents of the same
+    tasks: `Fitness.matches`); with `per_document`, only lines holding each document's result, and new scores
+    keep them (`Fitness.score(..., docs=(0, 1))`), for `Fitness.difference_interval`."""
+
+    def __init__(self, path: Path, score: CandidateScorer, per_document: bool = False):
+        self.path, self.score, self.per_document = path, score, per_document
+        self.known: dict[str, Evaluation] = {}
+        for r in read_jsonl(path):
+            ev = Evaluation.from_dict(r["eval"])
+            if ev.ok and (not score.fitness.matches(ev) or (per_document and not ev.per_doc)):
+                continue  # made under another limit or task list, or without per-document results
+            self.known[r["key"]] = ev
 
     def remember(self, key: str, ev: Evaluation) -> None:
         """Take an evaluation made elsewhere (a search's) as this split's, without logging it again."""
@@ -99,7 +112,7 @@ class ScoreLog:
     def __call__(self, route: Route) -> Evaluation:
         key = route.key()
         if key not in self.known:
-            ev = self.score(route)
+            ev = self.score(route, docs=(0.0, 1.0) if self.per_document else None)
             with open(self.path, "a", encoding="utf-8") as f:
                 append_jsonl(f, {"key": key, "route": route.text(), "eval": ev.to_dict()})
             self.known[key] = ev
@@ -111,9 +124,12 @@ def heuristic_kind(name: str) -> str:
     return {"shortgpt": "shortgpt", "angular": "angular", "naive": "deepening"}.get(name.split()[0], "base")
 
 
-def compare(points: Sequence[Point], front_kind: str) -> list[dict[str, Any]]:
+def compare(points: Sequence[Point], front_kind: str,
+            interval: Callable[[Evaluation, Evaluation], tuple[float, float] | None] | None = None,
+            ) -> list[dict[str, Any]]:
     """For each pruning heuristic: the held-out score of the `front_kind` member with no more hops that the
-    selection score (validation, else dev) prefers; the held-out split only reports."""
+    selection score (validation, else dev) prefers, and (`interval`) how far the difference could be the
+    held-out documents' luck; the held-out split only reports."""
     front = [p for p in points if p.kind == front_kind and p.test.ok]
     rows = []
     for h in points:
@@ -123,9 +139,11 @@ def compare(points: Sequence[Point], front_kind: str) -> list[dict[str, Any]]:
         best = max(fits, key=lambda p: (p.selection_score, p.hops), default=None)
         diff = None if best is None else best.test.score - h.test.score
         verdict = "no member" if best is None else "better" if diff > 0 else "equal" if diff == 0 else "worse"
+        span = interval(best.test, h.test) if best is not None and interval is not None else None
         rows.append({"heuristic": h.name, "hops": h.hops, "heuristic_test": h.test.score,
                      "front_member": best.name if best else None, "front_hops": best.hops if best else None,
-                     "front_test": best.test.score if best else None, "difference": diff, "verdict": verdict})
+                     "front_test": best.test.score if best else None, "difference": diff, "verdict": verdict,
+                     "interval": list(span) if span else None})
     return rows
 
 
@@ -149,15 +167,17 @@ def points_table(points: Sequence[Point], tasks: Sequence[str], report_tasks: Se
 
 
 def comparison_table(rows: Sequence[dict[str, Any]], label: str) -> str:
-    """Markdown: each heuristic against the best front member with no more hops."""
-    lines = [f"| heuristic | hops | its test score | chosen {label} member at <= hops | hops | test score | difference |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown: each heuristic against the best front member with no more hops, and the paired 95% bootstrap
+    interval of the difference over the held-out documents where there is one."""
+    lines = [f"| heuristic | hops | its test score | chosen {label} member at <= hops | hops | test score | difference "
+             "| 95% interval |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["front_member"] is None:
-            lines.append(f"| {r['heuristic']} | {r['hops']} | {r['heuristic_test']:.4f} | none | - | - | - |")
+            lines.append(f"| {r['heuristic']} | {r['hops']} | {r['heuristic_test']:.4f} | none | - | - | - | - |")
             continue
+        span = f"[{r['interval'][0]:+.4f}, {r['interval'][1]:+.4f}]" if r.get("interval") else "-"
         lines.append(f"| {r['heuristic']} | {r['hops']} | {r['heuristic_test']:.4f} | {r['front_member']} | "
-                     f"{r['front_hops']} | {r['front_test']:.4f} | {r['difference']:+.4f} ({r['verdict']}) |")
+                     f"{r['front_hops']} | {r['front_test']:.4f} | {r['difference']:+.4f} ({r['verdict']}) | {span} |")
     return "\n".join(lines)
 
 
@@ -255,7 +275,9 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
 
     cache = ActivationCache(cfg.prefix_cache_mb) if cfg.prefix_cache_mb else None
     score_dev = CandidateScorer(pool, evaluator.fitness, cache)
-    held_out = ScoreLog(root / "test_scores.jsonl", score_dev.with_fitness(Fitness.from_config(cfg, "test")))
+    test_fitness = Fitness.from_config(cfg, "test")
+    held_out = ScoreLog(root / "test_scores.jsonl", score_dev.with_fitness(test_fitness),
+                        per_document=test_fitness.per_document())
     val = (ScoreLog(root / "val_scores.jsonl", score_dev.with_fitness(Fitness.from_config(cfg, "val")))
            if cfg.select_tasks else None)
     dev = ScoreLog(root / "dev_scores.jsonl", score_dev)
@@ -283,7 +305,7 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
                 + (f" (of {len(lists[c.dev.hops])} shortlisted)" if val else ""))
 
     out("[4/4] tables, plot, export of the best pruned member")
-    comparisons = {label: compare(points, label) for label in fronts}
+    comparisons = {label: compare(points, label, test_fitness.difference_interval) for label in fronts}
     plot = pareto_png(points, cfg.report_tasks, root / "pareto.png")
     pruned = choose_pruned(members["evolved"], prune_hops)
     export: dict[str, Any] = {"max_hops": prune_hops, "route": None}

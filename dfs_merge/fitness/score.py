@@ -17,7 +17,8 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -183,6 +184,50 @@ class Fitness:
         total = weighted_score(results, self.weights, self.guards)
         return Evaluation(total, hops, results, time.perf_counter() - t0, per_doc=per_doc)
 
+    def matches(self, ev: Evaluation) -> bool:
+        """Whether a full score `ev` was made on this fitness's documents (the same tasks, each on as many
+        documents): a log of scores made under another limit or task list must not be reused as this one's."""
+        return set(ev.tasks) == set(self._specs) and all(ev.tasks[n].docs == s.docs for n, s in self._specs.items())
+
+    def per_document(self) -> bool:
+        """Whether every task's metric aggregates with one of lm-eval's registered aggregations, so that
+        `score(..., docs=(0, 1))` can keep each document's result (what `difference_interval` resamples)."""
+        try:
+            for spec in self._specs.values():
+                aggregation_name(spec.task, spec.metric)
+        except FitnessError:
+            return False
+        return True
+
+    def difference_interval(self, a: Evaluation, b: Evaluation, confidence: float = 0.95, resamples: int = 2000,
+                            seed: int = 0) -> tuple[float, float] | None:
+        """A paired bootstrap interval of score(a) - score(b): each resample draws every task's documents with
+        replacement, the same draw for both, and aggregates each task as lm-eval does (a mean, bits per byte,
+        ...). How far a difference between two candidates on these documents could be their luck.
+
+        None unless both were scored whole with per-document results (`score(..., docs=(0, 1))`)."""
+        import numpy as np
+
+        docs = {}
+        for name, spec in self._specs.items():
+            pa, pb = (ev.per_doc.get(name) if ev.ok and ev.per_doc else None for ev in (a, b))
+            if not (pa and pb and len(pa["items"]) == len(pb["items"]) == spec.docs):
+                return None
+            docs[name] = (aggregator(pa["aggregation"]),
+                          *([tuple(x) if isinstance(x, list) else x for x in p["items"]] for p in (pa, pb)))
+        rng = np.random.default_rng(seed)
+        diffs = []
+        for _ in range(resamples):
+            total = 0.0
+            for name, (agg, items_a, items_b) in docs.items():
+                draw = rng.integers(0, len(items_a), len(items_a))
+                for sign, ev, items in ((1.0, a, items_a), (-1.0, b, items_b)):
+                    value = float(agg([items[i] for i in draw]))
+                    total += sign * self.term(name, replace(ev.tasks[name], value=value))
+            diffs.append(total)
+        low, high = np.quantile(diffs, [(1 - confidence) / 2, (1 + confidence) / 2])
+        return float(low), float(high)
+
     def term(self, name: str, r: TaskResult) -> float:
         """What a task adds to the score (`task_term` with this fitness's weights and guards)."""
         return task_term(r, self.weights[name], self.guards.get(name))
@@ -290,12 +335,17 @@ def aggregation_name(task: Any, metric: str) -> str:
                        "racing cannot combine its documents (turn racing off)")
 
 
-def aggregate(name: str, items: Sequence[Any]) -> float:
-    """lm-eval's aggregation `name` over per-document items (as `aggregation_name` named it)."""
+def aggregator(name: str) -> Callable[[Sequence[Any]], float]:
+    """lm-eval's aggregation function `name` (as `aggregation_name` named it)."""
     import lm_eval.api.metrics  # noqa: F401 - registers lm-eval's aggregations
     from lm_eval.api.registry import AGGREGATION_REGISTRY
 
-    return float(AGGREGATION_REGISTRY.get(name)([tuple(x) if isinstance(x, list) else x for x in items]))
+    return AGGREGATION_REGISTRY.get(name)
+
+
+def aggregate(name: str, items: Sequence[Any]) -> float:
+    """lm-eval's aggregation `name` over per-document items as logged (JSON lists read back as tuples)."""
+    return float(aggregator(name)([tuple(x) if isinstance(x, list) else x for x in items]))
 
 
 def logged_documents(samples: Sequence[Mapping[str, Any]], spec: TaskSpec) -> dict[int, Mapping[str, Any]]:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from deap import tools
 
@@ -201,9 +201,9 @@ class Evolution:
             "lost": {k: ev.to_dict() for k, ev in self.ledger.lost.items()},  # not in evals.jsonl: see Ledger
             "history": self.history,
             "report": {k: ev.to_dict() for k, ev in self.report.items()},
-            "report_tasks": list(self.cfg.report_tasks),
+            "report_split": self.cfg.split_signature("test"),
             "val": {k: ev.to_dict() for k, ev in self.val.items()},
-            "select_tasks": list(self.cfg.select_tasks),
+            "val_split": self.cfg.split_signature("val"),
         })
 
     def restore(self, records: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
@@ -227,12 +227,22 @@ class Evolution:
         self.rng = RunRandom.from_json(state["rng"])
         self.ledger.counters = dict(state["counters"])
         self.history = list(state["history"])
-        if state.get("report_tasks") == list(self.cfg.report_tasks):  # else: scored again on the new tasks
+        # held-out and validation scores of another split (other tasks, limits, weights) are scored again
+        if self.same_split(state, "test"):
             self.report = {k: Evaluation.from_dict(v) for k, v in state.get("report", {}).items()}
-        if state.get("select_tasks") == list(self.cfg.select_tasks):
+        if self.same_split(state, "val"):
             self.val = {k: Evaluation.from_dict(v) for k, v in state.get("val", {}).items()}
         self.algo.restore(state, self.ledger.objectives_of)
         restore_members(self.hof, [self.member(genome_from_dict(e["genome"], "checkpoint")) for e in state["hall_of_fame"]])
+
+    def same_split(self, state: dict[str, Any], split: Literal["val", "test"]) -> bool:
+        """Whether the checkpoint's validation or held-out scores were made on the split the config now names
+        (a checkpoint written before splits were recorded whole: on the same task names)."""
+        key = "val_split" if split == "val" else "report_split"
+        if key in state:
+            return state[key] == self.cfg.split_signature(split)
+        tasks = self.cfg.select_tasks if split == "val" else self.cfg.report_tasks
+        return state.get("select_tasks" if split == "val" else "report_tasks") == list(tasks)
 
     # ---- the final choice and the report -------------------------------------------------
     def score_split(self, fn: GenomeEvaluator, genomes: Sequence[Genome], known: dict[str, Evaluation], what: str,

@@ -11,6 +11,7 @@ from builders import write_self_merge_config
 
 from dfs_merge.cli import main
 from dfs_merge.config import load_config
+from dfs_merge.evaluation import Evaluation
 from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Route, seed_genomes
 from dfs_merge.models.sources import SourcePool
@@ -81,6 +82,18 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
         assert row["verdict"] == ("better" if pick["test"]["score"] > row["heuristic_test"] else
                                   "equal" if pick["test"]["score"] == row["heuristic_test"] else "worse")
 
+    # Each difference comes with its paired bootstrap interval over the held-out documents, which the logged
+    # per-document results reproduce.
+    test_log = {json.loads(line)["key"]: Evaluation.from_dict(json.loads(line)["eval"])
+                for line in (root / "test_scores.jsonl").read_text().splitlines()}
+    key_of = {p["name"]: Route.parse(p["route"], p["scales"]).key() for p in res["points"]}
+    test_fitness = Fitness.from_config(cfg, "test")
+    for row in res["comparisons"]["evolved"]:
+        member, heuristic = test_log[key_of[row["front_member"]]], test_log[key_of[row["heuristic"]]]
+        assert row["interval"] == list(test_fitness.difference_interval(member, heuristic))
+        assert row["interval"][0] <= row["difference"] <= row["interval"][1]
+    assert "95% interval" in (root / "results.md").read_text()
+
     # The best pruned member is exported and loads as a plain checkpoint.
     assert res["export"]["hops"] <= 3 and len(res["export"]["samples"]) == 3
     model = AutoModelForCausalLM.from_pretrained(res["export"]["folder"])
@@ -92,6 +105,17 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
                "evolved-scaling-none/evals.jsonl")}
     assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 0
     assert {f: (root / f).read_text().count("\n") for f in counts} == counts
+
+    # A study resumed with another held-out split (a changed report_limit) scores every point on it again,
+    # and reuses everything else.
+    data = yaml.safe_load(Path(study_config).read_text())
+    Path(study_config).write_text(yaml.safe_dump(data | {"report_limit": 2}))
+    assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 0
+    res = json.loads((root / "results.json").read_text())
+    assert {r.docs for p in res["points"] for r in Evaluation.from_dict(p["test"]).tasks.values()} == {2}
+    assert (root / "test_scores.jsonl").read_text().count("\n") == counts["test_scores.jsonl"] + len(
+        {key_of[p["name"]] for p in res["points"]})
+    assert all((root / f).read_text().count("\n") == n for f, n in counts.items() if f != "test_scores.jsonl")
 
 
 def test_seed_routes_are_checked_before_anything_runs(tmp_path, tiny_source_dirs, capsys):

@@ -127,6 +127,41 @@ def test_broken_routes_score_below_identity(trained_pool, tiny_suite_dir, cache_
     assert fit.build_count == 1
 
 
+def test_difference_interval_is_paired_over_the_documents(trained_pool, tiny_suite_dir, cache_dir):
+    """The bootstrap interval of a score difference draws the same documents for both candidates: two candidates
+    that differ on one document only differ, in every resample, by that document's share or by nothing."""
+    import copy
+
+    fit = Fitness({"tiny_ppl": 0.5, "tiny_mc": 1.0}, suites=[tiny_suite_dir], max_length=MAX_LEN, cache_dir=cache_dir)
+    assert fit.per_document()
+    tok = trained_pool.tokenizer
+    whole = fit.score(stitch(trained_pool, identity(trained_pool)), tok, docs=(0.0, 1.0))
+    plain = fit.score(stitch(trained_pool, identity(trained_pool)), tok)
+    assert whole.score == plain.score and fit.matches(whole) and fit.matches(plain)
+    assert fit.difference_interval(whole, plain) is None  # no per-document results: no interval
+    assert fit.difference_interval(whole, whole) == (0.0, 0.0)
+
+    items = whole.per_doc["tiny_mc"]["items"]
+    flip = items.index(1.0) if 1.0 in items else 0
+    worse = copy.deepcopy(whole)
+    worse.per_doc["tiny_mc"]["items"][flip] = 1.0 - items[flip]
+    n = len(items)
+    low, high = fit.difference_interval(whole, worse)
+    # each resample holds that document k times: the difference is k/n, never of the other sign (an unpaired
+    # bootstrap, drawing each candidate's documents apart, would give both signs)
+    sign = 1.0 if items[flip] == 1.0 else -1.0
+    assert 0 <= sign * low <= sign * high <= 3 / n + 1e-9 and high > low
+
+    other = fit.score(stitch(trained_pool, Route.parse("0:0-3", [1.0, 0.1, 0.1, 0.1])), tok, docs=(0.0, 1.0))
+    low, high = fit.difference_interval(whole, other)
+    assert low <= whole.score - other.score <= high
+    assert fit.difference_interval(other, whole) == pytest.approx((-high, -low))
+
+    fewer = Fitness({"tiny_ppl": 0.5, "tiny_mc": 1.0}, suites=[tiny_suite_dir], max_length=MAX_LEN,
+                    cache_dir=cache_dir, limit={"tiny_mc": 3})
+    assert not fewer.matches(whole) and fewer.difference_interval(whole, other) is None
+
+
 # --------------------------------------------------------------------------- failures
 
 

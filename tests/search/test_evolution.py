@@ -440,3 +440,33 @@ def test_a_report_lost_to_infrastructure_is_not_kept_and_is_scored_again_on_resu
     assert json.loads((out / "checkpoint.json").read_text())["report"] == {}
     r = run_evolution(cfg, resume=True, evaluate=TargetRoute(), report_evaluate=TargetRoute(), **QUIET)
     assert r.test_eval is not None and r.test_eval.ok
+
+
+def test_a_resumed_run_scores_its_report_again_only_when_the_held_out_split_changed(sources, tmp_path):
+    """Held-out scores are reused on resume only if made on the same split: a changed `report_limit` (a resumable
+    key, like `select_limit`) scores the report again; a checkpoint written before splits were recorded whole is
+    matched by its task names."""
+    out = tmp_path / "run"
+    cfg = make_config(sources, out, generations=1, report_tasks=["synthetic_test"], report_limit=5)
+    run_evolution(cfg, evaluate=TargetRoute(), report_evaluate=TargetRoute(), **QUIET)
+    state = json.loads((out / "checkpoint.json").read_text())
+    assert state["report_split"]["limit"] == 5 and state["report"]
+
+    again = TargetRoute()
+    run_evolution(cfg, resume=True, evaluate=TargetRoute(), report_evaluate=again, **QUIET)
+    assert again.calls == []
+
+    changed = TargetRoute()
+    run_evolution(cfg.model_copy(update={"report_limit": 7}), resume=True, evaluate=TargetRoute(),
+                  report_evaluate=changed, **QUIET)
+    assert changed.calls
+    assert json.loads((out / "checkpoint.json").read_text())["report_split"]["limit"] == 7
+
+    state = json.loads((out / "checkpoint.json").read_text())
+    del state["report_split"]
+    state["report_tasks"] = ["synthetic_test"]
+    (out / "checkpoint.json").write_text(json.dumps(state))
+    legacy = TargetRoute()
+    run_evolution(cfg.model_copy(update={"report_limit": 7}), resume=True, evaluate=TargetRoute(),
+                  report_evaluate=legacy, **QUIET)
+    assert legacy.calls == []
