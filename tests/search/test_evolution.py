@@ -245,6 +245,11 @@ def test_final_choice_on_validation_shortlists_by_dev(sources, tmp_path, algorit
     again = ReversedTarget()
     assert run_evolution(cfg, resume=True, evaluate=TargetRoute(), select_evaluate=again, **QUIET).best.key() \
         == r.best.key() and again.calls == []
+    # another validation split (a changed select_limit) is scored again
+    changed = ReversedTarget()
+    run_evolution(cfg.model_copy(update={"select_limit": 4}), resume=True, evaluate=TargetRoute(),
+                  select_evaluate=changed, **QUIET)
+    assert set(changed.calls) == set(scored)
 
 
 def test_bad_configs_are_one_line_config_errors(sources, tmp_path):
