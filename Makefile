@@ -29,7 +29,8 @@ demo: $(VENV)/.smollm2
 	$(VENV)/bin/dfs-merge demo genomes/demo.yaml
 
 # SmolLM2's own layer path evolved (and the scaling: none ablation) against ShortGPT, angular-distance pruning and
-# naive deepening, scored held out; writes runs/smollm2-self/results.md and pareto.png (~50 min on 2 cores; resumes).
+# naive deepening, scored held out; writes runs/smollm2-self/results.md and pareto.png (about 90 min on 2 cores,
+# estimated from its parts; resumes).
 study-smollm2: $(VENV)/.smollm2
 	$(VENV)/bin/dfs-merge study genomes/smollm2-self.yaml
 
