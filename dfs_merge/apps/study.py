@@ -13,13 +13,15 @@ with objectives [score, hops] and:
    `select_top` best by dev at that hop count (`selection.py`), else the best by dev; scores on
    the held-out split the base, every heuristic and every picked member;
 4. compares, for each heuristic, the front member at no more hops that the selection score
-   (validation, else dev) prefers, by its held-out score; writes `results.md`, `results.json`
+   (validation, else dev) prefers, by its held-out score, with a paired bootstrap interval of the
+   difference over the held-out documents (`Fitness.difference_interval`); writes `results.md`, `results.json`
    and `pareto.png`; exports the pruned member the selection score prefers at `prune_hops` or
    fewer hops and generates from it. The held-out split never chooses anything.
 
 Everything resumes: each evolution resumes from its folder, validation and held-out scores
 are appended to `val_scores.jsonl` / `test_scores.jsonl` (the dev scores of heuristics the
-searches did not score to `dev_scores.jsonl`) the moment they are made, and reused.
+searches did not score to `dev_scores.jsonl`) the moment they are made, and reused while the
+split is the same (a changed limit scores them again).
 """
 
 from __future__ import annotations
