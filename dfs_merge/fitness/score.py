@@ -213,8 +213,7 @@ class Fitness:
             pa, pb = (ev.per_doc.get(name) if ev.ok and ev.per_doc else None for ev in (a, b))
             if not (pa and pb and len(pa["items"]) == len(pb["items"]) == spec.docs):
                 return None
-            docs[name] = (aggregator(pa["aggregation"]),
-                          *([tuple(x) if isinstance(x, list) else x for x in p["items"]] for p in (pa, pb)))
+            docs[name] = (aggregator(pa["aggregation"]), logged_items(pa["items"]), logged_items(pb["items"]))
         rng = np.random.default_rng(seed)
         diffs = []
         for _ in range(resamples):
@@ -343,9 +342,14 @@ def aggregator(name: str) -> Callable[[Sequence[Any]], float]:
     return AGGREGATION_REGISTRY.get(name)
 
 
+def logged_items(items: Sequence[Any]) -> list[Any]:
+    """Per-document items as logged, in the form lm-eval's aggregations take (JSON lists read back as tuples)."""
+    return [tuple(x) if isinstance(x, list) else x for x in items]
+
+
 def aggregate(name: str, items: Sequence[Any]) -> float:
-    """lm-eval's aggregation `name` over per-document items as logged (JSON lists read back as tuples)."""
-    return float(aggregator(name)([tuple(x) if isinstance(x, list) else x for x in items]))
+    """lm-eval's aggregation `name` over per-document items as logged."""
+    return float(aggregator(name)(logged_items(items)))
 
 
 def logged_documents(samples: Sequence[Mapping[str, Any]], spec: TaskSpec) -> dict[int, Mapping[str, Any]]:
