@@ -36,7 +36,8 @@ from bench_fitness import record_batches
 from dfs_merge.config import load_config
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.fitness.score import Fitness
-from dfs_merge.genome import Genome, Route, genome_from_dict
+from dfs_merge.genome import Genome, Route
+from dfs_merge.genome_files import genome_from_dict
 from dfs_merge.models.sources import SourcePool
 from dfs_merge.search.evolution import run_evolution
 from dfs_merge.search.rundir import RunDir

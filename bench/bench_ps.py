@@ -58,7 +58,7 @@ def one_group_moved(recipe, rng: random.Random):
 def time_mergekit(recipe, work: Path, dtype: str, threads: int) -> float:
     from transformers import AutoModelForCausalLM
 
-    from dfs_merge.export.mergekit_recipe import write_recipe_config
+    from dfs_merge.export.mergekit import write_recipe_config
 
     cfg, out = work / "mk.yaml", work / "mk-out"
     t0 = time.perf_counter()

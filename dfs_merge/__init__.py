@@ -5,7 +5,9 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-"""The folder that holds the package and, beside it, the bundled `eval_suites/`, `genomes/` and `models/`."""
+"""The folder above the package: the repository root in a clone (the tests and benchmarks use it). The
+bundled `eval_suites/`, `genomes/` and `models/` are found through `dfs_merge.bundled`, which also knows
+the copies an installed wheel carries."""
 
 
 def lazy_exports(package: str, names: dict[str, str]):  # noqa: ANN201 - returns a module __getattr__
@@ -21,3 +23,8 @@ def lazy_exports(package: str, names: dict[str, str]):  # noqa: ANN201 - returns
         return value
 
     return __getattr__
+
+
+# Plugs the kinds of source `merging` defines (a recipe file) into the loader of every process that can load a
+# pool, spawned workers included: each imports this package first. Light: `merging` defers its torch imports.
+from dfs_merge import merging  # noqa: E402, F401

@@ -6,23 +6,34 @@ search's workers, the held-out and validation scoring, the study, the baselines'
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dfs_merge.evaluation import Evaluation
-from dfs_merge.genome import Route
+from dfs_merge.merging.recipe import Recipe
+from dfs_merge.route import Route
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from dfs_merge.fitness.score import Fitness
+    from dfs_merge.genome_files import CandidateGenome
+    from dfs_merge.merging.blend import Blender
+    from dfs_merge.models.sources import SourcePool
+    from dfs_merge.stitch import ActivationCache
 
 
 class CandidateScorer:
     """Stitches routes over `pool` (sharing `activation_cache`, if any), or writes recipes' merges into one
     resident model (`blender`, made on the first recipe), and scores them with `fitness`."""
 
-    def __init__(self, pool: Any, fitness: Any, activation_cache: Any = None, blender: Any = None):
+    def __init__(self, pool: SourcePool, fitness: Fitness, activation_cache: ActivationCache | None = None,
+                 blender: Blender | None = None):
         self.pool = pool
         self.fitness = fitness
         self.activation_cache = activation_cache
         self.blender = blender
 
-    def model(self, route: Route) -> Any:
+    def model(self, route: Route) -> PreTrainedModel:
         """The stitched model of `route` (no weight copied)."""
         from dfs_merge.stitch import stitch
 
@@ -33,24 +44,23 @@ class CandidateScorer:
         Evaluation, never an exception."""
         return self.fitness.score(self.model(route), self.pool.tokenizer, hops=len(route), docs=docs)
 
-    def genome(self, genome: Any, docs: tuple[float, float] | None = None) -> Evaluation:
+    def genome(self, genome: CandidateGenome, docs: tuple[float, float] | None = None) -> Evaluation:
         """Score a DFS genome (its checked route, tokenized by its `tokenizer_source`'s tokenizer) or a
         parameter-space recipe (merged in the resident model)."""
-        from dfs_merge.merging.recipe import Recipe
+        if isinstance(genome, Recipe):
+            if self.blender is None:
+                from dfs_merge.merging.blend import Blender
 
-        if not isinstance(genome, Recipe):
-            if not genome.tokenizer_source:
-                return self(genome.check(), docs)
-            route = genome.check()
-            tokenizer = self.pool.tokenizer_for(genome.tokenizer_source)
-            return self.fitness.score(self.model(route), tokenizer, hops=len(route), docs=docs)
-        if self.blender is None:
-            from dfs_merge.merging.blend import Blender
+                self.blender = Blender(self.pool)
+            model = self.blender.apply(genome)
+            return self.fitness.score(model, self.pool.tokenizer, hops=genome.layers, docs=docs)
+        route = genome.check()
+        tokenizer_source = genome.settings().get("tokenizer_source", 0)
+        if not tokenizer_source:
+            return self(route, docs)
+        tokenizer = self.pool.tokenizer_for(tokenizer_source)
+        return self.fitness.score(self.model(route), tokenizer, hops=len(route), docs=docs)
 
-            self.blender = Blender(self.pool)
-        model = self.blender.apply(genome)
-        return self.fitness.score(model, self.pool.tokenizer, hops=genome.layers, docs=docs)
-
-    def with_fitness(self, fitness: Any) -> CandidateScorer:
+    def with_fitness(self, fitness: Fitness) -> CandidateScorer:
         """The same sources, activation cache and resident model, scored on other tasks (another split)."""
         return CandidateScorer(self.pool, fitness, self.activation_cache, self.blender)

@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dfs_merge import CHECKOUT
+from dfs_merge import bundled
 from dfs_merge.errors import DfsMergeError
 
 
@@ -34,7 +34,7 @@ def download_flag(parser: argparse.ArgumentParser, main: bool = False) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from dfs_merge.genome import load_genome
+    from dfs_merge.genome_files import load_genome
     from dfs_merge.outputs import check_output
 
     if args.png:
@@ -125,60 +125,30 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from dfs_merge.errors import ExportError
-    from dfs_merge.genome import load_genome
+    from dfs_merge.export.formats import FORMATS, ExportOptions, check_options
+    from dfs_merge.export.progress import Progress
+    from dfs_merge.genome_files import load_genome
     from dfs_merge.outputs import check_output
 
+    fmt = FORMATS[args.format]
     g = load_genome(args.genome)
     # before any source is loaded: the genome file and its sources are the inputs
-    check_output(args.out, kind="folder" if args.format == "hf" else "file", force=args.force,
-                 inputs=[args.genome, *g.sources], error=ExportError)
-    if args.quant is not None and args.format != "gguf":
-        raise ExportError(f"--quant {args.quant}: only --format gguf has tensor types; drop it or add --format gguf")
-    for flag, given in (("--max-shard-size", args.max_shard_size), ("--no-copy-tokenizer", args.no_copy_tokenizer)):
-        if given and args.format != "hf":
-            raise ExportError(f"{flag}: only --format hf writes shards and tokenizer files; drop it")
+    out = check_output(args.out, kind=fmt.out, force=args.force, inputs=[args.genome, *g.sources], error=ExportError)
+    options = ExportOptions(force=args.force, verify="off" if args.no_verify else args.verify or "quick",
+                            dtype=args.dtype, device=args.device, quant=args.quant,
+                            max_shard_size=args.max_shard_size or None, copy_tokenizer=not args.no_copy_tokenizer)
+    check_options(fmt, options)
     if args.no_verify and args.verify not in (None, "off"):
         raise ExportError(f"--no-verify and --verify {args.verify} contradict each other; give one of them")
-    verify = "off" if args.no_verify else args.verify or "quick"
-    if args.format == "hf":
-        from dfs_merge.export.checkpoint import export_genome, export_settings
-        from dfs_merge.export.tensors import parse_size
-
-        shard_size = parse_size(args.max_shard_size or "2GB")
-        export_settings(g, args.dtype)
-    if args.format == "gguf":
-        from dfs_merge.export.gguf import precheck_gguf
-
-        precheck_gguf(g, args.quant or "f16")
-    if args.format == "mergekit":
-        from dfs_merge.export.mergekit import write_mergekit_config
-
-        print(f"wrote {write_mergekit_config(g, args.out, force=args.force, dtype=args.dtype)}")
-        return
-    from dfs_merge.export.checkpoint import Progress
-
-    progress = Progress(on=True)
-    if args.format == "hf":
-        out = export_genome(g, args.out, device=args.device, dtype=args.dtype, force=args.force, verify=verify,
-                            max_shard_size=shard_size, copy_tokenizer=not args.no_copy_tokenizer, progress=progress)
-        print(f"wrote {out}")
-        return
-    from dfs_merge.export.gguf import export_gguf
-    from dfs_merge.models.sources import SourcePool
-
-    n, dtype = len(g.sources), args.dtype or "float32"
-    with progress.stage(f"loading {n} source{'s' if n != 1 else ''} on {args.device} ({dtype})",
-                        f"loaded {n} source{'s' if n != 1 else ''}"):
-        pool = SourcePool.load(list(g.sources), device=args.device, dtype=dtype)
-    out = export_gguf(pool, g, args.out, quant=args.quant or "f16", force=args.force, verify=verify != "off",
-                      progress=progress)
-    print(f"wrote {out}")
+    writer = fmt.load()
+    writer.precheck(g, options)
+    print(f"wrote {writer.write(g, out, options, Progress(on=True))}")
 
 
 def cmd_import_mergekit(args: argparse.Namespace) -> None:
     from dfs_merge.errors import GenomeError
     from dfs_merge.export.mergekit import import_mergekit
-    from dfs_merge.genome import save_genome
+    from dfs_merge.genome_files import save_genome
     from dfs_merge.outputs import check_output
 
     check_output(args.out, kind="file", force=args.force, inputs=[args.config], error=GenomeError)
@@ -213,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("show", help="print a genome's route or a recipe's weights (and draw it with --png)")
-    s.add_argument("genome")
+    s.add_argument("genome", type=bundled.example_path)
     s.add_argument("--png", help="also draw the route into this PNG file")
     s.add_argument("--force", action="store_true", help="replace an existing --png file")
     s.set_defaults(func=cmd_show)
@@ -232,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("baseline", help="score ShortGPT, angular-distance pruning and naive deepening of the base")
     s.add_argument("config")
-    s.add_argument("--calibration", default=str(CHECKOUT / "eval_suites/data/prose_ppl_dev.jsonl"),
+    s.add_argument("--calibration", default=str(bundled.suites_dir() / "data/prose_ppl_dev.jsonl"),
                    help="JSONL with a 'text' field to measure layer similarity on (default: the bundled prose dev split)")
     s.add_argument("--sizes", type=layer_counts_arg, default=(2, 4, 6, 8), help="numbers of layers to remove, comma-separated")
     s.add_argument("--split", choices=["dev", "test"], default="test")
@@ -247,13 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_evolve)
 
     s = sub.add_parser("demo", help="evolve, export the winner, and compare it with the base (what `make demo` runs)")
-    s.add_argument("config", nargs="?", default="genomes/demo.yaml")
+    s.add_argument("config", nargs="?", default="genomes/demo.yaml", type=bundled.example_path)
     download_flag(s)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("study", help="a self-merge study: evolution (and its scaling ablation) against the pruning "
                        "heuristics, held-out table, Pareto plot, export of the best pruned member")
-    s.add_argument("config", nargs="?", default="genomes/smollm2-self.yaml")
+    s.add_argument("config", nargs="?", default="genomes/smollm2-self.yaml", type=bundled.example_path)
     s.add_argument("--sizes", type=layer_counts_arg, default=(2, 4, 6, 8),
                    help="numbers of layers the heuristics remove, comma-separated")
     s.add_argument("--prune-hops", type=int, default=26, help="export the best front member with at most this many hops")
@@ -261,11 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     download_flag(s)
     s.set_defaults(func=cmd_study)
 
+    from dfs_merge.export.formats import FORMATS
+
     s = sub.add_parser("export", help="write a genome or recipe as a Hugging Face checkpoint, a GGUF file or a "
                        "mergekit config")
     s.add_argument("genome")
     s.add_argument("--out", required=True)
-    s.add_argument("--format", choices=["hf", "gguf", "mergekit"], default="hf")
+    s.add_argument("--format", choices=list(FORMATS), default="hf")
     s.add_argument("--quant", help="GGUF tensor type: f16 (default), q8_0, bf16 or f32")
     s.add_argument("--force", action="store_true", help="replace an existing output")
     s.add_argument("--verify", choices=["quick", "full", "off"],
@@ -280,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "else the sources' own; a GGUF export loads its sources in it, default float32)")
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("import-mergekit", help="turn a mergekit config into a genome (passthrough) or a recipe (linear, task_arithmetic, "
-                                                "ties, dare_linear, dare_ties)")
+    from dfs_merge.merging.methods import METHODS
+
+    s = sub.add_parser("import-mergekit", help="turn a mergekit config into a genome (passthrough) or a recipe "
+                                                f"({', '.join(METHODS)})")
     s.add_argument("config")
     s.add_argument("--out", required=True)
     s.add_argument("--repeats", type=int)

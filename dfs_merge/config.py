@@ -22,40 +22,9 @@ from pydantic import (
 )
 
 from dfs_merge.errors import ConfigError, DfsMergeError, FitnessError
-from dfs_merge.inputs import read_yaml
-
-
-def describe_validation_error(err: ValidationError) -> str:
-    """One line naming the first offending field and what is wrong with it."""
-    first = err.errors()[0]
-    where = ".".join(_loc_part(p) for p in first["loc"]) or "(top level)"
-    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    msg = " ".join(first["msg"].split())
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{where}: {msg}{extra}"
-
-
-def _loc_part(p: int | str) -> str:
-    """A key as named in a message: quoted when it is unprintable (a newline would break the line), cut when long."""
-    text = str(p) if str(p).isprintable() and str(p) else repr(p)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class ConstraintsConfig(BaseModel):
-    """Limits on the routes a genome may decode to."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pin_ends: bool = True
-    min_hops: int = Field(1, ge=1)
-    max_hops: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> ConstraintsConfig:
-        if self.max_hops is not None and self.max_hops < self.min_hops:
-            raise ValueError(f"max_hops ({self.max_hops}) is below min_hops ({self.min_hops})")
-        return self
+from dfs_merge.genome import ConstraintsConfig
+from dfs_merge.inputs import describe_validation_error, read_yaml
+from dfs_merge.registry import ALGORITHMS, TRACKERS
 
 
 class MergeConfig(BaseModel):
@@ -64,7 +33,7 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+    method: str  # a name in dfs_merge.merging.methods.METHODS
     base: int | None = Field(0, ge=0)  # the source whose deltas the others are taken against
     layer_groups: int = Field(1, ge=1)  # mergekit-evolve's layer granularity, as a number of groups
     weight_range: tuple[float, float] = (0.0, 1.0)
@@ -85,6 +54,15 @@ class MergeConfig(BaseModel):
         if not (0 < lo <= hi <= 1):
             raise ValueError(f"density_range must satisfy 0 < low <= high <= 1, got {list(self.density_range)}")
         return self
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from dfs_merge.merging.methods import METHODS, unknown_method  # torch-free: the registry only
+
+        if v not in METHODS:
+            raise ValueError(unknown_method(v))
+        return v
 
 
 class RacingConfig(BaseModel):
@@ -146,7 +124,9 @@ class SearchConfig(BaseModel):
     prefix_cache_mb: float = Field(0, ge=0)
 
     objectives: list[Literal["score", "hops"]] = ["score"]
-    algorithm: str = "ga"  # a name in dfs_merge.search.algorithms.ALGORITHMS: ga | nsga2 | cmaes | random
+    # a name in dfs_merge.registry.ALGORITHMS: ga | nsga2 | cmaes | random (the objectives an algorithm needs are
+    # checked when the run starts: `Algorithm.check`)
+    algorithm: str = "ga"
     population: int = Field(16, ge=2)
     seed: int = Field(0, ge=0, lt=2**32)  # numpy's RandomState takes no other seed
     crossover_prob: float = Field(0.7, ge=0, le=1)
@@ -188,7 +168,7 @@ class RunOptions(BaseModel):
     # times; then it is lost for this generation ("infrastructure: ..."), never scored nor logged as evaluated.
     infrastructure_retries: int = Field(2, ge=0)
     threads: int | None = Field(None, ge=1)
-    # An experiment tracker (dfs_merge.search.tracking.TRACKERS: wandb | mlflow): each evaluation, each generation's
+    # An experiment tracker (dfs_merge.registry.TRACKERS: wandb | mlflow): each evaluation, each generation's
     # summary, the best genome. One that cannot start stops the run, unless tracking_optional (then: a warning).
     tracking: str | None = None
     tracking_project: str | None = None  # W&B project / MLflow experiment (default dfs-merge)
@@ -212,8 +192,6 @@ class RunConfig(RunOptions, SearchConfig):
     @field_validator("algorithm")
     @classmethod
     def _registered(cls, v: str) -> str:
-        from dfs_merge.search.algorithms import ALGORITHMS
-
         if v not in ALGORITHMS:
             raise ValueError(ALGORITHMS.unknown(v))
         return v
@@ -221,21 +199,18 @@ class RunConfig(RunOptions, SearchConfig):
     @field_validator("tracking")
     @classmethod
     def _tracker(cls, v: str | None) -> str | None:
-        from dfs_merge.search.tracking import TRACKERS
-
         if v is not None and v not in TRACKERS:
             raise ValueError(TRACKERS.unknown(v))
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        from dfs_merge.search.algorithms import algorithm_class
-
-        algorithm_class(self.algorithm).check(self.objectives)
         if self.merge is not None:
             if self.merge.base is not None and self.merge.base >= len(self.sources):
                 raise ValueError(f"merge.base: {self.merge.base} is not a source index (0..{len(self.sources) - 1})")
-            if self.merge.base is None and self.merge.method != "linear":
+            from dfs_merge.merging.methods import METHODS
+
+            if self.merge.base is None and METHODS[self.merge.method].needs_base:
                 raise ValueError(f"merge.base: method {self.merge.method} needs a base model (a source index)")
             if self.seed_routes:
                 raise ValueError("seed_routes: data-flow routes cannot seed a parameter-space search (merge:)")

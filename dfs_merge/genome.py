@@ -1,4 +1,4 @@
-"""The paper's data-flow genome, its YAML file format, and decoding it into a `Route`.
+"""The paper's data-flow genome and decoding it into a `Route` (its file format: `genome_files`).
 
 Layout: the decoder layers of all sources in a fixed order (all of
 source 0's layers, then source 1's, ...), repeated `repeats` times, give T = M x r
@@ -10,40 +10,42 @@ yields one scale per hop.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dfs_merge.atomic import write_atomic
-from dfs_merge.config import ConstraintsConfig, describe_validation_error
 from dfs_merge.errors import GenomeError
-from dfs_merge.inputs import NoAliasDumper, read_yaml
+from dfs_merge.route import Hop, Route
 
-FORMAT = "dfs-merge/genome@1"
-RECIPE_FORMAT = "dfs-merge/recipe@1"
-"""A parameter-space recipe's file format (`dfs_merge.merging.recipe`); its files load through `load_genome` too."""
 Scaling = Literal["slot", "transition", "none"]
-MAX_SLOTS = 2**16
-"""The most slots (layers x repeats) and hops a genome may have: far above any model, low enough to allocate."""
 MAX_SCALES = 2**20
 """The most scales a genome may hold (a `transition` genome over M layers holds M x M)."""
-Scale = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-"""A hop scale as read from a file: finite and positive (0 would divide the folded export, NaN poison it)."""
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """The dtypes a genome's `dtype` / `out_dtype` may name (mergekit's names)."""
-DtypeName = Literal["float32", "bfloat16", "float16"]
 CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral", "auto")
 """The `chat_template` names mergekit 0.1.5 knows (its bundled templates, and `auto`: the sources' most common
 template); any other value must be Jinja text."""
 SETTINGS = ("embed_source", "head_source", "tokenizer_source", "dtype", "out_dtype", "chat_template")
 """The genome fields besides the route: where embeddings, head and tokenizer come from, and mergekit's settings."""
+
+
+class ConstraintsConfig(BaseModel):
+    """Limits on the routes a genome may decode to (config `constraints:`, saved in every genome file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pin_ends: bool = True
+    min_hops: int = Field(1, ge=1)
+    max_hops: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ConstraintsConfig:
+        if self.max_hops is not None and self.max_hops < self.min_hops:
+            raise ValueError(f"max_hops ({self.max_hops}) is below min_hops ({self.min_hops})")
+        return self
 
 
 def check_chat_template(value: str) -> None:
@@ -73,86 +75,6 @@ def check_scales(scales: Sequence[float], what: str = "scales") -> None:
     for i, x in enumerate(scales):
         if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
             raise GenomeError(f"{what}[{i}]: {x!r} is not a finite positive number (scales must be finite and > 0)")
-
-
-@dataclass(frozen=True)
-class Hop:
-    """One step of a route: the hidden state, multiplied by `scale`, goes through `layer` of `source`."""
-
-    source: int
-    layer: int
-    scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class Route:
-    """The ordered hops a hidden state takes from the embeddings (of source `embed_source`) to the final norm
-    and LM head (of source `head_source`)."""
-
-    hops: tuple[Hop, ...]
-    embed_source: int = 0
-    head_source: int = 0
-
-    def __len__(self) -> int:
-        return len(self.hops)
-
-    def __iter__(self) -> Iterator[Hop]:
-        return iter(self.hops)
-
-    def __getitem__(self, i: int) -> Hop:
-        return self.hops[i]
-
-    @property
-    def scales(self) -> list[float]:
-        return [h.scale for h in self.hops]
-
-    def text(self) -> str:
-        """Readable form: runs of consecutive layers of one source, e.g. `0:0-19, 0:10-29`."""
-        parts = []
-        for source, start, end in self.runs():
-            parts.append(f"{source}:{start}" if start == end else f"{source}:{start}-{end}")
-        return ", ".join(parts)
-
-    def runs(self) -> list[tuple[int, int, int]]:
-        """(source, first layer, last layer) for each run of consecutive layers of one source."""
-        runs: list[list[int]] = []
-        for h in self.hops:
-            if runs and runs[-1][0] == h.source and runs[-1][2] + 1 == h.layer:
-                runs[-1][2] = h.layer
-            else:
-                runs.append([h.source, h.layer, h.layer])
-        return [tuple(r) for r in runs]  # type: ignore[misc]
-
-    def key(self) -> str:
-        """Canonical key: equal for any two genomes that decode to the same hops and scales (and embeddings and
-        head sources; the base's, 0, leave the key as it was before they could be chosen)."""
-        text = ",".join(f"{h.source}:{h.layer}@{h.scale:.6g}" for h in self.hops)
-        if self.embed_source or self.head_source:
-            text += f"|embed {self.embed_source}|head {self.head_source}"
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-    @classmethod
-    def parse(cls, text: str, scales: Sequence[float] | None = None) -> Route:
-        """Parse the readable form (`0:0-19, 1:10-29`); `scales` gives one value per hop (default 1)."""
-        hops: list[tuple[int, int]] = []
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            m = re.fullmatch(r"([0-9]+)\s*:\s*([0-9]+)(?:\s*-\s*([0-9]+))?", part)
-            shown = part if len(part) <= 40 else part[:37] + "..."
-            if not m:
-                raise GenomeError(f"route: cannot read {shown!r}; expected SOURCE:FIRST-LAST such as 0:0-19")
-            if any(g is not None and len(g) > 6 for g in m.groups()):  # int() of 5,000 digits raises
-                raise GenomeError(f"route: {shown!r} names a source or layer beyond 999999")
-            src, first = int(m.group(1)), int(m.group(2))
-            last = int(m.group(3)) if m.group(3) is not None else first
-            if len(hops) + abs(last - first) + 1 > MAX_SLOTS:
-                raise GenomeError(f"route: more than {MAX_SLOTS} hops")
-            step = 1 if last >= first else -1
-            hops.extend((src, layer) for layer in range(first, last + step, step))
-        if scales is None:
-            scales = [1.0] * len(hops)
-        if len(scales) != len(hops):
-            raise GenomeError(f"hop_scales: expected {len(hops)} values (one per hop), got {len(scales)}")
-        return cls(tuple(Hop(s, layer, float(x)) for (s, layer), x in zip(hops, scales, strict=True)))
 
 
 @dataclass(frozen=True)
@@ -407,145 +329,3 @@ def seed_genomes(template: Genome, routes: Sequence[str] = ()) -> list[Genome]:
         seeds.append(replace(g, **template.settings()))
     unique = {g.key(): g for g in reversed(seeds)}  # a route given twice (or equal to a source) seeds once
     return [g for g in seeds if unique.get(g.key()) is g]
-
-
-# ---- the file format ----------------------------------------------------------------
-class SourceEntry(BaseModel):
-    """One source as a genome or recipe file lists it: its path, layer count and (where known) fingerprint."""
-
-    model_config = ConfigDict(extra="forbid")
-    path: str
-    layers: int = Field(ge=1)
-    fingerprint: str | None = None
-
-
-class _GenomeFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    format: Literal["dfs-merge/genome@1"]
-    sources: list[SourceEntry] = Field(min_length=1)
-    repeats: int = Field(1, ge=1)
-    scaling: Scaling = "slot"
-    constraints: ConstraintsConfig = ConstraintsConfig()
-    route: str | None = None
-    hops: int | None = None
-    hop_scales: list[Scale] | None = None
-    bits: str | list[str] | None = None
-    scales: list[Scale] | list[list[Scale]] | None = None
-    embed_source: Annotated[StrictInt, Field(ge=0)] = 0
-    head_source: Annotated[StrictInt, Field(ge=0)] = 0
-    tokenizer_source: Annotated[StrictInt, Field(ge=0)] = 0
-    dtype: DtypeName | None = None
-    out_dtype: DtypeName | None = None
-    chat_template: str | None = None
-    scores: dict[str, Any] = {}
-
-
-def genome_from_dict(data: dict[str, Any], where: str = "genome") -> Genome:
-    """Validate a genome mapping (as read from YAML) and build the Genome (or, for a `dfs-merge/recipe@1`
-    mapping, the parameter-space `Recipe`); errors name the field."""
-    if "format" not in data:
-        raise GenomeError(f"{where}: not a dfs-merge genome (no 'format: {FORMAT}' key)")
-    if data.get("format") == RECIPE_FORMAT:
-        from dfs_merge.merging.recipe import recipe_from_dict
-
-        return recipe_from_dict(data, where)  # type: ignore[return-value]
-    try:
-        f = _GenomeFile.model_validate(data)
-    except ValidationError as err:
-        raise GenomeError(f"{where}: {describe_validation_error(err)}") from None
-    sources = [s.path for s in f.sources]
-    layers = [s.layers for s in f.sources]
-    m = sum(layers)  # checked before anything of this size is allocated
-    if m * f.repeats > MAX_SLOTS:
-        raise GenomeError(f"{where}: {m} layers x {f.repeats} repeats is {m * f.repeats} slots, "
-                          f"more than the {MAX_SLOTS} a genome may have")
-    if f.scaling == "transition" and m * m > MAX_SCALES:
-        raise GenomeError(f"{where}: scaling 'transition' over {m} layers needs {m * m} scales, "
-                          f"more than the {MAX_SCALES} a genome may have")
-    settings = {name: getattr(f, name) for name in SETTINGS}
-    try:
-        if f.bits is None:
-            if f.route is None:
-                raise GenomeError("needs either 'bits' or 'route'")
-            route = Route.parse(f.route, f.hop_scales)
-            route = replace(route, embed_source=f.embed_source, head_source=f.head_source)
-            g = Genome.from_route(route, sources, layers, f.repeats, f.scaling, f.constraints)
-        else:
-            text = "".join(f.bits) if isinstance(f.bits, list) else f.bits
-            text = re.sub(r"\s", "", text)
-            if set(text) - {"0", "1"}:
-                raise GenomeError("bits: only 0 and 1 are allowed")
-            scales = f.scales or []
-            flat = [float(x) for row in scales for x in (row if isinstance(row, list) else [row])]
-            if f.scaling != "none" and not scales:
-                n = SlotLayout(tuple(layers), f.repeats)
-                flat = [1.0] * (n.T if f.scaling == "slot" else n.M**2)
-            g = Genome(tuple(sources), SlotLayout(tuple(layers), f.repeats), tuple(int(c) for c in text),
-                       f.scaling, tuple(flat), f.constraints, embed_source=f.embed_source, head_source=f.head_source)
-            g.check()
-            if f.route is not None and Route.parse(f.route).text() != g.decode().text():
-                raise GenomeError(f"route: {f.route!r} does not match the bits, which decode to {g.decode().text()!r}")
-        g = replace(g, **settings)
-        g.check()
-    except GenomeError as err:
-        raise GenomeError(f"{where}: {err}") from None
-    fingerprints = tuple(s.fingerprint for s in f.sources)
-    return replace(g, scores=dict(f.scores), fingerprints=fingerprints if any(fingerprints) else ())
-
-
-def genome_to_dict(g: Genome) -> dict[str, Any]:
-    """The YAML mapping of a genome: bits and scales in one row per (repetition, source) block (a recipe's
-    own mapping for a `Recipe`)."""
-    if not isinstance(g, Genome):
-        from dfs_merge.merging.recipe import recipe_to_dict
-
-        return recipe_to_dict(g)
-    route = g.decode()
-    blocks = g.layout.blocks()
-    data: dict[str, Any] = {
-        "format": FORMAT,
-        "sources": [{"path": p, "layers": n, **({"fingerprint": fp} if fp else {})}
-                    for p, n, fp in zip(g.sources, g.layout.layers, g.fingerprints or [None] * len(g.sources),
-                                        strict=True)],
-        **g.settings(),  # only those other than the defaults: older files and their keys stay as they were
-        "repeats": g.layout.repeats,
-        "scaling": g.scaling,
-        "constraints": g.constraints.model_dump(),
-        "route": route.text(),
-        "hops": len(route),
-        "hop_scales": [float(f"{x:.6g}") for x in route.scales],  # 6 digits, not 6 decimals: 1e-7 stays > 0
-        "bits": ["".join(map(str, g.bits[start : start + n])) for _, _, start, n in blocks],
-    }
-    if g.scaling == "slot":
-        data["scales"] = [list(g.scales[start : start + n]) for _, _, start, n in blocks]
-    elif g.scaling == "transition":
-        m = g.layout.M
-        data["scales"] = [list(g.scales[i * m : (i + 1) * m]) for i in range(m)]
-    if g.scores:
-        data["scores"] = g.scores
-    return data
-
-
-class _FlowLists(NoAliasDumper):
-    """Dumper that writes lists of numbers on one line, keeping genome files readable (and no aliases,
-    which `read_yaml` refuses)."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(isinstance(x, (int, float)) for x in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_FlowLists.add_representer(list, _represent_list)
-
-
-def save_genome(g: Genome, path: str | Path) -> None:
-    """Write a genome file atomically."""
-    text = yaml.dump(genome_to_dict(g), Dumper=_FlowLists, sort_keys=False, width=200)
-    write_atomic(path, text)
-
-
-def load_genome(path: str | Path) -> Genome:
-    """Read and validate a genome file; any problem is a GenomeError naming the file and the field."""
-    label = str(path) if str(path).isprintable() else repr(str(path))  # a newline in the name would break the line
-    return genome_from_dict(read_yaml(path, GenomeError), label)

@@ -5,6 +5,7 @@ file, a folder, an unreadable or oversized file and bytes that are not UTF-8 int
 file, raised as the caller's `DfsMergeError` subclass. `read_yaml` and `read_json` build on it:
 `read_yaml` loads safely (no Python objects) and refuses YAML aliases before any object is built, so a
 "billion laughs" file is refused at once instead of filling memory; `read_json` reads one JSON value.
+`describe_validation_error` is the one line of a mapping that its pydantic model refused (a config, a genome).
 
 `NoAliasDumper` is the counterpart for what the project writes: YAML without anchors or aliases, so
 that every file it writes, `read_yaml` reads back.
@@ -17,11 +18,14 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dfs_merge.errors import ConfigError, DfsMergeError, one_line
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 MAX_BYTES = 16 * 2**20
 """The largest file `read_text` reads (16 MB): configs and genomes are a few kB, checkpoints a few MB."""
@@ -180,3 +184,20 @@ def read_json(path: str | Path, error: _ErrorClass = ConfigError, *, what: str |
         raise error(f"{file_label(path, what)}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
         raise error(f"{file_label(path, what)}: not valid JSON (nested too deeply)") from None
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line naming the first offending field and what is wrong with it."""
+    first = err.errors()[0]
+    where = ".".join(_loc_part(p) for p in first["loc"]) or "(top level)"
+    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    msg = " ".join(first["msg"].split())
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{where}: {msg}{extra}"
+
+
+def _loc_part(p: int | str) -> str:
+    """A key as named in a message: quoted when it is unprintable (a newline would break the line), cut when long."""
+    text = str(p) if str(p).isprintable() and str(p) else repr(p)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -136,7 +136,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
 
 def _genome(data: Any, where: str) -> Any:
     """A genome or recipe from its mapping, or None when it is not one."""
-    from dfs_merge.genome import genome_from_dict
+    from dfs_merge.genome_files import genome_from_dict
 
     if not isinstance(data, dict):
         return None

@@ -23,8 +23,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dfs_merge.errors import GenomeError
-from dfs_merge.genome import Route
 from dfs_merge.models.sources import SourcePool, ties_embeddings
+from dfs_merge.route import Route
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 

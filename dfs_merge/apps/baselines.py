@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from dfs_merge.errors import ConfigError, FitnessError
-from dfs_merge.genome import Hop, Route
 from dfs_merge.inputs import read_lines
 from dfs_merge.models.sources import SourcePool
+from dfs_merge.route import Hop, Route
 
 
 @dataclass

@@ -14,7 +14,8 @@ from dfs_merge.config import RunConfig
 from dfs_merge.errors import GenomeError
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.fitness.score import Fitness
-from dfs_merge.genome import Genome, Hop, Route, load_genome
+from dfs_merge.genome import Genome, Hop, Route
+from dfs_merge.genome_files import load_genome
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.metadata import check_same_sources
 from dfs_merge.models.sources import SourcePool

@@ -18,18 +18,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dfs_merge import CHECKOUT
+from dfs_merge import bundled
 from dfs_merge.atomic import write_atomic
 from dfs_merge.candidate import CandidateScorer
 from dfs_merge.config import RunConfig, load_config
 from dfs_merge.evaluation import Evaluation
-from dfs_merge.genome import Hop, Route
+from dfs_merge.route import Hop, Route
 from dfs_merge.search.evolution import run_evolution
 
-CONFIG = CHECKOUT / "genomes" / "family.yaml"
+CONFIG = bundled.genomes_dir() / "family.yaml"
 PS_CONFIGS = {  # row -> config, run in this order (the hybrid's source 0 is the first one's best recipe)
-    "evolved PS (task arithmetic per layer group, CMA-ES)": CHECKOUT / "genomes" / "family_ps.yaml",
-    "evolved hybrid: DFS over (evolved PS, J)": CHECKOUT / "genomes" / "family_hybrid.yaml",
+    "evolved PS (task arithmetic per layer group, CMA-ES)": bundled.genomes_dir() / "family_ps.yaml",
+    "evolved hybrid: DFS over (evolved PS, J)": bundled.genomes_dir() / "family_hybrid.yaml",
 }
 FRANKENMERGE = "0:0-14, 1:15-29"  # J's lower half, M's upper half
 COLUMNS = {  # column -> (test task, scale): accuracies in %, bits per byte as they are
@@ -107,7 +107,7 @@ def run_family_study(config: str | Path = CONFIG, log: Callable[[str], Any] = pr
         route = best.decode()
         scaled = " (scaled)" if any(h.scale != 1.0 for h in route) else ""
         rows[label] = (score(route), len(route), route.text() + scaled)
-    chance = 100.0 * majority(CHECKOUT / "eval_suites" / "data" / "zoo_arith_j_test.jsonl")
+    chance = 100.0 * majority(bundled.suites_dir() / "data" / "zoo_arith_j_test.jsonl")
     text = table(rows, chance)
     data = {"config": str(config), "seed": cfg.seed, "seconds": round(time.perf_counter() - started, 1),
             "evaluations": {label: r.evaluations for label, r in results.items()}, "majority_j_arith": chance,

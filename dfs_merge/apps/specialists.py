@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dfs_merge import CHECKOUT
+from dfs_merge import bundled
 from dfs_merge.apps.zoo import world
 
 BASE = "smollm2-135m-instruct"
-FAMILY_DIR = CHECKOUT / "models" / "family"
-SUITE_DIR = CHECKOUT / "eval_suites"
+FAMILY_DIR = bundled.models_dir() / "family"
+SUITE_DIR = bundled.suites_dir()
 LAYERS = 30
 BOTTOM, MIDDLE, TOP = list(range(0, 8)), list(range(8, 22)), list(range(22, 30))
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -42,7 +42,8 @@ from dfs_merge.config import load_config
 from dfs_merge.errors import ConfigError, GenomeError
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.fitness.score import Fitness
-from dfs_merge.genome import Genome, Route, genome_from_dict, seed_genomes
+from dfs_merge.genome import Genome, Route, seed_genomes
+from dfs_merge.genome_files import genome_from_dict
 from dfs_merge.models.metadata import layer_counts
 from dfs_merge.models.sources import SourcePool
 from dfs_merge.outputs import check_output

@@ -1,10 +1,13 @@
-"""Export: a genome as a plain Hugging Face checkpoint (scales folded, verified) or a mergekit config.
+"""Export: a genome as a plain Hugging Face checkpoint (scales folded, verified), a GGUF file or a mergekit config.
 
-`checkpoint` orchestrates an export and writes its side files; `providers` reads the sources' tensors (from
-memory, or streamed from their safetensors files); `tensors` plans, folds and streams the weights; `verify`
-checks the written folder (its tensors, its logits against the stitched model); `card` writes its README.md;
-`mergekit` writes and reads mergekit passthrough configs of the same route; `gguf` writes the same model as one
-GGUF file (F32, F16, BF16, Q8_0) for llama.cpp, checked through transformers' GGUF loader.
+`formats` is the table of `dfs-merge export --format`s, each a module with a `precheck` and a `write`.
+`checkpoint` orchestrates an HF export and writes its side files; `settings` reads a genome's export settings
+and its chat template; `progress` shows the stages; `pool` checks the loaded sources (and merges a recipe's);
+`providers` reads the sources' tensors (from memory, or streamed from their safetensors files); `tensors`
+plans, folds and streams the weights; `verify` checks the written folder (its tensors, its logits against the
+stitched model); `card` writes its README.md; `mergekit` writes and reads mergekit configs (a route as a
+passthrough, a recipe as its method's); `gguf` writes the same model as one GGUF file (F32, F16, BF16, Q8_0)
+for llama.cpp, checked through transformers' GGUF loader.
 """
 
 from dfs_merge import lazy_exports

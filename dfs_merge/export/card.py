@@ -23,13 +23,14 @@ import yaml
 
 import dfs_merge
 from dfs_merge.export.tensors import running_products
-from dfs_merge.genome import Genome, Route
+from dfs_merge.genome import Genome
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.adapters import split_source
 from dfs_merge.models.metadata import source_license, source_name
+from dfs_merge.route import Route
 
 if TYPE_CHECKING:
-    from dfs_merge.export.checkpoint import Settings
+    from dfs_merge.export.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ values); the tokenizer and config are source 0's.
 ```"""
 
 
-def _dtype_name(dtype: torch.dtype | None) -> str:
+def _dtype_text(dtype: torch.dtype | None) -> str:
     return str(dtype).replace("torch.", "") if dtype is not None else "as the sources store them"
 
 
@@ -123,8 +124,8 @@ def _settings_text(route: Route, settings: Settings | None, written: torch.dtype
     lines = [
         f"- embeddings: source {embed}; final norm and LM head: source {head}; tokenizer: source {tok}; config: "
         "source 0",
-        f"- merge computed in: {_dtype_name(settings.dtype if settings else None)}; written in: "
-        f"{_dtype_name(written)}",
+        f"- merge computed in: {_dtype_text(settings.dtype if settings else None)}; written in: "
+        f"{_dtype_text(written)}",
     ]
     if template:
         lines.append(f"- chat template: {template}")

@@ -11,31 +11,30 @@ embeddings and head sources (the route's), the tokenizer source, `dtype` (the me
 (the written one), the chat template. Everything goes into a staging folder beside the target
 (`dfs_merge.atomic.Staging`), is verified there (`verify`: tensors read back, logits, or in full the
 generations too), gets its model card (`card`), and is renamed into place only when complete: a killed
-or failed export never leaves a half folder under the target's name.
+or failed export never leaves a half folder under the target's name. The genome's settings and chat
+template are `settings`'; the stage lines and bar, `progress`; the pool's checks, `pool`. `precheck` and
+`write` are the `hf` export format (`dfs_merge.export.formats`).
 
 mergekit passthrough configs of the same route, out and in: `dfs_merge.export.mergekit`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import shutil
-import sys
-import time
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dfs_merge.atomic import Staging
-from dfs_merge.errors import ExportError, SourceError
+from dfs_merge.errors import ExportError
 from dfs_merge.export.card import CardSource, card_sources, model_card
+from dfs_merge.export.pool import check_layers, check_pool, written_pool
+from dfs_merge.export.progress import Progress
 from dfs_merge.export.providers import (
     INDEX_NAME,
     WEIGHTS_NAME,
@@ -44,6 +43,7 @@ from dfs_merge.export.providers import (
     TensorProvider,
     safetensors_files,
 )
+from dfs_merge.export.settings import Settings, chat_template_text, export_settings, write_chat_template
 from dfs_merge.export.tensors import (
     Entry,
     FoldedLayers,
@@ -66,18 +66,22 @@ from dfs_merge.export.verify import (
     verify_export,
     verify_tolerance,
 )
-from dfs_merge.genome import Genome, Route, save_genome
-from dfs_merge.merging.blend import merged_pool
+from dfs_merge.genome import Genome
+from dfs_merge.genome_files import is_recipe_file, save_genome
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.adapters import split_source
 from dfs_merge.models.metadata import check_same_sources
 from dfs_merge.models.sources import DTYPES, SourcePool, check_compatible, locate, read_config
 from dfs_merge.outputs import check_output
+from dfs_merge.route import Route
+
+if TYPE_CHECKING:
+    from dfs_merge.export.formats import ExportOptions
 
 __all__ = [
-    "GENOME_FILE", "INDEX_NAME", "TOKENIZER_FILES", "WEIGHTS_NAME", "ExportInputs", "Progress", "Settings",
-    "VerifyResult", "export_checkpoint", "export_config", "export_genome", "export_settings", "parse_size",
-    "running_products", "stream_folders", "verify_export", "verify_mode",
+    "GENOME_FILE", "INDEX_NAME", "TOKENIZER_FILES", "WEIGHTS_NAME", "ExportInputs", "VerifyResult",
+    "export_checkpoint", "export_config", "export_genome", "parse_size", "precheck", "running_products",
+    "stream_folders", "verify_export", "verify_mode", "write",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,32 +102,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-
-class Progress:
-    """Short stage lines on stderr (`export: loading 2 sources ...`, then `export: loaded 2 sources (3.1 s)`)
-    and a bar over the tensors being written, when `on`; silent otherwise (library calls, tests)."""
-
-    def __init__(self, on: bool = False):
-        self.on = on
-
-    def say(self, text: str) -> None:
-        if self.on:
-            print(f"export: {text}", file=sys.stderr, flush=True)
-
-    @contextlib.contextmanager
-    def stage(self, doing: str, done: str) -> Iterator[None]:
-        """`doing ...` before the block, `done (seconds)` after it (nothing when it raises)."""
-        self.say(f"{doing} ...")
-        t0 = time.perf_counter()
-        yield
-        self.say(f"{done} ({time.perf_counter() - t0:.1f} s)")
-
-    def bar(self, total: int, unit: str) -> Any:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc="writing", unit=unit, disable=not self.on, leave=False, file=sys.stderr,
-                    dynamic_ncols=True)
 
 
 def export_checkpoint(
@@ -150,15 +128,12 @@ def export_checkpoint(
     a bar to stderr (the CLI's; off for library calls). `export_genome` streams from the sources' files
     instead of a pool.
     """
-    show = progress if isinstance(progress, Progress) else Progress(bool(progress))
+    show = Progress.of(progress)
     mode = verify_mode(verify)
     settings = export_settings(genome, dtype)
     route = genome.check()
-    _check_pool(pool, genome)
-    written = pool  # whose route is written: the sources, or for a recipe its merge as the one source
-    if isinstance(genome, Recipe):
-        with show.stage(f"merging ({genome.method}, {genome.layer_groups} layer groups)", "merged"):
-            written = merged_pool(genome, pool)
+    check_pool(pool, genome)
+    written = written_pool(pool, genome, show)
     out = check_output(out, kind="folder", force=force, inputs=[*genome.sources, *pool.paths], error=ExportError,
                        what=None, force_hint="force=True (--force)")
     limit = parse_size(max_shard_size)
@@ -184,24 +159,33 @@ def export_genome(genome: Genome, out: str | Path, *, device: str = "cpu", dtype
     loaded whole, in the genome's `dtype` (else the written one, else the base's stored one), and written
     by `export_checkpoint`. Missing sources are a SourceError.
     """
-    show = progress if isinstance(progress, Progress) else Progress(bool(progress))
+    show = Progress.of(progress)
     folders = stream_folders(genome)
     if folders is not None:
         return _export_streamed(genome, folders, out, device=device, dtype=dtype, show=show, **kwargs)
     name = (getattr(genome, "dtype", None) or dtype or getattr(genome, "out_dtype", None)
             or stored_dtype(locate(genome.sources[0])) or "float32")
-    n = len(genome.sources)
-    with show.stage(f"loading {n} source{'s' if n != 1 else ''} on {device} ({name})",
-                    f"loaded {n} source{'s' if n != 1 else ''}"):
+    with show.loading(len(genome.sources), device, name):
         pool = SourcePool.load(list(genome.sources), device=device, dtype=name)
     return export_checkpoint(pool, genome, out, dtype=dtype, progress=show, **kwargs)
+
+
+def precheck(genome: Genome, options: ExportOptions) -> None:
+    """`dfs-merge export --format hf`, before any source is loaded: the shard size and the genome's settings."""
+    parse_size(options.max_shard_size or "2GB")
+    export_settings(genome, options.dtype)
+
+
+def write(genome: Genome, out: Path, options: ExportOptions, progress: Progress) -> Path:
+    """`dfs-merge export --format hf`: `export_genome` with the command's options."""
+    return export_genome(genome, out, device=options.device, dtype=options.dtype, force=options.force,
+                         verify=options.verify, max_shard_size=options.max_shard_size or "2GB",
+                         copy_tokenizer=options.copy_tokenizer, progress=progress)
 
 
 def stream_folders(genome: Genome) -> list[Path] | None:
     """Each source's local folder where an export can stream all of them from safetensors files; None for a
     recipe (merged in memory), a `BASE+ADAPTER` or recipe-file source, or a folder without safetensors."""
-    from dfs_merge.merging.recipe import is_recipe_file
-
     if isinstance(genome, Recipe) or any(split_source(p)[1] is not None or is_recipe_file(p) for p in genome.sources):
         return None
     folders = [locate(p) for p in genome.sources]
@@ -234,7 +218,7 @@ def _export_streamed(genome: Genome, folders: list[Path], out: str | Path, *, de
         read.setdefault(f.resolve(), read_config(f))
     pairs = [read[f.resolve()] for f in folders]
     check_compatible(pairs, _tokenizers_if_differ(folders))
-    _check_layers(tuple(int(c.num_hidden_layers) for c, _ in pairs), genome)
+    check_layers(tuple(int(c.num_hidden_layers) for c, _ in pairs), genome)
     if any(genome.fingerprints):
         check_same_sources(genome.sources, genome.fingerprints, list(genome.sources))
     configs = [c for c, _ in pairs]
@@ -260,9 +244,9 @@ def _tokenizers_if_differ(folders: list[Path]) -> list[Any] | None:
 
     if len(distinct) == 1 or len({files(f) for f in distinct}) == 1:
         return None
-    from dfs_merge.models.sources import _load_tokenizer
+    from dfs_merge.models.sources import load_tokenizer
 
-    loaded = {f: _load_tokenizer(f, False) for f in distinct}
+    loaded = {f: load_tokenizer(f, False) for f in distinct}
     return [loaded[f.resolve()] for f in folders]
 
 
@@ -277,30 +261,6 @@ def _architecture(config: Any) -> str:
     if name is None:
         raise ExportError(f"{config.model_type}: transformers has no causal LM class for it")
     return name
-
-
-@dataclass(frozen=True)
-class Settings:
-    """A genome's settings for its export: the tokenizer's source, the dtypes, the chat template."""
-
-    tokenizer_source: int = 0
-    dtype: torch.dtype | None = None  # what the merge computes in (mergekit's `dtype`); None: as held
-    out_dtype: torch.dtype | None = None  # as written; None: as `dtype`, else as the sources hold them
-    chat_template: str | None = None
-
-
-def export_settings(genome: Genome, dtype: str | None = None) -> Settings:
-    """The settings of `genome` (read so that a genome without them gets the defaults); `dtype` overrides its
-    `out_dtype` (the CLI's `--dtype`)."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    compute = getattr(genome, "dtype", None)
-    written = dtype or getattr(genome, "out_dtype", None) or compute
-    tok = int(getattr(genome, "tokenizer_source", 0) or 0)
-    if not 0 <= tok < len(genome.sources):
-        raise ExportError(f"tokenizer_source {tok} names no source (there are {len(genome.sources)})")
-    return Settings(tok, DTYPES[compute] if compute else None, DTYPES[written] if written else None,
-                    getattr(genome, "chat_template", None))
 
 
 def verify_mode(verify: bool | str) -> str:
@@ -354,25 +314,9 @@ def _appeared(out: Path) -> ExportError:
     return ExportError(f"{out}: appeared while exporting; pass force=True (--force) to replace it")
 
 
-def _check_pool(pool: SourcePool, genome: Genome) -> None:
-    """The pool must hold the genome's sources: same number, same layer counts, the same weights."""
-    _check_layers(pool.layers_per_source, genome)
-    check_same_sources(genome.sources, genome.fingerprints, pool.paths)
-
-
-def _check_layers(have: tuple[int, ...], genome: Genome) -> None:
-    want = genome.source_layers
-    if have != want:
-        raise SourceError(
-            f"the loaded sources ({len(have)} with layers {list(have)}) are not the genome's "
-            f"({len(want)} with layers {list(want)}: {', '.join(genome.sources)})"
-        )
-
-
 def _write_weights(tensors: TensorProvider, route: Route, entries: list[Entry], folder: Path, limit: int,
-                   show: Progress | None = None, dtype: torch.dtype | None = None) -> None:
+                   show: Progress, dtype: torch.dtype | None = None) -> None:
     """The safetensors shards (and index), streamed from the provider: one folded layer is held at a time."""
-    show = show or Progress()
     groups = shards(entries, limit)
     feed = FoldedLayers(tensors, route, running_products(route), dtype)
     n = len(groups)
@@ -479,9 +423,7 @@ def _verify(inputs: ExportInputs, route: Route, entries: list[Entry], folder: Pa
     coarse = coarsest(settings.dtype, written, ref_dtype)
 
     def load() -> SourcePool:
-        k = len(inputs.paths)
-        with show.stage(f"loading {k} source{'s' if k != 1 else ''} on {inputs.device} ({ref_name}) to compare",
-                        f"loaded {k} source{'s' if k != 1 else ''}"):
+        with show.loading(len(inputs.paths), inputs.device, ref_name, " to compare"):
             return SourcePool.load(list(inputs.paths), device=inputs.device, dtype=ref_name)
 
     if mode == "quick":
@@ -501,53 +443,3 @@ def _verify(inputs: ExportInputs, route: Route, entries: list[Entry], folder: Pa
     check_verified(result, coarse)
     show.say(f"verify: {result.text()}")
     return f"{checked.text()}; {result.text()}"
-
-
-def chat_template_text(value: str, folders: list[Path | None]) -> str | None:
-    """The Jinja text of a genome's `chat_template`: mergekit's bundled template of that name, `auto` (the
-    sources' most common template; None when none has one), or the text itself."""
-    if value == "auto":
-        found = [t for t in (read_chat_template(f) for f in folders if f is not None) if t]
-        if not found:
-            log.warning("chat_template auto: no source has a chat template; none is written")
-            return None
-        return Counter(found).most_common(1)[0][0]
-    if len(value) < 256 and "\n" not in value and "{" not in value:
-        try:
-            from importlib.resources import files
-
-            return (files("mergekit._data.chat_templates") / f"{value}.jinja").read_text()
-        except ModuleNotFoundError:
-            raise ExportError(f"chat_template {value!r}: a mergekit template name needs mergekit installed "
-                              "(pip install mergekit), or give the template's Jinja text") from None
-        except OSError:
-            raise ExportError(f"chat_template {value!r}: mergekit has no template of that name") from None
-    return value
-
-
-def read_chat_template(folder: Path) -> str | None:
-    """A model folder's chat template: chat_template.jinja, else tokenizer_config.json's or chat_template.json's
-    `chat_template` text; None when it has none."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    for name in ("tokenizer_config.json", "chat_template.json"):
-        try:
-            value = json.loads((folder / name).read_text()).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
-def write_chat_template(folder: Path, text: str) -> None:
-    """Write `text` as the folder's chat template the way transformers 5 saves one (chat_template.jinja), and
-    drop any other copy (chat_template.json, tokenizer_config.json's key) that would compete with it."""
-    (folder / "chat_template.jinja").write_text(text)
-    (folder / "chat_template.json").unlink(missing_ok=True)
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        data = json.loads(config.read_text())
-        if isinstance(data, dict) and "chat_template" in data:
-            del data["chat_template"]
-            config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

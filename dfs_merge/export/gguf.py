@@ -38,19 +38,21 @@ import torch
 
 from dfs_merge.atomic import atomic_path
 from dfs_merge.errors import ExportError, SourceError, one_line
+from dfs_merge.export.pool import check_pool, written_pool
+from dfs_merge.export.progress import Progress
 from dfs_merge.export.tensors import Entry, FoldedLayers, plan_tensors, running_products
 from dfs_merge.export.verify import VERIFY_PROMPTS, VerifyResult, verify_export
-from dfs_merge.genome import Genome, Route, genome_to_dict
-from dfs_merge.merging.blend import merged_pool
-from dfs_merge.merging.recipe import Recipe
-from dfs_merge.models.sources import SourcePool
+from dfs_merge.genome import Genome
+from dfs_merge.genome_files import genome_to_dict
+from dfs_merge.models.sources import SourcePool, locate, read_config
 from dfs_merge.outputs import check_output
+from dfs_merge.route import Route
 
 if TYPE_CHECKING:
-    from dfs_merge.export.checkpoint import Progress
+    from dfs_merge.export.formats import ExportOptions
 
 __all__ = ["ARCHITECTURES", "QUANTS", "ROUND_TRIP_TEXTS", "GgufVerifyResult", "Quant", "check_quant",
-           "export_gguf", "precheck_gguf", "verify_gguf"]
+           "export_gguf", "precheck", "precheck_gguf", "verify_gguf", "write"]
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +130,6 @@ def check_quant(quant: str) -> Quant:
 
 def precheck_gguf(genome: Genome, quant: str) -> None:
     """The checks that need no weights, before any source is loaded: the quantisation, the base's architecture."""
-    from dfs_merge.models.sources import locate, read_config
-
     check_quant(quant)
     try:
         config, _ = read_config(locate(genome.sources[0]))
@@ -154,19 +154,14 @@ def export_gguf(
     loaded back with transformers and checked (`verify_gguf`) before it is renamed into place; a mismatch is
     an ExportError and nothing is left under `out`'s name. Returns `out`.
     """
-    from dfs_merge.export.checkpoint import Progress, _check_pool
-
-    show = progress if isinstance(progress, Progress) else Progress(bool(progress))
+    show = Progress.of(progress)
     q = check_quant(quant)
     route = genome.check()
-    _check_pool(pool, genome)
+    check_pool(pool, genome)
     _check_config(pool.base.model.config)
     out = check_output(out, kind="file", force=force, inputs=[*genome.sources, *pool.paths], error=ExportError,
                        what=None, force_hint="force=True (--force)")
-    written = pool
-    if isinstance(genome, Recipe):
-        with show.stage(f"merging ({genome.method}, {genome.layer_groups} layer groups)", "merged"):
-            written = merged_pool(genome, pool)
+    written = written_pool(pool, genome, show)
     _check_route(written, route)
     _check_settings(genome)
     if written.tokenizer is None:
@@ -184,6 +179,21 @@ def export_gguf(
         if not force and out.exists():  # made by someone else while this one was written and verified
             raise ExportError(f"{out}: appeared while exporting; pass force=True (--force) to replace it")
     return out
+
+
+def precheck(genome: Genome, options: ExportOptions) -> None:
+    """`dfs-merge export --format gguf`, before any source is loaded: `precheck_gguf` (default quant f16)."""
+    precheck_gguf(genome, options.quant or "f16")
+
+
+def write(genome: Genome, out: Path, options: ExportOptions, progress: Progress) -> Path:
+    """`dfs-merge export --format gguf`: the sources loaded in `options.dtype` (default float32), then
+    `export_gguf` (verified unless `options.verify` is off)."""
+    dtype = options.dtype or "float32"
+    with progress.loading(len(genome.sources), options.device, dtype):
+        pool = SourcePool.load(list(genome.sources), device=options.device, dtype=dtype)
+    return export_gguf(pool, genome, out, quant=options.quant or "f16", force=options.force,
+                       verify=options.verify != "off", progress=progress)
 
 
 # --------------------------------------------------------------------------- what a GGUF can express

@@ -1,7 +1,7 @@
 """Where an export reads its tensors: the loaded sources in memory, or their safetensors files, streamed.
 
 Both providers answer the same questions, so that planning, folding, writing and checking (`tensors`,
-`checks`) are one code path: which tensors a source holds outside its decoder layers and inside one
+`verify`) are one code path: which tensors a source holds outside its decoder layers and inside one
 layer (names, dtypes, shapes), and the tensors themselves. `PoolTensors` reads a loaded `SourcePool`
 (what a `BASE+ADAPTER` source, a recipe's merge or a model built in memory needs). `FileTensors` reads
 each source's safetensors files through safetensors' `safe_open`, memory-mapped and opened anew for each

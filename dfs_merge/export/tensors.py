@@ -26,8 +26,8 @@ import torch
 
 from dfs_merge.errors import ExportError, GenomeError, SourceError
 from dfs_merge.export.providers import ST_DTYPES, TensorProvider, as_provider
-from dfs_merge.genome import Route
 from dfs_merge.models.families import Family
+from dfs_merge.route import Route
 
 if TYPE_CHECKING:
     from dfs_merge.models.sources import SourcePool
@@ -126,7 +126,7 @@ def shards(entries: list[Entry], limit: int) -> list[list[Entry]]:
 def one_thread() -> Iterator[None]:
     """torch on one CPU thread for the block. An export's casts, folds and comparisons stream through memory
     a tensor at a time and its verify forwards read each weight once: memory-bound work that more threads
-    only slow down on a busy machine (eight times, measured on 2 shared cores; see OFFLINE.md)."""
+    only slow down on a busy machine (eight times slower, measured on 2 shared cores)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -30,7 +30,7 @@ import torch
 from dfs_merge.errors import ExportError, one_line
 from dfs_merge.export.providers import INDEX_NAME, read_header, safetensors_files
 from dfs_merge.export.tensors import Entry, FoldedLayers
-from dfs_merge.genome import Route
+from dfs_merge.route import Route
 
 if TYPE_CHECKING:
     from dfs_merge.models.sources import SourcePool

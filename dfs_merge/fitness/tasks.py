@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dfs_merge import CHECKOUT
+from dfs_merge.bundled import suites_dir
 from dfs_merge.errors import FitnessError, one_line
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,12 @@ class TaskSpec:
 
 
 def default_suites_dir() -> Path:
-    """The bundled `eval_suites/` folder (beside the package), or `$DFS_MERGE_SUITES` when set."""
+    """The bundled `eval_suites/` folder (beside the package in a clone, its copy in an installed wheel), or
+    `$DFS_MERGE_SUITES` when set."""
     env = os.environ.get(SUITES_ENV)
     if env:
         return Path(env).expanduser()
-    return CHECKOUT / "eval_suites"
+    return suites_dir()
 
 
 def suite_dirs(suites: Sequence[str | Path]) -> list[Path]:

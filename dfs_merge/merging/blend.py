@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from dfs_merge.errors import IncompatibleSources
-from dfs_merge.merging.methods import Delta, Method, Scratch, merge_deltas, merge_tensor, tensor_generator
+from dfs_merge.merging.methods import Delta, Method, Scratch, merge_deltas, tensor_generator
 from dfs_merge.merging.recipe import Recipe
+from dfs_merge.models.sources import Source, SourcePool
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Blender:
     magnitude ranks it reuses between candidates: at most `keep` bytes of them (default: the bytes of the
     sources' weights; see the module)."""
 
-    def __init__(self, pool: Any, keep: int | None = None):
+    def __init__(self, pool: SourcePool, keep: int | None = None):
         self.pool = pool
         self._deltas: dict[tuple[str, int, int], Delta] = {}  # (tensor, base, source)
         self._reserved = 0  # the bytes of the ranks allowed so far (each made on first use)
@@ -96,7 +98,7 @@ class Blender:
         return 0 if t.pre else recipe.layer_groups - 1
 
     @torch.no_grad()
-    def apply(self, recipe: Recipe) -> Any:
+    def apply(self, recipe: Recipe) -> PreTrainedModel:
         """Write `recipe`'s merge into the resident model (only what changed) and return the model."""
         if recipe.layers != self.layers or len(recipe.sources) != len(self.pool.sources):
             raise IncompatibleSources(f"the recipe is for {len(recipe.sources)} sources of {recipe.layers} layers, "
@@ -133,12 +135,12 @@ class Blender:
         inputs = [t.inputs[s] for s in recipe.merged]
         base = t.inputs[recipe.base] if recipe.base is not None and spec.needs_base else None
         gen = tensor_generator(recipe.seed, t.name, t.inputs[0].device) if spec.sparsify == "random" else None
-        if base is not None and (spec.sparsify is not None or spec.consensus):
+        if base is not None and spec.keeps_deltas:
             deltas = [self._delta(t, spec, recipe.base, s) for s in recipe.merged]
             return merge_deltas(spec, deltas, weights, base, densities=densities or None, normalize=recipe.normalize,
                                 lam=recipe.lam, rescale=recipe.rescale, generator=gen, out=out, scratch=self._scratch)
-        return merge_tensor(spec, inputs, weights, base=base, densities=densities or None,
-                            normalize=recipe.normalize, lam=recipe.lam, rescale=recipe.rescale, generator=gen)
+        return spec.merge(inputs, weights, base=base, densities=densities or None,
+                          normalize=recipe.normalize, lam=recipe.lam, rescale=recipe.rescale, generator=gen)
 
     def _delta(self, t: _Tensor, method: Method, base: int, source: int) -> Delta:
         key = (t.name, base, source)
@@ -155,22 +157,18 @@ class Blender:
         return sum(d.nbytes for d in self._deltas.values())
 
 
-def merged_model(recipe: Recipe, pool: Any) -> Any:
+def merged_model(recipe: Recipe, pool: SourcePool) -> PreTrainedModel:
     """A model of `recipe`'s merge over `pool` (its sources, loaded), with buffers of its own: for a hybrid's
     source and for the export. The pool's models are left unchanged."""
     return Blender(pool, keep=0).apply(recipe)
 
 
-def merged_source(recipe: Recipe, pool: Any, path: str) -> Any:
+def merged_source(recipe: Recipe, pool: SourcePool, path: str) -> Source:
     """The merge as one source named `path`, with the base's family, folder (config, tokenizer) and licence."""
-    from dfs_merge.models.sources import Source
-
     base = pool.base
     return Source(path, merged_model(recipe, pool), base.family, base.folder, base.license, None)
 
 
-def merged_pool(recipe: Recipe, pool: Any) -> Any:
+def merged_pool(recipe: Recipe, pool: SourcePool) -> SourcePool:
     """A pool whose one source is the merge (its route over it, all layers in order, is the merged model)."""
-    from dfs_merge.models.sources import SourcePool
-
     return SourcePool([merged_source(recipe, pool, "recipe")], pool.tokenizer, [pool.paths[0]])

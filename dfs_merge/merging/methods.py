@@ -18,6 +18,9 @@ in the tests; the sign election is PEFT's `calculate_majority_sign_mask(..., "to
 dtype (the same mask, tested against it, without its int64 and boolean intermediates, which on the CPU cost
 more than the rest of a TIES merge with kept ranks).
 
+`METHODS` is the registry of methods by name, which recipes, the run config and the CLI read: a new method is
+a `Method` (its flags; a subclass overriding `merge` for new arithmetic) passed to `register_method`.
+
 A search merges the same deltas for every candidate with new weights and densities only: a `Delta` kept
 between candidates keeps what none of them changes, and, made with `ranked=True`, each value's rank in
 mergekit's magnitude order (`magnitude_rank`), so that a density's top-k is one comparison instead of a
@@ -39,7 +42,8 @@ if TYPE_CHECKING:  # torch and peft are imported where tensors are merged: readi
 @dataclass(frozen=True)
 class Method:
     """One merge method: whether it needs a base, prunes (`magnitude` / `random`), elects signs, and its
-    mergekit defaults for `normalize` and `rescale`."""
+    mergekit defaults for `normalize` and `rescale`. Its `merge` is the built-in one (`merge_tensor`), which
+    these flags configure; a method of other arithmetic is a subclass that overrides `merge`."""
 
     name: str
     needs_base: bool
@@ -52,6 +56,28 @@ class Method:
     def has_density(self) -> bool:
         return self.sparsify is not None
 
+    @property
+    def keeps_deltas(self) -> bool:
+        """Whether a resident model merges it from deltas kept between candidates (`merge_deltas`): the built-in
+        merge of a method with a base that prunes or elects signs."""
+        return (self.needs_base and (self.sparsify is not None or self.consensus)
+                and type(self).merge is Method.merge)
+
+    def merge(
+        self,
+        tensors: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None = None,
+        densities: Sequence[float] | None = None,
+        normalize: bool | None = None,
+        lam: float = 1.0,
+        rescale: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One tensor's merge: `tensors` are the merged sources' (all but the base's for a method with a base),
+        one weight (and density) each; the result has the dtype of the first input (`merge_tensor`)."""
+        return merge_tensor(self, tensors, weights, base, densities, normalize, lam, rescale, generator)
+
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("linear", needs_base=False, normalize=True),
@@ -60,6 +86,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dare_linear", needs_base=True, sparsify="random", rescale=True),
     Method("dare_ties", needs_base=True, sparsify="random", consensus=True, rescale=True),
 )}
+"""The merge methods by name (the built-in ones, mergekit's, and those `register_method` adds)."""
+
+
+def register_method(method: Method) -> Method:
+    """Make `method` available to recipes, the run config (`merge.method`) and the CLI under its name."""
+    METHODS[method.name] = method
+    return method
+
+
+def unknown_method(name: object) -> str:
+    """The message for a method name that is not registered."""
+    return f"unknown merge method {name!r}; supported: {', '.join(METHODS)}"
 
 
 def magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
@@ -190,7 +228,7 @@ def merge_tensor(
     normalize = method.normalize if normalize is None else normalize
     rescale = method.rescale if rescale is None else rescale
     first = tensors[0] if base is None else base
-    if method.name == "linear":
+    if not method.needs_base:  # linear
         work = torch.float64 if first.dtype == torch.float64 else torch.float32
         w = torch.tensor(list(weights), dtype=work, device=first.device)
         out = torch.zeros_like(first, dtype=work)

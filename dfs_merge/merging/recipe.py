@@ -5,9 +5,10 @@ group g holds the layers l with l * groups // layers == g); each merged source h
 and one density per group where the method prunes. The embeddings take group 0's values and the final
 norm and LM head the last group's, as mergekit does for the first and last slice.
 
-To the search a recipe looks like a DFS genome without inclusion bits: `bits` is empty and `scales` is
-the flat vector of weights (source by source, group by group) then densities; `with_bits(bits, values)`
-gives the recipe of other values, `key()` its canonical key, `decode()` the base's layers (its hops).
+A recipe is a `genome_files.CandidateGenome`, as a DFS genome is: it has no inclusion `bits`, its `scales`
+are the flat vector of weights (source by source, group by group) then densities, `with_bits(bits, values)`
+gives the recipe of other values, `key()` its canonical key, `decode()` the base's layers (its hops). Its
+file format (`dfs-merge/recipe@1`) is read and written by `dfs_merge.genome_files`.
 """
 
 from __future__ import annotations
@@ -16,17 +17,13 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from dfs_merge.config import ConstraintsConfig, describe_validation_error
 from dfs_merge.errors import GenomeError
-from dfs_merge.genome import RECIPE_FORMAT, Hop, Route, SlotLayout, SourceEntry
+from dfs_merge.genome import SlotLayout
 from dfs_merge.merging.methods import METHODS, Method
+from dfs_merge.route import Hop, Route
 
-FORMAT = RECIPE_FORMAT
 NO_LAYOUT = SlotLayout((), 1)
 """A recipe's slot layout: no slots (its genes are all continuous values)."""
 
@@ -53,19 +50,6 @@ class Recipe:
     seed: int = 0  # DARE's random masks
     scores: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     fingerprints: tuple[str | None, ...] = field(default=(), compare=False, hash=False)
-
-    bits: tuple[int, ...] = field(default=(), init=False)
-    layout: SlotLayout = field(default=NO_LAYOUT, init=False, compare=False)
-    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig, init=False, compare=False)
-    scaling: Literal["none"] = field(default="none", init=False, compare=False)
-    # a DFS genome's settings (`genome.SETTINGS`), at their defaults: a recipe's merge has the base's
-    # embeddings, head, tokenizer and dtype
-    embed_source: int = field(default=0, init=False, compare=False)
-    head_source: int = field(default=0, init=False, compare=False)
-    tokenizer_source: int = field(default=0, init=False, compare=False)
-    dtype: str | None = field(default=None, init=False, compare=False)
-    out_dtype: str | None = field(default=None, init=False, compare=False)
-    chat_template: str | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.sources)
@@ -155,7 +139,21 @@ class Recipe:
                 lines.append(f"{'':<8}{'density':<9}" + "".join(f"{x:>9.4f}" for x in self.densities[i]))
         return lines
 
+    def settings(self) -> dict[str, Any]:
+        """None: a recipe's merge has the base's embeddings, head, tokenizer, dtype and chat template."""
+        return {}
+
+    @property
+    def layout(self) -> SlotLayout:
+        """No slots: kept for the callers that tell a recipe by `not g.layout.T` (`isinstance` says it)."""
+        return NO_LAYOUT
+
     # ---- the search's view ---------------------------------------------------------------------
+    @property
+    def bits(self) -> tuple[int, ...]:
+        """No inclusion genes: a recipe's genes are all continuous (`scales`)."""
+        return ()
+
     @property
     def scales(self) -> tuple[float, ...]:
         """The genes: all weights (source by source), then all densities."""
@@ -216,107 +214,3 @@ def initial_recipe(sources: Sequence[str], layers: int, method: str, base: int |
     rows = tuple((float(w),) * layer_groups for _ in range(n))
     dens = tuple((float(density),) * layer_groups for _ in range(n)) if method in METHODS and METHODS[method].has_density else ()
     return Recipe(tuple(sources), layers, method, base, layer_groups, rows, dens, **options)
-
-
-# ---- the file format ----------------------------------------------------------------------------
-class _RecipeFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    format: Literal["dfs-merge/recipe@1"]
-    sources: list[SourceEntry] = Field(min_length=1)
-    method: str
-    base: int | None = None
-    layer_groups: int = Field(1, ge=1)
-    normalize: bool | None = None
-    lam: float = Field(1.0, alias="lambda", allow_inf_nan=False)
-    rescale: bool | None = None
-    seed: int = Field(0, ge=0)
-    weights: dict[int, list[float]]
-    densities: dict[int, list[float]] | None = None
-    scores: dict[str, Any] = {}
-
-
-def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
-    """Validate a recipe mapping (as read from YAML) and build the Recipe; errors name the field."""
-    try:
-        f = _RecipeFile.model_validate(data)
-    except ValidationError as err:
-        raise GenomeError(f"{where}: {describe_validation_error(err)}") from None
-    layers = {s.layers for s in f.sources}
-    try:
-        if len(layers) != 1:
-            raise GenomeError(f"sources: a parameter-space merge needs sources of one depth, got layers "
-                              f"{[s.layers for s in f.sources]}")
-        if f.method not in METHODS:
-            raise GenomeError(f"method: unknown merge method {f.method!r}; supported: {', '.join(METHODS)}")
-        if METHODS[f.method].needs_base and f.base is None:
-            raise GenomeError(f"base: method {f.method} needs a base model (base: SOURCE INDEX)")
-        merged = merged_sources(len(f.sources), f.method, f.base)
-        for name, rows in (("weights", f.weights), ("densities", f.densities or {})):
-            extra = sorted(set(rows) - set(merged))
-            if extra:
-                raise GenomeError(f"{name}: source {extra[0]} is not merged (merged sources: "
-                                  f"{', '.join(map(str, merged))})")
-            missing = [s for s in merged if s not in rows]
-            if missing and (name == "weights" or rows):
-                raise GenomeError(f"{name}: no row for source {missing[0]}")
-        prunes = METHODS[f.method].has_density
-        densities = ({s: [1.0] * f.layer_groups for s in merged} if prunes and not f.densities
-                     else f.densities or {})
-        r = Recipe(tuple(s.path for s in f.sources), f.sources[0].layers, f.method, f.base, f.layer_groups,
-                   tuple(tuple(f.weights[s]) for s in merged),
-                   tuple(tuple(densities[s]) for s in merged) if densities else (),
-                   f.normalize, f.lam, f.rescale, f.seed)
-    except GenomeError as err:
-        raise GenomeError(f"{where}: {err}") from None
-    fingerprints = tuple(s.fingerprint for s in f.sources)
-    return replace(r, scores=dict(f.scores), fingerprints=fingerprints if any(fingerprints) else ())
-
-
-def is_recipe_file(path: str) -> bool:
-    """Whether a source path names a recipe file (`*.yaml` / `*.yml` whose `format` is a recipe's): a
-    hybrid's source, merged in memory when the pool loads."""
-    p = Path(path).expanduser()
-    if p.suffix not in (".yaml", ".yml") or not p.is_file():
-        return False
-    try:
-        head = p.read_text(encoding="utf-8", errors="replace")[:4096]
-    except OSError:
-        return False
-    return FORMAT in head
-
-
-def load_recipe_source(path: str) -> Recipe:
-    """The recipe a hybrid's source names; its own sources resolve against the recipe file's folder
-    when they exist there."""
-    from dfs_merge.genome import load_genome
-
-    r = load_genome(path)
-    if not isinstance(r, Recipe):
-        raise GenomeError(f"{path}: a genome file, not a recipe; only a parameter-space recipe can be a source")
-    folder = Path(path).expanduser().resolve().parent
-    resolved = tuple(str(folder / s) if not Path(s).is_absolute() and not Path(s).exists() and (folder / s).exists()
-                     else s for s in r.sources)
-    return replace(r, sources=resolved)
-
-
-def recipe_to_dict(r: Recipe) -> dict[str, Any]:
-    """The YAML mapping of a recipe."""
-    data: dict[str, Any] = {
-        "format": FORMAT,
-        "sources": [{"path": p, "layers": r.layers, **({"fingerprint": fp} if fp else {})}
-                    for p, fp in zip(r.sources, r.fingerprints or [None] * len(r.sources), strict=True)],
-        "method": r.method,
-        "base": r.base,
-        "layer_groups": r.layer_groups,
-        "normalize": r.normalize,
-        "lambda": r.lam,
-    }
-    if r.spec.sparsify == "random":
-        data["rescale"] = r.rescale
-        data["seed"] = r.seed
-    data["weights"] = {s: list(row) for s, row in zip(r.merged, r.weights, strict=True)}
-    if r.densities:
-        data["densities"] = {s: list(row) for s, row in zip(r.merged, r.densities, strict=True)}
-    if r.scores:
-        data["scores"] = r.scores
-    return data

@@ -18,6 +18,8 @@ from pathlib import Path
 from dfs_merge.errors import SourceError
 from dfs_merge.inputs import parse_yaml, read_bytes
 from dfs_merge.models.adapters import split_source
+from dfs_merge.models.folders import locate, read_config
+from dfs_merge.models.kinds import source_kind
 
 
 def layer_counts(paths: Sequence[str]) -> tuple[int, ...]:
@@ -38,8 +40,6 @@ def layer_counts(paths: Sequence[str]) -> tuple[int, ...]:
             except (OSError, ValueError, AttributeError):
                 n = None
         if not isinstance(n, int) or n < 1:
-            from dfs_merge.models.sources import locate, read_config
-
             config, _ = read_config(locate(p))
             n = int(config.num_hidden_layers)
         counts.append(n)
@@ -141,25 +141,19 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 def fingerprint(path: str) -> str | None:
     """A content fingerprint of a source: blake2b over its config.json and weight files (names and bytes).
 
-    `path` as a source is written: a model folder, a .gguf file, or a packaged name (its converted folder,
-    once converted). None when there is nothing to read yet (a packaged model not converted). Recorded by a
-    run and in the genomes it writes, so that a resume or an eval on changed weights is refused instead of
-    mixing two models. Reading 0.5 GB takes about a second; a file unchanged in size and mtime is not read
+    `path` as a source is written: a model folder, a .gguf file, a packaged name (its converted folder, once
+    converted), or a registered kind's path (`kinds`: the kind fingerprints it). None when there is nothing to
+    read yet (a packaged model not converted). Recorded by a run and in the genomes it writes, so that a resume
+    or an eval on changed weights is refused instead of mixing two models. Reading 0.5 GB takes about a second; a file unchanged in size and mtime is not read
     again in this process.
     """
     base, adapter = split_source(path)
     if adapter is not None:
         of_base, of_adapter = fingerprint(base), fingerprint(str(adapter))
         return None if of_base is None or of_adapter is None else f"{of_base}+{of_adapter.split(':', 1)[1]}"
-    from dfs_merge.merging.recipe import is_recipe_file, load_recipe_source
-
-    if is_recipe_file(path):  # a recipe as a source: its file and its own sources' weights
-        inner = [fingerprint(s) for s in load_recipe_source(path).sources]
-        if any(f is None for f in inner):
-            return None
-        h = hashlib.blake2b(digest_size=16)
-        h.update(read_bytes(Path(path).expanduser(), SourceError) + "".join(map(str, inner)).encode())
-        return "blake2b:" + h.hexdigest()
+    kind = source_kind(path)
+    if kind is not None:
+        return kind.fingerprint(path)
     p = Path(path).expanduser()
     if p.is_dir():
         files = [f for f in sorted(p.iterdir())

@@ -6,8 +6,9 @@ final norm and the LM head. Every source supplies its decoder layers. A source m
 local Hugging Face folder (safetensors), a GGUF file, a packaged model name (see
 `dfs_merge.models.store`) or a Hub name `org/name` found in the local Hugging Face cache
 (see `hub`); the same path given twice (a self-merge) is loaded once.
-A source may also be a base plus a LoRA adapter, `BASE+ADAPTER` (see `adapters`). A loaded source
-remembers where it came from (its folder, adapter and licence), for the export.
+A source may also be a base plus a LoRA adapter, `BASE+ADAPTER` (see `adapters`), or a path of a kind
+registered in `kinds` (a parameter-space recipe file: a hybrid's source). A loaded source remembers where it
+came from (its folder, adapter and licence), for the export.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dfs_merge.errors import IncompatibleSources, SourceError, one_line
-from dfs_merge.inputs import read_json
-from dfs_merge.models import hub
 from dfs_merge.models.adapters import check_base, merged_model, read_adapter_config, split_source
-from dfs_merge.models.families import Family, family_for, supported_model_types
+from dfs_merge.models.families import Family
+from dfs_merge.models.folders import locate, read_config
+from dfs_merge.models.kinds import source_kind
 from dfs_merge.models.metadata import layer_counts, source_license
 
-__all__ = ["DTYPES", "Source", "SourcePool", "check_compatible", "layer_counts", "locate", "read_config", "resolve_device",
-           "ties_embeddings"]
+__all__ = ["DTYPES", "Source", "SourcePool", "check_compatible", "layer_counts", "load_tokenizer", "locate",
+           "read_config", "resolve_device", "ties_embeddings"]
 
 log = logging.getLogger(__name__)
 
@@ -69,61 +70,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SourceError("device 'cuda' requested but torch sees no CUDA device")
     return torch.device(device)
-
-
-def locate(path: str) -> Path:
-    """A local HF folder for `path`: a folder as is; a GGUF file or packaged model name converted once; a Hub
-    name, its snapshot in the local Hugging Face cache (`hub.resolve`); for `BASE+ADAPTER`, the base's (the
-    adapter's files are checked here, merged at load)."""
-    base, adapter = split_source(path)
-    if adapter is not None:
-        read_adapter_config(adapter)
-        return locate(base)
-    from dfs_merge.merging.recipe import is_recipe_file, load_recipe_source
-
-    if is_recipe_file(path):  # a hybrid's source: the merge of a parameter-space recipe, made at load
-        recipe = load_recipe_source(path)
-        return locate(recipe.sources[recipe.base if recipe.base is not None else 0])
-    p = Path(path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise SourceError(f"{path}: not a Hugging Face model folder (no config.json)")
-        return p
-    if not p.exists() and hub.is_hub_name(path):
-        folder = hub.resolve(path)
-        if not (folder / "config.json").is_file():
-            raise SourceError(f"{path}: its snapshot in the Hugging Face cache ({folder}) has no config.json")
-        return folder
-    is_gguf = p.suffix == ".gguf" and p.is_file()
-    is_name = not p.exists() and "/" not in path
-    if is_gguf or is_name:
-        from dfs_merge.models import store as model_store  # needed only to convert
-
-        try:
-            return Path(model_store.fetch(path))
-        except model_store.ModelStoreError as err:
-            raise SourceError(str(err)) from None
-    if p.exists():
-        raise SourceError(f"{path}: not a model folder or .gguf file")
-    raise SourceError(f"{path}: no such model folder")
-
-
-def read_config(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Family]:
-    """The HF config of a model folder and the family that handles it."""
-    data = read_json(folder / "config.json", SourceError)
-    if not isinstance(data, dict):
-        raise SourceError(f"{folder / 'config.json'}: expected a JSON object, got {type(data).__name__}")
-    model_type = data.get("model_type", "")
-    family = family_for(model_type)
-    if family is None:
-        raise SourceError(
-            f"{folder}: unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
-        )
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - any loader failure is the user's file
-        raise SourceError(f"{folder}: cannot read the model config ({one_line(err)})") from None
-    return config.get_text_config(decoder=True), family
 
 
 def ties_embeddings(config: Any) -> bool:
@@ -192,22 +138,20 @@ class SourcePool:
         folders = [locate(p) for p in paths]
         distinct = list(dict.fromkeys(f.resolve() for f in folders))
         configs = {f: read_config(f, trust_remote_code) for f in distinct}
-        tokenizers = {f: _load_tokenizer(f, trust_remote_code) for f in distinct}
+        tokenizers = {f: load_tokenizer(f, trust_remote_code) for f in distinct}
         check_compatible(
             [configs[f.resolve()] for f in folders], [tokenizers[f.resolve()] for f in folders]
         )
-        from dfs_merge.merging.recipe import is_recipe_file
-
-        recipes = {p for p in paths if is_recipe_file(p)}  # merged from their own sources, in `_recipe_source`
+        kinds = {p: kind for p in paths if (kind := source_kind(p)) is not None}  # each loads its own
         models: dict[Path, PreTrainedModel] = {}
-        for f in dict.fromkeys(f.resolve() for p, f in zip(paths, folders, strict=True) if p not in recipes):
+        for f in dict.fromkeys(f.resolve() for p, f in zip(paths, folders, strict=True) if p not in kinds):
             log.info("loading %s", f)
             models[f] = _load_model(f, DTYPES[dtype], dev, trust_remote_code)
         merged: dict[Path, PreTrainedModel] = {}  # BASE+ADAPTER: the base's tensors shared, adapted ones new
         sources = []
         for p, f in zip(paths, folders, strict=True):
-            if p in recipes:
-                sources.append(_recipe_source(p, device, dtype, trust_remote_code))
+            if p in kinds:
+                sources.append(kinds[p].load(p, device, dtype, trust_remote_code))
                 continue
             base, adapter = split_source(p)
             model = models[f.resolve()]
@@ -252,19 +196,8 @@ class SourcePool:
         return self.base.model.dtype
 
 
-def _recipe_source(path: str, device: str, dtype: str, trust_remote_code: bool) -> Source:
-    """A parameter-space recipe file as a source (the paper's hybrid): its sources loaded and merged in
-    memory."""
-    from dfs_merge.merging.blend import merged_source
-    from dfs_merge.merging.recipe import load_recipe_source
-
-    recipe = load_recipe_source(path)
-    log.info("merging the recipe %s (%s over %d sources)", path, recipe.method, len(recipe.sources))
-    inner = SourcePool.load(list(recipe.sources), device, dtype, trust_remote_code)
-    return merged_source(recipe, inner, str(path))
-
-
-def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
+def load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
+    """The tokenizer of a model folder, its pad token the EOS token where it names none (batched scoring pads)."""
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001

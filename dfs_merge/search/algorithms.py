@@ -12,21 +12,23 @@
 The loop (`evolution.py`) calls `ask(gen)` for the individuals that need a fitness, evaluates them,
 and calls `tell(gen, evaluated)`, which returns every individual the generation saw. Both run while
 the run's own random state is active. `state()` / `restore()` carry what the checkpoint needs.
-A new algorithm is one class here with `@register`.
+A new algorithm is one class here and its row in `dfs_merge.registry.ALGORITHMS` (the name table the run config
+is checked against); one defined elsewhere (a test, a plug-in) is one class with `@register`.
 """
 
 from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 from deap import algorithms, cma, tools
 
-from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict
-from dfs_merge.registry import Registry
+from dfs_merge.errors import ConfigError
+from dfs_merge.genome_files import CandidateGenome, genome_from_dict, genome_to_dict
+from dfs_merge.registry import ALGORITHMS
 from dfs_merge.search.operators import (
     Individual,
     Vector,
@@ -41,7 +43,6 @@ from dfs_merge.search.operators import (
     variation_toolbox,
 )
 
-ALGORITHMS: Registry[Algorithm] = Registry("algorithm", "algorithm")
 register = ALGORITHMS.register  # class decorator: an algorithm under its `name` (config `algorithm:`)
 algorithm_class = ALGORITHMS.lookup  # the algorithm of a name; ConfigError naming the known ones otherwise
 
@@ -56,7 +57,7 @@ class Algorithm(ABC):
     name: ClassVar[str]
     objectives: ClassVar[tuple[str, ...] | None] = None  # the objectives it needs (None: any)
 
-    def __init__(self, cfg: Any, template: Genome, known: Callable[[str], bool]):
+    def __init__(self, cfg: Any, template: CandidateGenome, known: Callable[[str], bool]):
         self.cfg = cfg
         self.template = template
         self.known = known  # whether a key was evaluated earlier in the run
@@ -65,10 +66,10 @@ class Algorithm(ABC):
         self.front: tools.ParetoFront | None = None  # algorithms with a Pareto front set one
 
     @classmethod
-    def check(cls, objectives: list[str]) -> None:
-        """Refuse objectives the algorithm cannot work with (raises ValueError, for the config)."""
+    def check(cls, objectives: Sequence[str]) -> None:
+        """Refuse objectives the algorithm cannot work with, when the run starts (a ConfigError naming them)."""
         if cls.objectives is not None and tuple(objectives) != cls.objectives:
-            raise ValueError(f"algorithm {cls.name} needs objectives [{', '.join(cls.objectives)}]")
+            raise ConfigError(f"objectives: algorithm {cls.name} needs objectives [{', '.join(cls.objectives)}]")
 
     @abstractmethod
     def ask(self, gen: int) -> list[Any]:
@@ -89,11 +90,11 @@ class Algorithm(ABC):
         generation (those the algorithm's selection will weigh it against)."""
         return []
 
-    def seeds(self) -> list[Genome]:
+    def seeds(self) -> list[CandidateGenome]:
         """Generation 0's fixed members: each source unchanged, then `seed_routes`, repaired."""
         return [repair(s, random) for s in self.template.seeds(self.cfg.seed_routes)][: self.cfg.population]
 
-    def revive(self, genome: Genome) -> Any:
+    def revive(self, genome: CandidateGenome) -> Any:
         """An individual of this algorithm for a checkpointed genome."""
         return Individual.of(genome, self.fitness_cls())
 
@@ -124,7 +125,7 @@ class Algorithm(ABC):
 class _BitsAlgorithm(Algorithm):
     """Shared by the algorithms that vary bits and scales with DEAP's operators."""
 
-    def __init__(self, cfg: Any, template: Genome, known: Callable[[str], bool]):
+    def __init__(self, cfg: Any, template: CandidateGenome, known: Callable[[str], bool]):
         super().__init__(cfg, template, known)
         self.tb = variation_toolbox(cfg, template, self.fitness_cls)
 
@@ -163,7 +164,6 @@ class _BitsAlgorithm(Algorithm):
         return children
 
 
-@register
 class GA(_BitsAlgorithm):
     """Tournament selection with elitism."""
 
@@ -191,7 +191,6 @@ class GA(_BitsAlgorithm):
         return self.population
 
 
-@register
 class NSGA2(_BitsAlgorithm):
     """NSGA-II on (score, hops), keeping the Pareto front of everything evaluated."""
 
@@ -205,7 +204,7 @@ class NSGA2(_BitsAlgorithm):
     def race_references(self) -> list[str]:
         return [ind.key for ind in self.population]
 
-    def __init__(self, cfg: Any, template: Genome, known: Callable[[str], bool]):
+    def __init__(self, cfg: Any, template: CandidateGenome, known: Callable[[str], bool]):
         super().__init__(cfg, template, known)
         self.front = tools.ParetoFront(similar=same_key)
 
@@ -237,7 +236,6 @@ class NSGA2(_BitsAlgorithm):
                                             objectives_of) for e in state.get("pareto", [])])
 
 
-@register
 class RandomSearch(_BitsAlgorithm):
     """Uniform random genomes (after the seeds in generation 0)."""
 
@@ -264,7 +262,6 @@ class RandomSearch(_BitsAlgorithm):
 _CMA_STATE = ("centroid", "sigma", "pc", "ps", "C", "diagD", "B", "BD", "cond", "update_count")
 
 
-@register
 class CMAES(Algorithm):
     """DEAP's CMA-ES over inclusion values and scales (the paper's optimiser)."""
 
@@ -273,18 +270,18 @@ class CMAES(Algorithm):
     def race_cut(self) -> int:
         return int(self.strategy.mu)  # only the best mu of a generation enter the update
 
-    def __init__(self, cfg: Any, template: Genome, known: Callable[[str], bool]):
+    def __init__(self, cfg: Any, template: CandidateGenome, known: Callable[[str], bool]):
         super().__init__(cfg, template, known)
         self.bounds = gene_bounds(cfg, template)
-        T, S = template.layout.T, len(template.scales)  # noqa: N806
-        # "model 0 unchanged" (+1 on the first repetition's base slots, -1 elsewhere, scales 1); a recipe: its own values
-        centroid = as_vector(template.seeds()[0]) if not T else (
-            [1.0 if template.layout.slot(i)[:2] == (0, 0) else -1.0 for i in range(T)] + [1.0] * S)
+        T, S = len(template.bits), len(template.scales)  # noqa: N806
+        # the first seed: "model 0 unchanged" (+1 on the first repetition's base slots, -1 elsewhere, scales 1);
+        # a recipe: its own values
+        centroid = as_vector(template.seeds()[0])
         cmatrix = np.diag([1.0] * T + [(cfg.scale_sigma / cfg.cma_sigma) ** 2] * S)
         self.strategy = cma.Strategy(centroid=centroid, sigma=cfg.cma_sigma, lambda_=cfg.population, cmatrix=cmatrix)
         self._contiguous()
 
-    def revive(self, genome: Genome) -> Vector:
+    def revive(self, genome: CandidateGenome) -> Vector:
         return Vector(as_vector(genome), self.fitness_cls(), genome)
 
     def ask(self, gen: int) -> list[Any]:

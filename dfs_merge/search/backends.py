@@ -2,7 +2,7 @@
 
 An `Evaluator` takes genomes and gives back `(key, Evaluation)` pairs in the order
 the evaluations finish; the caller records each as it arrives. What a worker does
-for one genome is a picklable callable `Genome -> Evaluation` (a "genome
+for one genome is a picklable callable `genome -> Evaluation` (a "genome
 evaluator"): by default `ModelEvaluator`, which loads the sources and builds the
 fitness tasks once per process (`setup()`), then per genome checks it, stitches
 the route and scores the model. Tests inject a cheap synthetic one. Genomes travel
@@ -23,13 +23,19 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dfs_merge.candidate import CandidateScorer
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError, one_line
 from dfs_merge.evaluation import Evaluation
-from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict
+from dfs_merge.genome_files import CandidateGenome, genome_from_dict, genome_to_dict
+
+if TYPE_CHECKING:
+    from dfs_merge.fitness.score import Fitness
+    from dfs_merge.merging.blend import Blender
+    from dfs_merge.models.sources import SourcePool
+    from dfs_merge.stitch import ActivationCache
 
 GenomeEvaluator = Callable[..., Evaluation]
 """`fn(genome)` -> its Evaluation; with racing also `fn(genome, docs=(from, to))`: only that window of each task's
@@ -48,10 +54,10 @@ class ModelEvaluator:
         self.cfg = cfg
         self.split = split
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
-        self.pool: Any = None
-        self.fitness: Any = None
-        self.activation_cache: Any = None
-        self.blender: Any = None  # the resident model of parameter-space candidates, made on the first one
+        self.pool: SourcePool | None = None
+        self.fitness: Fitness | None = None
+        self.activation_cache: ActivationCache | None = None
+        self.blender: Blender | None = None  # the resident model of parameter-space candidates, made on the first one
 
     def setup(self) -> None:
         """Load the sources and build the fitness tasks, once."""
@@ -78,6 +84,7 @@ class ModelEvaluator:
     def scorer(self) -> CandidateScorer:
         """Stitch-and-score over the loaded sources (loading them first if needed)."""
         self.setup()
+        assert self.pool is not None and self.fitness is not None
         return CandidateScorer(self.pool, self.fitness, self.activation_cache, self.blender)
 
     def for_split(self, split: str) -> ModelEvaluator:
@@ -88,7 +95,7 @@ class ModelEvaluator:
         other.blender = self.blender
         return other
 
-    def __call__(self, genome: Genome, docs: Window = None) -> Evaluation:
+    def __call__(self, genome: CandidateGenome, docs: Window = None) -> Evaluation:
         scorer = self.scorer
         ev = scorer.genome(genome, docs)
         self.blender = scorer.blender
@@ -107,7 +114,7 @@ def setup_evaluator(fn: GenomeEvaluator) -> None:
         setup()
 
 
-def evaluate_safely(fn: GenomeEvaluator, genome: Genome, docs: Window = None) -> Evaluation:
+def evaluate_safely(fn: GenomeEvaluator, genome: CandidateGenome, docs: Window = None) -> Evaluation:
     """`fn(genome)` (`fn(genome, docs=docs)` for a race window), with any exception turned into a failed
     Evaluation (WORST_SCORE, `error` set)."""
     start = time.perf_counter()
@@ -125,7 +132,7 @@ def evaluate_safely(fn: GenomeEvaluator, genome: Genome, docs: Window = None) ->
                                  time.perf_counter() - start)
 
 
-def lost(genome: Genome, why: str) -> Evaluation:
+def lost(genome: CandidateGenome, why: str) -> Evaluation:
     """The evaluation of a genome whose worker kept dying under it: an infrastructure fault, not a score
     (`Evaluation.lost`; the ledger neither logs nor remembers it)."""
     return Evaluation.lost(why, ev_hops(genome))
@@ -184,7 +191,7 @@ class Evaluator(ABC):
     """Evaluates genomes; results come back in completion order, each with the key of its genome."""
 
     @abstractmethod
-    def submit(self, genomes: Sequence[Genome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
+    def submit(self, genomes: Sequence[CandidateGenome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         """Evaluate `genomes` (distinct keys; on the race window `docs` where given, the same for all of them);
         yield `(genome.key(), Evaluation)` as each finishes."""
 
@@ -206,7 +213,7 @@ class InProcessEvaluator(Evaluator):
         _set_threads(threads)
         setup_evaluator(fn)
 
-    def submit(self, genomes: Sequence[Genome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
+    def submit(self, genomes: Sequence[CandidateGenome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         for g in genomes:
             yield g.key(), evaluate_safely(self.fn, g, docs)
 
@@ -269,8 +276,8 @@ def _from_worker(result: dict[str, Any]) -> Evaluation:
     return Evaluation.from_dict(result)
 
 
-def _results(done: set[Future], pending: dict[Future, Genome],
-             suspects: list[Genome]) -> Iterator[tuple[str, Evaluation]]:
+def _results(done: set[Future], pending: dict[Future, CandidateGenome],
+             suspects: list[CandidateGenome]) -> Iterator[tuple[str, Evaluation]]:
     """The results of the `done` futures (each taken out of `pending`); a genome whose worker died goes to
     `suspects` instead."""
     for fut in done:
@@ -317,10 +324,10 @@ class ProcessPoolEvaluator(Evaluator):
             )
         return self._executor
 
-    def submit(self, genomes: Sequence[Genome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
+    def submit(self, genomes: Sequence[CandidateGenome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         queue = deque(genomes)
         tries: dict[str, int] = {}
-        pending: dict[Future, Genome] = {}
+        pending: dict[Future, CandidateGenome] = {}
         while queue or pending:
             broken = False
             while queue and len(pending) < self.workers:
@@ -331,7 +338,7 @@ class ProcessPoolEvaluator(Evaluator):
                     break
                 pending[fut] = queue.popleft()
             done = set() if broken else wait(pending, return_when=FIRST_COMPLETED)[0]
-            suspects: list[Genome] = []
+            suspects: list[CandidateGenome] = []
             yield from _results(done, pending, suspects)
             if not (broken or suspects):
                 continue
@@ -340,7 +347,7 @@ class ProcessPoolEvaluator(Evaluator):
             self._restart()
             yield from self._retry_alone(suspects, tries, docs)
 
-    def _retry_alone(self, genomes: list[Genome], tries: dict[str, int],
+    def _retry_alone(self, genomes: list[CandidateGenome], tries: dict[str, int],
                      docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         """After a worker died, evaluate each genome that was in flight on its own (in a fresh pool), so that a
         genome that kills its worker is found and charged; each death counts one try; more than `retries`: lost."""
@@ -521,11 +528,11 @@ class RayEvaluator(Evaluator):
                 self._on_ready(ref)
         return len(self._idle)
 
-    def submit(self, genomes: Sequence[Genome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
+    def submit(self, genomes: Sequence[CandidateGenome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         ray = self._ray
         queue = deque(genomes)
         tries: dict[str, int] = {}
-        running: dict[Any, tuple[Genome, str]] = {}
+        running: dict[Any, tuple[CandidateGenome, str]] = {}
         while queue or running:
             while queue and self._idle:
                 g, name = queue.popleft(), self._idle.pop()
@@ -567,7 +574,7 @@ class RayEvaluator(Evaluator):
             self._started = False
 
 
-def ev_hops(genome: Genome) -> int:
+def ev_hops(genome: CandidateGenome) -> int:
     """The hop count of a genome's route (0 when it does not decode)."""
     try:
         return len(genome.decode())
@@ -603,7 +610,7 @@ class LazyEvaluator(Evaluator):
         """Whether the backend was started."""
         return self.inner is not None
 
-    def submit(self, genomes: Sequence[Genome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
+    def submit(self, genomes: Sequence[CandidateGenome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         if not genomes:
             return iter(())
         if self.inner is None:

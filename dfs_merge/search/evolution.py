@@ -24,7 +24,9 @@ from deap import tools
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError, one_line
 from dfs_merge.evaluation import Evaluation
-from dfs_merge.genome import Genome, genome_from_dict, genome_to_dict
+from dfs_merge.genome import Genome
+from dfs_merge.genome_files import CandidateGenome, genome_from_dict, genome_to_dict
+from dfs_merge.merging.recipe import initial_recipe
 from dfs_merge.models.metadata import layer_counts
 from dfs_merge.report import LiveReport
 from dfs_merge.search import selection
@@ -51,10 +53,10 @@ PLOT_EVERY_S = 60.0  # history.png is redrawn after a generation when this long 
 class RunResult:
     """What a run produced (also on disk under `out`)."""
 
-    best: Genome
+    best: CandidateGenome
     best_eval: Evaluation
     test_eval: Evaluation | None
-    pareto: list[tuple[Genome, Evaluation]]
+    pareto: list[tuple[CandidateGenome, Evaluation]]
     out: Path
     paths: dict[str, Path]
     generations: int
@@ -68,7 +70,7 @@ class RunResult:
 class Evolution:
     """One run's search state and its generation loop."""
 
-    def __init__(self, cfg: RunConfig, template: Genome, rundir: RunDir, evaluator: Evaluator,
+    def __init__(self, cfg: RunConfig, template: CandidateGenome, rundir: RunDir, evaluator: Evaluator,
                  log: Callable[[str], Any] = print, progress: bool = True,
                  fingerprints: Sequence[str | None] = (), tracking: Tracking | None = None):
         self.cfg = cfg
@@ -141,7 +143,7 @@ class Evolution:
         )
 
     # ---- results -------------------------------------------------------------------------
-    def member(self, genome: Genome) -> Any:
+    def member(self, genome: CandidateGenome) -> Any:
         """An evaluated genome as a member of the hall of fame, the front or the final choice."""
         return member(genome, self.algo.fitness_cls, self.ledger.objectives_of)
 
@@ -149,7 +151,7 @@ class Evolution:
         """The best member: the final choice on validation once made, else the best dev score."""
         return self.chosen.get("best", self.hof[0])
 
-    def scored(self, m: Any) -> Genome:
+    def scored(self, m: Any) -> CandidateGenome:
         """The member's genome with its dev (and validation, held-out) scores attached."""
         scores = {"dev": self.ledger[m.key].summary()}
         for split, known in (("val", self.val), ("test", self.report)):
@@ -245,7 +247,7 @@ class Evolution:
         return state.get("select_tasks" if split == "val" else "report_tasks") == list(tasks)
 
     # ---- the final choice and the report -------------------------------------------------
-    def score_split(self, fn: GenomeEvaluator, genomes: Sequence[Genome], known: dict[str, Evaluation], what: str,
+    def score_split(self, fn: GenomeEvaluator, genomes: Sequence[CandidateGenome], known: dict[str, Evaluation], what: str,
                     tasks: Sequence[str], fallback: str = "") -> bool:
         """Score the genomes not yet in `known` with `fn` (validation or report tasks) into `known`; a failure is
         a warning line, not the end of the run. False when the tasks could not be scored. An evaluation lost to an
@@ -317,19 +319,17 @@ class Evolution:
         )
 
 
-def search_template(cfg: RunConfig) -> Genome:
+def search_template(cfg: RunConfig) -> CandidateGenome:
     """The empty genome of the search space a config describes: a route layout, or (with `merge:`) the
     initial parameter-space recipe."""
     layers = layer_counts(cfg.sources)
     if cfg.merge is None:
         return Genome.empty(cfg.sources, layers, cfg.repeats, cfg.scaling, cfg.constraints)
-    from dfs_merge.merging.recipe import initial_recipe
-
     m = cfg.merge
     if len(set(layers)) != 1:
         raise ConfigError(f"merge: a parameter-space merge needs sources of one depth; their layers are {list(layers)}")
     try:
-        return initial_recipe(cfg.sources, layers[0], m.method, m.base, m.layer_groups, m.init_weight,  # type: ignore[return-value]
+        return initial_recipe(cfg.sources, layers[0], m.method, m.base, m.layer_groups, m.init_weight,
                               m.init_density, normalize=m.normalize, lam=m.lam, rescale=m.rescale, seed=m.seed)
     except GenomeError as err:
         raise ConfigError(f"merge: {err}") from None
@@ -349,12 +349,13 @@ def run_evolution(
     """Run (or resume) the search a config describes, writing everything under `cfg.out`.
 
     `evaluate` replaces the real per-genome work (stitch + lm-eval) with any picklable
-    `Genome -> Evaluation` callable; `report_evaluate` likewise for the report tasks
+    `genome -> Evaluation` callable; `report_evaluate` likewise for the report tasks
     (by default the real work on the test split when `report_tasks` is set and
     `evaluate` is not given); the final choice on `select_tasks` uses the real work on the
     validation split, or `select_evaluate`. `report=False` skips scoring the winners on the report
-    tasks and that choice.
+    tasks and that choice. An algorithm that cannot work with the config's objectives is refused first.
     """
+    algorithm_class(cfg.algorithm).check(cfg.objectives)
     template = search_template(cfg)
     try:
         seeds = template.seeds(cfg.seed_routes)

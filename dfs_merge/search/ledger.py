@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from dfs_merge.evaluation import Evaluation
-from dfs_merge.genome import Genome, genome_to_dict
+from dfs_merge.genome_files import CandidateGenome, genome_to_dict
 from dfs_merge.search.backends import Evaluator
 from dfs_merge.search.rundir import RunDir
 from dfs_merge.search.tracking import Tracking
@@ -78,7 +78,7 @@ class Ledger:
                  incumbents: Sequence[str] = ()) -> None:
         """Give each individual (with `genome` and `key`) its fitness; only keys never seen are evaluated (raced
         against `references`, fully scored earlier candidates, when racing; `incumbents` run the whole race)."""
-        todo: dict[str, Genome] = {}
+        todo: dict[str, CandidateGenome] = {}
         claimed: list[str] = []
         self.lost_now = []
         for ind in individuals:
@@ -123,7 +123,7 @@ class Ledger:
                 r.docs for r in ev.tasks.values())
             self.counters["stopped"] = self.counters.get("stopped", 0) + ev.dropped
 
-    def _record(self, gen: int, key: str, g: Genome, ev: Evaluation) -> dict[str, Any]:
+    def _record(self, gen: int, key: str, g: CandidateGenome, ev: Evaluation) -> dict[str, Any]:
         return {
             "generation": gen,
             "key": key,

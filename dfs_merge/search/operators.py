@@ -2,7 +2,8 @@
 
 An `Individual` is what DEAP's operators see: the inclusion bits and the scales as lists they edit in
 place, plus the repaired `genome` and its `key`, set by `settle` after every change. Repairing makes a
-genome meet its hop constraints before it is evaluated.
+genome meet its hop constraints before it is evaluated. A genome of either kind (`CandidateGenome`) goes
+through the same operators: a parameter-space recipe has no bits, only continuous genes, and no constraints.
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ from typing import Any
 from deap import base, tools
 
 from dfs_merge.genome import Genome
+from dfs_merge.genome_files import CandidateGenome
+from dfs_merge.merging.recipe import Recipe
 
 Rng = random.Random | ModuleType  # `random.Random` or the `random` module itself
 
 
 # ---- constraints ------------------------------------------------------------------------
-def repair(genome: Genome, rng: Rng) -> Genome:
+def repair(genome: CandidateGenome, rng: Rng) -> CandidateGenome:
     """Make a genome meet its hop constraints: switch random included bits off while the route is too
-    long, random excluded bits on while it is too short (never empty). Raises GenomeError if impossible."""
+    long, random excluded bits on while it is too short (never empty). Raises GenomeError if impossible.
+    A recipe, which has no inclusion bits and no constraints, is returned as it is."""
+    if not isinstance(genome, Genome):
+        genome.check()
+        return genome
     c = genome.constraints
     bits = list(genome.bits)
 
@@ -48,9 +55,9 @@ def repair(genome: Genome, rng: Rng) -> Genome:
     return out
 
 
-def scale_genes(genome: Genome) -> list[int]:
+def scale_genes(genome: CandidateGenome) -> list[int]:
     """Indices of the scales that the genome's route actually uses (every value of a recipe, which has no slots)."""
-    if not genome.layout.T:
+    if not isinstance(genome, Genome):
         return list(range(len(genome.scales)))
     if genome.scaling == "slot":
         return [i for i, b in enumerate(genome.bits) if b]
@@ -75,11 +82,11 @@ Bounds = list[tuple[float, float]]
 """(low, high) of each continuous gene."""
 
 
-def gene_bounds(cfg: Any, template: Genome) -> Bounds:
+def gene_bounds(cfg: Any, template: CandidateGenome) -> Bounds:
     """The range of each continuous gene: `scale_range` for a route's scales; for a parameter-space recipe
     the config's `merge.weight_range` for its weights and `merge.density_range` for its densities."""
-    if not template.layout.T:  # a recipe
-        return template.bounds(cfg.merge.weight_range, cfg.merge.density_range)  # type: ignore[attr-defined]
+    if isinstance(template, Recipe):
+        return template.bounds(cfg.merge.weight_range, cfg.merge.density_range)
     return [tuple(cfg.scale_range)] * len(template.scales)
 
 
@@ -110,7 +117,7 @@ class Individual:
     """A candidate: bits and scales as lists DEAP's operators edit in place; `genome` and `key` once settled."""
 
     def __init__(self, bits: Sequence[int], scales: Sequence[float], fitness: base.Fitness,
-                 genome: Genome | None = None):
+                 genome: CandidateGenome | None = None):
         self.bits = list(bits)
         self.scales = list(scales)
         self.fitness = fitness
@@ -118,11 +125,11 @@ class Individual:
         self.key = genome.key() if genome is not None else ""
 
     @classmethod
-    def of(cls, genome: Genome, fitness: base.Fitness) -> Individual:
+    def of(cls, genome: CandidateGenome, fitness: base.Fitness) -> Individual:
         """The individual of a genome that already meets its constraints."""
         return cls(genome.bits, genome.scales, fitness, genome)
 
-    def settle(self, template: Genome, rng: Rng = random) -> Individual:
+    def settle(self, template: CandidateGenome, rng: Rng = random) -> Individual:
         """Repair the edited bits and scales into a genome that meets the constraints; set `genome` and `key`."""
         self.genome = repair(template.with_bits(self.bits, self.scales), rng)
         self.bits = list(self.genome.bits)
@@ -133,15 +140,15 @@ class Individual:
 class Vector(list):
     """A CMA-ES sample: T inclusion values (a slot is included where > 0), then the scales; with its genome."""
 
-    def __init__(self, values: Sequence[float], fitness: base.Fitness, genome: Genome | None = None):
+    def __init__(self, values: Sequence[float], fitness: base.Fitness, genome: CandidateGenome | None = None):
         super().__init__(float(x) for x in values)
         self.fitness = fitness
-        self.genome: Genome | None = genome
+        self.genome: CandidateGenome | None = genome
         self.key = genome.key() if genome is not None else ""
 
-    def settle(self, template: Genome, bounds: Bounds, rng: Rng = random) -> Vector:
+    def settle(self, template: CandidateGenome, bounds: Bounds, rng: Rng = random) -> Vector:
         """Decode the values into a repaired genome (scales clipped to their bounds); set `genome` and `key`."""
-        T = template.layout.T  # noqa: N806 - the paper's name
+        T = len(template.bits)  # noqa: N806 - the paper's name
         bits = [1 if x > 0 else 0 for x in self[:T]]
         scales = clip_all(self[T:], bounds)
         self.genome = repair(template.with_bits(bits, scales), rng)
@@ -149,7 +156,7 @@ class Vector(list):
         return self
 
 
-def as_vector(genome: Genome) -> list[float]:
+def as_vector(genome: CandidateGenome) -> list[float]:
     """A genome as CMA-ES values: +1 for an included slot, -1 for an excluded one, then the scales."""
     return [1.0 if b else -1.0 for b in genome.bits] + list(genome.scales)
 
@@ -159,7 +166,7 @@ def same_key(a: Any, b: Any) -> bool:
     return a.key == b.key
 
 
-def member(genome: Genome, fitness: type[base.Fitness], objectives_of: Any) -> Individual:
+def member(genome: CandidateGenome, fitness: type[base.Fitness], objectives_of: Any) -> Individual:
     """An evaluated genome as a hall-of-fame or front member; `objectives_of(key)` gives its fitness values."""
     ind = Individual.of(genome, fitness())
     ind.fitness.values = objectives_of(ind.key)
@@ -173,9 +180,9 @@ def restore_members(container: tools.HallOfFame, items: list[Any]) -> None:
 
 
 # ---- variation ---------------------------------------------------------------------------
-def uniform_individual(template: Genome, fitness: type[base.Fitness], bounds: Bounds) -> Individual:
+def uniform_individual(template: CandidateGenome, fitness: type[base.Fitness], bounds: Bounds) -> Individual:
     """A uniform random genome: each bit on with probability 1/2, each scale uniform in its bounds."""
-    bits = [random.randint(0, 1) for _ in range(template.layout.T)]
+    bits = [random.randint(0, 1) for _ in range(len(template.bits))]
     scales = [random.uniform(lo, hi) for lo, hi in bounds]
     return Individual(bits, scales, fitness())
 
@@ -191,7 +198,7 @@ def mate(a: Individual, b: Individual, bounds: Bounds, alpha: float = 0.5) -> tu
 
 
 def mutate(
-    ind: Individual, template: Genome, bit_pb: float, sigma: float, bounds: Bounds,
+    ind: Individual, template: CandidateGenome, bit_pb: float, sigma: float, bounds: Bounds,
     scale_pb: float | None = None,
 ) -> tuple[Individual]:
     """Flip each bit with probability `bit_pb`; add N(0, sigma) to each scale in use with probability
@@ -217,11 +224,11 @@ def select_dcd(pop: list[Any], k: int) -> list[Any]:
     return chosen[:k]
 
 
-def variation_toolbox(cfg: Any, template: Genome, fitness: type[base.Fitness]) -> base.Toolbox:
+def variation_toolbox(cfg: Any, template: CandidateGenome, fitness: type[base.Fitness]) -> base.Toolbox:
     """The DEAP toolbox of the bit-and-scale algorithms: how to make, vary and perturb individuals
     (each algorithm registers its own selection)."""
     bounds = gene_bounds(cfg, template)
-    T = template.layout.T  # noqa: N806 - the paper's name
+    T = len(template.bits)  # noqa: N806 - the paper's name
     bit_pb = cfg.bit_flip_prob or 1.0 / max(1, T)
     tb = base.Toolbox()
     tb.register("individual", uniform_individual, template, fitness, bounds)

@@ -50,7 +50,7 @@ from typing import Any
 from dfs_merge.config import RacingConfig
 from dfs_merge.evaluation import WORST_SCORE, Evaluation, TaskResult
 from dfs_merge.fitness.score import aggregate, prefix_size, weighted_score
-from dfs_merge.genome import Genome
+from dfs_merge.genome_files import CandidateGenome
 from dfs_merge.search.backends import Evaluator
 from dfs_merge.search.rundir import RunDir
 
@@ -134,7 +134,7 @@ class Race:
                 self.known.setdefault(rec["key"], Scored()).add(int(rec["stage"]), Evaluation.from_dict(rec["evaluation"]))
 
     # ---- the race of one generation --------------------------------------------------------
-    def run(self, genomes: Mapping[str, Genome], gen: int, evaluator: Evaluator, finished: Sequence[str] = (),
+    def run(self, genomes: Mapping[str, CandidateGenome], gen: int, evaluator: Evaluator, finished: Sequence[str] = (),
             references: Sequence[str] = (), incumbents: Sequence[str] = ()) -> Iterator[tuple[str, Evaluation]]:
         """Race `genomes` (key -> genome, to be evaluated) beside `finished` (this generation's candidates whose
         result a killed run already logged: they race again from their stored documents, so the decisions are

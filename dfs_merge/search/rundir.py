@@ -29,7 +29,7 @@ import yaml
 from dfs_merge.atomic import append_jsonl, read_jsonl, write_atomic
 from dfs_merge.config import RESUMABLE_KEYS, RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError
-from dfs_merge.genome import Genome, save_genome
+from dfs_merge.genome_files import CandidateGenome, save_genome
 from dfs_merge.inputs import NoAliasDumper, read_json, read_yaml
 from dfs_merge.outputs import check_output
 
@@ -186,11 +186,11 @@ class RunDir:
         write_atomic(self.checkpoint, json.dumps({"format": CHECKPOINT_FORMAT, **state}, allow_nan=False))
 
     # ---- results -----------------------------------------------------------------------
-    def write_best(self, genome: Genome) -> None:
+    def write_best(self, genome: CandidateGenome) -> None:
         """Write the best genome (with its scores) atomically."""
         save_genome(genome, self.best)
 
-    def write_pareto(self, members: list[tuple[Genome, dict[str, Any]]]) -> list[Path]:
+    def write_pareto(self, members: list[tuple[CandidateGenome, dict[str, Any]]]) -> list[Path]:
         """Write the front: pareto/NN-<hops>hops-<key>.genome.yaml per member and pareto.json; stale files go."""
         self.pareto_dir.mkdir(exist_ok=True)
         files, rows = [], []

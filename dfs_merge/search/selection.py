@@ -16,14 +16,14 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from dfs_merge.evaluation import Evaluation
-from dfs_merge.genome import Genome
+from dfs_merge.genome_files import CandidateGenome
 
 
 @dataclass
 class Candidate:
     """One evaluated genome: its dev evaluation and, once shortlisted, its validation evaluation."""
 
-    genome: Genome
+    genome: CandidateGenome
     dev: Evaluation
     val: Evaluation | None = None
 
@@ -39,7 +39,7 @@ def selection_score(dev: Evaluation | None, val: Evaluation | None) -> float:
     return ev.score if ev is not None and ev.ok else float("-inf")
 
 
-def shortlist(evaluated: Iterable[tuple[Genome, Evaluation]], top: int,
+def shortlist(evaluated: Iterable[tuple[CandidateGenome, Evaluation]], top: int,
               group: Callable[[Evaluation], Hashable] = lambda ev: None) -> dict[Hashable, list[Candidate]]:
     """The `top` best distinct routes by dev score in each group (one group unless `group` says), failed ones out."""
     seen: set[str] = set()
@@ -52,14 +52,14 @@ def shortlist(evaluated: Iterable[tuple[Genome, Evaluation]], top: int,
     return {g: sorted(cs, key=lambda c: -c.dev.score)[:top] for g, cs in groups.items()}
 
 
-def per_hop_count(evaluated: Iterable[tuple[Genome, Evaluation]], hop_counts: Iterable[int],
+def per_hop_count(evaluated: Iterable[tuple[CandidateGenome, Evaluation]], hop_counts: Iterable[int],
                   top: int) -> dict[Hashable, list[Candidate]]:
     """Shortlists for an [score, hops] front: the `top` best by dev at each of `hop_counts`."""
     wanted = set(hop_counts)
     return shortlist(((g, ev) for g, ev in evaluated if ev.hops in wanted), top, group=lambda ev: ev.hops)
 
 
-def front_span(evaluated: Iterable[tuple[Genome, Evaluation]], front_hops: Iterable[int],
+def front_span(evaluated: Iterable[tuple[CandidateGenome, Evaluation]], front_hops: Iterable[int],
                top: int) -> dict[Hashable, list[Candidate]]:
     """Shortlists at every hop count from a dev front's fewest hops to its most, not only those on it: a route that
     a shorter one dominates on dev (so it is off the dev front) may still be the better one on validation."""
@@ -68,7 +68,7 @@ def front_span(evaluated: Iterable[tuple[Genome, Evaluation]], front_hops: Itera
 
 
 def choose(shortlists: dict[Hashable, list[Candidate]],
-           score_val: Callable[[Genome], Evaluation] | None) -> dict[Hashable, Candidate]:
+           score_val: Callable[[CandidateGenome], Evaluation] | None) -> dict[Hashable, Candidate]:
     """Per group, the shortlisted candidate with the best validation score (dev breaks ties; dev alone
     when `score_val` is None)."""
     chosen = {}

@@ -13,7 +13,9 @@ A resumed run continues the same tracker run: its id is kept in `tracking/<track
 The libraries are imported only when their tracker starts: a run without `tracking` imports neither.
 `Tracking` is what the loop calls: a tracker that cannot start stops the run in one line (`TrackingError`),
 or, with `tracking_optional: true`, is one warning line; a tracker that fails later is one warning line and
-tracking stops there; the run never does. A new tracker is one class here with `@register`.
+tracking stops there; the run never does. A new tracker is one class here and its row in
+`dfs_merge.registry.TRACKERS` (the name table the run config is checked against); one defined elsewhere is one
+class with `@register`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from dfs_merge.atomic import write_atomic
 from dfs_merge.errors import TrackingError, one_line
-from dfs_merge.registry import Registry
+from dfs_merge.registry import TRACKERS
 
 if TYPE_CHECKING:
     from dfs_merge.config import RunConfig
@@ -40,7 +42,6 @@ if TYPE_CHECKING:
 
 Status = Literal["finished", "failed", "killed"]
 
-TRACKERS: Registry[Tracker] = Registry("tracking", "tracker")
 register = TRACKERS.register  # class decorator: a tracker under its `name` (config `tracking:`)
 tracker_class = TRACKERS.lookup  # the tracker of a name; ConfigError naming the known ones otherwise
 DEFAULT_PROJECT = "dfs-merge"
@@ -147,7 +148,6 @@ class Tracker(ABC):
         """Close the tracker's run."""
 
 
-@register
 class WandbTracker(Tracker):
     """Weights & Biases. `tracking_project` names the project (default dfs-merge), `tracking_uri` the server
     (W&B's `base_url`; default: the user's W&B settings). Resume: `wandb.init(id=..., resume="allow")` with the
@@ -194,7 +194,6 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=0 if status == "finished" else 1)
 
 
-@register
 class MlflowTracker(Tracker):
     """MLflow, through `MlflowClient` (no global active run). `tracking_uri`, else `MLFLOW_TRACKING_URI`, else a
     file store in the run folder (`tracking/mlruns`; MLflow 3 asks `MLFLOW_ALLOW_FILE_STORE=true` for that

@@ -26,13 +26,12 @@ from dfs_merge.export.checkpoint import (
     verify_export,
 )
 from dfs_merge.export.mergekit import import_mergekit, mergekit_slices, write_mergekit_config
-from dfs_merge.genome import Genome, Route, load_genome
+from dfs_merge.genome import Genome, Route
+from dfs_merge.genome_files import load_genome
 from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-ROOT = CHECKOUT
+ROOT = CHECKOUT  # (the hub is offline for the whole session: tests/conftest.py)
 TOL = 1e-3
 
 # A route with a repeated layer block, both sources, and scales other than 1 (pinned ends).
@@ -225,7 +224,7 @@ def test_failed_verify_leaves_nothing(tiny_pool, tiny_source_dirs, tmp_path, mon
 KILL_SCRIPT = """
 import sys, time
 from dfs_merge.export import checkpoint as export
-from dfs_merge.genome import load_genome
+from dfs_merge.genome_files import load_genome
 from dfs_merge.models.sources import SourcePool
 real = export._save_shard
 def slow(*args):
@@ -238,7 +237,7 @@ export.export_checkpoint(SourcePool.load(list(g.sources)), g, sys.argv[2], max_s
 
 
 def test_killed_export_leaves_no_half_folder(tiny_pool, tiny_source_dirs, tmp_path):
-    from dfs_merge.genome import save_genome
+    from dfs_merge.genome_files import save_genome
 
     g = genome_a(tiny_source_dirs)
     save_genome(g, tmp_path / "g.yaml")
@@ -256,11 +255,11 @@ def test_killed_export_leaves_no_half_folder(tiny_pool, tiny_source_dirs, tmp_pa
             assert time.monotonic() < deadline, "the export never wrote a shard"
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=60)
         proc.stderr.close()
     assert not out.exists()
     left = list(out_parent.iterdir())
@@ -436,7 +435,7 @@ def test_smollm2_route_exports_and_round_trips_through_mergekit(tmp_path):
     done = subprocess.run(
         [str(Path(sys.executable).parent / "mergekit-yaml"), str(cfg), str(tmp_path / "theirs"), "--quiet",
          "--no-lazy-unpickle", "--no-cuda"],
-        env=env, capture_output=True, text=True,
+        env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "theirs")

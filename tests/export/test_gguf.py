@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,12 @@ from dfs_merge.errors import ExportError
 from dfs_merge.export import gguf as gguf_export
 from dfs_merge.export.checkpoint import export_checkpoint
 from dfs_merge.export.gguf import QUANTS, ROUND_TRIP_TEXTS, export_gguf, verify_gguf
-from dfs_merge.genome import Genome, Route, save_genome
+from dfs_merge.genome import Genome, Route
+from dfs_merge.genome_files import save_genome
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.families import family_for
 from dfs_merge.models.sources import Source, SourcePool
 from dfs_merge.stitch import stitch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # a repeated block, both sources, scales other than 1 (the HF export tests' route A)
 ROUTE = "0:0-2, 1:1-3, 0:1-3"

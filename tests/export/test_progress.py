@@ -7,7 +7,8 @@ import re
 from builders import run_cli
 
 from dfs_merge.export.checkpoint import export_checkpoint
-from dfs_merge.genome import Genome, Route, save_genome
+from dfs_merge.genome import Genome, Route
+from dfs_merge.genome_files import save_genome
 
 
 def genome(dirs) -> Genome:

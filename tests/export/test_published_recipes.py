@@ -36,7 +36,8 @@ from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import ExportError, GenomeError, SourceError
 from dfs_merge.export.checkpoint import export_checkpoint
 from dfs_merge.export.mergekit import import_mergekit, write_mergekit_config
-from dfs_merge.genome import Genome, Route, genome_to_dict, load_genome, save_genome
+from dfs_merge.genome import Genome, Route
+from dfs_merge.genome_files import genome_to_dict, load_genome, save_genome
 from dfs_merge.models.sources import SourcePool
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -737,6 +738,6 @@ def test_the_mergekit_yaml_command_builds_what_run_merge_builds(hub_cache, tmp_p
     cfg = write(tmp_path, "mk.yaml", for_mergekit(scaled(text, f), hub_cache))
     done = subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(cfg), str(tmp_path / "cli"),
                            "--quiet", "--no-cuda"], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.equal(logits(tmp_path / "cli"), logits(mergekit_yaml(cfg, tmp_path / "api")))

@@ -18,7 +18,8 @@ from dfs_merge.errors import ExportError
 from dfs_merge.export import checkpoint as export
 from dfs_merge.export.checkpoint import TOKENIZER_FILES, export_checkpoint, export_genome, stream_folders
 from dfs_merge.export.providers import read_header
-from dfs_merge.genome import Genome, Route, save_genome
+from dfs_merge.genome import Genome, Route
+from dfs_merge.genome_files import save_genome
 
 ROUTE = "0:0-2, 1:1-3, 0:1-3"
 SCALES = [1.0, 1.25, 1.0, 0.8, 1.0, 1.1, 1.0, 0.9, 1.0]

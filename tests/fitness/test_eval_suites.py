@@ -178,12 +178,10 @@ def _tiny_lm():
     return LlamaForCausalLM(cfg).eval(), hf_tok
 
 
-def test_every_task_scores_finite_on_a_tiny_model(task_dict):
-    import torch
+def test_every_task_scores_finite_on_a_tiny_model(task_dict, one_thread):
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
-    torch.set_num_threads(1)
     model, tok = _tiny_lm()
     lm = HFLM(pretrained=model, tokenizer=tok, backend="causal", max_length=1024, batch_size=8)
     out = evaluate(lm=lm, task_dict=task_dict, limit=3, bootstrap_iters=0, log_samples=False)

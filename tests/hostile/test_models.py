@@ -15,7 +15,8 @@ import yaml
 from builders import assert_refused, run_cli, tree_state
 from safetensors.torch import load_file, save_file
 
-from dfs_merge.genome import Genome, Route, genome_to_dict, save_genome
+from dfs_merge.genome import Genome, Route
+from dfs_merge.genome_files import genome_to_dict, save_genome
 
 
 def genome_file(folder: Path, sources: list[Path], name: str = "g.genome.yaml", **edits) -> Path:

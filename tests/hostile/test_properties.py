@@ -16,7 +16,8 @@ from synthetic import write_fake_sources
 
 from dfs_merge.config import ConstraintsConfig, RunConfig, load_config
 from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError
-from dfs_merge.genome import Genome, Route, genome_from_dict, genome_to_dict, load_genome
+from dfs_merge.genome import Genome, Route
+from dfs_merge.genome_files import genome_from_dict, genome_to_dict, load_genome
 from dfs_merge.search.state import RunRandom
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -22,7 +22,8 @@ from test_mergekit_parity import BIN, ENV, TOL, logits_of, needs_mergekit, rel, 
 from dfs_merge.errors import ExportError, GenomeError
 from dfs_merge.export.checkpoint import export_checkpoint
 from dfs_merge.export.mergekit import import_mergekit, write_mergekit_config
-from dfs_merge.genome import Genome, Route, save_genome
+from dfs_merge.genome import Genome, Route
+from dfs_merge.genome_files import save_genome
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch

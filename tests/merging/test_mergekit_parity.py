@@ -21,8 +21,7 @@ import yaml
 from builders import assert_refused, run_cli, save_source, tiny_llama_config
 
 from dfs_merge.errors import ExportError, GenomeError
-from dfs_merge.export.mergekit import import_mergekit, write_mergekit_config
-from dfs_merge.export.mergekit_recipe import write_recipe_config
+from dfs_merge.export.mergekit import import_mergekit, write_mergekit_config, write_recipe_config
 from dfs_merge.merging.blend import merged_model
 from dfs_merge.merging.methods import METHODS, merge_tensor, tensor_generator
 from dfs_merge.merging.recipe import Recipe

@@ -19,7 +19,7 @@ from builders import assert_refused, run_cli
 from synthetic import QUIET, TargetRecipe, evals, make_config, outcome, write_fake_sources
 
 from dfs_merge.errors import ConfigError, GenomeError
-from dfs_merge.genome import genome_from_dict, genome_to_dict, load_genome, save_genome
+from dfs_merge.genome_files import genome_from_dict, genome_to_dict, load_genome, save_genome
 from dfs_merge.merging.blend import Blender, merged_model
 from dfs_merge.merging.methods import METHODS, merge_tensor
 from dfs_merge.merging.recipe import Recipe, initial_recipe
@@ -228,7 +228,7 @@ def test_zoo_ps_search_resumes_after_sigkill_with_nothing_evaluated_twice(tmp_pa
         time.sleep(0.01)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     proc.stderr.close()
     logged = {e["key"] for e in evals(killed)}
     assert json.loads((killed / "checkpoint.json").read_text())["generation"] < 3

@@ -17,7 +17,8 @@ from builders import assert_refused, run_cli
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from dfs_merge.genome import Genome, Route, save_genome
+from dfs_merge.genome import Genome, Route
+from dfs_merge.genome_files import save_genome
 from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 

@@ -12,7 +12,8 @@ from builders import HIDDEN, message_lines, save_source, tiny_llama_config
 
 from dfs_merge.cli import main
 from dfs_merge.errors import IncompatibleSources, SourceError
-from dfs_merge.genome import Hop, Route, load_genome, save_genome, seed_genomes
+from dfs_merge.genome import Hop, Route, seed_genomes
+from dfs_merge.genome_files import load_genome, save_genome
 from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
@@ -142,7 +143,8 @@ def test_cli_export_with_missing_sources_is_one_line(tmp_path, capsys):
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
     exe = Path(sys.executable).parent / "dfs-merge"
-    proc = subprocess.run([str(exe), "show", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    proc = subprocess.run([str(exe), "show", str(tmp_path / "missing.yaml")], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"dfs-merge: error: {tmp_path / 'missing.yaml'}: no such file"
 

@@ -17,6 +17,8 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +135,32 @@ def fake_dequantise(calls: list[Path], delay: float = 0.0):
         time.sleep(delay)
 
     return convert
+
+
+@contextmanager
+def reuse_only(monkeypatch) -> Iterator[list[Path]]:
+    """Inside the block, converting or taking a model's lock fails the test; yields the files opened in it
+    (through `open` or `Path.open`) so that a test can check a reuse read nothing but the marker."""
+    import builtins
+    import io
+
+    opened: list[Path] = []
+    real_open = io.open
+
+    def spy(file, *args, **kwargs):
+        if not isinstance(file, int):
+            opened.append(Path(os.fsdecode(file)).resolve())
+        return real_open(file, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reuse converted or took the model's lock")
+
+    with monkeypatch.context() as m:
+        m.setattr(ms, "convert_gguf", refuse)
+        m.setattr(ms, "_model_lock", refuse)
+        m.setattr(io, "open", spy)  # what pathlib's open and read_text call
+        m.setattr(builtins, "open", spy)
+        yield opened
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -259,9 +287,9 @@ def test_fetch_gguf_converts_once_then_reuses(tiny_gguf, isolated_cache, monkeyp
         raise AssertionError("converted a second time")
 
     monkeypatch.setattr(ms, "_dequantise_into", must_not_convert)
-    start = time.perf_counter()
-    assert ms.fetch(tiny_gguf) == first
-    assert time.perf_counter() - start < 0.5
+    with reuse_only(monkeypatch) as opened:
+        assert ms.fetch(tiny_gguf) == first
+    assert opened == [(first / ms.MARKER).resolve()]  # the GGUF and the weights are not read, only stat'ed
 
 
 def test_gguf_cache_name_follows_path_size_and_mtime(tmp_path):
@@ -408,9 +436,11 @@ def test_smollm2_fetch_reload_answers_paris(monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = ms.fetch("smollm2-135m-instruct")
-    start = time.perf_counter()
-    assert ms.fetch("smollm2-135m-instruct") == folder
-    assert time.perf_counter() - start < 0.5
+    with reuse_only(monkeypatch) as opened:
+        assert ms.fetch("smollm2-135m-instruct") == folder
+    # the marker, and the package's metadata for its version; not the GGUF, not the weights
+    assert [p for p in opened if p.parent == folder.resolve()] == [(folder / ms.MARKER).resolve()], opened
+    assert not [p for p in opened if p.suffix in (".gguf", ".safetensors")], opened
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576

@@ -23,7 +23,8 @@ from synthetic import QUIET, TARGET, TargetRoute, evals, make_config, outcome
 from dfs_merge.config import ConstraintsConfig, load_config
 from dfs_merge.errors import ConfigError
 from dfs_merge.evaluation import WORST_SCORE, Evaluation
-from dfs_merge.genome import Genome, Route, genome_from_dict, seed_genomes
+from dfs_merge.genome import Genome, Route, seed_genomes
+from dfs_merge.genome_files import genome_from_dict
 from dfs_merge.search.evolution import run_evolution
 from dfs_merge.search.operators import repair, scale_genes
 from dfs_merge.search.state import RunRandom
@@ -57,18 +58,51 @@ def test_scale_genes_follow_the_route(sources):
     assert scale_genes(slot) == [i for i, b in enumerate(slot.bits) if b]
 
 
-def test_run_random_state_round_trips_through_json():
+@pytest.fixture()
+def global_random_states():
+    """The global Python and numpy generators seeded 123 for the test, then put back as they were."""
+    import numpy as np
+
+    saved = random.getstate(), np.random.get_state()
+    random.seed(123)
+    np.random.seed(123)
+    yield
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+
+
+def draw() -> tuple[float, float]:
+    """One draw from the global Python generator and one from numpy's."""
+    import numpy as np
+
+    return random.random(), float(np.random.standard_normal())
+
+
+def test_run_random_state_round_trips_through_json(global_random_states):
+    import numpy as np
+
+    outer_py, outer_np = random.Random(123), np.random.RandomState(123)  # the global sequences, drawn aside
     rng = RunRandom(5)
     with rng.active():
         random.random()
     copy = RunRandom.from_json(json.loads(json.dumps(rng.to_json())))
-    outer = random.random()
     with rng.active():
-        a = (random.random(), __import__("numpy").random.standard_normal())
+        a = draw()
     with copy.active():
-        b = (random.random(), __import__("numpy").random.standard_normal())
+        b = draw()
     assert a == b
-    assert random.random() != outer  # the global generator went on undisturbed
+    # the run's own sequence, continued from block to block (its first Python draw was in the first block)
+    own_py, own_np = random.Random(5), np.random.RandomState(5)
+    own_py.random()
+    assert a == (own_py.random(), float(own_np.standard_normal()))
+    with rng.active():
+        assert draw() == (own_py.random(), float(own_np.standard_normal()))
+    # the global generators went on exactly where they were, as if the blocks had not run
+    assert draw() == (outer_py.random(), float(outer_np.standard_normal()))
+    with pytest.raises(KeyError), rng.active():
+        draw()
+        raise KeyError("an algorithm failed while drawing")
+    assert draw() == (outer_py.random(), float(outer_np.standard_normal()))  # put back after an error too
 
 
 # ---- algorithms -----------------------------------------------------------------------------
@@ -378,7 +412,7 @@ def test_sigkill_mid_generation_then_resume_matches_uninterrupted_run(sources, t
         time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     proc.stderr.close()
     state = json.loads((killed / "checkpoint.json").read_text())
     assert state["generation"] < 5 and not state["finished"]

@@ -308,7 +308,7 @@ def test_raced_lm_eval_scores_equal_unraced_ones(tiny_source_dirs, tiny_suite_di
     full = [e for e in lines if e["error"] is None and e["evaluation"]["race"].get("dropped") is None]
     assert full
     unraced = ModelEvaluator(RunConfig(**{**cfg.model_dump(by_alias=True), "racing": None}))
-    from dfs_merge.genome import genome_from_dict
+    from dfs_merge.genome_files import genome_from_dict
 
     for e in full:
         ev = unraced(genome_from_dict(e["genome"]))

@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from dfs_merge import CHECKOUT
+from dfs_merge import bundled
 from dfs_merge.apps.zoo import world
 
-ROOT = CHECKOUT
+ROOT = bundled.root()  # the repository root in a clone
 ZOO_DIR = ROOT / "models" / "zoo"
 SUITE_DIR = ROOT / "eval_suites"
 
@@ -520,7 +520,8 @@ def lm_eval_table(zoo: Path = ZOO_DIR, runs: dict[str, str] | None = None, log: 
     """Evolve (or resume) each run of `runs`, then score every row on the test split with lm-eval: markdown."""
     from dfs_merge.config import load_config
     from dfs_merge.fitness.score import Fitness
-    from dfs_merge.genome import Route, load_genome
+    from dfs_merge.genome import Route
+    from dfs_merge.genome_files import load_genome
     from dfs_merge.merging.blend import merged_model
     from dfs_merge.merging.recipe import Recipe
     from dfs_merge.models.sources import SourcePool

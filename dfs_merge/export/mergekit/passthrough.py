@@ -2,18 +2,20 @@
 
 `write_mergekit_config` writes the same model as a mergekit 0.1.5 `passthrough`
 config (`mergekit-yaml cfg.yaml OUT` builds it); `import_mergekit` reads such a
-config back into a genome. A hybrid (a genome with a parameter-space recipe file among
-its sources) is written as a `mergekit-multi` config: each recipe's merge as a named
-document, then the passthrough route referring to it by that name
-(`mergekit-multi cfg.yaml --intermediate-dir DIR --out-path OUT` builds it).
+config back into a genome, in three steps: parse the slices (`_parse_slices`), resolve
+them against the sources' configs into hops (`_passthrough_sources`, `_hops`), and build
+the route and its slot layout (`_route`, `_repeats`, `_build_genome`). A hybrid (a genome
+with a parameter-space recipe file among its sources) is written as a `mergekit-multi`
+config: each recipe's merge as a named document, then the passthrough route referring to
+it by that name (`mergekit-multi cfg.yaml --intermediate-dir DIR --out-path OUT` builds it).
+The configs of the other merge methods, out and in, are `recipe`'s; both functions here
+take and give either kind.
 
 mergekit semantics this module relies on (mergekit 0.1.5, `plan.py`, `config.py`,
 `merge_methods/passthrough.py`):
 
-- a slice's `parameters.scale` multiplies every tensor it resolves to; a list of
-  `{filter, value}` resolves per tensor to the first entry whose `filter` is a
-  substring of the output tensor name (no filter, or `*`, matches all); no match
-  leaves the tensor as is;
+- a slice's `parameters.scale` multiplies every tensor it resolves to (`common.resolve_setting`);
+  no match leaves the tensor as is;
 - the embeddings come from the first slice's model, the final norm and LM head
   from the last slice's model; a `layer_range` of `[0, 0]` contributes no layer,
   so an empty slice of the base pins them to the base;
@@ -35,40 +37,81 @@ import yaml
 
 import dfs_merge
 from dfs_merge.atomic import write_atomic
-from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import ExportError, GenomeError, SourceError
+from dfs_merge.export.mergekit.common import (
+    base_model,
+    check_config_output,
+    distinct_models,
+    dump_config,
+    layer_range,
+    merge_dtype,
+    model_name,
+    model_reference,
+    resolve_setting,
+    same_path,
+    tokenizer_source,
+)
+from dfs_merge.export.mergekit.recipe import (
+    dare_note,
+    import_recipe,
+    recipe_config,
+    supported_message,
+    write_recipe_config,
+)
 from dfs_merge.export.tensors import running_products
-from dfs_merge.genome import DTYPE_NAMES, Genome, Hop, Route, Scaling
-from dfs_merge.inputs import NoAliasDumper, read_yaml
+from dfs_merge.genome import DTYPE_NAMES, ConstraintsConfig, Genome, Scaling
+from dfs_merge.genome_files import is_recipe_file, load_recipe_source
+from dfs_merge.inputs import read_yaml
+from dfs_merge.merging.methods import METHODS
+from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models import hub
 from dfs_merge.models.adapters import split_source
 from dfs_merge.models.families import Family
 from dfs_merge.models.sources import locate, read_config, ties_embeddings
-from dfs_merge.outputs import check_output
+from dfs_merge.route import Hop, Route
 
 if TYPE_CHECKING:
-    from dfs_merge.merging.recipe import Recipe
+    from dfs_merge.export.formats import ExportOptions
+    from dfs_merge.export.progress import Progress
+
+__all__ = ["RouteSlice", "import_mergekit", "import_passthrough", "mergekit_slices", "precheck", "write",
+           "write_mergekit_config"]
+
+# --------------------------------------------------------------------------- the export format
+
+
+def precheck(genome: Genome | Recipe, options: ExportOptions) -> None:
+    """`dfs-merge export --format mergekit` checks nothing before writing: writing reads only config.json."""
+
+
+def write(genome: Genome | Recipe, out: Path, options: ExportOptions, progress: Progress) -> Path:
+    """`dfs-merge export --format mergekit`: `write_mergekit_config` (no weights are read, so no progress)."""
+    return write_mergekit_config(genome, out, force=options.force, dtype=options.dtype)
+
 
 # --------------------------------------------------------------------------- mergekit out
 
 
 @dataclass(frozen=True)
-class _Slice:
+class RouteSlice:
+    """Consecutive hops of a route written as one mergekit slice: layers [start, end) of one source, one
+    running product."""
+
     source: int
     start: int  # first layer
     end: int  # exclusive
     product: float  # running scale product of every hop in the slice
 
 
-def mergekit_slices(route: Route) -> list[_Slice]:
+def mergekit_slices(route: Route) -> list[RouteSlice]:
     """Fewest slices for mergekit: runs of consecutive layers of one source with one running product."""
-    out: list[_Slice] = []
+    out: list[RouteSlice] = []
     for h, p in zip(route, running_products(route), strict=True):
         last = out[-1] if out else None
         if last is not None and last.source == h.source and last.end == h.layer and last.product == p:
-            out[-1] = _Slice(last.source, last.start, last.end + 1, p)
+            out[-1] = RouteSlice(last.source, last.start, last.end + 1, p)
         else:
-            out.append(_Slice(h.source, h.layer, h.layer + 1, p))
+            out.append(RouteSlice(h.source, h.layer, h.layer + 1, p))
     return out
 
 
@@ -87,12 +130,6 @@ def _residual_writers(family: Family) -> tuple[str, ...] | None:
     scaled = {n for n, v in state.items() if not torch.equal(v, torch.ones(2))}
     ok = scaled == {f"{w}.weight" for w in writers} and all(torch.equal(state[n], torch.full((2,), 0.25)) for n in scaled)
     return writers if ok else None
-
-
-def _dtype_name(config: Any) -> str:
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    name = str(d).replace("torch.", "") if d is not None else "float32"
-    return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
 def write_mergekit_config(
@@ -115,7 +152,7 @@ def write_mergekit_config(
     dtype; `out_dtype` and `chat_template` are the genome's. A route whose attention types
     differ from the base's `layer_types` (of the route's length) is an ExportError; families
     whose fold mergekit cannot express (Gemma 3) are one too.
-    A `Recipe` (a parameter-space merge) is written by `mergekit_recipe.write_recipe_config`.
+    A `Recipe` (a parameter-space merge) is written by `recipe.write_recipe_config`.
 
     A hybrid, whose sources include recipe files, is written as a multi-document
     `mergekit-multi` config: one document per distinct recipe (`recipe_config`'s mapping plus
@@ -124,22 +161,16 @@ def write_mergekit_config(
     document's name by `INTERMEDIATE_DIR/NAME`; the unnamed document is the one written to
     `--out-path`). A recipe source's config (layers, family, dtype) is its base's.
     """
-    from dfs_merge.merging.recipe import Recipe, is_recipe_file, load_recipe_source
-
     if isinstance(genome, Recipe):
-        from dfs_merge.export.mergekit_recipe import write_recipe_config
-
         return write_recipe_config(genome, out, force=force, dtype=dtype)
     route = genome.check()
     recipes = {i: load_recipe_source(p) for i, p in enumerate(genome.sources) if is_recipe_file(p)}
-    inputs = [*genome.sources, *(s for r in recipes.values() for s in r.sources)]
-    out = check_output(out, kind="file", force=force, inputs=inputs, error=ExportError, what=None,
-                       force_hint="force=True (--force)")
+    out = check_config_output(out, [*genome.sources, *(s for r in recipes.values() for s in r.sources)], force=force)
     configs = [read_config(_config_folder(p, recipes.get(i))) for i, p in enumerate(genome.sources)]
     # a recipe source is referred to by the name of its merge, built first (mergekit-multi)
     merges = _recipe_documents(recipes, dtype)
     names = {i: name for name, (_, _, idx) in merges.items() for i in idx}
-    folders = [names[i] if i in names else _model_reference(p) for i, p in enumerate(genome.sources)]
+    folders = [names[i] if i in names else model_reference(p) for i, p in enumerate(genome.sources)]
     for i, ((cfg, _), n) in enumerate(zip(configs, genome.layout.layers, strict=True)):
         if cfg.num_hidden_layers != n:
             raise SourceError(f"source {i} ({genome.sources[i]}) has {cfg.num_hidden_layers} layers, the genome says {n}")
@@ -153,7 +184,53 @@ def write_mergekit_config(
     if any(hub.is_hub_name(split_source(p)[0]) and not Path(split_source(p)[0]).exists() for p in genome.sources):
         note += ("# Hub names are written as their folders in the local Hugging Face cache: mergekit asks the Hub "
                  "for a name even when it is cached\n")
-    writers = _residual_writers(family) or ()
+    data = _passthrough_document(genome, route, folders, _residual_writers(family) or (), dtype, base_cfg)
+    if not merges:
+        header = (
+            f"# mergekit passthrough config written by dfs-merge {dfs_merge.__version__}\n"
+            f"# route ({len(route)} hops): {route.text()}\n"
+            f"# genome key {genome.key()}; sources: {', '.join(genome.sources)}\n"
+            f"{note}# build: mergekit-yaml {out.name} OUTPUT_DIR  (the "
+            f"{'base' if not genome.tokenizer_source else f'source {genome.tokenizer_source}'}'s tokenizer)\n"
+        )
+        write_atomic(out, header + dump_config(data))
+        return out
+    docs = [dump_config({"name": name, **cfg}) for name, (_, cfg, _) in merges.items()]
+    write_atomic(out, _multi_header(genome, route, merges, note, out.name) + "---\n".join([*docs, dump_config(data)]))
+    return out
+
+
+def _multi_header(genome: Genome, route: Route, merges: dict[str, tuple[Recipe, dict[str, Any], list[int]]],
+                  note: str, file_name: str) -> str:
+    """The comment lines above a hybrid's mergekit-multi config: the route, each merge it builds first (and the
+    sources it stands for), the notes, and how to build it."""
+    n = len(merges)
+    header = (
+        f"# mergekit-multi config written by dfs-merge {dfs_merge.__version__}: a hybrid, {n} parameter-space "
+        f"merge{'s' if n != 1 else ''} then the passthrough route over {'them' if n != 1 else 'it'}\n"
+        f"# route ({len(route)} hops): {route.text()}\n"
+        f"# genome key {genome.key()}; sources: {', '.join(genome.sources)}\n"
+    )
+    notes = ""
+    for name, (r, _, idx) in merges.items():
+        which = ", ".join(f"source {i} ({genome.sources[i]})" for i in idx)
+        header += (f"# {which}: the {r.method} merge named {name} ({r.layer_groups} layer group"
+                   f"{'s' if r.layer_groups != 1 else ''}): {r.text()}; recipe key {r.key()}; "
+                   f"its sources: {', '.join(r.sources)}\n")
+        notes += dare_note(r)
+    return header + notes + note + (
+        f"# build: mergekit-multi {file_name} --intermediate-dir DIR --out-path OUTPUT_DIR\n"
+        "#   each named document is merged first into DIR/NAME (kept and reused while it exists, unless --no-lazy);\n"
+        "#   the last, unnamed document is the route, written to OUTPUT_DIR (the base's tokenizer is copied).\n"
+        "#   Not a mergekit-yaml config (several documents).\n"
+    )
+
+
+def _passthrough_document(genome: Genome, route: Route, folders: Sequence[str], writers: Sequence[str],
+                          dtype: str | None, base_config: Any) -> dict[str, Any]:
+    """The passthrough config (a mapping) of `route` over the sources named `folders`: its slices (empty ones
+    first / last to pin the embeddings and the head), each scaled by 1/P on the residual `writers`, and the
+    genome's settings."""
     slices = mergekit_slices(route)
     entries: list[dict[str, Any]] = []
     if slices[0].source != genome.embed_source:
@@ -171,7 +248,7 @@ def write_mergekit_config(
     data: dict[str, Any] = {
         "merge_method": "passthrough",
         "base_model": str(folders[0]),
-        "dtype": dtype or genome.dtype or genome.out_dtype or _dtype_name(base_cfg),
+        "dtype": dtype or genome.dtype or genome.out_dtype or merge_dtype(base_config),
     }
     if dtype is None and genome.out_dtype and genome.out_dtype != data["dtype"]:
         data["out_dtype"] = genome.out_dtype
@@ -180,46 +257,7 @@ def write_mergekit_config(
     if genome.chat_template is not None:
         data["chat_template"] = genome.chat_template
     data["slices"] = entries
-
-    def dump(d: dict[str, Any]) -> str:
-        return yaml.dump(d, Dumper=NoAliasDumper, sort_keys=False, default_flow_style=None, width=200)
-
-    if not merges:
-        header = (
-            f"# mergekit passthrough config written by dfs-merge {dfs_merge.__version__}\n"
-            f"# route ({len(route)} hops): {route.text()}\n"
-            f"# genome key {genome.key()}; sources: {', '.join(genome.sources)}\n"
-            f"{note}# build: mergekit-yaml {out.name} OUTPUT_DIR  (the "
-            f"{'base' if not genome.tokenizer_source else f'source {genome.tokenizer_source}'}'s tokenizer)\n"
-        )
-        write_atomic(out, header + dump(data))
-        return out
-    from dfs_merge.export.mergekit_recipe import dare_note
-
-    n = len(merges)
-    header = (
-        f"# mergekit-multi config written by dfs-merge {dfs_merge.__version__}: a hybrid, {n} parameter-space "
-        f"merge{'s' if n != 1 else ''} then the passthrough route over {'them' if n != 1 else 'it'}\n"
-        f"# route ({len(route)} hops): {route.text()}\n"
-        f"# genome key {genome.key()}; sources: {', '.join(genome.sources)}\n"
-    )
-    notes = ""
-    for name, (r, _, idx) in merges.items():
-        which = ", ".join(f"source {i} ({genome.sources[i]})" for i in idx)
-        header += (f"# {which}: the {r.method} merge named {name} ({r.layer_groups} layer group"
-                   f"{'s' if r.layer_groups != 1 else ''}): {r.text()}; recipe key {r.key()}; "
-                   f"its sources: {', '.join(r.sources)}\n")
-        notes += dare_note(r)
-    header += notes + note
-    header += (
-        f"# build: mergekit-multi {out.name} --intermediate-dir DIR --out-path OUTPUT_DIR\n"
-        "#   each named document is merged first into DIR/NAME (kept and reused while it exists, unless --no-lazy);\n"
-        "#   the last, unnamed document is the route, written to OUTPUT_DIR (the base's tokenizer is copied).\n"
-        "#   Not a mergekit-yaml config (several documents).\n"
-    )
-    docs = [dump({"name": name, **cfg}) for name, (_, cfg, _) in merges.items()]
-    write_atomic(out, header + "---\n".join([*docs, dump(data)]))
-    return out
+    return data
 
 
 def _layer_types_note(route: Route, configs: Sequence[tuple[Any, Family]], family: Family) -> str:
@@ -264,8 +302,6 @@ def _recipe_documents(
     Recipe sources whose mergekit configs are equal share one merge.
     Returns name -> (recipe, its mergekit config, the genome's source indices it stands for).
     """
-    from dfs_merge.export.mergekit_recipe import recipe_config
-
     out: dict[str, tuple[Recipe, dict[str, Any], list[int]]] = {}
     for i, r in recipes.items():
         cfg = recipe_config(r, dtype=dtype)
@@ -280,67 +316,6 @@ def _recipe_documents(
 # --------------------------------------------------------------------------- mergekit in
 
 
-def _resolve_setting(setting: Any, tensor: str, t: float) -> float | None:
-    """mergekit's `evaluate_setting` for a numeric parameter: filters, then gradients over `t`."""
-    if setting is None:
-        return None
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, bool) or isinstance(setting, str):
-        raise ValueError(f"not a number: {setting!r}")
-    if isinstance(setting, (int, float)):
-        return float(setting)
-    if not isinstance(setting, list):
-        raise ValueError(f"unexpected value {setting!r}")
-    if not setting:
-        return None
-    if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-        scaled = t * (len(setting) - 1)
-        i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
-        frac = scaled - i0
-        return (1 - frac) * float(setting[i0]) + frac * float(setting[i1])
-    for cond in setting:
-        if not isinstance(cond, dict) or "value" not in cond:
-            raise ValueError(f"expected {{filter, value}} entries, got {cond!r}")
-        filt = cond.get("filter")
-        if filt is None or filt == "*" or (tensor and str(filt) in tensor):
-            return _resolve_setting(cond["value"], tensor, t)
-    return None
-
-
-def _model_reference(source: str) -> str:
-    """How mergekit names a source: its local folder, with `+ADAPTER` (mergekit's LoRA syntax) for an adapter."""
-    base, adapter = split_source(source)
-    folder = str(locate(base).resolve())
-    return f"{folder}+{adapter.resolve()}" if adapter is not None else folder
-
-
-def _model_name(entry: Any, where: str) -> str:
-    """A slice's model as a source: a path or name, `BASE+LORA` kept as it is (a LoRA adapter source)."""
-    model = entry.get("model") if isinstance(entry, dict) else None
-    if isinstance(model, dict):  # mergekit's long form {model: {path: ...}, lora: {path: ...}}
-        inner, lora = model.get("model"), model.get("lora")
-        model = inner.get("path") if isinstance(inner, dict) else None
-        if isinstance(model, str) and model and lora:
-            lora_path = lora.get("path") if isinstance(lora, dict) else None
-            if not isinstance(lora_path, str) or not lora_path:
-                raise GenomeError(f"{where}: its lora needs a 'path'")
-            model = f"{model}+{lora_path}"
-    if not isinstance(model, str) or not model:
-        raise GenomeError(f"{where}: needs a 'model' path")
-    return model
-
-
-def _same_path(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    try:
-        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-    except OSError:
-        return False
-
-
 def import_mergekit(
     config_path: str | Path,
     *,
@@ -348,8 +323,59 @@ def import_mergekit(
     scaling: Scaling = "slot",
     sources: Sequence[str] | None = None,
 ) -> Genome | Recipe:
-    """Turn a mergekit `passthrough` config into a genome (a `linear`, `task_arithmetic`, `ties`,
-    `dare_linear` or `dare_ties` config into a recipe: `mergekit_recipe.import_recipe`).
+    """Turn a mergekit `passthrough` config into a genome (`import_passthrough`); a `linear`, `task_arithmetic`,
+    `ties`, `dare_linear` or `dare_ties` config into a recipe (`recipe.import_recipe`).
+
+    A `linear` config in which every slice has exactly one model of nonzero weight (the
+    dummy-model trick of miquliz and TheProfessor) is the passthrough it builds. Any other
+    method, and a multi-document file (a `mergekit-multi` config), is a GenomeError.
+    """
+    path = Path(config_path)
+    data, where = _read_document(path), str(path)
+    method = data.get("merge_method")
+    if method == "linear":
+        passthrough = _linear_as_passthrough(data)
+        if passthrough is not None:
+            data, method = passthrough, "passthrough"
+    if method == "passthrough":
+        return import_passthrough(data, where, repeats=repeats, scaling=scaling, sources=sources)
+    if isinstance(method, str) and method in METHODS:
+        return import_recipe(data, where, sources=sources)
+    raise GenomeError(f"{where}: {supported_message(method)}")
+
+
+@dataclass(frozen=True)
+class _PassthroughSlice:
+    """One slice of a passthrough config as parsed: its model, its layers [start, end), its scale setting."""
+
+    model: str
+    start: int
+    end: int
+    scale: Any  # the source entry's, else the slice's, else the config's `parameters.scale`
+
+    def label(self) -> str:
+        return f"{self.model} [{self.start}, {self.end}]"
+
+
+@dataclass(frozen=True)
+class _LayerHop:
+    """One layer a slice takes: its source and layer, the running product P at it, the slice it is from."""
+
+    source: int
+    layer: int
+    product: float
+    slice: int
+
+
+def import_passthrough(
+    data: dict[str, Any],
+    where: str,
+    *,
+    repeats: int | None = None,
+    scaling: Scaling = "slot",
+    sources: Sequence[str] | None = None,
+) -> Genome:
+    """Turn a passthrough config (a mapping, read from `where`) into a genome.
 
     Sources are `sources` if given, else `base_model` (when set) and then the slices'
     models in order of first appearance; a model may be a folder or a Hub name in the
@@ -361,15 +387,41 @@ def import_mergekit(
     model (`embed_source`), the final norm and head from the last slice's (`head_source`),
     as in mergekit. `tokenizer_source` (`base`, `model:NAME` or a model's path),
     `dtype`, `out_dtype` (default: `dtype`, what mergekit writes) and `chat_template`
-    are carried. A `linear` config in which every slice has exactly one model of nonzero
-    weight (the dummy-model trick of miquliz and TheProfessor) is the passthrough it
-    builds. `repeats` defaults to the smallest that expresses the route; a route the
+    are carried. `repeats` defaults to the smallest that expresses the route; a route the
     layout cannot express is a GenomeError naming the slice. `pin_ends` is kept when the
     route starts and ends with the base's first and last layer.
     """
-    path = Path(config_path)
+    slices = _parse_slices(data, where)
+    src_list, index_of = _passthrough_sources(slices, base_model(data, where), sources, where)
+    settings = {
+        "tokenizer_source": tokenizer_source(data, src_list, where),
+        "dtype": _dtype_setting(data, "dtype", where),
+        "out_dtype": _dtype_setting(data, "out_dtype", where),
+        "chat_template": data.get("chat_template"),
+    }
+    settings["out_dtype"] = settings["out_dtype"] or settings["dtype"]  # what mergekit writes the checkpoint in
+    configs = [read_config(locate(s)) for s in src_list]  # layer counts, from config.json only
+    layers = [int(cfg.num_hidden_layers) for cfg, _ in configs]
+    hops = _hops(slices, index_of, configs, where)
+    route = _route(hops, index_of, scaling, where)
+    r = _repeats(hops, slices, layers, repeats, where)
+    pin = route[0].source == 0 and route[0].layer == 0 and route[-1].source == 0 and route[-1].layer == layers[0] - 1
     try:
-        data = read_yaml(path, GenomeError)
+        genome = replace(Genome.from_route(route, src_list, layers, r, scaling, ConstraintsConfig(pin_ends=pin)),
+                         **settings)
+        genome.check()
+    except GenomeError as err:
+        raise GenomeError(f"{where}: {err}") from None
+    return genome
+
+
+# ---- parse
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    """The one YAML document of a config file; a mergekit-multi config (several documents) is refused."""
+    try:
+        return read_yaml(path, GenomeError)
     except GenomeError:
         docs = _document_count(path)
         if docs > 1:
@@ -378,142 +430,6 @@ def import_mergekit(
                 "mergekit config (one document) can be imported"
             ) from None
         raise
-    where = str(path)
-    method = data.get("merge_method")
-    if method == "linear":
-        passthrough = _linear_as_passthrough(data)
-        if passthrough is not None:
-            data, method = passthrough, "passthrough"
-    if method != "passthrough":
-        from dfs_merge.export.mergekit_recipe import import_recipe, supported_message
-        from dfs_merge.merging.methods import METHODS
-
-        if isinstance(method, str) and method in METHODS:
-            return import_recipe(data, where, sources=sources)
-        raise GenomeError(f"{where}: {supported_message(method)}")
-    raw = data.get("slices")
-    if not isinstance(raw, list) or not raw:
-        raise GenomeError(f"{where}: a passthrough config needs a 'slices' list (models/modules forms are not routes)")
-    top_params = (data.get("parameters") or {}).get("scale")
-
-    # sources
-    named: list[tuple[str, list[int], Any]] = []  # (model, [start, end), scale setting) per slice
-    for i, sl in enumerate(raw):
-        w = f"{where}: slice {i}"
-        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or len(sl["sources"]) != 1:
-            raise GenomeError(f"{w}: a passthrough slice needs exactly one entry under 'sources'")
-        entry = sl["sources"][0]
-        model = _model_name(entry, w)
-        rng = entry.get("layer_range")
-        if (
-            not isinstance(rng, (list, tuple)) or len(rng) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in rng) or not 0 <= rng[0] <= rng[1]
-        ):
-            raise GenomeError(f"{w}: layer_range must be [start, end] with 0 <= start <= end, got {rng!r}")
-        setting = (entry.get("parameters") or {}).get("scale")
-        if setting is None:
-            setting = (sl.get("parameters") or {}).get("scale")
-        if setting is None:
-            setting = top_params
-        named.append((model, [int(rng[0]), int(rng[1])], setting))
-    base_model = data.get("base_model")
-    if isinstance(base_model, dict):
-        base_model = _model_name({"model": base_model}, f"{where}: base_model")
-    if sources is None:
-        order = ([base_model] if isinstance(base_model, str) else []) + [m for m, _, _ in named]
-        src_list: list[str] = []
-        for m in order:
-            if not any(_same_path(m, s) for s in src_list):
-                src_list.append(m)
-    else:
-        src_list = [str(s) for s in sources]
-        if not src_list:
-            raise GenomeError(f"{where}: sources is empty")
-    index_of: list[int] = []
-    for i, (m, _, _) in enumerate(named):
-        k = next((j for j, s in enumerate(src_list) if _same_path(m, s)), None)
-        if k is None:
-            raise GenomeError(f"{where}: slice {i}: model {m} is not one of the sources ({', '.join(src_list)})")
-        index_of.append(k)
-
-    settings = {
-        "tokenizer_source": _tokenizer_source(data, src_list, where),
-        "dtype": _dtype_setting(data, "dtype", where),
-        "out_dtype": _dtype_setting(data, "out_dtype", where),
-        "chat_template": data.get("chat_template"),
-    }
-    settings["out_dtype"] = settings["out_dtype"] or settings["dtype"]  # what mergekit writes the checkpoint in
-
-    # layer counts, from config.json only
-    layers: list[int] = []
-    families: list[Family] = []
-    configs: list[Any] = []
-    for s in src_list:
-        cfg, fam = read_config(locate(s))
-        layers.append(int(cfg.num_hidden_layers))
-        families.append(fam)
-        configs.append(cfg)
-    family = families[0]
-    writers = _residual_writers(family)
-    pre = tuple(n for n in family.non_layer_weights if "embed" in n)
-    post = tuple(n for n in family.non_layer_weights if "embed" not in n)
-
-    # hops and their running products
-    hops: list[tuple[int, int, float, int]] = []  # (source, layer, product, slice)
-    for i, ((m, (start, end), setting), src) in enumerate(zip(named, index_of, strict=True)):
-        w = f"{where}: slice {i} ({m} [{start}, {end}])"
-        if end > layers[src]:
-            raise GenomeError(f"{w}: layer_range ends past the model's {layers[src]} layers")
-        n = end - start
-        ends = (pre if i == 0 else ()) + (post if i == len(named) - 1 else ())
-        _unscaled(setting, ends, w)  # mergekit scales them with this slice's setting at t = 0
-        for j in range(n):
-            t = j / (n - 1) if n > 1 else 1.0
-            product = _slice_product(setting, family, writers, len(hops), t, w)
-            hops.append((src, start + j, product, i))
-    if not hops:
-        raise GenomeError(f"{where}: the slices contain no layer")
-    embed, head = index_of[0], index_of[-1]
-    if embed != head and any(ties_embeddings(configs[k]) for k in (embed, head)):
-        raise GenomeError(
-            f"{where}: slice {len(named) - 1}: mergekit takes the final norm from its model ({named[-1][0]}) but, "
-            f"the models tying the LM head to the embeddings, the head from the first slice's ({named[0][0]}); a "
-            "genome takes norm and head from one source"
-        )
-
-    scales, prev = [], 1.0
-    for _, _, p, _ in hops:
-        scales.append(float(f"{p / prev:.12g}"))
-        prev = p
-    if scaling == "none" and any(s != 1.0 for s in scales):
-        raise GenomeError(f"{where}: the config scales hops but scaling is 'none'")
-    route = Route(tuple(Hop(s, layer, sc) for (s, layer, _, _), sc in zip(hops, scales, strict=True)), embed, head)
-
-    # the slot layout
-    offsets = [sum(layers[:i]) for i in range(len(layers))]
-    reps = [0]  # the repetition each hop lands in when every hop takes the next free slot
-    for k in range(1, len(hops)):
-        here, before = offsets[hops[k][0]] + hops[k][1], offsets[hops[k - 1][0]] + hops[k - 1][1]
-        reps.append(reps[-1] + (here <= before))
-    need = reps[-1] + 1
-    r = repeats if repeats is not None else need
-    if r < 1:
-        raise GenomeError(f"{where}: repeats must be at least 1, got {r}")
-    if need > r:
-        k = next(k for k, x in enumerate(reps) if x >= r)
-        s, layer, _, i = hops[k]
-        raise GenomeError(
-            f"{where}: slice {i} ({named[i][0]} [{named[i][1][0]}, {named[i][1][1]}]): hop {k} ({s}:{layer}) "
-            f"does not fit in repeats={r}; the route needs repeats >= {need}"
-        )
-    pin = route[0].source == 0 and route[0].layer == 0 and route[-1].source == 0 and route[-1].layer == layers[0] - 1
-    constraints = ConstraintsConfig(pin_ends=pin)
-    try:
-        genome = replace(Genome.from_route(route, src_list, layers, r, scaling, constraints), **settings)
-        genome.check()
-    except GenomeError as err:
-        raise GenomeError(f"{where}: {err}") from None
-    return genome
 
 
 def _document_count(path: Path) -> int:
@@ -561,30 +477,27 @@ def _linear_as_passthrough(data: dict[str, Any]) -> dict[str, Any] | None:
     return {"merge_method": "passthrough", **rest, "slices": slices}
 
 
-def _tokenizer_source(data: dict[str, Any], sources: Sequence[str], where: str) -> int:
-    """The source index of a config's `tokenizer_source` (or `tokenizer.source`): `base` (or none) is 0,
-    `model:NAME` (older mergekit's syntax) or a model's path names one of the sources."""
-    tok = data.get("tokenizer_source")
-    spec = data.get("tokenizer")
-    if spec is not None:
-        if not isinstance(spec, dict):
-            raise GenomeError(f"{where}: tokenizer: expected a mapping")
-        changed = next((k for k in ("tokens", "pad_to_multiple_of") if spec.get(k)), None)
-        if changed is not None:
-            raise GenomeError(f"{where}: tokenizer.{changed}: mergekit changes the vocabulary (adds tokens or pads "
-                              "the embeddings); a genome uses one source's tokenizer as it is")
-        tok = spec.get("source", tok)
-    if tok is None or tok == "base":
-        return 0
-    if tok == "union":
-        raise GenomeError(f"{where}: tokenizer_source 'union': mergekit builds a new vocabulary from every model's; a "
-                          "genome uses one source's tokenizer as it is (use base or model:NAME)")
-    name = tok.removeprefix("model:") if isinstance(tok, str) else None
-    k = next((i for i, s in enumerate(sources) if name and _same_path(name, s)), None)
-    if k is None:
-        raise GenomeError(f"{where}: tokenizer_source {tok!r} is none of the config's models ({', '.join(sources)}); "
-                          "a genome's tokenizer is one of its sources'")
-    return k
+def _parse_slices(data: dict[str, Any], where: str) -> list[_PassthroughSlice]:
+    """The slices of a passthrough config: one model each, its layer range and its scale setting."""
+    raw = data.get("slices")
+    if not isinstance(raw, list) or not raw:
+        raise GenomeError(f"{where}: a passthrough config needs a 'slices' list (models/modules forms are not routes)")
+    top_scale = (data.get("parameters") or {}).get("scale")
+    slices = []
+    for i, sl in enumerate(raw):
+        w = f"{where}: slice {i}"
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or len(sl["sources"]) != 1:
+            raise GenomeError(f"{w}: a passthrough slice needs exactly one entry under 'sources'")
+        entry = sl["sources"][0]
+        model = model_name(entry, w)
+        start, end = layer_range(entry, w)
+        setting = (entry.get("parameters") or {}).get("scale")
+        if setting is None:
+            setting = (sl.get("parameters") or {}).get("scale")
+        if setting is None:
+            setting = top_scale
+        slices.append(_PassthroughSlice(model, start, end, setting))
+    return slices
 
 
 def _dtype_setting(data: dict[str, Any], key: str, where: str) -> str | None:
@@ -598,6 +511,61 @@ def _dtype_setting(data: dict[str, Any], key: str, where: str) -> str | None:
     return name
 
 
+# ---- resolve
+
+
+def _passthrough_sources(
+    slices: Sequence[_PassthroughSlice], base: Any, sources: Sequence[str] | None, where: str
+) -> tuple[list[str], list[int]]:
+    """The genome's sources (`sources`, else the base then the slices' models) and each slice's source index."""
+    if sources is None:
+        src_list = distinct_models(([base] if isinstance(base, str) else []) + [s.model for s in slices])
+    else:
+        src_list = [str(s) for s in sources]
+        if not src_list:
+            raise GenomeError(f"{where}: sources is empty")
+    index_of: list[int] = []
+    for i, sl in enumerate(slices):
+        k = next((j for j, s in enumerate(src_list) if same_path(sl.model, s)), None)
+        if k is None:
+            raise GenomeError(f"{where}: slice {i}: model {sl.model} is not one of the sources ({', '.join(src_list)})")
+        index_of.append(k)
+    return src_list, index_of
+
+
+def _hops(slices: Sequence[_PassthroughSlice], index_of: Sequence[int], configs: Sequence[tuple[Any, Family]],
+          where: str) -> list[_LayerHop]:
+    """Every layer the slices take, in order, with the running product their scales give it; the slices'
+    ends must leave the embeddings, final norm and head unscaled, and take norm and head from one source."""
+    layers = [int(cfg.num_hidden_layers) for cfg, _ in configs]
+    family = configs[0][1]
+    writers = _residual_writers(family)
+    pre = tuple(n for n in family.non_layer_weights if "embed" in n)
+    post = tuple(n for n in family.non_layer_weights if "embed" not in n)
+    hops: list[_LayerHop] = []
+    for i, (sl, src) in enumerate(zip(slices, index_of, strict=True)):
+        w = f"{where}: slice {i} ({sl.label()})"
+        if sl.end > layers[src]:
+            raise GenomeError(f"{w}: layer_range ends past the model's {layers[src]} layers")
+        n = sl.end - sl.start
+        ends = (pre if i == 0 else ()) + (post if i == len(slices) - 1 else ())
+        _unscaled(sl.scale, ends, w)  # mergekit scales them with this slice's setting at t = 0
+        for j in range(n):
+            t = j / (n - 1) if n > 1 else 1.0
+            product = _slice_product(sl.scale, family, writers, len(hops), t, w)
+            hops.append(_LayerHop(src, sl.start + j, product, i))
+    if not hops:
+        raise GenomeError(f"{where}: the slices contain no layer")
+    embed, head = index_of[0], index_of[-1]
+    if embed != head and any(ties_embeddings(configs[k][0]) for k in (embed, head)):
+        raise GenomeError(
+            f"{where}: slice {len(slices) - 1}: mergekit takes the final norm from its model ({slices[-1].model}) but, "
+            f"the models tying the LM head to the embeddings, the head from the first slice's ({slices[0].model}); a "
+            "genome takes norm and head from one source"
+        )
+    return hops
+
+
 def _unscaled(setting: Any, names: Sequence[str], where: str) -> None:
     """Refuse a slice's scale on the embeddings or the final norm and head (`names`), which mergekit applies
     at t = 0 to the first and the last slice's; a hop scale cannot express it."""
@@ -605,7 +573,7 @@ def _unscaled(setting: Any, names: Sequence[str], where: str) -> None:
         return
     for name in names:
         try:
-            value = _resolve_setting(setting, name, 0.0)
+            value = resolve_setting(setting, name, 0.0)
         except ValueError as err:
             raise GenomeError(f"{where}: scale: {err}") from None
         if value is not None and value != 1.0:
@@ -626,8 +594,8 @@ def _slice_product(
     layer = f"{family.layers_attr}.{hop}"
     names = [f"{layer}.{n}" for n in family.layer_weights if n not in mine]
     try:
-        probe = {n: _resolve_setting(setting, n, t) for n in names}
-        values = [_resolve_setting(setting, f"{layer}.{w}.weight", t) for w in writers or ()]
+        probe = {n: resolve_setting(setting, n, t) for n in names}
+        values = [resolve_setting(setting, f"{layer}.{w}.weight", t) for w in writers or ()]
     except ValueError as err:
         raise GenomeError(f"{where}: scale: {err}") from None
     others = {n: v for n, v in probe.items() if v is not None and v != 1.0}
@@ -653,3 +621,40 @@ def _slice_product(
         raise GenomeError(f"{where}: scale {v} on the residual writers is not a positive number")
     return 1.0 / v
 
+
+# ---- build
+
+
+def _route(hops: Sequence[_LayerHop], index_of: Sequence[int], scaling: Scaling, where: str) -> Route:
+    """The route of the hops: each hop's scale is its running product over the previous hop's (12 digits)."""
+    scales, prev = [], 1.0
+    for h in hops:
+        scales.append(float(f"{h.product / prev:.12g}"))
+        prev = h.product
+    if scaling == "none" and any(s != 1.0 for s in scales):
+        raise GenomeError(f"{where}: the config scales hops but scaling is 'none'")
+    return Route(tuple(Hop(h.source, h.layer, s) for h, s in zip(hops, scales, strict=True)), index_of[0], index_of[-1])
+
+
+def _repeats(hops: Sequence[_LayerHop], slices: Sequence[_PassthroughSlice], layers: Sequence[int],
+             repeats: int | None, where: str) -> int:
+    """The slot layout's repeats: `repeats`, else the fewest in which every hop takes the next free slot; a
+    hop that does not fit is refused, naming its slice."""
+    offsets = [sum(layers[:i]) for i in range(len(layers))]
+    reps = [0]  # the repetition each hop lands in when every hop takes the next free slot
+    for k in range(1, len(hops)):
+        here = offsets[hops[k].source] + hops[k].layer
+        before = offsets[hops[k - 1].source] + hops[k - 1].layer
+        reps.append(reps[-1] + (here <= before))
+    need = reps[-1] + 1
+    r = repeats if repeats is not None else need
+    if r < 1:
+        raise GenomeError(f"{where}: repeats must be at least 1, got {r}")
+    if need > r:
+        k = next(k for k, x in enumerate(reps) if x >= r)
+        h = hops[k]
+        raise GenomeError(
+            f"{where}: slice {h.slice} ({slices[h.slice].label()}): hop {k} ({h.source}:{h.layer}) "
+            f"does not fit in repeats={r}; the route needs repeats >= {need}"
+        )
+    return r

@@ -1,0 +1,37 @@
+"""The loaded sources an export writes from: checked against the genome, merged first for a recipe."""
+
+from __future__ import annotations
+
+from dfs_merge.errors import SourceError
+from dfs_merge.export.progress import Progress
+from dfs_merge.genome import Genome
+from dfs_merge.merging.blend import merged_pool
+from dfs_merge.merging.recipe import Recipe
+from dfs_merge.models.metadata import check_same_sources
+from dfs_merge.models.sources import SourcePool
+
+__all__ = ["check_layers", "check_pool", "written_pool"]
+
+
+def check_pool(pool: SourcePool, genome: Genome) -> None:
+    """The pool must hold the genome's sources: same number, same layer counts, the same weights."""
+    check_layers(pool.layers_per_source, genome)
+    check_same_sources(genome.sources, genome.fingerprints, pool.paths)
+
+
+def check_layers(have: tuple[int, ...], genome: Genome) -> None:
+    """The sources' layer counts (`have`) must be the genome's: a SourceError naming both otherwise."""
+    want = genome.source_layers
+    if have != want:
+        raise SourceError(
+            f"the loaded sources ({len(have)} with layers {list(have)}) are not the genome's "
+            f"({len(want)} with layers {list(want)}: {', '.join(genome.sources)})"
+        )
+
+
+def written_pool(pool: SourcePool, genome: Genome, show: Progress) -> SourcePool:
+    """The pool whose route is written: the sources themselves, or for a recipe its merge as the one source."""
+    if not isinstance(genome, Recipe):
+        return pool
+    with show.stage(f"merging ({genome.method}, {genome.layer_groups} layer groups)", "merged"):
+        return merged_pool(genome, pool)
