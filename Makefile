@@ -43,8 +43,9 @@ test: install $(VENV)/.smollm2
 	$(VENV)/bin/ruff check dfs_merge tests bench
 	$(PY) -m pytest -q
 
+# The quick loop while editing: everything but the tests marked slow (the real SmolLM2, the study and the demo,
+# mergekit builds, Ray, whole benches; setup.cfg); `make test` runs them all, as CI does.
 test-fast: install
-	# everything but the slow tests on the real SmolLM2
 	$(PY) -m pytest -q -m "not slow"
 
 # Retrain the zoo from scratch into build/zoo (~25 min on 2 cores) and check it matches models/zoo bit for bit.

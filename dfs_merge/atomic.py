@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from dfs_merge.errors import DfsMergeError
+from dfs_merge.inputs import MAX_LOG_BYTES, parse_json, read_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -148,12 +151,14 @@ def fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of a JSON-lines log; a truncated last line (a killed write) is cut off the file,
-    so that the next append starts on a line of its own."""
-    if not path.is_file():
+def read_jsonl(path: Path, error: type[DfsMergeError] = DfsMergeError) -> list[dict[str, Any]]:
+    """Every complete line of a JSON-lines log that is a JSON object; a truncated last line (a killed write) is
+    cut off the file, so that the next append starts on a line of its own. Other lines that are not (invalid
+    JSON, NaN, nested too deeply) are left out with a warning. A log that is a pipe or a device, unreadable or
+    over `MAX_LOG_BYTES` is `error` with one line (see `dfs_merge.inputs`)."""
+    if not os.path.lexists(path):
         return []
-    data = path.read_bytes()
+    data = read_bytes(path, error, limit=MAX_LOG_BYTES)
     end = data.rfind(b"\n") + 1
     if end < len(data):
         log.warning("%s: dropping a truncated last line (%d bytes)", path, len(data) - end)
@@ -166,9 +171,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s: line %d is not valid JSON; ignored", path, n)
+            record = parse_json(line, DfsMergeError, f"line {n}")
+        except DfsMergeError as err:
+            log.warning("%s: %s; ignored", path, err)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            log.warning("%s: line %d is not a JSON object; ignored", path, n)
     return records
 
 

@@ -35,12 +35,13 @@ def download_flag(parser: argparse.ArgumentParser, main: bool = False) -> None:
 
 def cmd_show(args: argparse.Namespace) -> None:
     from dfs_merge.genome_files import load_genome
+    from dfs_merge.merging.recipe import Recipe
     from dfs_merge.outputs import check_output
 
     if args.png:
         check_output(args.png, kind="file", force=args.force, inputs=[args.genome], what="--png")
     g = load_genome(args.genome)
-    if not g.layout.T:  # a parameter-space recipe
+    if isinstance(g, Recipe):
         print(f"recipe: {args.genome}")
         for i, s in enumerate(g.sources):
             print(f"  source {i}: {s} ({g.layers} layers)")
@@ -111,6 +112,11 @@ def cmd_evolve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    if args.config is None:
+        from dfs_merge.apps.family_demo import run_family_demo
+
+        run_family_demo()
+        return
     from dfs_merge.apps.demo import run_demo
 
     run_demo(args.config)
@@ -216,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     download_flag(s)
     s.set_defaults(func=cmd_evolve)
 
-    s = sub.add_parser("demo", help="evolve, export the winner, and compare it with the base (what `make demo` runs)")
-    s.add_argument("config", nargs="?", default="genomes/demo.yaml", type=bundled.example_path)
+    s = sub.add_parser("demo", help="the committed merge of two SmolLM2 specialists exported and scored against "
+                                    "its parents (what `make demo` runs); with CONFIG: evolve that config, export "
+                                    "the winner and compare it with the base (genomes/demo.yaml: a self-merge)")
+    s.add_argument("config", nargs="?", default=None, type=bundled.example_path)
     download_flag(s)
     s.set_defaults(func=cmd_demo)
 

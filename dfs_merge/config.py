@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
     StrictBool,
     ValidationError,
     field_validator,
@@ -22,9 +21,18 @@ from pydantic import (
 )
 
 from dfs_merge.errors import ConfigError, DfsMergeError, FitnessError
-from dfs_merge.genome import ConstraintsConfig
+from dfs_merge.genome import MAX_SCALE, ConstraintsConfig
 from dfs_merge.inputs import describe_validation_error, read_yaml
 from dfs_merge.registry import ALGORITHMS, TRACKERS
+from dfs_merge.route import MAX_SLOTS
+
+# Sizes beyond which a run cannot be made (memory, processes, time), refused in one line when the config is read.
+MAX_POPULATION = 10_000
+MAX_GENERATIONS = 1_000_000
+MAX_WORKERS = 1024
+MAX_DOCUMENTS = 2**31 - 1
+Documents = Annotated[int, Field(gt=0, le=MAX_DOCUMENTS)]
+"""A number of documents per task (`limit`, `report_limit`, `select_limit`)."""
 
 
 class MergeConfig(BaseModel):
@@ -35,7 +43,7 @@ class MergeConfig(BaseModel):
 
     method: str  # a name in dfs_merge.merging.methods.METHODS
     base: int | None = Field(0, ge=0)  # the source whose deltas the others are taken against
-    layer_groups: int = Field(1, ge=1)  # mergekit-evolve's layer granularity, as a number of groups
+    layer_groups: int = Field(1, ge=1, le=MAX_SLOTS)  # mergekit-evolve's layer granularity, as a number of groups
     weight_range: tuple[float, float] = (0.0, 1.0)
     density_range: tuple[float, float] = (0.1, 1.0)
     init_weight: float | None = Field(None, allow_inf_nan=False)  # generation 0's centre; None: 1/n
@@ -47,9 +55,18 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ranges(self) -> MergeConfig:
+        from dfs_merge.merging.recipe import check_magnitude  # torch-free
+
         lo, hi = self.weight_range
         if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
             raise ValueError(f"weight_range must be finite with low <= high, got {list(self.weight_range)}")
+        try:
+            for name, x in (("weight_range", lo), ("weight_range", hi), ("init_weight", self.init_weight),
+                            ("lambda", self.lam)):
+                if x is not None:
+                    check_magnitude(name, x)
+        except DfsMergeError as err:
+            raise ValueError(str(err)) from None
         lo, hi = self.density_range
         if not (0 < lo <= hi <= 1):
             raise ValueError(f"density_range must satisfy 0 < low <= high <= 1, got {list(self.density_range)}")
@@ -98,7 +115,7 @@ class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[str] = Field(min_length=1)
-    repeats: int = Field(1, ge=1)
+    repeats: int = Field(1, ge=1, le=MAX_SLOTS)
     scaling: Literal["slot", "transition", "none"] = "slot"
     constraints: ConstraintsConfig = ConstraintsConfig()
     # A parameter-space search instead of a data-flow one: the recipe space (absent: routes and scales).
@@ -116,30 +133,30 @@ class SearchConfig(BaseModel):
     # Racing (absent: every new candidate is scored on every document, as before).
     racing: RacingConfig | None = None
     # Documents per task: one number for all, or {task: number}; the same documents for every candidate.
-    limit: PositiveInt | dict[str, PositiveInt] | None = None
+    limit: Documents | dict[str, Documents] | None = None
     eval_suites: list[str] = []
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(2048, ge=16)
-    num_fewshot: int | None = Field(None, ge=0)
-    prefix_cache_mb: float = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1, le=2**16)
+    max_length: int = Field(2048, ge=16, le=2**24)
+    num_fewshot: int | None = Field(None, ge=0, le=10_000)
+    prefix_cache_mb: float = Field(0, ge=0, le=2**30, allow_inf_nan=False)
 
     objectives: list[Literal["score", "hops"]] = ["score"]
     # a name in dfs_merge.registry.ALGORITHMS: ga | nsga2 | cmaes | random (the objectives an algorithm needs are
     # checked when the run starts: `Algorithm.check`)
     algorithm: str = "ga"
-    population: int = Field(16, ge=2)
+    population: int = Field(16, ge=2, le=MAX_POPULATION)
     seed: int = Field(0, ge=0, lt=2**32)  # numpy's RandomState takes no other seed
     crossover_prob: float = Field(0.7, ge=0, le=1)
     mutation_prob: float = Field(0.3, ge=0, le=1)
     bit_flip_prob: float | None = Field(None, gt=0, le=1)
-    scale_sigma: float = Field(0.1, gt=0)
+    scale_sigma: float = Field(0.1, gt=0, allow_inf_nan=False)
     scale_range: tuple[float, float] = (0.5, 1.5)
-    cma_sigma: float = Field(0.5, gt=0)
+    cma_sigma: float = Field(0.5, gt=0, allow_inf_nan=False)
     elite: int = Field(1, ge=0)
     tournament: int = Field(3, ge=2)
     # ga / nsga2 / random: a new candidate whose route was already evaluated is mutated again, up to this
     # many times, so that each generation spends its slots on new routes (0: keep such duplicates).
-    resample_duplicates: int = Field(10, ge=0)
+    resample_duplicates: int = Field(10, ge=0, le=1000)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: StrictBool = False  # only a YAML true/false: "yes" or 1 is refused, not read as true
 
@@ -150,24 +167,24 @@ class RunOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    generations: int = Field(10, ge=0)
+    generations: int = Field(10, ge=0, le=MAX_GENERATIONS)
     report_tasks: list[str] = []
-    report_limit: PositiveInt | dict[str, PositiveInt] | None = None  # for report_tasks; None: all documents
+    report_limit: Documents | dict[str, Documents] | None = None  # for report_tasks; None: all documents
     # Final choice on a validation split the search never saw: the `select_top` best candidates by dev score
     # (per hop count on a front) are scored on `select_tasks` and the best there is chosen. Empty: dev decides.
     select_tasks: list[str] = []
-    select_limit: PositiveInt | dict[str, PositiveInt] | None = None
-    select_top: int = Field(3, ge=1)
+    select_limit: Documents | dict[str, Documents] | None = None
+    select_top: int = Field(3, ge=1, le=MAX_POPULATION)
     # Evaluation workers. None: 1 on cpu; with device cuda, one per visible GPU (process pool), or as many as the
     # Ray cluster's GPUs hold at gpus_per_worker each (ray:).
-    workers: int | None = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
     ray: str | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     gpus_per_worker: float = Field(1.0, gt=0, allow_inf_nan=False)  # Ray with device cuda: num_gpus per actor
     # A genome whose worker, actor or node died is evaluated again on another worker, at most this many more
     # times; then it is lost for this generation ("infrastructure: ..."), never scored nor logged as evaluated.
-    infrastructure_retries: int = Field(2, ge=0)
-    threads: int | None = Field(None, ge=1)
+    infrastructure_retries: int = Field(2, ge=0, le=100)
+    threads: int | None = Field(None, ge=1, le=MAX_WORKERS)
     # An experiment tracker (dfs_merge.registry.TRACKERS: wandb | mlflow): each evaluation, each generation's
     # summary, the best genome. One that cannot start stops the run, unless tracking_optional (then: a warning).
     tracking: str | None = None
@@ -216,9 +233,11 @@ class RunConfig(RunOptions, SearchConfig):
                 raise ValueError("seed_routes: data-flow routes cannot seed a parameter-space search (merge:)")
         if self.elite >= self.population:
             raise ValueError(f"elite ({self.elite}) must be below population ({self.population})")
+        if self.tournament > self.population:
+            raise ValueError(f"tournament ({self.tournament}) must be at most population ({self.population})")
         lo, hi = self.scale_range
-        if not (0 < lo <= hi and math.isfinite(hi)):
-            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(self.scale_range)}")
+        if not (0 < lo <= hi <= MAX_SCALE):
+            raise ValueError(f"scale_range must satisfy 0 < low <= high <= {MAX_SCALE:g}, got {list(self.scale_range)}")
         for key, names in (("limit", self.tasks), ("report_limit", self.report_tasks),
                            ("select_limit", self.select_tasks)):
             value = getattr(self, key)
@@ -295,11 +314,16 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     when they exist there, else against the current directory."""
     data = read_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    label = str(path) if str(path).isprintable() else repr(str(path))  # a newline in the name would break the line
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as err:
-        label = str(path) if str(path).isprintable() else repr(str(path))  # a newline in the name would break the line
         raise ConfigError(f"{label}: {describe_validation_error(err)}") from None
+    if cfg.merge is not None:  # a file's data-flow keys beside merge: would be ignored without a word
+        for key in ("repeats", "scaling"):
+            if key in data and getattr(cfg, key) != RunConfig.model_fields[key].default:
+                raise ConfigError(f"{label}: {key}: a parameter-space search (merge:) has no data-flow slots or "
+                                  f"scales; remove {key}")
     if cfg.allow_download:
         from dfs_merge.models.hub import allow_downloads
 

@@ -23,6 +23,8 @@ from dfs_merge.route import Hop, Route
 Scaling = Literal["slot", "transition", "none"]
 MAX_SCALES = 2**20
 """The most scales a genome may hold (a `transition` genome over M layers holds M x M)."""
+MAX_SCALE = 1e4
+"""The largest scale of a hop: the residual stream times more overflows half precision within a few hops."""
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """The dtypes a genome's `dtype` / `out_dtype` may name (mergekit's names)."""
 CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral", "auto")
@@ -71,10 +73,12 @@ def check_chat_template(value: str) -> None:
 
 
 def check_scales(scales: Sequence[float], what: str = "scales") -> None:
-    """Refuse a scale that is not finite and positive, naming its index."""
+    """Refuse a scale that is not finite and positive, or beyond `MAX_SCALE`, naming its index."""
     for i, x in enumerate(scales):
         if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
             raise GenomeError(f"{what}[{i}]: {x!r} is not a finite positive number (scales must be finite and > 0)")
+        if x > MAX_SCALE:
+            raise GenomeError(f"{what}[{i}]: {x!r} is beyond the {MAX_SCALE:g} a hop's scale may be")
 
 
 @dataclass(frozen=True)

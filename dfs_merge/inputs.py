@@ -1,10 +1,13 @@
 """What a user hands us, read safely: every file the project reads from a user goes through here.
 
 `read_text` (and `read_lines`, for a long JSON-lines file read only as far as needed) turns a missing
-file, a folder, an unreadable or oversized file and bytes that are not UTF-8 into one line naming the
-file, raised as the caller's `DfsMergeError` subclass. `read_yaml` and `read_json` build on it:
-`read_yaml` loads safely (no Python objects) and refuses YAML aliases before any object is built, so a
-"billion laughs" file is refused at once instead of filling memory; `read_json` reads one JSON value.
+file, a folder, a pipe or device (which could block or never end), an unreadable or oversized file and
+bytes that are not UTF-8 into one line naming the file, raised as the caller's `DfsMergeError` subclass.
+`read_yaml` and `read_json` build on it: `read_yaml` loads safely (no Python objects), refuses YAML aliases
+before any object is built, so a "billion laughs" file is refused at once instead of filling memory, and
+refuses a key given twice in one mapping (YAML would keep the last silently); `read_json` reads one JSON value
+with `parse_json`, which refuses NaN, infinities and numbers beyond a float, and nesting deeper than
+`MAX_DEPTH`, as the YAML reader does.
 `describe_validation_error` is the one line of a mapping that its pydantic model refused (a config, a genome).
 
 `NoAliasDumper` is the counterpart for what the project writes: YAML without anchors or aliases, so
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +34,11 @@ if TYPE_CHECKING:
 
 MAX_BYTES = 16 * 2**20
 """The largest file `read_text` reads (16 MB): configs and genomes are a few kB, checkpoints a few MB."""
+
+MAX_LOG_BYTES = 2**30
+"""The largest JSON-lines log (evals.jsonl, docs.jsonl) a run reads back (1 GiB: a long run's log is some MB)."""
+MAX_DEPTH = 1000
+"""The deepest nesting of brackets `parse_json` reads (a config, a checkpoint or a log line nests a few levels)."""
 
 _ErrorClass = type[DfsMergeError]
 
@@ -47,6 +57,9 @@ def _open(path: Path, error: _ErrorClass, what: str | None) -> Any:
     """The file opened for binary reading, or `error` with one line saying why it cannot be."""
     label = file_label(path, what)
     try:
+        st = os.stat(path)  # before open(): opening a pipe with no writer blocks
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise error(f"{label}: is not a regular file (a pipe, device or socket); refusing to read it")
         return open(path, "rb")  # noqa: SIM115 - the caller closes it
     except FileNotFoundError:
         raise error(f"{label}: no such file") from None
@@ -122,6 +135,22 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise _AliasRefused(event.anchor, event.start_mark.line + 1)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
 
 class _AliasRefused(Exception):
     def __init__(self, anchor: str, line: int):
@@ -146,6 +175,9 @@ def parse_yaml(text: str, error: _ErrorClass = ConfigError, label: str = "<text>
     except _AliasRefused as exc:
         raise error(f"{label}: YAML aliases are not accepted (*{exc.anchor}, line {exc.line}); "
                     "write the value out instead") from None
+    except _DuplicateKey as exc:
+        raise error(f"{label}: the key {_loc_part(str(exc.key))} is given twice in one mapping (line {exc.line}); "
+                    "keep one") from None
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         raise error(f"{label}: not valid YAML (character #x{exc.character:04x} on line {line} is not allowed)") from None
@@ -175,15 +207,68 @@ def read_yaml(path: str | Path, error: _ErrorClass = ConfigError, *, what: str |
 
 def read_json(path: str | Path, error: _ErrorClass = ConfigError, *, what: str | None = None) -> Any:
     """Read one JSON value, raising `error` with one line when the file is missing, unreadable,
-    not UTF-8 or not valid JSON."""
+    not UTF-8 or not valid JSON (see `parse_json`)."""
     path = Path(path)
-    text = read_text(path, error, what=what)
+    return parse_json(read_text(path, error, what=what), error, file_label(path, what))
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _constant(name: str) -> float:
+    raise _NotFinite(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise _NotFinite(f"{text[:20]} is beyond the largest float")
+    return x
+
+
+def nesting_depth(text: str | bytes, limit: int = MAX_DEPTH) -> int:
+    """How deep the brackets (`[`, `{`) of JSON text nest, outside strings; counting stops past `limit`."""
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if data.count(b"[") + data.count(b"{") <= limit:  # the common case: too few brackets to nest too deep
+        return min(limit, data.count(b"[") + data.count(b"{"))
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def parse_json(text: str | bytes, error: _ErrorClass = ConfigError, label: str = "<text>") -> Any:
+    """One JSON value, strictly: NaN, Infinity, a number beyond a float, nesting deeper than `MAX_DEPTH` and
+    invalid JSON are `error` with one line."""
+    if nesting_depth(text) > MAX_DEPTH:
+        raise error(f"{label}: not valid JSON (nested more than {MAX_DEPTH} deep)")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
-        raise error(f"{file_label(path, what)}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+        raise error(f"{label}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+    except _NotFinite as exc:
+        raise error(f"{label}: not valid JSON ({exc})") from None
     except RecursionError:
-        raise error(f"{file_label(path, what)}: not valid JSON (nested too deeply)") from None
+        raise error(f"{label}: not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # bytes that are not UTF-8, an integer of too many digits
+        raise error(f"{label}: not valid JSON ({one_line(exc, 120)})") from None
 
 
 def describe_validation_error(err: ValidationError) -> str:

@@ -2,7 +2,7 @@
 
 The page reads what a run writes (config.yaml, evals.jsonl, checkpoint.json, best.genome.yaml, pareto.json
 and pareto/, sources.json) and changes none of it, so it works on a finished run, on one still going (the
-run itself rewrites `report.html` at each checkpoint, see `refresh_report`) and on one killed mid-generation:
+run itself rewrites `report.html` at each checkpoint, see `LiveReport`) and on one killed mid-generation:
 a truncated last line of evals.jsonl is skipped (not cut off, as a resume does), and evaluations newer than
 the checkpoint, or with no checkpoint at all, are shown as the generation in progress.
 
@@ -16,7 +16,8 @@ Plots: plotly.js from the `plotly` package's offline bundle, inlined in the page
 route and metrics, and zooming into a crowded front, are what a person looks at these plots for; matplotlib's
 SVG would be smaller but static. The price is size: the bundle is about 4.8 MB of each page. The figures are
 plain JSON written here and drawn by plotly.js in the browser, so writing a report costs no plotting in Python
-beyond the route pictures.
+beyond the route pictures. The page's template (its HTML, style sheet and table script) is package data in
+`dfs_merge/report_page/`.
 """
 
 from __future__ import annotations
@@ -30,14 +31,18 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dfs_merge.atomic import write_atomic
 from dfs_merge.errors import DfsMergeError, ReportError, one_line
 from dfs_merge.evaluation import WORST_SCORE
+
+if TYPE_CHECKING:
+    from dfs_merge.genome_files import CandidateGenome
 
 REPORT_NAME = "report.html"
 MAX_PICTURES = 6  # the best genome, then front members by hop count
@@ -134,7 +139,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
 # ---------------------------------------------------------------------------------------------- the data
 
 
-def _genome(data: Any, where: str) -> Any:
+def _genome(data: object, where: str) -> CandidateGenome | None:
     """A genome or recipe from its mapping, or None when it is not one."""
     from dfs_merge.genome_files import genome_from_dict
 
@@ -176,7 +181,7 @@ def _wrap(text: str, width: int = 72) -> str:
 
 
 @dataclass
-class Row:
+class EvalRow:
     """One evaluation of the table and the plots."""
 
     index: int
@@ -194,7 +199,7 @@ class Row:
         return self.error is None and self.score is not None and self.score > WORST_SCORE
 
 
-def _rows(records: Sequence[dict[str, Any]]) -> list[Row]:
+def _rows(records: Sequence[dict[str, Any]]) -> list[EvalRow]:
     rows = []
     for i, rec in enumerate(records, start=1):
         ev = _dict(rec.get("evaluation"))
@@ -213,7 +218,7 @@ def _rows(records: Sequence[dict[str, Any]]) -> list[Row]:
             partial = _num(race.get("partial"))
             error = (f"stopped by the race after stage {race['dropped'] + 1}"
                      + (f" (score {partial:.4f} on those documents)" if partial is not None else ""))
-        rows.append(Row(i, gen if isinstance(gen, int) else None, str(rec.get("key", "?")), _text(rec.get("genome")),
+        rows.append(EvalRow(i, gen if isinstance(gen, int) else None, str(rec.get("key", "?")), _text(rec.get("genome")),
                         hops if isinstance(hops, int) else None, _num(rec.get("score", ev.get("score"))), tasks,
                         _num(rec.get("seconds", ev.get("seconds"))), error))
     return rows
@@ -233,7 +238,7 @@ def _task_names(config: dict[str, Any], evals: Sequence[dict[str, Any]]) -> list
     return names
 
 
-def _metrics(rows: Sequence[Row], tasks: Sequence[str]) -> dict[str, str]:
+def _metrics(rows: Sequence[EvalRow], tasks: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for r in rows:
         for t in tasks:
@@ -246,7 +251,7 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def _hover(r: Row, tasks: Sequence[str], metrics: dict[str, str]) -> str:
+def _hover(r: EvalRow, tasks: Sequence[str], metrics: dict[str, str]) -> str:
     lines = [f"<b>{_wrap(r.text)}</b>",
              f"score {_fmt(r.score)}, {r.hops} hops, generation {r.generation}, #{r.index}"]
     for t in tasks:
@@ -268,7 +273,7 @@ def _front_keys(run: RunFiles) -> list[str]:
     return []
 
 
-def _history(run: RunFiles, rows: Sequence[Row]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+def _history(run: RunFiles, rows: Sequence[EvalRow]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """(the checkpoint's history, the generations logged after it, the last checkpointed generation)."""
     cp = run.checkpoint or {}
     history = [h for h in cp.get("history") or [] if isinstance(h, dict) and isinstance(h.get("generation"), int)]
@@ -293,7 +298,7 @@ def _duration(s: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def _timing(run: RunFiles, rows: Sequence[Row], history: Sequence[dict[str, Any]], done: int) -> dict[str, str]:
+def _timing(run: RunFiles, rows: Sequence[EvalRow], history: Sequence[dict[str, Any]], done: int) -> dict[str, str]:
     """Status, elapsed time and the estimate of the time left, as words."""
     cfg, cp = run.config, run.checkpoint or {}
     total = cfg.get("generations") if isinstance(cfg.get("generations"), int) else None
@@ -341,9 +346,10 @@ def _timing(run: RunFiles, rows: Sequence[Row], history: Sequence[dict[str, Any]
 def _pictures(run: RunFiles, front: Sequence[str], cache: dict[str, str] | None = None) -> list[dict[str, str]]:
     """The best genome and the front's members drawn by `dfs_merge.plots`, as PNG data URIs; `cache` (genome key ->
     data URI) keeps the pictures drawn for an earlier report of the same run."""
+    from dfs_merge.merging.recipe import Recipe
     from dfs_merge.plots import recipe_png, route_png
 
-    todo: list[tuple[str, Any]] = []
+    todo: list[tuple[str, CandidateGenome]] = []
     best = _genome(run.best, "best.genome.yaml")
     if best is not None:
         todo.append(("best", best))
@@ -364,11 +370,11 @@ def _pictures(run: RunFiles, front: Sequence[str], cache: dict[str, str] | None 
     out = []
     with tempfile.TemporaryDirectory(prefix="dfs-report-") as tmp:
         for i, (role, g) in enumerate(todo):
-            recipe = not g.layout.T
+            recipe = isinstance(g, Recipe)
             png = Path(tmp) / f"{i}.png"
             if g.key() not in cache:
                 try:
-                    recipe_png(g, png) if recipe else route_png(g, png)
+                    recipe_png(g, png) if isinstance(g, Recipe) else route_png(g, png)
                     cache[g.key()] = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
                 except (OSError, ValueError, DfsMergeError) as err:
                     run.notes.append(f"the picture of {g.key()} could not be drawn ({one_line(err, 160)})")
@@ -410,7 +416,7 @@ def _split_table(evals: dict[str, Any], names: dict[str, str], what: str) -> str
             + "</tbody></table>")
 
 
-def report_data(run: RunFiles, rows: Sequence[Row]) -> dict[str, Any]:
+def report_data(run: RunFiles, rows: Sequence[EvalRow]) -> dict[str, Any]:
     """Everything the page's script draws, as JSON-safe data: the figures' points and the table's cells."""
     cfg = run.config
     tasks = _task_names(cfg, run.evals)
@@ -428,7 +434,7 @@ def report_data(run: RunFiles, rows: Sequence[Row]) -> dict[str, Any]:
     by_key = {r.key: r for r in rows}
     front_rows = sorted((by_key[k] for k in front if k in by_key), key=lambda r: (r.hops or 0, -(r.score or 0.0)))
 
-    def points(rs: Sequence[Row]) -> dict[str, list[Any]]:
+    def points(rs: Sequence[EvalRow]) -> dict[str, list[Any]]:
         return {"x": [r.generation if recipe else r.hops for r in rs], "y": [r.score for r in rs],
                 "text": [_hover(r, tasks, metrics) for r in rs], "generation": [r.generation for r in rs]}
 
@@ -485,11 +491,19 @@ def _dl(items: Sequence[tuple[str, str]]) -> str:
     return "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items if v) + "</dl>"
 
 
+def _page_file(name: str) -> str:
+    """A file of the page's template, package data in `dfs_merge/report_page/`: the HTML (a `str.format`
+    template), its style sheet and its script."""
+    return (resources.files("dfs_merge") / "report_page" / name).read_text(encoding="utf-8")
+
+
 def render(run: RunFiles, now: float | None = None, pictures: dict[str, str] | None = None) -> str:
     """The report page of a run, as one HTML document with its scripts, styles and pictures inline (`pictures`:
     see `_pictures`)."""
     from plotly import __version__ as plotly_version
     from plotly.offline import get_plotlyjs
+
+    from dfs_merge.merging.recipe import Recipe
 
     cfg, cp = run.config, run.checkpoint or {}
     rows = _rows(run.evals)
@@ -514,7 +528,7 @@ def render(run: RunFiles, now: float | None = None, pictures: dict[str, str] | N
             s = best.scores.get(split, {}) if isinstance(best.scores, dict) else {}
             if _num(s.get("score")) is not None:
                 best_line += f", {s['score']:.4f} {split}"
-        best_line += (": " if not best.layout.T else f", {len(best.decode())} hops: ") + best.text()
+        best_line += (": " if isinstance(best, Recipe) else f", {len(best.decode())} hops: ") + best.text()
     summary = _dl([
         ("status", timing.get("status", "")),
         ("elapsed", timing.get("elapsed", "")),
@@ -539,7 +553,7 @@ def render(run: RunFiles, now: float | None = None, pictures: dict[str, str] | N
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in run.notes)
     front_title = ("Pareto front: score vs hops" if data["front_run"] else
                    "Every evaluation: score per generation" if data["recipe"] else "Every evaluation: score vs hops")
-    return PAGE.format(
+    return _page_file("page.html").format(
         title=html.escape(f"dfs-merge run {run.path.name or run.path}"),
         heading=html.escape(str(run.path)),
         stamp=html.escape(stamp),
@@ -549,11 +563,11 @@ def render(run: RunFiles, now: float | None = None, pictures: dict[str, str] | N
         pictures=pictures or "<p>No best genome yet.</p>",
         tables=tables,
         config=html.escape(run.config_text or "(config.yaml is missing)"),
-        style=STYLE,
+        style=_page_file("page.css"),
         plotly=get_plotlyjs(),
         plotly_version=html.escape(plotly_version),
         data=_json_script(data),
-        script=SCRIPT,
+        script=_page_file("page.js"),
     )
 
 
@@ -626,187 +640,3 @@ class LiveReport:
         self.seconds = self._written - t0
         self.writes += 1
         return path
-
-
-STYLE = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1d232a;
-       background: #f6f7f9; }
-header { background: #1f3a5f; color: #fff; padding: 14px 24px; }
-header h1 { margin: 0; font-size: 19px; font-weight: 600; word-break: break-all; }
-header p { margin: 2px 0 0; opacity: .8; font-size: 12px; }
-main { padding: 8px 24px 40px; max-width: 1500px; }
-section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: 12px 16px; margin: 14px 0; }
-h2 { font-size: 16px; margin: 4px 0 10px; }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 0; }
-dt { color: #5a6573; } dd { margin: 0; word-break: break-word; }
-.plots { display: grid; grid-template-columns: 1fr 1fr; gap: 14px; }
-.plot { height: 380px; }
-@media (max-width: 1000px) { .plots { grid-template-columns: 1fr; } }
-.pictures { display: flex; flex-wrap: wrap; gap: 12px; }
-figure { margin: 0; border: 1px solid #e3e6ea; border-radius: 4px; padding: 6px; max-width: 100%; }
-figure img { max-width: 100%; max-height: 240px; display: block; }
-figure.recipe img { max-height: 440px; }
-figcaption pre { margin: 4px 0 0; font-size: 12px; white-space: pre-wrap; max-width: 720px; }
-table { border-collapse: collapse; font-size: 12.5px; width: 100%; }
-th, td { border-bottom: 1px solid #e6e8eb; padding: 3px 7px; text-align: left; vertical-align: top; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-#evals th { cursor: pointer; user-select: none; position: sticky; top: 0; background: #eef1f5; }
-#evals th.asc::after { content: " \\25B2"; } #evals th.desc::after { content: " \\25BC"; }
-#evals td.text { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
-tr.best td { background: #fff4c2; } tr.front td { background: #e6f2ff; } tr.best.front td { background: #fff0a8; }
-tr.failed td { color: #a33; }
-.tablebox { max-height: 620px; overflow: auto; border: 1px solid #e3e6ea; }
-.controls { display: flex; gap: 14px; align-items: center; margin-bottom: 8px; flex-wrap: wrap; }
-.controls input[type=search] { width: 380px; padding: 4px 8px; }
-.legend span { padding: 1px 6px; border-radius: 3px; margin-right: 6px; }
-pre.config { font-size: 12px; max-height: 420px; overflow: auto; background: #f6f7f9; padding: 8px; }
-ul.notes { color: #8a5a00; }
-footer { color: #6b7580; font-size: 12px; padding: 0 24px 24px; }
-"""
-
-SCRIPT = r"""
-(function () {
-  "use strict";
-  const data = JSON.parse(document.getElementById("report-data").textContent);
-  const config = {displaylogo: false, responsive: true};
-  function layout(x, y) {
-    return {margin: {l: 64, r: 16, t: 10, b: 48}, hovermode: "closest", xaxis: {title: {text: x}},
-            yaxis: {title: {text: y}}, legend: {orientation: "h", y: -0.2}, hoverlabel: {align: "left"}};
-  }
-  function series(rows, key) {
-    return rows.filter(h => h[key] !== null && h[key] !== undefined);
-  }
-  const h = data.history, p = data.partial, traces = [];
-  const best = series(h, "best"), mean = series(h, "mean"), genBest = series(h, "gen_best");
-  traces.push({x: best.map(r => r.generation), y: best.map(r => r.best), name: "best so far",
-               mode: "lines+markers", line: {color: "#1f77b4"}});
-  traces.push({x: mean.map(r => r.generation), y: mean.map(r => r.mean), name: "population mean",
-               mode: "lines+markers", line: {color: "#ff7f0e"}});
-  traces.push({x: genBest.map(r => r.generation), y: genBest.map(r => r.gen_best), name: "generation's best",
-               mode: "lines", line: {color: "#2ca02c", dash: "dot"}});
-  if (p.length) {
-    traces.push({x: p.map(r => r.generation), y: p.map(r => r.best), name: "in progress: best so far",
-                 mode: "markers", marker: {color: "#1f77b4", symbol: "circle-open", size: 10},
-                 text: p.map(r => r.evaluated + " evaluated so far"), hovertemplate: "%{y:.4f}, %{text}"});
-    traces.push({x: p.map(r => r.generation), y: p.map(r => r.mean), name: "in progress: mean of its evaluations",
-                 mode: "markers", marker: {color: "#ff7f0e", symbol: "circle-open", size: 10}});
-  }
-  const hl = layout("generation", "score (dev)");
-  hl.xaxis.dtick = 1;
-  Plotly.newPlot("plot-history", traces, hl, config);
-
-  const hover = "%{text}<extra></extra>";
-  const ft = [];
-  if (data.front_run) {
-    ft.push({x: data.all.x, y: data.all.y, text: data.all.text, hovertemplate: hover, mode: "markers",
-             name: "every evaluation", marker: {color: "rgba(120,130,140,0.45)", size: 7}});
-    ft.push({x: data.front.x, y: data.front.y, text: data.front.text, hovertemplate: hover, mode: "lines+markers",
-             name: "Pareto front", line: {shape: "hv", color: "#d62728"}, marker: {size: 10, color: "#d62728"}});
-  } else {
-    ft.push({x: data.all.x, y: data.all.y, text: data.all.text, hovertemplate: hover, mode: "markers",
-             name: "every evaluation", marker: {size: 8, color: data.all.generation, colorscale: "Viridis",
-             showscale: true, colorbar: {title: {text: "gen"}, thickness: 12}}});
-  }
-  ft.push({x: data.best.x, y: data.best.y, text: data.best.text, hovertemplate: hover, mode: "markers", name: "best",
-           marker: {symbol: "star", size: 16, color: "#f2b600", line: {color: "#333", width: 1}}});
-  const fl = layout(data.recipe ? "generation" : "hops", "score (dev)");
-  if (data.recipe) fl.xaxis.dtick = 1;
-  Plotly.newPlot("plot-front", ft, fl, config);
-
-  const cols = data.columns, rows = data.rows;
-  const textOf = rows.map(r => r.s.join(" ").toLowerCase());
-  const thead = document.querySelector("#evals thead tr"), tbody = document.querySelector("#evals tbody");
-  const filter = document.getElementById("filter"), only = document.getElementById("only-front");
-  const count = document.getElementById("count");
-  let order = rows.map((_, i) => i), sortCol = 0, sortDir = 1;
-  function esc(s) {
-    return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
-  }
-  cols.forEach((c, j) => {
-    const th = document.createElement("th");
-    th.textContent = c.label;
-    if (c.num) th.className = "num";
-    th.addEventListener("click", () => {
-      sortDir = sortCol === j ? -sortDir : 1;
-      sortCol = j;
-      sort();
-      draw();
-    });
-    thead.appendChild(th);
-  });
-  function cmp(a, b) {
-    const x = rows[a].v[sortCol], y = rows[b].v[sortCol];
-    const nx = x === null || x === "", ny = y === null || y === "";
-    if (nx || ny) return nx === ny ? a - b : (nx ? 1 : -1);
-    const d = cols[sortCol].num ? x - y : String(x).localeCompare(String(y));
-    return d === 0 ? a - b : sortDir * d;
-  }
-  function sort() {
-    order.sort(cmp);
-    thead.querySelectorAll("th").forEach((th, j) => {
-      th.classList.toggle("asc", j === sortCol && sortDir === 1);
-      th.classList.toggle("desc", j === sortCol && sortDir === -1);
-    });
-  }
-  function draw() {
-    const words = filter.value.toLowerCase().split(/\s+/).filter(Boolean);
-    const parts = [];
-    let shown = 0;
-    for (const i of order) {
-      const r = rows[i];
-      if (only.checked && !/front|best/.test(r.c)) continue;
-      if (!words.every(w => textOf[i].includes(w))) continue;
-      shown++;
-      parts.push("<tr class='" + r.c + "'>" + r.s.map((s, j) =>
-        "<td class='" + (cols[j].num ? "num" : "text") + "'>" + esc(s) + "</td>").join("") + "</tr>");
-    }
-    tbody.innerHTML = parts.join("");
-    count.textContent = "showing " + shown + " of " + rows.length + " evaluations";
-  }
-  filter.addEventListener("input", draw);
-  only.addEventListener("change", draw);
-  sort();
-  draw();
-  document.body.dataset.ready = "1";
-})();
-"""
-
-PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>{style}</style>
-<script>{plotly}</script>
-</head>
-<body>
-<header><h1>{heading}</h1><p>dfs-merge run report, written {stamp}</p></header>
-<main>
-{notes}
-<section id="summary"><h2>Run</h2>{summary}</section>
-<section><div class="plots">
-<div><h2>Best and mean score per generation</h2><div id="plot-history" class="plot"></div></div>
-<div><h2>{front_title}</h2><div id="plot-front" class="plot"></div></div>
-</div></section>
-<section id="pictures"><h2>Best routes</h2><div class="pictures">{pictures}</div></section>
-{tables}
-<section id="evaluations"><h2>Evaluations</h2>
-<div class="controls">
-<input id="filter" type="search" placeholder="filter: words that must all appear (route, task, value...)">
-<label><input id="only-front" type="checkbox"> best and front only</label>
-<span id="count"></span>
-<span class="legend"><span style="background:#fff4c2">best</span><span style="background:#e6f2ff">front</span></span>
-</div>
-<div class="tablebox"><table id="evals"><thead><tr></tr></thead><tbody></tbody></table></div>
-<noscript>The table and the plots need JavaScript.</noscript>
-</section>
-<section id="config"><h2>Config (config.yaml)</h2><pre class="config">{config}</pre></section>
-</main>
-<footer>Written by <code>dfs-merge report</code>; plots by plotly.js {plotly_version}, inlined: this file needs no
-network. Click a column heading to sort, type in the filter box to filter.</footer>
-<script type="application/json" id="report-data">{data}</script>
-<script>{script}</script>
-</body>
-</html>
-"""

@@ -50,10 +50,12 @@ if os.environ.get("CI"):
 class _Isolation:
     """Points every per-user folder the suite could write at a temporary folder; `stop` puts it all back."""
 
-    # user settings that would send a cache elsewhere than HF_HOME / DFS_MERGE_CACHE
+    # user settings that would send a cache elsewhere than HF_HOME / DFS_MERGE_CACHE, or change what the
+    # tests run against (another suites folder, downloads allowed, a thread count)
     DROPPED = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE",
                "HF_MODULES_CACHE", "LM_HARNESS_CACHE_PATH", "TORCH_HOME", "TRITON_CACHE_DIR", "WANDB_DIR",
-               "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "MLFLOW_TRACKING_URI")
+               "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "MLFLOW_TRACKING_URI",
+               "DFS_MERGE_SUITES", "DFS_MERGE_ALLOW_DOWNLOAD", "DFS_MERGE_THREADS")
 
     def __init__(self) -> None:
         self.saved: dict[str, str] | None = None

@@ -67,6 +67,20 @@ def evals(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
 
 
+def assert_best_is_the_logged_best(out: Path) -> None:
+    """best.genome.yaml is a genome with the top dev score of evals.jsonl, and records that score (for a run
+    without a final choice on validation)."""
+    import yaml
+
+    from dfs_merge.genome_files import load_genome
+
+    lines = [e for e in evals(out) if e["error"] is None]
+    top = max(e["score"] for e in lines)
+    best = out / "best.genome.yaml"
+    assert load_genome(best).key() in {e["key"] for e in lines if e["score"] == top}, top
+    assert yaml.safe_load(best.read_text())["scores"]["dev"]["score"] == top
+
+
 def outcome(out: Path) -> tuple:
     """What must match between two runs that should be the same search: best genome file, evaluated keys,
     counters, history (without timings), final population, CMA-ES state."""

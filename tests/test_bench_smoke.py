@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import yaml
 
 from dfs_merge import CHECKOUT
@@ -63,6 +64,7 @@ def test_summary_reads_whatever_results_exist():
         assert {"target", "figure", "value", "met"} <= set(row)
 
 
+@pytest.mark.slow
 def test_ps_bench_times_the_merge_step_and_mergekit(tmp_path, tiny_source_dirs):
     from pathlib import Path
 
@@ -81,6 +83,7 @@ def test_ps_bench_times_the_merge_step_and_mergekit(tmp_path, tiny_source_dirs):
     assert row["one_group_tensors_recomputed"] < row["tensors"]
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path):
     import gpu_check
 
@@ -91,6 +94,7 @@ def test_gpu_check_runs_scaled_down_on_the_cpu(tmp_path):
     assert [r["workers"] for r in result["ray"]] == [1, 2] and all(r["candidates"] > 0 for r in result["ray"])
 
 
+@pytest.mark.slow
 def test_export_bench_times_our_export_and_mergekit_side_by_side(tmp_path, tiny_source_dirs):
     from pathlib import Path
 

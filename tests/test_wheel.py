@@ -119,6 +119,7 @@ def test_the_installed_package_is_imported_and_finds_its_own_data(installed, emp
         assert Path(said[key]) == package / "share" / name, said
 
 
+@pytest.mark.slow
 def test_eval_on_a_bundled_task_from_an_empty_folder(installed, empty_folder, tiny_source_dirs):
     cfg = empty_folder / "run.yaml"
     cfg.write_text(f"sources: [{tiny_source_dirs[0]}]\ntasks: {{cloze_mc_dev: 1.0, prose_ppl_dev: 1.0}}\n"
@@ -145,11 +146,11 @@ def test_demo_and_study_configs_resolve_in_the_installed_package(installed, empt
         from dfs_merge.config import load_config
 
         out = {}
-        for command in ("demo", "study"):
-            path = build_parser().parse_args([command]).config
+        for command in (["demo", "genomes/demo.yaml"], ["study"]):
+            path = build_parser().parse_args(command).config
             cfg = load_config(path)
-            out[command] = {"path": path, "out": str(Path(cfg.out).resolve())}
-        family = load_config(Path(build_parser().parse_args(["demo"]).config).parent / "family.yaml")
+            out[command[0]] = {"path": path, "out": str(Path(cfg.out).resolve())}
+        family = load_config(Path(out["demo"]["path"]).parent / "family.yaml")
         out["family_sources"] = family.sources
         print(json.dumps(out))
         """, cwd=empty_folder))
@@ -172,4 +173,7 @@ def test_demo_runs_from_an_empty_folder(installed, empty_folder):
     proc = installed.run("demo", cwd=empty_folder, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| model | hops | params (M) |" in proc.stdout and "--- exported:" in proc.stdout
-    assert (empty_folder / "runs" / "demo" / "exported" / "config.json").is_file()
+    run = empty_folder / "runs" / "demo"
+    row = next(r for r in json.loads((run / "demo.json").read_text())["rows"] if r["name"] == "exported (evolved)")
+    config = json.loads((run / "exported" / "config.json").read_text())
+    assert config["num_hidden_layers"] == row["hops"] and config["hidden_size"] == 576  # SmolLM2's width

@@ -39,7 +39,7 @@ PROMPT = "Write three short sentences about the sea."
 
 
 @dataclass
-class Row:
+class ModelRow:
     """One model of the comparison table."""
 
     name: str
@@ -68,7 +68,7 @@ def retention(ev: Evaluation, base: Evaluation) -> float:
     return sum(shares) / len(shares) if shares else 0.0
 
 
-def choose(pareto: Sequence[tuple[Genome, Evaluation]], base: Evaluation, keep: float = KEEP) -> Genome:
+def pick_exported(pareto: Sequence[tuple[Genome, Evaluation]], base: Evaluation, keep: float = KEEP) -> Genome:
     """The member with the fewest hops that keeps at least `keep` of the base's dev quality, else the best one."""
     good = [(g, ev) for g, ev in pareto if ev.ok and retention(ev, base) >= keep]
     if good:
@@ -89,7 +89,7 @@ def sample(model: torch.nn.Module, tokenizer, prompt: str = PROMPT, tokens: int 
     return "\n".join(textwrap.wrap(" ".join(answer.split()), width=100)[:3])
 
 
-def table(rows: Sequence[Row], cfg: RunConfig) -> str:
+def table(rows: Sequence[ModelRow], cfg: RunConfig) -> str:
     """Markdown table: hops, parameters, then each task's primary metric on dev and on test."""
     pairs = list(zip(cfg.tasks, cfg.report_tasks or [None] * len(cfg.tasks), strict=False))
     head = ["model", "hops", "params (M)", "dev score"]
@@ -130,8 +130,7 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
         phases[phase] = time.perf_counter() - start - sum(phases.values())
 
     mark("evolution")
-    evaluator.setup()
-    pool: SourcePool = evaluator.pool  # loaded once, shared with the table below
+    pool = evaluator.setup().pool  # loaded once, shared with the table below
     dev = Fitness.from_config(cfg, "dev")
     test = Fitness.from_config(cfg, "test") if cfg.report_tasks else None
     routes = {"base": identity_route(pool), "naive deepening": naive_deepening_route(pool.layers_per_source[0])}
@@ -139,7 +138,7 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     test_evals = score_routes(pool, test, routes) if test else {}
 
     front = result.pareto or [(result.best, result.best_eval)]
-    chosen = choose(front, dev_evals["base"])
+    chosen = pick_exported(front, dev_evals["base"])
     mark("base and deepening scored")
     exported_dir = run_dir / "exported"
     out(f"exporting {len(chosen.decode())} hops ({chosen.decode().text()}) to {exported_dir}")
@@ -154,12 +153,12 @@ def run_demo(config: str | Path, out: Callable[[str], None] = print) -> dict:
     exported_test = test.score(exported, pool.tokenizer, hops=hops) if test else None
 
     rows = [
-        Row("base SmolLM2" if "smollm2" in pool.paths[0].lower() else "base", len(routes["base"]),
-            parameter_count(pool, routes["base"]), dev_evals["base"], test_evals.get("base")),
-        Row("exported (evolved)", hops, parameter_count(pool, chosen.decode()), exported_dev, exported_test),
-        Row("naive deepening 0-19 + 10-29" if len(routes["base"]) == 30 else "naive deepening",
-            len(routes["naive deepening"]), parameter_count(pool, routes["naive deepening"]),
-            dev_evals["naive deepening"], test_evals.get("naive deepening")),
+        ModelRow("base SmolLM2" if "smollm2" in pool.paths[0].lower() else "base", len(routes["base"]),
+                 parameter_count(pool, routes["base"]), dev_evals["base"], test_evals.get("base")),
+        ModelRow("exported (evolved)", hops, parameter_count(pool, chosen.decode()), exported_dev, exported_test),
+        ModelRow("naive deepening 0-19 + 10-29" if len(routes["base"]) == 30 else "naive deepening",
+                 len(routes["naive deepening"]), parameter_count(pool, routes["naive deepening"]),
+                 dev_evals["naive deepening"], test_evals.get("naive deepening")),
     ]
     picture = route_png(chosen, run_dir / "route.png")
     md = table(rows, cfg)

@@ -1,12 +1,15 @@
 """The paper's claim on a real model: J and M (SmolLM2 LoRA specialists, `specialists.py`) merged by evolution.
 
-`python -m dfs_merge.apps.family_study [CONFIG]` (what `make study-family` runs) evolves the config
-(`genomes/family.yaml`: routes over J and M) and its `scaling: none` ablation (both resume), then scores on
-the held-out test split: Instruct, J, M, the majority answer, the naive frankenmerge (J's lower half, M's
-upper half), task arithmetic of the two adapters (base + dJ + dM) and the two evolved routes; then the
-parameter-space search (`genomes/family_ps.yaml`: task-arithmetic weights per adapter and layer group, CMA-ES)
-and the hybrid (`genomes/family_hybrid.yaml`: routes over that search's best merge and J), each run after
-the one it needs. It writes the table to `<out>/table.md` and `<out>/table.json` and prints it.
+The target is written as MGSM-JA writes its problems: J word problems with their operands in digits (the
+tokens M learned arithmetic on), so that M partly solves it and J reads its language, as the paper's parents
+did. `python -m dfs_merge.apps.family_study` (what `make study-family` runs) first scores the parents and the
+naive merges on the dev and validation splits (the preconditions), then runs (or resumes) each search of
+`SEARCHES` in order: the parameter-space recipe (task arithmetic per layer group, CMA-ES), the data-flow
+routes over J and M with and without scales, and the hybrid (routes over the evolved recipe and the parents).
+Every row is then scored on the held-out test split: the digit target with its additions and subtractions
+apart and a paired bootstrap interval against each parent, the number-word variant, English problems, the J
+language-model loss and the base's own skills, beside the majority answer and the blind baselines (always
+add, always subtract the two operands). It writes `<out>/table.md` and `<out>/table.json` and prints them.
 """
 
 from __future__ import annotations
@@ -15,132 +18,262 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dfs_merge import bundled
 from dfs_merge.atomic import write_atomic
 from dfs_merge.candidate import CandidateScorer
-from dfs_merge.config import RunConfig, load_config
+from dfs_merge.config import load_config
 from dfs_merge.evaluation import Evaluation
+from dfs_merge.fitness.score import Fitness
+from dfs_merge.models.sources import SourcePool
 from dfs_merge.route import Hop, Route
 from dfs_merge.search.evolution import run_evolution
 
-CONFIG = bundled.genomes_dir() / "family.yaml"
-PS_CONFIGS = {  # row -> config, run in this order (the hybrid's source 0 is the first one's best recipe)
-    "evolved PS (task arithmetic per layer group, CMA-ES)": bundled.genomes_dir() / "family_ps.yaml",
-    "evolved hybrid: DFS over (evolved PS, J)": bundled.genomes_dir() / "family_hybrid.yaml",
+GENOMES = bundled.genomes_dir()
+SEARCHES = {  # row -> config, run in this order (the hybrid's first source is the PS search's best recipe)
+    "evolved PS (task arithmetic per layer group, CMA-ES)": GENOMES / "family-digits-ps.yaml",
+    "evolved DFS (routes over J and M, scales)": GENOMES / "family-digits-dfs.yaml",
+    "evolved DFS, scaling none": GENOMES / "family-digits-dfs-noscale.yaml",
+    "evolved hybrid: DFS over (evolved PS, J, M)": GENOMES / "family-digits-hybrid.yaml",
 }
-FRANKENMERGE = "0:0-14, 1:15-29"  # J's lower half, M's upper half
-COLUMNS = {  # column -> (test task, scale): accuracies in %, bits per byte as they are
-    "J-arith acc.": ("family_arith_j_test", 100.0), "E-arith acc.": ("family_arith_e_test", 100.0),
-    "J loss (bits/byte)": ("zoo_lm_j_test", 1.0), "prose bits/byte": ("prose_ppl_test", 1.0),
-    "cloze acc.": ("cloze_mc_test", 100.0),
+BEST = GENOMES / "family-best.yaml"
+BASE = "smollm2-135m-instruct"
+SPECIALISTS = {name: f"{BASE}+{bundled.models_dir() / 'family' / name.lower()}" for name in ("J", "M")}
+FRANKENMERGE = "0:0-14, 1:15-29"  # J's lower half, M's upper half (over the pool J, M, base)
+LAYERS = 30
+TARGET = {"dev": "family_arith_jd_dev", "val": "family_arith_jd_val", "test": "family_arith_jd_test"}
+OTHERS = {  # split -> {task: (documents, metric)}: what each split reports beside the target
+    "dev": {"family_arith_j_dev": (300, None), "family_arith_e_dev": (200, None),
+            "zoo_lm_j_dev": (20, "bits_per_byte"), "prose_ppl_dev": (8, "bits_per_byte"), "cloze_mc_dev": (48, None)},
+    "val": {"family_arith_j_val": (300, None), "zoo_lm_j_val": (50, "bits_per_byte"),
+            "prose_ppl_val": (8, "bits_per_byte"), "cloze_mc_val": (48, None)},
+    "test": {"family_arith_j_test": (600, None), "family_arith_e_test": (300, None),
+             "zoo_lm_j_test": (100, "bits_per_byte"), "prose_ppl_test": (12, "bits_per_byte"),
+             "cloze_mc_test": (48, None)},
+}
+COLUMNS = {  # column -> (task prefix, scale): accuracies in %, bits per byte as they are
+    "J words acc.": ("family_arith_j_", 100.0), "E acc.": ("family_arith_e_", 100.0),
+    "J loss (bits/byte)": ("zoo_lm_j_", 1.0), "prose bits/byte": ("prose_ppl_", 1.0), "cloze acc.": ("cloze_mc_", 100.0),
 }
 
 
-def searches(cfg: RunConfig) -> dict[str, RunConfig]:
-    """The evolved rows: the config as it is, and its `scaling: none` ablation in a sibling folder."""
-    return {"evolved DFS": cfg,
-            "evolved DFS, scaling none": cfg.model_copy(update={"scaling": "none", "out": f"{cfg.out}-scaling-none"})}
+@dataclass
+class Candidate:
+    """One row's model: a route or genome over a pool, or a model object (the adapters merged by PEFT)."""
+
+    label: str
+    pool: SourcePool
+    route: Route | None = None
+    genome: Any = None
+    model: Any = None
+    text: str = ""
+
+    @property
+    def hops(self) -> int:
+        if self.route is not None:
+            return len(self.route)
+        return len(self.genome.decode()) if self.genome is not None else LAYERS
+
+    def build(self) -> Any:
+        """The model itself (a stitched route, a recipe merged in a resident model, or the model object)."""
+        if self.route is not None:
+            from dfs_merge.stitch import stitch
+
+            return stitch(self.pool, self.route)
+        if self.genome is not None:
+            from dfs_merge.merging.blend import Blender
+            from dfs_merge.merging.recipe import Recipe
+            from dfs_merge.stitch import stitch
+
+            if isinstance(self.genome, Recipe):
+                return Blender(self.pool).apply(self.genome)
+            return stitch(self.pool, self.genome.check())
+        return self.model
+
+    def score(self, fitness: Fitness, docs: tuple[float, float] | None = None) -> Evaluation:
+        """This model on `fitness`'s tasks (with per-document results on the window `docs`)."""
+        scorer = CandidateScorer(self.pool, fitness)
+        if self.route is not None:
+            return scorer(self.route, docs)
+        if self.genome is not None:
+            return scorer.genome(self.genome, docs)
+        return fitness.score(self.model, self.pool.tokenizer, hops=LAYERS, docs=docs)
 
 
-def majority(task_file: Path) -> float:
-    """The accuracy of always giving the most frequent answer of a task's data file."""
-    answers = [json.loads(line)["answer"] for line in task_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return max(answers.count(a) for a in set(answers)) / len(answers)
+@dataclass
+class Row:
+    """One row of a table: the target's evaluation (per document) and the other tasks'."""
+
+    candidate: Candidate
+    target: Evaluation
+    others: Evaluation
 
 
-def task_arithmetic(pool: Any) -> Any:
-    """base + dJ + dM: both adapters merged into the base's weights (PEFT's merge, one after the other)."""
+def problems(split: str) -> list[dict[str, Any]]:
+    """The digit target's problems of one split, in task order (question, answer, op, operands a and b)."""
+    path = bundled.suites_dir() / "data" / f"{TARGET[split]}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def blind_baselines(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy (%) of answers that read no J: the majority answer, always a + b, always a - b."""
+    answers = [int(r["answer"]) for r in rows]
+    n = len(rows)
+    return {"majority answer": 100.0 * max(answers.count(a) for a in set(answers)) / n,
+            "always add the two operands": 100.0 * sum(r["a"] + r["b"] == int(r["answer"]) for r in rows) / n,
+            "always subtract them": 100.0 * sum(r["a"] - r["b"] == int(r["answer"]) for r in rows) / n}
+
+
+def by_operation(ev: Evaluation, task: str, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy (%) on the additions and on the subtractions apart, from the per-document results."""
+    items = [float(x) for x in ev.per_doc[task]["items"]] if ev.ok and ev.per_doc else []
+    out = {}
+    for op in ("add", "sub"):
+        got = [x for x, r in zip(items, rows, strict=True) if r["op"] == op]
+        out[op] = 100.0 * sum(got) / len(got) if got else float("nan")
+    return out
+
+
+def parents(pool: SourcePool) -> list[Candidate]:
+    """Instruct, J, M and the naive merges, over the pool (J, M, plain base)."""
     from dfs_merge.models.adapters import merged_model, split_source
 
-    model = pool.sources[2].model  # the plain base
-    for source in pool.sources[:2]:
-        model = merged_model(model, split_source(source.path)[1])
-    return model
-
-
-def run_family_study(config: str | Path = CONFIG, log: Callable[[str], Any] = print,
-                     ps_configs: dict[str, Path] | None = None) -> dict[str, Any]:
-    """Evolve (or resume) the searches, score every row on the test split, write and print the table."""
-    from dfs_merge.fitness.score import Fitness
-    from dfs_merge.models.adapters import split_source
-    from dfs_merge.models.sources import SourcePool
-
-    started = time.perf_counter()
-    cfg = load_config(config)
-    results = {}
-    for label, run_cfg in searches(cfg).items():
-        log(f"[search] {label} -> {run_cfg.out}")
-        results[label] = run_evolution(run_cfg, resume=(Path(run_cfg.out) / "config.yaml").exists(), report=False,
-                                       log=log)
-    for label, path in (PS_CONFIGS if ps_configs is None else ps_configs).items():
-        run_cfg = load_config(path)  # after the searches before it: the hybrid's recipe source exists now
-        log(f"[search] {label} -> {run_cfg.out}")
-        results[label] = run_evolution(run_cfg, resume=(Path(run_cfg.out) / "config.yaml").exists(), report=False,
-                                       log=log)
-    base = split_source(cfg.sources[0])[0]
-    pool = SourcePool.load([*cfg.sources, base], cfg.device, cfg.dtype)  # J, M, then the plain base (source 2)
-    fitness = Fitness.from_config(cfg, "test")
-    score = CandidateScorer(pool, fitness)
-    layers = pool.layers_per_source[0]
-
     def whole(source: int) -> Route:
-        return Route(tuple(Hop(source, i) for i in range(layers)))
+        return Route(tuple(Hop(source, i) for i in range(LAYERS)))
 
-    # J's adapter leaves the embeddings, final norm and head alone, so routes over the base's layers (source 2)
-    # under J's embeddings are exactly Instruct.
-    rows: dict[str, tuple[Evaluation, int, str]] = {
-        "Instruct (base)": (score(whole(2)), layers, ""), "J (J-language specialist)": (score(whole(0)), layers, ""),
-        "M (arithmetic specialist)": (score(whole(1)), layers, ""),
-        "naive frankenmerge: J 0-14 + M 15-29": (score(Route.parse(FRANKENMERGE)), layers, FRANKENMERGE),
-        "task arithmetic of the adapters (base + dJ + dM)":
-            (fitness.score(task_arithmetic(pool), pool.tokenizer, hops=layers), layers, ""),
-    }
-    for label, result in results.items():
-        best = result.best
-        if tuple(best.sources) != tuple(cfg.sources):  # a recipe, or routes over other sources: their own pool
-            own = CandidateScorer(SourcePool.load(list(best.sources), cfg.device, cfg.dtype), fitness)
-            rows[label] = (own.genome(best), len(best.decode()), best.text())
+    # base + dJ + dM: the adapters touch disjoint layers, so this is also the layer swap (J's outer blocks
+    # around M's middle block); PEFT's merge, one adapter after the other.
+    swap = pool.sources[2].model
+    for source in pool.sources[:2]:
+        swap = merged_model(swap, split_source(source.path)[1])
+    return [Candidate("Instruct (base)", pool, whole(2)), Candidate("J (J-language specialist)", pool, whole(0)),
+            Candidate("M (arithmetic specialist)", pool, whole(1)),
+            Candidate("naive frankenmerge: J 0-14 + M 15-29", pool, Route.parse(FRANKENMERGE), text=FRANKENMERGE),
+            Candidate("task arithmetic base + dJ + dM (= the layer swap)", pool, model=swap)]
+
+
+def evolved(log: Callable[[str], Any], device: str, dtype: str) -> list[Candidate]:
+    """Run or resume each search of `SEARCHES` in order; each one's chosen genome as a row."""
+    out = []
+    for label, path in SEARCHES.items():
+        cfg = load_config(path)  # after the searches before it: the hybrid's recipe source exists now
+        log(f"[search] {label} -> {cfg.out}")
+        result = run_evolution(cfg, resume=(Path(cfg.out) / "config.yaml").exists(), report=False, log=log)
+        pool = SourcePool.load(list(result.best.sources), device, dtype)
+        out.append(Candidate(label, pool, genome=result.best, text=result.best.text()))
+    return out
+
+
+def score_rows(candidates: Sequence[Candidate], split: str, log: Callable[[str], Any],
+               others: dict[str, tuple[int, str | None]] | None = None, memo: Path | None = None) -> list[Row]:
+    """Each candidate on one split: the target whole with per-document results, and the other tasks
+    (`OTHERS[split]` unless given: task -> (documents, metric)). With `memo` (a JSONL file), each row is
+    appended there as it is scored and a row already there (same label, split, tasks and text) is reused, so
+    that an interrupted study resumes."""
+    tasks = OTHERS[split] if others is None else others
+    target = Fitness({TARGET[split]: 1.0}, batch_size=16, max_length=256)
+    others = Fitness(dict.fromkeys(tasks, 1.0), limit={t: n for t, (n, _) in tasks.items()},
+                     metrics={t: m for t, (_, m) in tasks.items() if m}, batch_size=16, max_length=256)
+    done = {}
+    if memo is not None and memo.is_file():
+        for line in memo.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            done[(entry["label"], entry["split"], entry["text"])] = entry
+    rows = []
+    for c in candidates:
+        t0 = time.perf_counter()
+        entry = done.get((c.label, split, c.text))
+        if entry is not None and Evaluation.from_dict(entry["others"]).tasks.keys() == set(tasks):
+            rows.append(Row(c, Evaluation.from_dict(entry["target"]), Evaluation.from_dict(entry["others"])))
             continue
-        route = best.decode()
-        scaled = " (scaled)" if any(h.scale != 1.0 for h in route) else ""
-        rows[label] = (score(route), len(route), route.text() + scaled)
-    chance = 100.0 * majority(bundled.suites_dir() / "data" / "zoo_arith_j_test.jsonl")
-    text = table(rows, chance)
-    data = {"config": str(config), "seed": cfg.seed, "seconds": round(time.perf_counter() - started, 1),
-            "evaluations": {label: r.evaluations for label, r in results.items()}, "majority_j_arith": chance,
-            "rows": {k: {"eval": ev.to_dict(), "hops": hops, "route": route} for k, (ev, hops, route) in rows.items()}}
-    write_atomic(Path(cfg.out) / "table.md", text + "\n")
-    write_atomic(Path(cfg.out) / "table.json", json.dumps(data, indent=1))
-    log(text)
-    log(f"family study took {data['seconds']:.0f} s; table in {Path(cfg.out) / 'table.md'}")
-    return data
+        rows.append(Row(c, c.score(target, docs=(0.0, 1.0)), c.score(others)))
+        if memo is not None and rows[-1].target.ok and rows[-1].others.ok:
+            with memo.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"label": c.label, "split": split, "text": c.text,
+                                     "target": rows[-1].target.to_dict(), "others": rows[-1].others.to_dict()}) + "\n")
+        log(f"[{split}] {c.label}: {rows[-1].target.tasks.get(TARGET[split])} ({time.perf_counter() - t0:.0f} s)")
+    return rows
 
 
-def table(rows: dict[str, tuple[Evaluation, int, str]], chance: float) -> str:
-    """The README table: one row per model, the test split's columns, hops and route."""
-    head = ["model", *COLUMNS, "hops", "route"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             f"| majority answer | {chance:.1f} | | | | | | |"]
-    for label, (ev, hops, route) in rows.items():
-        cells = []
-        for task, factor in COLUMNS.values():
-            r = ev.tasks.get(task)
-            cells.append(f"{r.value * factor:.1f}" if r is not None and factor != 1.0 else
-                         f"{r.value:.4f}" if r is not None else "failed")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {hops} | {f'`{route}`' if route else ''} |")
+def table(rows: Sequence[Row], split: str, parent_labels: Sequence[str] = ()) -> str:
+    """A markdown table: the digit target (all, additions, subtractions), its paired 95% intervals against
+    each parent (in points), the other tasks, hops and the route or recipe; the blind baselines first."""
+    task = TARGET[split]
+    data = problems(split)
+    target = Fitness({task: 1.0}, batch_size=16, max_length=256) if parent_labels else None
+    refs = [r for r in rows if r.candidate.label in parent_labels]
+    head = ["model", "J digits acc.", "adds", "subs", *(f"vs {r.candidate.label.split(' ')[0]} (95%)" for r in refs),
+            *COLUMNS, "hops", "route / recipe"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    blank = [""] * (len(head) - 2)
+    for name, value in blind_baselines(data).items():
+        lines.append("| " + " | ".join([name, f"{value:.1f}", *blank]) + " |")
+    for row in rows:
+        ev = row.target
+        acc = f"{100 * ev.tasks[task].value:.1f}" if ev.ok else "failed"
+        ops = by_operation(ev, task, data)
+        cells = [row.candidate.label, acc, f"{ops['add']:.1f}", f"{ops['sub']:.1f}"]
+        for ref in refs:
+            iv = target.difference_interval(ev, ref.target) if target is not None and ref is not row else None
+            cells.append(f"[{100 * iv[0]:+.1f}, {100 * iv[1]:+.1f}]" if iv else "")
+        for prefix, factor in COLUMNS.values():
+            r = next((r for name, r in row.others.tasks.items() if name.startswith(prefix)), None)
+            cells.append("" if r is None else f"{r.value * factor:.1f}" if factor != 1.0 else f"{r.value:.4f}")
+        text = row.candidate.text
+        cells += [str(row.candidate.hops), f"`{text}`" if text else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def to_json(rows: Sequence[Row], split: str) -> dict[str, Any]:
+    """The rows of one split as JSON: each evaluation, its accuracy by operation, hops and text."""
+    data = problems(split)
+    return {r.candidate.label: {"target": r.target.to_dict(), "others": r.others.to_dict(), "hops": r.candidate.hops,
+                                "by_operation": by_operation(r.target, TARGET[split], data), "text": r.candidate.text}
+            for r in rows}
+
+
+def run_family_study(out: str | Path = "runs/family-digits", log: Callable[[str], Any] = print,
+                     preconditions: bool = True, searches: bool = True, device: str = "cpu",
+                     dtype: str = "float32") -> dict[str, Any]:
+    """Preconditions (dev, val), the searches, and the test table: written to `out` and printed."""
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    memo = out / "rows.jsonl"
+    pool = SourcePool.load([SPECIALISTS["J"], SPECIALISTS["M"], BASE], device, dtype)  # source 2: the plain base
+    naive = parents(pool)
+    report: dict[str, Any] = {"seconds": {}}
+    text = []
+    for split in ("dev", "val") if preconditions else ():
+        rows = score_rows(naive, split, log, memo=memo)
+        text += [f"## Preconditions: {split} split", "", table(rows, split), ""]
+        report[split] = to_json(rows, split)
+    found = evolved(log, device, dtype) if searches else []
+    rows = score_rows([*naive, *found], "test", log, memo=memo)
+    text += ["## Held-out test split", "", table(rows, "test", ("J (J-language specialist)", "M (arithmetic specialist)"))]
+    report["test"] = to_json(rows, "test")
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_atomic(out / "table.md", "\n".join(text) + "\n")
+    write_atomic(out / "table.json", json.dumps(report, indent=1))
+    log("\n".join(text))
+    log(f"family study took {report['seconds']:.0f} s; table in {out / 'table.md'}")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m dfs_merge.apps.family_study [CONFIG]`."""
+    """`python -m dfs_merge.apps.family_study [OUT] [--no-preconditions] [--no-searches]`."""
     args = list(sys.argv[1:] if argv is None else argv)
     from dfs_merge.errors import DfsMergeError
 
+    flags = {a for a in args if a.startswith("--")}
+    rest = [a for a in args if not a.startswith("--")]
     try:
-        run_family_study(args[0] if args else CONFIG)
+        run_family_study(rest[0] if rest else "runs/family-digits", preconditions="--no-preconditions" not in flags,
+                         searches="--no-searches" not in flags)
     except DfsMergeError as err:
         print(f"family study: error: {err}", file=sys.stderr)
         return 2

@@ -238,16 +238,28 @@ dataset_kwargs:
   data_files:
     test: data/{data}.jsonl
 """
+LM_VAL_TASK = """\
+include: _template_zoo_lm.yaml
+task: zoo_lm_j_val
+dataset_kwargs:
+  data_files:
+    test: data/zoo_lm_j_dev.jsonl
+  rows: [50, 100]
+"""
 # task -> data file: the zoo's problems (the same items, scored with SmolLM2's answer length), and a new
 # J validation split for the final choice. The J language-model guard is the zoo's `zoo_lm_j_{dev,test}`.
 FAMILY_TASKS = {"family_arith_j_dev": "zoo_arith_j_dev", "family_arith_j_val": "family_arith_j_val",
                 "family_arith_j_test": "zoo_arith_j_test", "family_arith_e_dev": "zoo_arith_e_dev",
                 "family_arith_e_test": "zoo_arith_e_test"}
+# The target as MGSM-JA writes it: the same J problems (dev, val, test: the same items as above) with their
+# operands in digits, the tokens M learned arithmetic on. Each row names its operation (`op`: add | sub).
+DIGIT_TASKS = {"family_arith_jd_dev": "j_arith_dev", "family_arith_jd_val": "j_arith_val",
+               "family_arith_jd_test": "j_arith_test"}
 
 
 def write_suites(suite_dir: Path = SUITE_DIR) -> list[Path]:
     """Write the family's lm-eval tasks (YAML in `suite_dir`) and the J validation problems (JSONL in data/)."""
-    _, val = splits()
+    held, val = splits()
     out = [suite_dir / "_template_family_arith.yaml", suite_dir / "data" / "family_arith_j_val.jsonl"]
     out[0].write_text(TEMPLATE, encoding="utf-8")
     out[1].write_text("".join(json.dumps({"question": p.question("j"), "answer": str(p.answer)}, ensure_ascii=False)
@@ -256,7 +268,20 @@ def write_suites(suite_dir: Path = SUITE_DIR) -> list[Path]:
         path = suite_dir / f"{task}.yaml"
         path.write_text(TASK.format(task=task, data=data), encoding="utf-8")
         out.append(path)
-    return out
+    problems = {"j_arith_dev": held.j_arith_dev, "j_arith_val": val, "j_arith_test": held.j_arith_test}
+    for task, split in DIGIT_TASKS.items():
+        data = suite_dir / "data" / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(
+            {"question": p.question("jd"), "answer": str(p.answer), "op": p.op, "a": p.a, "b": p.b},
+            ensure_ascii=False) + "\n" for p in problems[split]), encoding="utf-8")
+        path = suite_dir / f"{task}.yaml"
+        path.write_text(TASK.format(task=task, data=task), encoding="utf-8")
+        out += [data, path]
+    # The J language-model guard for the final choice: J stories 50-99 of the zoo's dev file (a search reads
+    # at most its first 20), so that validation checks the J loss on texts the search never scored.
+    path = suite_dir / "zoo_lm_j_val.yaml"
+    path.write_text(LM_VAL_TASK, encoding="utf-8")
+    return [*out, path]
 
 
 # ---- direct scores (training checks; the README table uses lm-eval) --------------------------------------

@@ -45,7 +45,6 @@ from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Route, seed_genomes
 from dfs_merge.genome_files import genome_from_dict
 from dfs_merge.models.metadata import layer_counts
-from dfs_merge.models.sources import SourcePool
 from dfs_merge.outputs import check_output
 from dfs_merge.plots import save_png
 from dfs_merge.search.backends import ModelEvaluator
@@ -236,8 +235,8 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
     root = check_output(cfg.out, kind="folder", force=True, inputs=cfg.sources, error=ConfigError, what="out:")
     root.mkdir(parents=True, exist_ok=True)  # a study resumes in its folder: an existing one is fine
     evaluator = ModelEvaluator(cfg, "dev")
-    evaluator.setup()
-    pool: SourcePool = evaluator.pool
+    scorer = evaluator.setup()
+    pool = scorer.pool
     layers = pool.layers_per_source[0]
 
     out(f"[1/4] heuristics on {len(calibration_texts(_calibration()))} calibration texts (the prose dev split)")
@@ -277,7 +276,7 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
                            "seconds_this_call": round(time.perf_counter() - t0, 1), "front": len(result.pareto)}
 
     cache = ActivationCache(cfg.prefix_cache_mb) if cfg.prefix_cache_mb else None
-    score_dev = CandidateScorer(pool, evaluator.fitness, cache)
+    score_dev = CandidateScorer(pool, scorer.fitness, cache)
     test_fitness = Fitness.from_config(cfg, "test")
     held_out = ScoreLog(root / "test_scores.jsonl", score_dev.with_fitness(test_fitness),
                         per_document=test_fitness.per_document())

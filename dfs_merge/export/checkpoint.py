@@ -66,17 +66,21 @@ from dfs_merge.export.verify import (
     verify_export,
     verify_tolerance,
 )
-from dfs_merge.genome import Genome
-from dfs_merge.genome_files import is_recipe_file, save_genome
+from dfs_merge.genome_files import save_genome
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.adapters import split_source
+from dfs_merge.models.kinds import source_kind
 from dfs_merge.models.metadata import check_same_sources
 from dfs_merge.models.sources import DTYPES, SourcePool, check_compatible, locate, read_config
 from dfs_merge.outputs import check_output
 from dfs_merge.route import Route
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
     from dfs_merge.export.formats import ExportOptions
+    from dfs_merge.genome_files import CandidateGenome
+    from dfs_merge.models.families import Family
 
 __all__ = [
     "GENOME_FILE", "INDEX_NAME", "TOKENIZER_FILES", "WEIGHTS_NAME", "ExportInputs", "VerifyResult",
@@ -106,7 +110,7 @@ TOKENIZER_FILES = (
 
 def export_checkpoint(
     pool: SourcePool,
-    genome: Genome,
+    genome: CandidateGenome,
     out: str | Path,
     *,
     force: bool = False,
@@ -149,7 +153,7 @@ def export_checkpoint(
                    command=command, copy_tokenizer=copy_tokenizer)
 
 
-def export_genome(genome: Genome, out: str | Path, *, device: str = "cpu", dtype: str | None = None,
+def export_genome(genome: CandidateGenome, out: str | Path, *, device: str = "cpu", dtype: str | None = None,
                   progress: bool | Progress = False, **kwargs: Any) -> Path:
     """Export `genome` from its own sources (the arguments of `export_checkpoint`, without a pool).
 
@@ -163,30 +167,33 @@ def export_genome(genome: Genome, out: str | Path, *, device: str = "cpu", dtype
     folders = stream_folders(genome)
     if folders is not None:
         return _export_streamed(genome, folders, out, device=device, dtype=dtype, show=show, **kwargs)
-    name = (getattr(genome, "dtype", None) or dtype or getattr(genome, "out_dtype", None)
-            or stored_dtype(locate(genome.sources[0])) or "float32")
+    given = genome.settings()
+    name = (given.get("dtype") or dtype or given.get("out_dtype") or stored_dtype(locate(genome.sources[0]))
+            or "float32")
     with show.loading(len(genome.sources), device, name):
         pool = SourcePool.load(list(genome.sources), device=device, dtype=name)
     return export_checkpoint(pool, genome, out, dtype=dtype, progress=show, **kwargs)
 
 
-def precheck(genome: Genome, options: ExportOptions) -> None:
+def precheck(genome: CandidateGenome, options: ExportOptions) -> None:
     """`dfs-merge export --format hf`, before any source is loaded: the shard size and the genome's settings."""
     parse_size(options.max_shard_size or "2GB")
     export_settings(genome, options.dtype)
 
 
-def write(genome: Genome, out: Path, options: ExportOptions, progress: Progress) -> Path:
+def write(genome: CandidateGenome, out: Path, options: ExportOptions, progress: Progress) -> Path:
     """`dfs-merge export --format hf`: `export_genome` with the command's options."""
     return export_genome(genome, out, device=options.device, dtype=options.dtype, force=options.force,
                          verify=options.verify, max_shard_size=options.max_shard_size or "2GB",
                          copy_tokenizer=options.copy_tokenizer, progress=progress)
 
 
-def stream_folders(genome: Genome) -> list[Path] | None:
+def stream_folders(genome: CandidateGenome) -> list[Path] | None:
     """Each source's local folder where an export can stream all of them from safetensors files; None for a
-    recipe (merged in memory), a `BASE+ADAPTER` or recipe-file source, or a folder without safetensors."""
-    if isinstance(genome, Recipe) or any(split_source(p)[1] is not None or is_recipe_file(p) for p in genome.sources):
+    recipe (merged in memory), a `BASE+ADAPTER` source or one of a kind the loader builds in memory (`kinds`: a
+    recipe file), or a folder without safetensors."""
+    if isinstance(genome, Recipe) or any(split_source(p)[1] is not None or source_kind(p) is not None
+                                         for p in genome.sources):
         return None
     folders = [locate(p) for p in genome.sources]
     return folders if all(safetensors_files(f) is not None for f in folders) else None
@@ -202,7 +209,7 @@ def stored_dtype(folder: Path) -> str | None:
     return name if name in DTYPES else None
 
 
-def _export_streamed(genome: Genome, folders: list[Path], out: str | Path, *, device: str, dtype: str | None,
+def _export_streamed(genome: CandidateGenome, folders: list[Path], out: str | Path, *, device: str, dtype: str | None,
                      show: Progress, force: bool = False, verify: bool | str = True,
                      max_shard_size: int | str = "2GB", command: str | None = None,
                      copy_tokenizer: bool = True) -> Path:
@@ -213,7 +220,7 @@ def _export_streamed(genome: Genome, folders: list[Path], out: str | Path, *, de
     out = check_output(out, kind="folder", force=force, inputs=[*genome.sources, *map(str, folders)],
                        error=ExportError, what=None, force_hint="force=True (--force)")
     limit = parse_size(max_shard_size)
-    read: dict[Path, tuple[Any, Any]] = {}
+    read: dict[Path, tuple[PretrainedConfig, Family]] = {}
     for f in folders:
         read.setdefault(f.resolve(), read_config(f))
     pairs = [read[f.resolve()] for f in folders]
@@ -234,7 +241,7 @@ def _export_streamed(genome: Genome, folders: list[Path], out: str | Path, *, de
                    command=command, copy_tokenizer=copy_tokenizer)
 
 
-def _tokenizers_if_differ(folders: list[Path]) -> list[Any] | None:
+def _tokenizers_if_differ(folders: list[Path]) -> list[PreTrainedTokenizerBase] | None:
     """The sources' tokenizers for `check_compatible`, loaded only where their tokenizer files differ (a
     self-merge or fine-tunes that ship the same files need none)."""
     distinct = list(dict.fromkeys(f.resolve() for f in folders))
@@ -250,7 +257,7 @@ def _tokenizers_if_differ(folders: list[Path]) -> list[Any] | None:
     return [loaded[f.resolve()] for f in folders]
 
 
-def _architecture(config: Any) -> str:
+def _architecture(config: PretrainedConfig) -> str:
     """The output's class name: the base config's `architectures`, else transformers' causal LM for its type."""
     names = getattr(config, "architectures", None)
     if names:
@@ -279,14 +286,14 @@ class ExportInputs:
     tensors: TensorProvider
     paths: list[str]  # the sources as the genome names them (for a recipe: as its pool names them)
     folders: list[Path | None]  # each written source's folder (None: built in memory)
-    configs: list[Any]  # each written source's HF config; the first is the output's
+    configs: list[PretrainedConfig]  # each written source's HF config; the first is the output's
     architecture: str  # the output's class name
     card: list[CardSource]
     pool: SourcePool | None = None  # the loaded sources, where the export is made from memory
     device: str = "cpu"
 
 
-def _export(inputs: ExportInputs, genome: Genome, route: Route, out: Path, settings: Settings, *, mode: str,
+def _export(inputs: ExportInputs, genome: CandidateGenome, route: Route, out: Path, settings: Settings, *, mode: str,
             limit: int, force: bool, show: Progress, command: str | None, copy_tokenizer: bool) -> Path:
     """The one path of every HF export: plan, write into a staging folder, verify, card, publish."""
     entries = plan_tensors(inputs.tensors, route, settings.out_dtype)
@@ -352,7 +359,7 @@ def written_dtype(entries: list[Entry]) -> torch.dtype:
     return max(sizes, key=sizes.__getitem__) if sizes else torch.float32
 
 
-def export_config(inputs: ExportInputs, route: Route, entries: list[Entry]) -> Any:
+def export_config(inputs: ExportInputs, route: Route, entries: list[Entry]) -> PretrainedConfig:
     """The base's config for `route`: `num_hidden_layers` = hops, `layer_types` per hop where it has them, the
     written dtype, and the head untied where one is written beside tied embeddings."""
     config = copy.deepcopy(inputs.configs[0])

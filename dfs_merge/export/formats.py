@@ -18,7 +18,7 @@ from dfs_merge.errors import ExportError
 
 if TYPE_CHECKING:
     from dfs_merge.export.progress import Progress
-    from dfs_merge.genome import Genome
+    from dfs_merge.genome_files import CandidateGenome
 
 __all__ = ["FORMATS", "ExportFormat", "ExportOptions", "FormatModule", "check_options"]
 
@@ -40,10 +40,10 @@ class ExportOptions:
 class FormatModule(Protocol):
     """What a format's module provides."""
 
-    def precheck(self, genome: Genome, options: ExportOptions) -> None:
+    def precheck(self, genome: CandidateGenome, options: ExportOptions) -> None:
         """Refuse what the format cannot write, from the genome and its sources' configs only (no weights)."""
 
-    def write(self, genome: Genome, out: Path, options: ExportOptions, progress: Progress) -> Path:
+    def write(self, genome: CandidateGenome, out: Path, options: ExportOptions, progress: Progress) -> Path:
         """Write `genome` as `out` (already checked as an output) and return its path."""
 
 

@@ -42,14 +42,17 @@ from dfs_merge.export.pool import check_pool, written_pool
 from dfs_merge.export.progress import Progress
 from dfs_merge.export.tensors import Entry, FoldedLayers, plan_tensors, running_products
 from dfs_merge.export.verify import VERIFY_PROMPTS, VerifyResult, verify_export
-from dfs_merge.genome import Genome
 from dfs_merge.genome_files import genome_to_dict
 from dfs_merge.models.sources import SourcePool, locate, read_config
 from dfs_merge.outputs import check_output
 from dfs_merge.route import Route
 
 if TYPE_CHECKING:
+    from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
     from dfs_merge.export.formats import ExportOptions
+    from dfs_merge.genome_files import CandidateGenome
 
 __all__ = ["ARCHITECTURES", "QUANTS", "ROUND_TRIP_TEXTS", "GgufVerifyResult", "Quant", "check_quant",
            "export_gguf", "precheck", "precheck_gguf", "verify_gguf", "write"]
@@ -128,7 +131,7 @@ def check_quant(quant: str) -> Quant:
     return q
 
 
-def precheck_gguf(genome: Genome, quant: str) -> None:
+def precheck_gguf(genome: CandidateGenome, quant: str) -> None:
     """The checks that need no weights, before any source is loaded: the quantisation, the base's architecture."""
     check_quant(quant)
     try:
@@ -140,7 +143,7 @@ def precheck_gguf(genome: Genome, quant: str) -> None:
 
 def export_gguf(
     pool: SourcePool,
-    genome: Genome,
+    genome: CandidateGenome,
     out: str | Path,
     *,
     quant: str = "f16",
@@ -181,12 +184,12 @@ def export_gguf(
     return out
 
 
-def precheck(genome: Genome, options: ExportOptions) -> None:
+def precheck(genome: CandidateGenome, options: ExportOptions) -> None:
     """`dfs-merge export --format gguf`, before any source is loaded: `precheck_gguf` (default quant f16)."""
     precheck_gguf(genome, options.quant or "f16")
 
 
-def write(genome: Genome, out: Path, options: ExportOptions, progress: Progress) -> Path:
+def write(genome: CandidateGenome, out: Path, options: ExportOptions, progress: Progress) -> Path:
     """`dfs-merge export --format gguf`: the sources loaded in `options.dtype` (default float32), then
     `export_gguf` (verified unless `options.verify` is off)."""
     dtype = options.dtype or "float32"
@@ -199,7 +202,7 @@ def write(genome: Genome, out: Path, options: ExportOptions, progress: Progress)
 # --------------------------------------------------------------------------- what a GGUF can express
 
 
-def _check_config(config: Any, warn: bool = True) -> None:
+def _check_config(config: PretrainedConfig, warn: bool = True) -> None:
     """Refuse, in one line, a base whose architecture or settings this GGUF writer cannot express (and, with
     `warn`, say what it drops)."""
     model_type = getattr(config, "model_type", None)
@@ -229,29 +232,30 @@ def _check_route(pool: SourcePool, route: Route) -> None:
                           f"architecture cannot mark per layer")
 
 
-def _rope_parameters(config: Any) -> dict[str, Any]:
+def _rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if isinstance(rope, dict) and "rope_type" not in rope and "type" in rope:
         rope = {**rope, "rope_type": rope["type"]}
     return rope if isinstance(rope, dict) else {}
 
 
-def _rope_theta(config: Any) -> float:
+def _rope_theta(config: PretrainedConfig) -> float:
     theta = _rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", None))
     return float(theta if theta is not None else 10000.0)
 
 
-def _head_dim(config: Any) -> int:
+def _head_dim(config: PretrainedConfig) -> int:
     head_dim = getattr(config, "head_dim", None)
     return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
 
 
-def _check_settings(genome: Genome) -> None:
+def _check_settings(genome: CandidateGenome) -> None:
     """Refuse what a GGUF file of this writer cannot carry yet: a tokenizer or chat template other than the base's."""
-    if getattr(genome, "tokenizer_source", 0):
+    given = genome.settings()
+    if given.get("tokenizer_source"):
         raise ExportError(f"--format gguf writes the base's tokenizer, but the genome takes its tokenizer from source "
-                          f"{genome.tokenizer_source}; export an HF checkpoint instead (dfs-merge export --out DIR)")
-    if getattr(genome, "chat_template", None) is not None:
+                          f"{given['tokenizer_source']}; export an HF checkpoint instead (dfs-merge export --out DIR)")
+    if given.get("chat_template") is not None:
         raise ExportError("--format gguf writes the base's chat template, but the genome sets chat_template; export "
                           "an HF checkpoint instead (dfs-merge export --out DIR)")
 
@@ -271,7 +275,7 @@ class _Vocab:
     chat_template: str | None
 
 
-def _vocab(tok: Any, vocab_size: int) -> _Vocab:
+def _vocab(tok: PreTrainedTokenizerBase, vocab_size: int) -> _Vocab:
     """The metadata of a byte-level BPE tokenizer, llama.cpp's way: one token per embedding row."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
@@ -340,7 +344,7 @@ def _pre_tokenizer_key(pre: dict[str, Any] | None) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- writing
 
 
-def _write(pool: SourcePool, genome: Genome, route: Route, q: Quant, vocab: _Vocab, path: Path, name: str,
+def _write(pool: SourcePool, genome: CandidateGenome, route: Route, q: Quant, vocab: _Vocab, path: Path, name: str,
            show: Progress) -> None:
     """The GGUF file at `path`: metadata and tensor index, then the tensors streamed one at a time."""
     import gguf
@@ -381,7 +385,7 @@ def _write(pool: SourcePool, genome: Genome, route: Route, q: Quant, vocab: _Voc
         writer.close()
 
 
-def _write_metadata(writer: Any, pool: SourcePool, genome: Genome, route: Route, q: Quant, vocab: _Vocab,
+def _write_metadata(writer: GGUFWriter, pool: SourcePool, genome: CandidateGenome, route: Route, q: Quant, vocab: _Vocab,
                     name: str) -> None:
     import gguf
 
@@ -424,8 +428,8 @@ def _write_metadata(writer: Any, pool: SourcePool, genome: Genome, route: Route,
     writer.add_string(GENOME_KEY, json.dumps(genome_to_dict(genome), separators=(",", ":")))
 
 
-def _tensor_plan(pool: SourcePool, route: Route, arch: Any,
-                 q: Quant) -> list[tuple[str, Entry, Any, tuple[int, ...], int]]:
+def _tensor_plan(pool: SourcePool, route: Route, arch: MODEL_ARCH,
+                 q: Quant) -> list[tuple[str, Entry, GGMLQuantizationType, tuple[int, ...], int]]:
     """(GGUF name, entry, tensor type, GGUF shape, bytes) of every tensor, in the HF export's order."""
     import gguf
 
@@ -451,7 +455,8 @@ def _tensor_plan(pool: SourcePool, route: Route, arch: Any,
     return plan
 
 
-def _encode(t: torch.Tensor, gname: str, ttype: Any, config: Any, spec: Architecture) -> np.ndarray:
+def _encode(t: torch.Tensor, gname: str, ttype: GGMLQuantizationType, config: PretrainedConfig,
+            spec: Architecture) -> np.ndarray:
     """One tensor as the bytes GGUF stores: float32, q/k rows permuted for llama.cpp's rope, then quantised."""
     import gguf
 
@@ -492,7 +497,7 @@ def verify_gguf(pool: SourcePool, route: Route, path: str | Path, quant: str | Q
     return GgufVerifyResult(result, _round_trip(pool.tokenizer, path))
 
 
-def _round_trip(tok: Any, path: Path) -> str | None:
+def _round_trip(tok: PreTrainedTokenizerBase, path: Path) -> str | None:
     from transformers import AutoTokenizer
 
     try:

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dfs_merge.errors import SourceError
 from dfs_merge.export.progress import Progress
-from dfs_merge.genome import Genome
 from dfs_merge.merging.blend import merged_pool
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.metadata import check_same_sources
 from dfs_merge.models.sources import SourcePool
 
+if TYPE_CHECKING:
+    from dfs_merge.genome_files import CandidateGenome
+
 __all__ = ["check_layers", "check_pool", "written_pool"]
 
 
-def check_pool(pool: SourcePool, genome: Genome) -> None:
+def check_pool(pool: SourcePool, genome: CandidateGenome) -> None:
     """The pool must hold the genome's sources: same number, same layer counts, the same weights."""
     check_layers(pool.layers_per_source, genome)
     check_same_sources(genome.sources, genome.fingerprints, pool.paths)
 
 
-def check_layers(have: tuple[int, ...], genome: Genome) -> None:
+def check_layers(have: tuple[int, ...], genome: CandidateGenome) -> None:
     """The sources' layer counts (`have`) must be the genome's: a SourceError naming both otherwise."""
     want = genome.source_layers
     if have != want:
@@ -29,7 +33,7 @@ def check_layers(have: tuple[int, ...], genome: Genome) -> None:
         )
 
 
-def written_pool(pool: SourcePool, genome: Genome, show: Progress) -> SourcePool:
+def written_pool(pool: SourcePool, genome: CandidateGenome, show: Progress) -> SourcePool:
     """The pool whose route is written: the sources themselves, or for a recipe its merge as the one source."""
     if not isinstance(genome, Recipe):
         return pool

@@ -6,7 +6,10 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["Progress"]
 
@@ -41,7 +44,7 @@ class Progress:
         sources = f"{n} source{'s' if n != 1 else ''}"
         return self.stage(f"loading {sources} on {device} ({dtype}){why}", f"loaded {sources}")
 
-    def bar(self, total: int, unit: str) -> Any:
+    def bar(self, total: int, unit: str) -> tqdm:
         """A tqdm bar over `total` `unit`s being written (disabled when off)."""
         from tqdm import tqdm
 

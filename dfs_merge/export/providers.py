@@ -15,13 +15,18 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from dfs_merge.errors import SourceError, one_line
 from dfs_merge.inputs import read_json
 from dfs_merge.models.families import Family
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from dfs_merge.models.sources import SourcePool
 
 __all__ = ["INDEX_NAME", "ST_DTYPES", "WEIGHTS_NAME", "FileTensors", "PoolTensors", "Spec", "TensorProvider",
            "as_provider", "read_header", "safetensors_files"]
@@ -51,7 +56,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 class TensorProvider:
     """The tensors of the sources an export reads: one list of `configs` and `families` per source."""
 
-    configs: list[Any]
+    configs: list[PretrainedConfig]
     families: list[Family]
 
     @property
@@ -100,7 +105,7 @@ class TensorProvider:
 class PoolTensors(TensorProvider):
     """The tensors of a loaded `SourcePool`, straight from its modules (nothing is copied)."""
 
-    def __init__(self, pool: Any):
+    def __init__(self, pool: SourcePool):
         self.pool = pool
         self.configs = [s.config for s in pool.sources]
         self.families = [s.family for s in pool.sources]
@@ -141,7 +146,7 @@ class PoolTensors(TensorProvider):
         return self.pool.sources[a].model is self.pool.sources[b].model
 
 
-def as_provider(tensors: TensorProvider | Any) -> TensorProvider:
+def as_provider(tensors: TensorProvider | SourcePool) -> TensorProvider:
     """A provider as is; a `SourcePool` as its `PoolTensors`."""
     return tensors if isinstance(tensors, TensorProvider) else PoolTensors(tensors)
 
@@ -194,7 +199,7 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
 class FileTensors(TensorProvider):
     """The tensors of each source's safetensors files (`folders[i]`: source i's folder), read on demand."""
 
-    def __init__(self, folders: Sequence[Path], configs: Sequence[Any], families: Sequence[Family]):
+    def __init__(self, folders: Sequence[Path], configs: Sequence[PretrainedConfig], families: Sequence[Family]):
         self.folders = [Path(f) for f in folders]
         self.configs, self.families = list(configs), list(families)
         by_folder: dict[Path, dict[str, tuple[Path, torch.dtype, tuple[int, ...]]]] = {}

@@ -12,12 +12,15 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dfs_merge.errors import ExportError
-from dfs_merge.genome import Genome
 from dfs_merge.models.sources import DTYPES
+
+if TYPE_CHECKING:
+    from dfs_merge.genome_files import CandidateGenome
 
 __all__ = ["Settings", "chat_template_text", "export_settings", "read_chat_template", "write_chat_template"]
 
@@ -34,18 +37,19 @@ class Settings:
     chat_template: str | None = None
 
 
-def export_settings(genome: Genome, dtype: str | None = None) -> Settings:
-    """The settings of `genome` (read so that a genome without them gets the defaults); `dtype` overrides its
+def export_settings(genome: CandidateGenome, dtype: str | None = None) -> Settings:
+    """The settings of `genome` (the defaults where it sets none: a recipe sets none); `dtype` overrides its
     `out_dtype` (the CLI's `--dtype`)."""
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    compute = getattr(genome, "dtype", None)
-    written = dtype or getattr(genome, "out_dtype", None) or compute
-    tok = int(getattr(genome, "tokenizer_source", 0) or 0)
+    given = genome.settings()
+    compute = given.get("dtype")
+    written = dtype or given.get("out_dtype") or compute
+    tok = int(given.get("tokenizer_source", 0))
     if not 0 <= tok < len(genome.sources):
         raise ExportError(f"tokenizer_source {tok} names no source (there are {len(genome.sources)})")
     return Settings(tok, DTYPES[compute] if compute else None, DTYPES[written] if written else None,
-                    getattr(genome, "chat_template", None))
+                    given.get("chat_template"))
 
 
 def chat_template_text(value: str, folders: list[Path | None]) -> str | None:

@@ -60,10 +60,11 @@ class VerifyResult:
 
     @property
     def rel_error(self) -> float:
-        """max|Δlogit| / max|logit| (NaN when a model gave non-finite logits)."""
-        if self.problem is not None or not math.isfinite(self.max_abs_diff):
+        """max|Δlogit| / max|logit| (NaN when a model gave non-finite logits, or the reference's are all zero:
+        0/0 is no agreement)."""
+        if self.problem is not None or not math.isfinite(self.max_abs_diff) or not self.max_abs_logit > 0:
             return math.nan
-        return self.max_abs_diff / max(self.max_abs_logit, 1e-30)
+        return self.max_abs_diff / self.max_abs_logit
 
     def text(self) -> str:
         """One line for the log and the model card."""
@@ -74,6 +75,16 @@ class VerifyResult:
             return text + f" on {len(VERIFY_PROMPTS)} prompts; no generation compared"
         gen = {True: "identical", False: "DIFFERENT", None: "not compared"}[self.generations_equal]
         return text + f"; greedy generations ({self.new_tokens} new tokens) {gen}"
+
+
+def logits_problem(name: str, logits: torch.Tensor) -> str | None:
+    """Why `name`'s logits cannot be compared: non-finite (max() would drop a NaN and call the export identical),
+    or all zero (a broken model, whose difference from another broken one is 0); None when they can."""
+    if not bool(torch.isfinite(logits).all()):
+        return f"{name} gives non-finite logits"
+    if not bool(logits.any()):
+        return f"{name} gives logits that are all zero"
+    return None
 
 
 def verify_tolerance(dtype: torch.dtype) -> float:
@@ -129,8 +140,9 @@ def verify_export(reference: SourcePool | Callable[[], SourcePool], route: Route
     for ids, a in zip(batch, expected, strict=True):
         b = loaded(input_ids=ids).logits.float()
         for name, logits in (("the stitched model", a), ("the written checkpoint", b)):
-            if not bool(torch.isfinite(logits).all()):  # max() would drop a NaN and call the export identical
-                return VerifyResult(math.nan, math.nan, None, VERIFY_NEW_TOKENS, f"{name} gives non-finite logits")
+            problem = logits_problem(name, logits)
+            if problem is not None:
+                return VerifyResult(math.nan, math.nan, None, VERIFY_NEW_TOKENS, problem)
         diff = max(diff, float((a - b).abs().max()))
         top = max(top, float(a.abs().max()))
     if tolerance is not None and not diff <= tolerance * top:
@@ -178,8 +190,9 @@ def compare_logits(reference: SourcePool | Callable[[], SourcePool], route: Rout
     got = loaded(input_ids=ids).logits.float()
     del loaded
     for name, logits in (("the stitched model", expected), ("the written checkpoint", got)):
-        if not bool(torch.isfinite(logits).all()):
-            return VerifyResult(math.nan, math.nan, None, 0, f"{name} gives non-finite logits")
+        problem = logits_problem(name, logits)
+        if problem is not None:
+            return VerifyResult(math.nan, math.nan, None, 0, problem)
     if expected.shape != got.shape:
         return VerifyResult(math.nan, math.nan, None, 0, f"the written checkpoint gives logits of shape "
                             f"{list(got.shape)}, the stitched model {list(expected.shape)}")
@@ -263,7 +276,7 @@ def check_verified(result: VerifyResult, dtype: torch.dtype) -> None:
     """
     tol = verify_tolerance(dtype)
     if result.problem is not None:
-        raise ExportError(f"verify failed: {result.problem} (a NaN or inf scale or weight?); nothing was written")
+        raise ExportError(f"verify failed: {result.problem} (a NaN, inf or huge scale or weight?); nothing was written")
     if not math.isfinite(result.rel_error) or result.rel_error > tol:
         raise ExportError(f"verify failed: the checkpoint's logits differ from the stitched model's, {result.text()} "
                           f"(tolerance {tol:g}); nothing was written")

@@ -35,6 +35,10 @@ from dfs_merge.fitness.lm_eval_glue import (
 from dfs_merge.fitness.tasks import TaskSpec, build_tasks, default_suites_dir, suite_dirs
 
 if TYPE_CHECKING:
+    from lm_eval.api.task import Task
+    from lm_eval.models.huggingface import HFLM
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from dfs_merge.config import RunConfig
 
 __all__ = ["Fitness", "default_suites_dir", "offline_env"]  # the last two: re-exported for their importers
@@ -94,7 +98,8 @@ class Fitness:
         self.cache_dir = offline_env(cache_dir)
         self.suite_dirs = suite_dirs(suites)
         self.build_count = 0
-        self._memos: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+        # per tokenizer: its tokenisations, shared by the candidates (`candidate_lm_class`)
+        self._memos: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, dict[Any, Any]] = weakref.WeakKeyDictionary()
         self.build_seconds = 0.0
         self._specs: dict[str, TaskSpec] = self._build()
 
@@ -141,7 +146,7 @@ class Fitness:
     # ---- scoring --------------------------------------------------------------------
 
     @property
-    def tasks(self) -> dict[str, Any]:
+    def tasks(self) -> dict[str, Task]:
         """The built lm-eval task objects, by name."""
         return {name: s.task for name, s in self._specs.items()}
 
@@ -159,7 +164,7 @@ class Fitness:
         n = self._specs[name].docs
         return range(prefix_size(docs[0], n), prefix_size(docs[1], n))
 
-    def score(self, model: Any, tokenizer: Any, hops: int | None = None,
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hops: int | None = None,
               docs: tuple[float, float] | None = None) -> Evaluation:
         """Evaluate one candidate on every task; a failure yields `WORST_SCORE` and `error`, never an exception.
 
@@ -231,7 +236,7 @@ class Fitness:
         """What a task adds to the score (`task_term` with this fitness's weights and guards)."""
         return task_term(r, self.weights[name], self.guards.get(name))
 
-    def _lm(self, model: Any, tokenizer: Any) -> Any:
+    def _lm(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HFLM:
         """A fresh `CandidateLM` over `model`, sharing the tokenisations memoised for `tokenizer`.
 
         `use_cache` is never passed: lm-eval's cache is keyed on the request, not the model.
@@ -248,8 +253,9 @@ class Fitness:
             batch_size=self.batch_size, memo=memo,
         )
 
-    def _evaluate(self, model: Any, tokenizer: Any, docs: tuple[float, float] | None = None,
-                  per_doc: dict[str, Any] | None = None) -> dict[str, TaskResult]:
+    def _evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                  docs: tuple[float, float] | None = None, per_doc: dict[str, Any] | None = None,
+                  ) -> dict[str, TaskResult]:
         """Each task's primary metric for one candidate (on the race window `docs`, filling `per_doc`);
         raises on any failure (`score` contains it)."""
         import torch
@@ -320,7 +326,7 @@ def weighted_score(results: Mapping[str, TaskResult], weights: Mapping[str, floa
     return math.fsum(task_term(r, weights[name], guards.get(name)) for name, r in results.items())
 
 
-def aggregation_name(task: Any, metric: str) -> str:
+def aggregation_name(task: Task, metric: str) -> str:
     """The name in lm-eval's aggregation registry of how `task` aggregates `metric` over documents (`mean`,
     `bits_per_byte`, ...): racing combines the per-document results of its stages with it."""
     import lm_eval.api.metrics  # noqa: F401 - registers lm-eval's aggregations
@@ -394,7 +400,7 @@ def choice_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, w
     return [probs[d] for d in window]
 
 
-def _hops_of(model: Any) -> int:
+def _hops_of(model: PreTrainedModel) -> int:
     """A candidate's hops: the length of its route, else the decoder layers of a plain model."""
     route = getattr(model, "route", None)
     if route is not None:

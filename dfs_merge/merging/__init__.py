@@ -5,7 +5,7 @@ by name), the recipe genome and its file format (`recipe`), the resident model a
 from dfs_merge import lazy_exports
 from dfs_merge.merging import hybrid  # noqa: F401 - registers the recipe file as a kind of source
 
-__all__ = ["METHODS", "Blender", "Method", "Recipe", "initial_recipe", "merged_model", "register_method"]
+__all__ = ["METHODS", "Blender", "Method", "Recipe", "initial_recipe", "recipe_model", "register_method"]
 __getattr__ = lazy_exports(__name__, {"METHODS": "methods", "Method": "methods", "register_method": "methods",
-                                      "Blender": "blend", "merged_model": "blend", "Recipe": "recipe",
+                                      "Blender": "blend", "recipe_model": "blend", "Recipe": "recipe",
                                       "initial_recipe": "recipe"})

@@ -17,7 +17,7 @@ SmolLM2-135M with the J adapter (56.6M adapted values); about 28 GB per merged s
 bfloat16 source's size, once a float32 one's). So what is kept is bounded (`keep`), by default by the bytes
 the sources' weights take: keeping at most doubles a worker's memory. Tensors met once the bound is reached
 are pruned from scratch each time (the same result, at the uncached cost); `keep=0` keeps nothing, nor does
-a one-off merge (`merged_model`).
+a one-off merge (`recipe_model`).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ class Blender:
         return sum(d.nbytes for d in self._deltas.values())
 
 
-def merged_model(recipe: Recipe, pool: SourcePool) -> PreTrainedModel:
+def recipe_model(recipe: Recipe, pool: SourcePool) -> PreTrainedModel:
     """A model of `recipe`'s merge over `pool` (its sources, loaded), with buffers of its own: for a hybrid's
     source and for the export. The pool's models are left unchanged."""
     return Blender(pool, keep=0).apply(recipe)
@@ -166,7 +166,7 @@ def merged_model(recipe: Recipe, pool: SourcePool) -> PreTrainedModel:
 def merged_source(recipe: Recipe, pool: SourcePool, path: str) -> Source:
     """The merge as one source named `path`, with the base's family, folder (config, tokenizer) and licence."""
     base = pool.base
-    return Source(path, merged_model(recipe, pool), base.family, base.folder, base.license, None)
+    return Source(path, recipe_model(recipe, pool), base.family, base.folder, base.license, None)
 
 
 def merged_pool(recipe: Recipe, pool: SourcePool) -> SourcePool:

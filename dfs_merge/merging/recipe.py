@@ -20,17 +20,26 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dfs_merge.errors import GenomeError
-from dfs_merge.genome import SlotLayout
 from dfs_merge.merging.methods import METHODS, Method
 from dfs_merge.route import Hop, Route
 
-NO_LAYOUT = SlotLayout((), 1)
-"""A recipe's slot layout: no slots (its genes are all continuous values)."""
+MAX_MAGNITUDE = 1e4
+"""The largest |weight| and |lambda| a recipe takes: beyond it a merged delta overflows half precision (and at
+1e38, even float32) into a model of zero or non-finite logits."""
+
+
+def check_magnitude(name: str, x: float) -> None:
+    """Refuse a recipe value (a weight, lambda) that is not finite or beyond `MAX_MAGNITUDE`, naming it."""
+    if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)):
+        raise GenomeError(f"{name}: {x!r} is not a finite number")
+    if abs(x) > MAX_MAGNITUDE:
+        raise GenomeError(f"{name}: {x!r} is beyond the ±{MAX_MAGNITUDE:g} a merge can represent")
 
 
 def merged_sources(n: int, method: str, base: int | None) -> tuple[int, ...]:
-    """The indices of the sources that carry weights: every one for `linear`, all but the base otherwise."""
-    return tuple(i for i in range(n) if method == "linear" or i != base)
+    """The indices of the sources that carry weights: every one for a method without a base (`linear`), all but
+    the base otherwise."""
+    return tuple(i for i in range(n) if not METHODS[method].needs_base or i != base)
 
 
 @dataclass(frozen=True)
@@ -75,12 +84,10 @@ class Recipe:
                     raise GenomeError(f"{name}[{s}]: expected {self.layer_groups} values (one per layer group), "
                                       f"got {len(row)}")
                 for g, x in enumerate(row):
-                    if not (isinstance(x, (int, float)) and math.isfinite(x)):
-                        raise GenomeError(f"{name}[{s}][{g}]: {x!r} is not a finite number")
+                    check_magnitude(f"{name}[{s}][{g}]", x)
                     if name == "densities" and not 0 < x <= 1:
                         raise GenomeError(f"densities[{s}][{g}]: {x!r} is outside (0, 1]")
-        if not math.isfinite(self.lam):
-            raise GenomeError(f"lambda: {self.lam!r} is not a finite number")
+        check_magnitude("lambda", self.lam)
         # the method's defaults made explicit, so that equal merges compare (and key) equal
         if self.normalize is None:
             object.__setattr__(self, "normalize", self.spec.normalize)
@@ -143,11 +150,6 @@ class Recipe:
         """None: a recipe's merge has the base's embeddings, head, tokenizer, dtype and chat template."""
         return {}
 
-    @property
-    def layout(self) -> SlotLayout:
-        """No slots: kept for the callers that tell a recipe by `not g.layout.T` (`isinstance` says it)."""
-        return NO_LAYOUT
-
     # ---- the search's view ---------------------------------------------------------------------
     @property
     def bits(self) -> tuple[int, ...]:
@@ -209,8 +211,9 @@ class Recipe:
 def initial_recipe(sources: Sequence[str], layers: int, method: str, base: int | None, layer_groups: int,
                    weight: float | None = None, density: float = 1.0, **options: Any) -> Recipe:
     """A recipe with one weight (default 1/n over the n merged sources) and one density everywhere."""
-    n = len(merged_sources(len(sources), method, base))
+    spec = METHODS.get(method)  # an unknown method: Recipe names it
+    n = len(merged_sources(len(sources), method, base)) if spec else 0
     w = 1.0 / max(1, n) if weight is None else weight
     rows = tuple((float(w),) * layer_groups for _ in range(n))
-    dens = tuple((float(density),) * layer_groups for _ in range(n)) if method in METHODS and METHODS[method].has_density else ()
+    dens = tuple((float(density),) * layer_groups for _ in range(n)) if spec and spec.has_density else ()
     return Recipe(tuple(sources), layers, method, base, layer_groups, rows, dens, **options)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from deap import algorithms, cma, tools
@@ -31,6 +31,7 @@ from dfs_merge.genome_files import CandidateGenome, genome_from_dict, genome_to_
 from dfs_merge.registry import ALGORITHMS
 from dfs_merge.search.operators import (
     Individual,
+    Member,
     Vector,
     as_vector,
     fitness_class,
@@ -42,6 +43,9 @@ from dfs_merge.search.operators import (
     select_dcd,
     variation_toolbox,
 )
+
+if TYPE_CHECKING:
+    from dfs_merge.config import RunConfig
 
 register = ALGORITHMS.register  # class decorator: an algorithm under its `name` (config `algorithm:`)
 algorithm_class = ALGORITHMS.lookup  # the algorithm of a name; ConfigError naming the known ones otherwise
@@ -57,12 +61,12 @@ class Algorithm(ABC):
     name: ClassVar[str]
     objectives: ClassVar[tuple[str, ...] | None] = None  # the objectives it needs (None: any)
 
-    def __init__(self, cfg: Any, template: CandidateGenome, known: Callable[[str], bool]):
+    def __init__(self, cfg: RunConfig, template: CandidateGenome, known: Callable[[str], bool]):
         self.cfg = cfg
         self.template = template
         self.known = known  # whether a key was evaluated earlier in the run
         self.fitness_cls = fitness_class(cfg.objectives)
-        self.population: list[Any] = []
+        self.population: list[Member] = []
         self.front: tools.ParetoFront | None = None  # algorithms with a Pareto front set one
 
     @classmethod
@@ -72,11 +76,11 @@ class Algorithm(ABC):
             raise ConfigError(f"objectives: algorithm {cls.name} needs objectives [{', '.join(cls.objectives)}]")
 
     @abstractmethod
-    def ask(self, gen: int) -> list[Any]:
+    def ask(self, gen: int) -> list[Member]:
         """Generation `gen`'s new individuals, each with `genome` and `key`; the loop gives them a fitness."""
 
     @abstractmethod
-    def tell(self, gen: int, evaluated: list[Any]) -> list[Any]:
+    def tell(self, gen: int, evaluated: list[Member]) -> list[Member]:
         """Take the evaluated individuals; choose the next population; return every individual the
         generation saw (for the hall of fame)."""
 
@@ -94,14 +98,14 @@ class Algorithm(ABC):
         """Generation 0's fixed members: each source unchanged, then `seed_routes`, repaired."""
         return [repair(s, random) for s in self.template.seeds(self.cfg.seed_routes)][: self.cfg.population]
 
-    def revive(self, genome: CandidateGenome) -> Any:
+    def revive(self, genome: CandidateGenome) -> Member:
         """An individual of this algorithm for a checkpointed genome."""
         return Individual.of(genome, self.fitness_cls())
 
     # ---- checkpoint ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """What the checkpoint must hold to continue exactly: the population (and subclass state)."""
-        def entry(ind: Any) -> dict[str, Any]:
+        def entry(ind: Member) -> dict[str, Any]:
             out: dict[str, Any] = {"key": ind.key, "genome": genome_to_dict(ind.genome)}
             cd = getattr(ind.fitness, "crowding_dist", None)
             if cd is not None:
@@ -125,7 +129,7 @@ class Algorithm(ABC):
 class _BitsAlgorithm(Algorithm):
     """Shared by the algorithms that vary bits and scales with DEAP's operators."""
 
-    def __init__(self, cfg: Any, template: CandidateGenome, known: Callable[[str], bool]):
+    def __init__(self, cfg: RunConfig, template: CandidateGenome, known: Callable[[str], bool]):
         super().__init__(cfg, template, known)
         self.tb = variation_toolbox(cfg, template, self.fitness_cls)
 
@@ -176,7 +180,7 @@ class GA(_BitsAlgorithm):
     def race_references(self) -> list[str]:
         return [ind.key for ind in self.population]
 
-    def ask(self, gen: int) -> list[Any]:
+    def ask(self, gen: int) -> list[Member]:
         if gen == 0:
             self._elites, self._offspring = [], self.initial()
         else:
@@ -186,7 +190,7 @@ class GA(_BitsAlgorithm):
             self._offspring = self.offspring(chosen)
         return [ind for ind in self._offspring if not ind.fitness.valid]
 
-    def tell(self, gen: int, evaluated: list[Any]) -> list[Any]:
+    def tell(self, gen: int, evaluated: list[Member]) -> list[Member]:
         self.population = self._elites + self._offspring
         return self.population
 
@@ -204,18 +208,18 @@ class NSGA2(_BitsAlgorithm):
     def race_references(self) -> list[str]:
         return [ind.key for ind in self.population]
 
-    def __init__(self, cfg: Any, template: CandidateGenome, known: Callable[[str], bool]):
+    def __init__(self, cfg: RunConfig, template: CandidateGenome, known: Callable[[str], bool]):
         super().__init__(cfg, template, known)
         self.front = tools.ParetoFront(similar=same_key)
 
-    def ask(self, gen: int) -> list[Any]:
+    def ask(self, gen: int) -> list[Member]:
         if gen == 0:
             self._offspring = self.initial()
         else:
             self._offspring = self.offspring(select_dcd(self.population, self.cfg.population))
         return [ind for ind in self._offspring if not ind.fitness.valid]
 
-    def tell(self, gen: int, evaluated: list[Any]) -> list[Any]:
+    def tell(self, gen: int, evaluated: list[Member]) -> list[Member]:
         pool = self.population + self._offspring
         unique, twins, keys = [], [], set()
         for ind in pool:  # survivors are chosen among distinct routes; twins only fill a gap
@@ -241,7 +245,7 @@ class RandomSearch(_BitsAlgorithm):
 
     name = "random"
 
-    def ask(self, gen: int) -> list[Any]:
+    def ask(self, gen: int) -> list[Member]:
         pop = [Individual.of(s, self.fitness_cls()) for s in self.seeds()] if gen == 0 else []
         taken = {ind.key for ind in pop}
         while len(pop) < self.cfg.population:
@@ -254,7 +258,7 @@ class RandomSearch(_BitsAlgorithm):
             pop.append(ind)
         return pop
 
-    def tell(self, gen: int, evaluated: list[Any]) -> list[Any]:
+    def tell(self, gen: int, evaluated: list[Member]) -> list[Member]:
         self.population = evaluated
         return evaluated
 
@@ -270,7 +274,7 @@ class CMAES(Algorithm):
     def race_cut(self) -> int:
         return int(self.strategy.mu)  # only the best mu of a generation enter the update
 
-    def __init__(self, cfg: Any, template: CandidateGenome, known: Callable[[str], bool]):
+    def __init__(self, cfg: RunConfig, template: CandidateGenome, known: Callable[[str], bool]):
         super().__init__(cfg, template, known)
         self.bounds = gene_bounds(cfg, template)
         T, S = len(template.bits), len(template.scales)  # noqa: N806
@@ -284,7 +288,7 @@ class CMAES(Algorithm):
     def revive(self, genome: CandidateGenome) -> Vector:
         return Vector(as_vector(genome), self.fitness_cls(), genome)
 
-    def ask(self, gen: int) -> list[Any]:
+    def ask(self, gen: int) -> list[Member]:
         pop = self.strategy.generate(lambda a: Vector(a, self.fitness_cls()))
         if gen == 0:  # the seeds replace the first samples; seed 0 is the centroid itself
             for i, s in enumerate(self.seeds()):
@@ -293,7 +297,7 @@ class CMAES(Algorithm):
             v.settle(self.template, self.bounds)
         return pop
 
-    def tell(self, gen: int, evaluated: list[Any]) -> list[Any]:
+    def tell(self, gen: int, evaluated: list[Member]) -> list[Member]:
         self.strategy.update(evaluated)
         self._contiguous()
         self.population = evaluated

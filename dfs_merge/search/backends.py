@@ -30,12 +30,10 @@ from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError, one_line
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome_files import CandidateGenome, genome_from_dict, genome_to_dict
+from dfs_merge.network import check_reachable
 
 if TYPE_CHECKING:
-    from dfs_merge.fitness.score import Fitness
-    from dfs_merge.merging.blend import Blender
-    from dfs_merge.models.sources import SourcePool
-    from dfs_merge.stitch import ActivationCache
+    from multiprocessing.queues import Queue
 
 GenomeEvaluator = Callable[..., Evaluation]
 """`fn(genome)` -> its Evaluation; with racing also `fn(genome, docs=(from, to))`: only that window of each task's
@@ -47,64 +45,52 @@ Window = tuple[float, float] | None
 class ModelEvaluator:
     """The real per-genome work: sources and fitness built once per process, then check, stitch and score.
 
-    After `setup()`, `pool`, `fitness` and `activation_cache` are the loaded sources, the built tasks and the
-    prefix cache (None when off), and `scorer` the `CandidateScorer` over them."""
+    After `setup()`, `scorer` is the `CandidateScorer` over the loaded sources, the built tasks and the prefix
+    cache (None when off); `shared` is the scorer whose sources, cache and resident model it reuses (`for_split`)."""
 
     def __init__(self, cfg: RunConfig, split: str = "dev", cache_dir: str | Path | None = None):
         self.cfg = cfg
         self.split = split
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
-        self.pool: SourcePool | None = None
-        self.fitness: Fitness | None = None
-        self.activation_cache: ActivationCache | None = None
-        self.blender: Blender | None = None  # the resident model of parameter-space candidates, made on the first one
+        self.scorer: CandidateScorer | None = None
+        self.shared: CandidateScorer | None = None
 
-    def setup(self) -> None:
-        """Load the sources and build the fitness tasks, once."""
+    def setup(self) -> CandidateScorer:
+        """Load the sources (unless shared) and build the fitness tasks, once; the scorer over them."""
         if os.environ.get(THREADS_ENV):
             import torch
 
             torch.set_num_threads(int(os.environ[THREADS_ENV]))
-        if self.pool is None:
-            from dfs_merge.models.sources import SourcePool
+        if self.scorer is not None:
+            return self.scorer
+        from dfs_merge.fitness.score import Fitness
 
-            self.pool = SourcePool.load(list(self.cfg.sources), self.cfg.device, self.cfg.dtype,
-                                        self.cfg.trust_remote_code)
-        if self.activation_cache is None and self.cfg.prefix_cache_mb > 0:
+        shared = self.shared
+        if shared is not None:
+            pool, cache, blender = shared.pool, shared.activation_cache, shared.blender
+        else:
+            from dfs_merge.models.sources import SourcePool
             from dfs_merge.stitch import ActivationCache
 
-            self.activation_cache = ActivationCache(self.cfg.prefix_cache_mb)
-        if self.fitness is None:
-            from dfs_merge.fitness.score import Fitness
-
-            kwargs = {"cache_dir": self.cache_dir} if self.cache_dir is not None else {}
-            self.fitness = Fitness.from_config(self.cfg, split=self.split, **kwargs)
-
-    @property
-    def scorer(self) -> CandidateScorer:
-        """Stitch-and-score over the loaded sources (loading them first if needed)."""
-        self.setup()
-        assert self.pool is not None and self.fitness is not None
-        return CandidateScorer(self.pool, self.fitness, self.activation_cache, self.blender)
+            pool = SourcePool.load(list(self.cfg.sources), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code)
+            cache = ActivationCache(self.cfg.prefix_cache_mb) if self.cfg.prefix_cache_mb > 0 else None
+            blender = None  # the resident model of parameter-space candidates, made on the first one
+        kwargs = {"cache_dir": self.cache_dir} if self.cache_dir is not None else {}
+        self.scorer = CandidateScorer(pool, Fitness.from_config(self.cfg, split=self.split, **kwargs), cache, blender)
+        return self.scorer
 
     def for_split(self, split: str) -> ModelEvaluator:
         """The same work on another split, sharing the loaded sources (a second copy is not loaded)."""
         other = ModelEvaluator(self.cfg, split, self.cache_dir)
-        other.pool = self.pool
-        other.activation_cache = self.activation_cache
-        other.blender = self.blender
+        other.shared = self.scorer or self.shared
         return other
 
     def __call__(self, genome: CandidateGenome, docs: Window = None) -> Evaluation:
-        scorer = self.scorer
-        ev = scorer.genome(genome, docs)
-        self.blender = scorer.blender
-        return ev
+        return self.setup().genome(genome, docs)
 
     def __getstate__(self) -> dict[str, Any]:
         # Loaded models and tasks stay in their process; a worker builds its own in setup().
-        return {"cfg": self.cfg, "split": self.split, "cache_dir": self.cache_dir, "pool": None, "fitness": None,
-                "activation_cache": None, "blender": None}
+        return {"cfg": self.cfg, "split": self.split, "cache_dir": self.cache_dir, "scorer": None, "shared": None}
 
 
 def setup_evaluator(fn: GenomeEvaluator) -> None:
@@ -232,7 +218,7 @@ _WORKER_NAME = "worker"
 SETUP_ERROR = "__setup_error__"
 
 
-def _init_pool_worker(payload: bytes, threads: int | None, slots: Any) -> None:
+def _init_pool_worker(payload: bytes, threads: int | None, slots: Queue[tuple[int, str | None]]) -> None:
     """Process-pool initializer: take this worker's slot (its number and GPU) from `slots`, set CUDA_VISIBLE_DEVICES
     and the thread count, then unpickle the genome evaluator and build its state once."""
     global _WORKER_FN, _WORKER_SETUP_ERROR, _WORKER_NAME
@@ -434,6 +420,15 @@ def ray_actor_options(threads: int | None, num_gpus: float = 0.0) -> dict[str, A
     return {**resources, "max_restarts": 0, "max_task_retries": 0}
 
 
+def check_ray_address(address: str) -> None:
+    """Refuse, in one line and within `CONNECT_TIMEOUT_S`, a Ray address (`host:port`, `ray://...`; `auto` as
+    RAY_ADDRESS names it) where nothing listens: `ray.init` itself would wait without end."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+    if address and address != "local":
+        check_reachable(address, f"ray: {address}", ConfigError)
+
+
 class RayEvaluator(Evaluator):
     """`workers` Ray actors, each loading the sources once; `address`: auto | local | ADDRESS.
 
@@ -449,6 +444,7 @@ class RayEvaluator(Evaluator):
         self._started = False
         self.options = ray_actor_options(threads, num_gpus)
         if not ray.is_initialized():
+            check_ray_address(address)
             try:
                 if address == "local":
                     cpus = max(os.cpu_count() or 1, (workers or 1) * self.options["num_cpus"])

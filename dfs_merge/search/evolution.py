@@ -29,6 +29,7 @@ from dfs_merge.genome_files import CandidateGenome, genome_from_dict, genome_to_
 from dfs_merge.merging.recipe import initial_recipe
 from dfs_merge.models.metadata import layer_counts
 from dfs_merge.report import LiveReport
+from dfs_merge.route import MAX_SLOTS
 from dfs_merge.search import selection
 from dfs_merge.search.algorithms import algorithm_class
 from dfs_merge.search.backends import (
@@ -36,16 +37,15 @@ from dfs_merge.search.backends import (
     GenomeEvaluator,
     LazyEvaluator,
     ModelEvaluator,
+    check_ray_address,
     make_evaluator,
 )
-from dfs_merge.search.ledger import Ledger
+from dfs_merge.search.ledger import Ledger, finite
 from dfs_merge.search.operators import member, repair, restore_members, same_key
-from dfs_merge.search.rundir import RunDir
+from dfs_merge.search.rundir import RESTART_HINT, RunDir, search_settings
 from dfs_merge.search.state import RunRandom
 from dfs_merge.search.tracking import Tracking
 
-RESTART_HINT = ("move {checkpoint} away to restart the run from its evals.jsonl (every logged evaluation is "
-                "reused, none computed again)")
 PLOT_EVERY_S = 60.0  # history.png is redrawn after a generation when this long has passed (and at the end)
 
 
@@ -196,6 +196,7 @@ class Evolution:
             "finished": self.finished,
             "algorithm": self.cfg.algorithm,
             "seed": self.cfg.seed,
+            "search": search_settings(self.cfg),  # what a resume must not change (`RunDir.check_resumable`)
             **self.algo.state(),
             "hall_of_fame": [{"key": m.key, "genome": genome_to_dict(m.genome)} for m in self.hof],
             "rng": self.rng.to_json(),
@@ -263,7 +264,7 @@ class Evolution:
                     if e.infrastructure:
                         lost += 1
                         continue
-                    known[key] = e
+                    known[key] = finite(e)
         except DfsMergeError as err:
             self.log(f"warning: the {what} tasks could not be scored{', ' + fallback if fallback else ''}: {err}")
             return False
@@ -324,6 +325,9 @@ def search_template(cfg: RunConfig) -> CandidateGenome:
     initial parameter-space recipe."""
     layers = layer_counts(cfg.sources)
     if cfg.merge is None:
+        if sum(layers) * cfg.repeats > MAX_SLOTS:
+            raise ConfigError(f"repeats: {cfg.repeats} repeats of the sources' {sum(layers)} layers are "
+                              f"{sum(layers) * cfg.repeats} slots, more than the {MAX_SLOTS} a genome may have")
         return Genome.empty(cfg.sources, layers, cfg.repeats, cfg.scaling, cfg.constraints)
     m = cfg.merge
     if len(set(layers)) != 1:
@@ -368,10 +372,24 @@ def run_evolution(
     if len(seeds) > cfg.population:
         raise ConfigError(f"seed_routes: {len(seeds)} distinct seeds (with the sources themselves) do not fit "
                           f"population {cfg.population}")
+    if cfg.ray:
+        check_ray_address(cfg.ray)  # before anything is written: nothing listening there is one line, no wait
     rundir = RunDir.open(cfg, resume)
+    try:
+        return _run(cfg, template, rundir, resume, evaluate, report_evaluate, select_evaluate, report, progress, log)
+    finally:
+        rundir.close()  # the logs, and the run's lock
+
+
+def _run(cfg: RunConfig, template: CandidateGenome, rundir: RunDir, resume: bool, evaluate: GenomeEvaluator | None,
+         report_evaluate: GenomeEvaluator | None, select_evaluate: GenomeEvaluator | None, report: bool,
+         progress: bool, log: Callable[[str], Any]) -> RunResult:
+    """`run_evolution` in an opened run folder."""
     fingerprints = tuple(rundir.check_sources(list(cfg.sources)))
     records = rundir.read_evals() if resume else []
     state = rundir.read_checkpoint() if resume else None
+    if resume:
+        rundir.check_resumable(cfg, state, records)
     if resume and state is None and not records:
         log(f"nothing to resume in {rundir.path}; starting a new run")
     fn: GenomeEvaluator = evaluate if evaluate is not None else ModelEvaluator(cfg, "dev")
@@ -384,7 +402,9 @@ def run_evolution(
         except (GenomeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise ConfigError(f"{rundir.checkpoint}: not a checkpoint this run can continue from ({one_line(err)}); "
                               f"{RESTART_HINT.format(checkpoint=rundir.checkpoint)}") from None
-        rundir.start(cfg, list(fingerprints))
+        took_over = rundir.start(cfg, list(fingerprints))
+        if took_over:
+            log(took_over)
         tracking.start(resume)  # before any evaluation: a tracker that cannot start stops the run here
         if not evo.finished:
             evo.run()
@@ -400,4 +420,3 @@ def run_evolution(
     finally:
         tracking.close()  # finished (nothing once closed)
         evaluator.close()
-        rundir.close()

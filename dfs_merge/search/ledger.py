@@ -10,13 +10,18 @@ may ask for the genome again and a resumed run evaluates it again. For the gener
 has the worst objectives (as a failed one); it is held in `lost` (and in the checkpoint, for the members of the
 population that refer to it) until an evaluation of it succeeds.
 
+Every number the log holds is finite (`finite`): an evaluation with a NaN or infinite metric (a broken model, a
+merge that overflowed) is logged as a failed evaluation that says which, and the run goes on.
+
 With racing (`race`, see `racing.py`) the new keys of a generation are raced instead of evaluated one by one; what
 the race yields (full scores, and candidates stopped early with the worst objectives) is logged the same way.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
@@ -29,6 +34,34 @@ from dfs_merge.search.tracking import Tracking
 
 if TYPE_CHECKING:
     from dfs_merge.search.racing import Race
+
+
+def non_finite(value: Any, where: str = "") -> tuple[str, float] | None:
+    """The first NaN or infinite number in a JSON-like value and where it is (`tasks.x.value`); None if none."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where or "the value", value)
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        found = non_finite(v, f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def finite(ev: Evaluation) -> Evaluation:
+    """`ev`, or where a number in it is NaN or infinite, a failed evaluation saying which (its finite task
+    results kept): what the log and the checkpoint write is always valid JSON."""
+    found = non_finite(ev.to_dict())
+    if found is None:
+        return ev
+    tasks = {n: r for n, r in ev.tasks.items() if non_finite(asdict(r)) is None}
+    seconds = ev.seconds if math.isfinite(ev.seconds) else 0.0
+    return Evaluation.failed(ev.error or f"{found[0]} is {found[1]}, not a finite number", ev.hops, seconds, tasks)
 
 
 class Ledger:
@@ -104,6 +137,7 @@ class Ledger:
                     bar.update()
                     continue
                 self.lost.pop(k, None)
+                ev = finite(ev)  # a NaN metric is the candidate's failure, never the log writer's
                 self.memo[k] = ev
                 self._count(ev)
                 record = self._record(gen, k, todo[k], ev)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING
 
 from deap import base, tools
 
 from dfs_merge.genome import Genome
 from dfs_merge.genome_files import CandidateGenome
 from dfs_merge.merging.recipe import Recipe
+
+if TYPE_CHECKING:
+    from dfs_merge.config import RunConfig
 
 Rng = random.Random | ModuleType  # `random.Random` or the `random` module itself
 
@@ -82,7 +85,7 @@ Bounds = list[tuple[float, float]]
 """(low, high) of each continuous gene."""
 
 
-def gene_bounds(cfg: Any, template: CandidateGenome) -> Bounds:
+def gene_bounds(cfg: RunConfig, template: CandidateGenome) -> Bounds:
     """The range of each continuous gene: `scale_range` for a route's scales; for a parameter-space recipe
     the config's `merge.weight_range` for its weights and `merge.density_range` for its densities."""
     if isinstance(template, Recipe):
@@ -161,19 +164,24 @@ def as_vector(genome: CandidateGenome) -> list[float]:
     return [1.0 if b else -1.0 for b in genome.bits] + list(genome.scales)
 
 
-def same_key(a: Any, b: Any) -> bool:
+Member = Individual | Vector
+"""An algorithm's individual: bits and scales (`Individual`), or a CMA-ES sample (`Vector`)."""
+
+
+def same_key(a: Member, b: Member) -> bool:
     """Hall of fame and front identity: the same canonical route."""
     return a.key == b.key
 
 
-def member(genome: CandidateGenome, fitness: type[base.Fitness], objectives_of: Any) -> Individual:
+def member(genome: CandidateGenome, fitness: type[base.Fitness],
+           objectives_of: Callable[[str], tuple[float, ...]]) -> Individual:
     """An evaluated genome as a hall-of-fame or front member; `objectives_of(key)` gives its fitness values."""
     ind = Individual.of(genome, fitness())
     ind.fitness.values = objectives_of(ind.key)
     return ind
 
 
-def restore_members(container: tools.HallOfFame, items: list[Any]) -> None:
+def restore_members(container: tools.HallOfFame, items: Sequence[Member]) -> None:
     """Put saved members back into a hall of fame or Pareto front in their saved order (best first)."""
     container.items = list(items)
     container.keys = [m.fitness for m in reversed(items)]
@@ -213,18 +221,18 @@ def mutate(
     return (ind,)
 
 
-def select_dcd(pop: list[Any], k: int) -> list[Any]:
+def select_dcd(pop: list[Member], k: int) -> list[Member]:
     """NSGA-II's binary tournament on dominance then crowding distance, for any k (DEAP wants multiples of 4)."""
     if len(pop) < 4:
         return [random.choice(pop) for _ in range(k)]
-    chosen: list[Any] = []
+    chosen: list[Member] = []
     while len(chosen) < k:
         n = min(len(pop) - len(pop) % 4, 4 * math.ceil((k - len(chosen)) / 4))
         chosen += tools.selTournamentDCD(pop, n)
     return chosen[:k]
 
 
-def variation_toolbox(cfg: Any, template: CandidateGenome, fitness: type[base.Fitness]) -> base.Toolbox:
+def variation_toolbox(cfg: RunConfig, template: CandidateGenome, fitness: type[base.Fitness]) -> base.Toolbox:
     """The DEAP toolbox of the bit-and-scale algorithms: how to make, vary and perturb individuals
     (each algorithm registers its own selection)."""
     bounds = gene_bounds(cfg, template)

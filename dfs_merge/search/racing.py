@@ -110,7 +110,7 @@ class Race:
     """One run's racing: the stages, the per-document store (`docs.jsonl`) and the stopping rule."""
 
     def __init__(self, cfg: RacingConfig, rundir: RunDir, weights: Mapping[str, float], guards: Mapping[str, float],
-                 cut: int, dominance: bool, log: Callable[[str], Any] = print):
+                 cut: int, dominance: bool, log: Callable[[str], object] = print):
         self.cfg = cfg
         self.rundir = rundir
         self.weights = dict(weights)

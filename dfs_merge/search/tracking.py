@@ -12,7 +12,9 @@ A resumed run continues the same tracker run: its id is kept in `tracking/<track
 
 The libraries are imported only when their tracker starts: a run without `tracking` imports neither.
 `Tracking` is what the loop calls: a tracker that cannot start stops the run in one line (`TrackingError`),
-or, with `tracking_optional: true`, is one warning line; a tracker that fails later is one warning line and
+or, with `tracking_optional: true`, is one warning line; a `tracking_uri` server that does not answer within
+`CONNECT_TIMEOUT_S` cannot start (its library would retry for minutes), and MLflow's requests are bounded too
+(`MLFLOW_HTTP_REQUEST_TIMEOUT` and `_MAX_RETRIES`, unless the user set them); a tracker that fails later is one warning line and
 tracking stops there; the run never does. A new tracker is one class here and its row in
 `dfs_merge.registry.TRACKERS` (the name table the run config is checked against); one defined elsewhere is one
 class with `@register`.
@@ -32,7 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from dfs_merge.atomic import write_atomic
-from dfs_merge.errors import TrackingError, one_line
+from dfs_merge.errors import DfsMergeError, TrackingError, one_line
+from dfs_merge.network import check_reachable
 from dfs_merge.registry import TRACKERS
 
 if TYPE_CHECKING:
@@ -45,6 +48,10 @@ Status = Literal["finished", "failed", "killed"]
 register = TRACKERS.register  # class decorator: a tracker under its `name` (config `tracking:`)
 tracker_class = TRACKERS.lookup  # the tracker of a name; ConfigError naming the known ones otherwise
 DEFAULT_PROJECT = "dfs-merge"
+MLFLOW_REQUESTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+"""MLflow's request limits for a run (its defaults, 120 s and 7 retries with backoff, stall a run for minutes)."""
+BARE_URIS = ("databricks",)
+"""MLflow tracking URIs without `scheme:`."""
 INSTALL_HINT = "pip install 'dfs-merge[tracking]'"
 
 
@@ -206,8 +213,14 @@ class MlflowTracker(Tracker):
     def start(self, cfg: RunConfig, rundir: RunDir, resume: bool) -> str:
         uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
             (rundir.path / "tracking" / "mlruns").resolve().as_uri()
+        if "://" not in uri and ":" not in uri and uri not in BARE_URIS and not Path(uri).is_dir():
+            # MLflow would make a file store of any other text, a folder named after it
+            raise TrackingError(f"tracking_uri: {uri!r} is neither a URI (http://, https://, file://, databricks, "
+                                "...) nor an existing folder")
         if "://" not in uri or uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        for name, value in MLFLOW_REQUESTS.items():
+            os.environ.setdefault(name, value)
         from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
 
@@ -281,10 +294,12 @@ class Tracking:
         assert self.cfg is not None and self.rundir is not None
         name = self.tracker.name
         try:
+            if self.cfg.tracking_uri:
+                check_reachable(self.cfg.tracking_uri, f"{self.cfg.tracking_uri} (tracking_uri)", TrackingError)
             line = self.tracker.start(self.cfg, self.rundir, resume)
         except Exception as err:  # a missing library, a bad URI, a refused login: the library's own exception
             self._drop()
-            reason = one_line(err)
+            reason = str(err) if isinstance(err, DfsMergeError) else one_line(err)
             if isinstance(err, ImportError):
                 reason += f" ({INSTALL_HINT})"
             if not self.cfg.tracking_optional:

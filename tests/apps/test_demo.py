@@ -18,6 +18,7 @@ def demo_config(tmp_path, tiny_source_dirs) -> str:
     return write_self_merge_config(tmp_path, tiny_source_dirs[0], "run")
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_its_table_matches_lm_eval_on_the_export(demo_config, capsys):
     import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM

@@ -4,6 +4,7 @@ labels are; the bundled family suites are what the script writes."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -69,3 +70,19 @@ def test_the_target_is_the_zoo_j_problems_scored_with_digit_answers():
     held, _ = sp.splits()
     assert sp.FAMILY_TASKS["family_arith_j_test"] == "zoo_arith_j_test" and len(held.j_arith_dev) >= 500
     assert all(world.num(p.answer, "e").isdigit() for p in held.j_arith_test)
+
+
+def test_the_digit_target_is_the_same_j_problems_with_digit_operands():
+    held, val = sp.splits()
+    for task, split in sp.DIGIT_TASKS.items():
+        rows = [json.loads(line) for line in (CHECKOUT / "eval_suites" / "data" / f"{task}.jsonl").open()]
+        words = {"j_arith_dev": held.j_arith_dev, "j_arith_val": val, "j_arith_test": held.j_arith_test}[split]
+        assert len(rows) == len(words)
+        for row, p in zip(rows, words, strict=True):
+            # the J rendering with each operand's number word replaced by its digits, nothing else changed
+            word = p.question("j").split()
+            digit = row["question"].split()
+            assert len(word) == len(digit)
+            changed = [(w, d) for w, d in zip(word, digit, strict=True) if w != d]
+            assert changed == [(world.num(n, "j"), str(n)) for n in (p.a, p.b) if world.num(n, "j") != str(n)]
+            assert (row["answer"], row["op"], row["a"], row["b"]) == (str(p.answer), p.op, p.a, p.b)

@@ -26,6 +26,7 @@ def study_config(tmp_path, tiny_trained_dir) -> str:
                                    select_tasks=["prose_ppl_val", "cloze_mc_val"], select_limit=3, select_top=2)
 
 
+@pytest.mark.slow
 def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -9,6 +9,8 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+import yaml
+from synthetic import assert_best_is_the_logged_best, evals
 
 from dfs_merge.apps.zoo import family as zoo
 from dfs_merge.apps.zoo import world
@@ -102,5 +104,9 @@ def test_two_generation_evolution_on_the_zoo(tmp_path):
 
     cfg = load_config(Path(zoo.ROOT / "genomes" / "zoo.yaml"), population=4, generations=2, limit=16,
                       report_tasks=[], out=str(tmp_path / "run"))
-    run_evolution(cfg, progress=False, log=lambda *_: None)
-    assert (tmp_path / "run" / "best.genome.yaml").is_file()
+    r = run_evolution(cfg, progress=False, log=lambda *_: None)
+    lines = evals(tmp_path / "run")
+    assert r.evaluations == len(lines) and all(e["error"] is None for e in lines)
+    assert_best_is_the_logged_best(tmp_path / "run")
+    best = yaml.safe_load((tmp_path / "run" / "best.genome.yaml").read_text())
+    assert {t["docs"] for t in best["scores"]["dev"]["tasks"].values()} == {16}  # limit: 16 documents a task

@@ -728,6 +728,7 @@ def test_prefix_cache_keeps_apart_routes_over_other_embeddings(hub_cache):
     assert torch.equal(other, alone) and not torch.equal(first, other)
 
 
+@pytest.mark.slow
 def test_the_mergekit_yaml_command_builds_what_run_merge_builds(hub_cache, tmp_path):
     """The in-process build above is the `mergekit-yaml` command's: once through the command itself."""
     import os

@@ -351,3 +351,21 @@ def test_a_guarded_task_is_a_constraint_not_a_term(tiny_suite_dir, tiny_pool, ca
     assert cfg.split_guards("test") == {"a_test": 0.5} and cfg.split_guards("val") == {"a_val": 0.5}
     with pytest.raises(ValueError, match="guards names tasks that are not in tasks"):
         RunConfig(sources=["x"], tasks={"a_dev": 1.0}, guards={"c_dev": 1.0})
+
+
+def test_race_windows_are_rounded_up_prefixes_that_tile_each_task(fitness):
+    """A race stage (from, to) scores documents [ceil(from x N), ceil(to x N)): the stages tile the documents in
+    order, each one once; a stage above 0 holds at least one; a product like 0.07 x 100 = 7.000000000000001 in
+    binary is 7 documents, not 8."""
+    from dfs_merge.fitness.score import prefix_size
+
+    stages = (0.0, 0.25, 0.5, 1.0)
+    sizes = {"tiny_mc": 6, "tiny_ppl": 4, "tiny_gen": 5}
+    for name, n in sizes.items():
+        windows = [fitness.window(name, (a, b)) for a, b in zip(stages, stages[1:], strict=False)]
+        assert [d for w in windows for d in w] == list(range(n)), name
+    # 6 documents: ceil(1.5) = 2, ceil(3) = 3, 6
+    assert [len(fitness.window("tiny_mc", (a, b))) for a, b in zip(stages, stages[1:], strict=False)] == [2, 1, 3]
+    # 5 documents: ceil(1.25) = 2, ceil(2.5) = 3, 5
+    assert [len(fitness.window("tiny_gen", (a, b))) for a, b in zip(stages, stages[1:], strict=False)] == [2, 1, 2]
+    assert [prefix_size(f, 100) for f in (0.07, 0.55, 0.001, 0.0, 1.0)] == [7, 55, 1, 0, 100]

@@ -14,6 +14,7 @@ import torch
 import yaml
 from builders import assert_refused, run_cli, tree_state
 from safetensors.torch import load_file, save_file
+from synthetic import assert_best_is_the_logged_best
 
 from dfs_merge.genome import Genome, Route
 from dfs_merge.genome_files import genome_to_dict, save_genome
@@ -135,7 +136,7 @@ def test_a_run_that_failed_before_its_first_evaluation_can_be_run_again(sources,
     assert_refused(run_cli("evolve", bad), "no_such_task_dev")
     good = run_config(tmp_path, sources[::-1], tiny_suite_dir, out)  # fixed, and with the sources swapped
     assert run_cli("evolve", good).code == 0, "the fixed config runs in the same folder without --resume"
-    assert (out / "best.genome.yaml").is_file()
+    assert_best_is_the_logged_best(out)
 
 
 @pytest.mark.parametrize("damage, phrase", [

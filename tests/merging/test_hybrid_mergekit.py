@@ -48,6 +48,7 @@ def hybrids(recipe_path: str, three: list[str]) -> dict[str, Genome]:
     }
 
 
+@pytest.mark.slow
 @needs_mergekit
 def test_mergekit_multi_builds_the_stitched_hybrid(three, recipe_file, tmp_path):
     recipe, path = recipe_file

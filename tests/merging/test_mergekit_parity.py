@@ -1,5 +1,5 @@
 """Parameter-space recipes against mergekit 0.1.5: the config `write_recipe_config` writes builds, with
-mergekit, the model `merged_model` merges in memory; mergekit configs read by `import_mergekit` (models and
+mergekit, the model `recipe_model` merges in memory; mergekit configs read by `import_mergekit` (models and
 slices forms, gradients, uneven slices) merge in memory as mergekit builds them, and write back to configs
 that build the same; DARE's masks are seeded; what a recipe cannot express is refused with one line.
 
@@ -22,7 +22,7 @@ from builders import assert_refused, run_cli, save_source, tiny_llama_config
 
 from dfs_merge.errors import ExportError, GenomeError
 from dfs_merge.export.mergekit import import_mergekit, write_mergekit_config, write_recipe_config
-from dfs_merge.merging.blend import merged_model
+from dfs_merge.merging.blend import recipe_model
 from dfs_merge.merging.methods import METHODS, merge_tensor, tensor_generator
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.sources import SourcePool
@@ -162,6 +162,7 @@ def rel(ours: torch.Tensor, other: torch.Tensor) -> float:
 
 
 @needs_mergekit
+@pytest.mark.slow  # the module's mergekit-multi build (the `built` fixture)
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "dare_ties_dense"])
 def test_written_config_builds_the_in_memory_merge(name, three, pool, built):
     r = parity_recipes(three)[name]
@@ -171,12 +172,13 @@ def test_written_config_builds_the_in_memory_merge(name, three, pool, built):
     if name != "linear":  # the base closes every slice, without parameters (mergekit-evolve's layout)
         assert all(sl["sources"][-1] == {"model": three[0], "layer_range": sl["sources"][0]["layer_range"]}
                    for sl in cfg["slices"])
-    d = rel(logits_of(merged_model(r, pool)), theirs(built[f"recipe_{name}"]))
+    d = rel(logits_of(recipe_model(r, pool)), theirs(built[f"recipe_{name}"]))
     print(f"{name}: relative max|dlogit| vs mergekit {d:.3g}")
     assert d < TOL, d
     assert import_mergekit(built[f"recipe_{name}.yaml"]).key() == r.key()
 
 
+@pytest.mark.slow
 @needs_mergekit
 def test_mergekit_yaml_builds_a_written_ties_config(three, pool, tmp_path):
     r = parity_recipes(three)["ties"]
@@ -186,7 +188,7 @@ def test_mergekit_yaml_builds_a_written_ties_config(three, pool, tmp_path):
     done = subprocess.run([str(BIN / "mergekit-yaml"), str(cfg), str(tmp_path / "built"), "--quiet", "--no-cuda"],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    d = rel(logits_of(merged_model(r, pool)), theirs(tmp_path / "built"))
+    d = rel(logits_of(recipe_model(r, pool)), theirs(tmp_path / "built"))
     print(f"ties via mergekit-yaml: relative max|dlogit| {d:.3g}")
     assert d < TOL, d
 
@@ -194,6 +196,7 @@ def test_mergekit_yaml_builds_a_written_ties_config(three, pool, tmp_path):
 # --------------------------------------------------------------------------- mergekit -> recipe -> mergekit
 
 
+@pytest.mark.slow  # the module's mergekit-multi build (the `built` fixture)
 @needs_mergekit
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_imported_config_merges_like_mergekit_and_round_trips(name, three, built):
@@ -205,7 +208,7 @@ def test_imported_config_merges_like_mergekit_and_round_trips(name, three, built
     assert [list(row) for row in r.densities] == [pytest.approx(row) for row in densities]
     assert r.sources == tuple(three) and r.base == (None if name == "gradient_linear" else 0)
     pool = SourcePool.load(list(r.sources))
-    ours = logits_of(merged_model(r, pool))
+    ours = logits_of(recipe_model(r, pool))
     d_hand, d_back = rel(ours, theirs(built[f"hand_{name}"])), rel(ours, theirs(built[f"back_{name}"]))
     print(f"{name}: relative max|dlogit| vs the hand-written config {d_hand:.3g}, vs its export {d_back:.3g}")
     assert d_hand < TOL and d_back < TOL, (d_hand, d_back)
@@ -245,7 +248,7 @@ def dare_recipe(src: list[str], method: str, seed: int) -> Recipe:
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_is_seeded(method, three, pool, tmp_path):
     def state(seed: int) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in merged_model(dare_recipe(three, method, seed), pool).named_parameters()}
+        return {n: p.detach().clone() for n, p in recipe_model(dare_recipe(three, method, seed), pool).named_parameters()}
 
     one, again, other = state(3), state(3), state(4)
     assert all(torch.equal(one[n], again[n]) for n in one)

@@ -11,7 +11,7 @@ import torch
 
 from dfs_merge.config import MergeConfig
 from dfs_merge.genome_files import load_genome, save_genome
-from dfs_merge.merging.blend import merged_model
+from dfs_merge.merging.blend import recipe_model
 from dfs_merge.merging.methods import METHODS, Method, register_method
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.sources import SourcePool
@@ -43,7 +43,7 @@ def test_a_registered_method_merges_a_recipe(weighted_max, tiny_source_dirs, tmp
     assert MergeConfig(method="weighted_max", base=None).method == "weighted_max"
 
     pool = SourcePool.load(list(sources))
-    merged = dict(merged_model(recipe, pool).named_parameters())
+    merged = dict(recipe_model(recipe, pool).named_parameters())
     states = [dict(s.model.named_parameters()) for s in pool.sources]
     for name, value in merged.items():
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None

@@ -20,7 +20,7 @@ from synthetic import QUIET, TargetRecipe, evals, make_config, outcome, write_fa
 
 from dfs_merge.errors import ConfigError, GenomeError
 from dfs_merge.genome_files import genome_from_dict, genome_to_dict, load_genome, save_genome
-from dfs_merge.merging.blend import Blender, merged_model
+from dfs_merge.merging.blend import Blender, recipe_model
 from dfs_merge.merging.methods import METHODS, merge_tensor
 from dfs_merge.merging.recipe import Recipe, initial_recipe
 from dfs_merge.models.sources import SourcePool
@@ -67,7 +67,7 @@ def test_blender_equals_merging_each_tensor_and_recomputes_only_changed_groups(t
     blender.apply(moved)
     changed = [t for t in blender.tensors if blender.group_of(t, moved) == 1]
     assert blender.recomputed == len(changed) < len(blender.tensors)
-    assert torch.equal(logits(blender.model), logits(merged_model(moved, pool)))  # as a fresh merge
+    assert torch.equal(logits(blender.model), logits(recipe_model(moved, pool)))  # as a fresh merge
     for s, was in zip(pool.sources, before, strict=True):  # the sources are left as they were
         assert torch.equal(logits(s.model), was)
 
@@ -84,7 +84,7 @@ def test_tensors_shared_by_all_sources_are_never_merged_nor_copied(tiny_source_d
 
 def test_linear_merge_of_one_model_with_itself_is_that_model(tiny_source_dirs):
     pool = SourcePool.load([str(tiny_source_dirs[0])] * 2)
-    model = merged_model(Recipe(("a", "a"), 4, "linear", None, 2, ((0.3, 2.0), (0.7, 1.0))), pool)
+    model = recipe_model(Recipe(("a", "a"), 4, "linear", None, 2, ((0.3, 2.0), (0.7, 1.0))), pool)
     torch.testing.assert_close(logits(model), logits(pool.base.model), rtol=1e-5, atol=1e-5)
 
 
@@ -169,7 +169,8 @@ def test_every_algorithm_searches_recipes(fake, tmp_path, algorithm):
         assert gen0[0].weights == ((0.5, 0.5), (0.5, 0.5)) and gen0[1].weights == ((1, 1), (0, 0))
 
 
-@pytest.mark.parametrize("backend", [{"workers": 2}, {"workers": 2, "ray": "local"}], ids=["process pool", "ray"])
+@pytest.mark.parametrize("backend", [pytest.param({"workers": 2}, id="process pool"),
+                                     pytest.param({"workers": 2, "ray": "local"}, id="ray", marks=pytest.mark.slow)])
 def test_backends_give_the_in_process_result(fake, tmp_path, backend):
     if "ray" in backend:
         pytest.importorskip("ray")
@@ -204,6 +205,7 @@ run_evolution(cfg, resume={resume}, progress=False)
 """
 
 
+@pytest.mark.slow
 def test_zoo_ps_search_resumes_after_sigkill_with_nothing_evaluated_twice(tmp_path):
     sources = [str(ZOO / n) for n in ("base", "j", "m")]
     merge = {"method": "task_arithmetic", "base": 0, "layer_groups": 4, "init_weight": 1.0}
@@ -251,7 +253,7 @@ def test_recipe_exports_as_a_verified_checkpoint_and_serves_as_a_hybrid_source(t
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    want = logits(merged_model(recipe, SourcePool.load(three)))
+    want = logits(recipe_model(recipe, SourcePool.load(three)))
     torch.testing.assert_close(logits(exported), want, rtol=1e-5, atol=1e-5)
     assert load_genome(tmp_path / "out" / "dfs-merge-genome.yaml") == recipe
     card = (tmp_path / "out" / "README.md").read_text()

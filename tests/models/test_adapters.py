@@ -67,6 +67,7 @@ def test_an_adapter_source_is_peft_merge_and_unload_and_shares_the_base(adapters
     assert torch.isfinite(stitch(pool, route)(IDS).logits).all()
 
 
+@pytest.mark.slow
 def test_a_genome_over_adapters_names_them_and_exports_what_it_stitched(adapters, tmp_path):
     base, j, m = adapters
     sources = [f"{base}+{j}", f"{base}+{m}"]

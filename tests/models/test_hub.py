@@ -24,7 +24,7 @@ CASES = {
 }
 
 REFERENCE = """\
-import json, os, sys
+import json
 from huggingface_hub import constants
 print(json.dumps(constants.HF_HUB_CACHE))
 """

@@ -9,6 +9,7 @@ import sys
 import pytest
 from synthetic import QUIET, TARGET, TargetRoute, make_config, outcome
 
+from dfs_merge.candidate import CandidateScorer
 from dfs_merge.errors import ConfigError, DfsMergeError
 from dfs_merge.evaluation import WORST_SCORE
 from dfs_merge.genome import Genome, Route
@@ -87,10 +88,11 @@ def test_worker_setup_failure_is_one_line(sources):
 def test_model_evaluator_travels_without_its_models(sources, tmp_path):
     cfg = make_config(sources, tmp_path / "o")
     fn = ModelEvaluator(cfg)
-    fn.pool, fn.fitness = object(), object()  # stand-ins for loaded sources and tasks
+    fn.scorer = CandidateScorer(object(), object())  # stand-ins for loaded sources and tasks
     copy = pickle.loads(pickle.dumps(fn))
-    assert copy.pool is None and copy.fitness is None and copy.cfg == cfg
-    assert fn.for_split("test").pool is fn.pool
+    assert copy.scorer is None and copy.shared is None and copy.cfg == cfg
+    other = fn.for_split("test")
+    assert other.split == "test" and other.scorer is None and other.shared is fn.scorer
 
 
 def test_make_evaluator_picks_the_backend(sources, tmp_path):
@@ -115,6 +117,7 @@ def test_process_pool_run_equals_in_process_run(sources, tmp_path):
     assert outcome(tmp_path / "pool") == outcome(tmp_path / "inproc")
 
 
+@pytest.mark.slow
 def test_ray_run_equals_in_process_run(sources, tmp_path):
     """Ray is a declared extra ([ray]) that CI installs, so this runs there; skipped only without Ray."""
     ray = pytest.importorskip("ray")

@@ -443,9 +443,19 @@ def test_real_lm_eval_task_on_tiny_models(tiny_source_dirs, tiny_suite_dir, tmp_
     assert all(0.0 <= e["tasks"]["tiny_mc"] <= 1.0 and e["hops"] <= 6 for e in lines)
     best = yaml.safe_load((out / "best.genome.yaml").read_text())
     assert best["scores"]["dev"]["tasks"]["tiny_mc"]["metric"] == "acc"
-    assert best["scores"]["test"]["tasks"]["tiny_ppl"]["value"] > 0
     assert r.test_eval is not None and r.test_eval.error is None
     assert best["route"] == r.best.decode().text()
+    # the report score is the best route's, scored afresh (Fitness agrees with lm-eval's own HFLM: test_score.py)
+    from dfs_merge.fitness.score import Fitness
+    from dfs_merge.models.sources import SourcePool
+    from dfs_merge.stitch import stitch
+
+    pool = SourcePool.load([str(p) for p in tiny_source_dirs])
+    fresh = Fitness({"tiny_ppl": 1.0}, suites=[tiny_suite_dir], batch_size=8, cache_dir=tmp_path / "fresh")
+    value = fresh.score(stitch(pool, r.best.decode()), pool.tokenizer).tasks["tiny_ppl"].value
+    assert value > 0
+    assert best["scores"]["test"]["tasks"]["tiny_ppl"]["value"] == pytest.approx(value, rel=1e-6)
+    assert r.test_eval.tasks["tiny_ppl"].value == pytest.approx(value, rel=1e-6)
 
 
 def test_a_run_made_before_a_config_key_existed_resumes(sources, tmp_path):

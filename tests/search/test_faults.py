@@ -71,6 +71,7 @@ def test_cuda_without_cuda_is_one_line_and_exit_2(tiny_source_dirs, tmp_path, ca
     assert "\n" not in err and "no CUDA device" in err, err
 
 
+@pytest.mark.slow
 def test_each_ray_actor_asks_for_its_gpus_or_its_threads(sources, tmp_path):
     ray = pytest.importorskip("ray")
     assert ray_actor_options(4) == {"num_cpus": 4, "max_restarts": 0, "max_task_retries": 0}
@@ -135,6 +136,7 @@ def test_process_pool_worker_killed_mid_generation(sources, tmp_path):
           f"{time.perf_counter() - t0:.1f}s")
 
 
+@pytest.mark.slow
 def test_two_node_ray_cluster_loses_a_node_mid_generation(sources, tmp_path):
     """Two Ray nodes of one CPU each, one actor on each; the second node is removed while its actor evaluates a
     genome of generation 1. That genome is evaluated again on the head; the actor's replacement waits for room

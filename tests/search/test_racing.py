@@ -71,6 +71,7 @@ def race_once(values: dict[str, list[float]], tmp: Path, cut: int = 1, probabili
     return out, table.scored
 
 
+@pytest.mark.slow
 def test_the_true_best_is_never_stopped_and_the_bound_holds_at_its_confidence(tmp_path):
     """Many generations of 12 candidates whose per-document accuracy (0/1) has known means: the candidate best
     on all documents always finishes, and "confidently better" is wrong at most as often as the confidence allows."""
@@ -235,6 +236,7 @@ def _stage(start: int, docs: int = 48) -> int:
     return {0: 0, 12: 1, 24: 2}[start]
 
 
+@pytest.mark.slow
 def test_the_process_pool_and_ray_race_as_in_process(sources, tmp_path):
     kw = {"algorithm": "nsga2", "objectives": ["score", "hops"], "generations": 3, "population": 6, "seed": 4,
           "racing": {**RACING, "keep": 0.5}}

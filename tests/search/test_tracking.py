@@ -307,4 +307,5 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'mlflow')))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
-    assert len(evals(tmp_path / "run")) > 0
+    run(make_config(sources, tmp_path / "here", generations=1))  # the same run in this process
+    assert evals(tmp_path / "run") and outcome(tmp_path / "run") == outcome(tmp_path / "here")

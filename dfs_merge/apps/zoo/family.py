@@ -522,7 +522,7 @@ def lm_eval_table(zoo: Path = ZOO_DIR, runs: dict[str, str] | None = None, log: 
     from dfs_merge.fitness.score import Fitness
     from dfs_merge.genome import Route
     from dfs_merge.genome_files import load_genome
-    from dfs_merge.merging.blend import merged_model
+    from dfs_merge.merging.blend import recipe_model
     from dfs_merge.merging.recipe import Recipe
     from dfs_merge.models.sources import SourcePool
     from dfs_merge.search.evolution import run_evolution
@@ -556,7 +556,7 @@ def lm_eval_table(zoo: Path = ZOO_DIR, runs: dict[str, str] | None = None, log: 
         route = g.check()
         rpool = SourcePool.load(list(g.sources))  # a recipe source (the hybrid's) is merged here
         if isinstance(g, Recipe):
-            rows.append((label, merged_model(g, rpool), rpool.tokenizer, g.layers, f"{g.text()} (seed {cfg.seed})"))
+            rows.append((label, recipe_model(g, rpool), rpool.tokenizer, g.layers, f"{g.text()} (seed {cfg.seed})"))
             continue
         scales = "" if cfg.scaling == "none" else f", scales {min(route.scales):.2f}-{max(route.scales):.2f}"
         rows.append((label, stitch(rpool, route), rpool.tokenizer, len(route),

@@ -92,7 +92,8 @@ OPERAND_MAX = 12
 
 
 def num(n: int, lang: str) -> str:
-    """A number as E (digits) or J (a word for 0-12, digits above) writes it."""
+    """A number as E (digits), J (a word for 0-12, digits above) or J with digits (`jd`, as MGSM-JA writes
+    its numbers: Arabic digits in Japanese text) writes it."""
     if lang == "j" and 0 <= n < len(J_NUMBER_WORDS):
         return J_NUMBER_WORDS[n]
     return str(n)
@@ -117,7 +118,8 @@ class Problem:
         return self.a + self.b if self.op == "add" else self.a - self.b
 
     def question(self, lang: str) -> str:
-        """The problem text up to and including the answer cue (``answer :`` / ``kotae :``)."""
+        """The problem text up to and including the answer cue (``answer :`` / ``kotae :``); `lang` is e, j
+        or jd (J's words with digit operands)."""
         s = [("has", self.a), (self.verb, self.b)]
         return " ".join(_sentence(self.name, v, n, self.obj, lang) for v, n in s) + " " + _ask(self.name, self.obj, lang)
 
@@ -128,7 +130,7 @@ class Problem:
 def _sentence(name: str, verb: str, n: int, obj: str, lang: str) -> str:
     if lang == "e":
         return f"{name} {verb} {num(n, 'e')} {obj} ."
-    return f"{NAMES[name]} ga {CONTENT[verb]} {num(n, 'j')} {OBJECTS[obj]} 。"
+    return f"{NAMES[name]} ga {CONTENT[verb]} {num(n, lang)} {OBJECTS[obj]} 。"
 
 
 def _question(name: str, obj: str) -> list[Pair]:
@@ -138,7 +140,7 @@ def _question(name: str, obj: str) -> list[Pair]:
 
 def _ask(name: str, obj: str, lang: str) -> str:
     cue = "answer :" if lang == "e" else "kotae :"
-    return " ".join(_render(_question(name, obj), lang)) + " " + cue
+    return " ".join(_render(_question(name, obj), "e" if lang == "e" else "j")) + " " + cue
 
 
 # A story sentence is a list of (E token, J token(s)) pairs, so that a sentence can be rendered

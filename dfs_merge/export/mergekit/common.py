@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -23,6 +23,9 @@ from dfs_merge.inputs import NoAliasDumper
 from dfs_merge.models.adapters import split_source
 from dfs_merge.models.sources import locate
 from dfs_merge.outputs import check_output
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = ["base_model", "check_config_output", "distinct_models", "dump_config", "layer_range", "merge_dtype",
            "model_name", "model_reference", "resolve_setting", "same_path", "tokenizer_source"]
@@ -38,7 +41,7 @@ def model_reference(source: str) -> str:
     return f"{folder}+{adapter.resolve()}" if adapter is not None else folder
 
 
-def merge_dtype(config: Any) -> str:
+def merge_dtype(config: PretrainedConfig) -> str:
     """The dtype a mergekit config merges a model in by default: the float dtype its HF config says the
     weights are stored in, else float32."""
     d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

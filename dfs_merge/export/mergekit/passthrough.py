@@ -60,17 +60,21 @@ from dfs_merge.export.mergekit.recipe import (
 )
 from dfs_merge.export.tensors import running_products
 from dfs_merge.genome import DTYPE_NAMES, ConstraintsConfig, Genome, Scaling
-from dfs_merge.genome_files import is_recipe_file, load_recipe_source
+from dfs_merge.genome_files import load_recipe_source
 from dfs_merge.inputs import read_yaml
+from dfs_merge.merging.hybrid import RECIPE_SOURCE
 from dfs_merge.merging.methods import METHODS
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models import hub
 from dfs_merge.models.adapters import split_source
 from dfs_merge.models.families import Family
+from dfs_merge.models.kinds import source_kind
 from dfs_merge.models.sources import locate, read_config, ties_embeddings
 from dfs_merge.route import Hop, Route
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from dfs_merge.export.formats import ExportOptions
     from dfs_merge.export.progress import Progress
 
@@ -164,9 +168,9 @@ def write_mergekit_config(
     if isinstance(genome, Recipe):
         return write_recipe_config(genome, out, force=force, dtype=dtype)
     route = genome.check()
-    recipes = {i: load_recipe_source(p) for i, p in enumerate(genome.sources) if is_recipe_file(p)}
+    recipes = {i: load_recipe_source(p) for i, p in enumerate(genome.sources) if source_kind(p) is RECIPE_SOURCE}
     out = check_config_output(out, [*genome.sources, *(s for r in recipes.values() for s in r.sources)], force=force)
-    configs = [read_config(_config_folder(p, recipes.get(i))) for i, p in enumerate(genome.sources)]
+    configs = [read_config(locate(p).resolve()) for p in genome.sources]  # a recipe source's: its base's
     # a recipe source is referred to by the name of its merge, built first (mergekit-multi)
     merges = _recipe_documents(recipes, dtype)
     names = {i: name for name, (_, _, idx) in merges.items() for i in idx}
@@ -260,7 +264,7 @@ def _passthrough_document(genome: Genome, route: Route, folders: Sequence[str], 
     return data
 
 
-def _layer_types_note(route: Route, configs: Sequence[tuple[Any, Family]], family: Family) -> str:
+def _layer_types_note(route: Route, configs: Sequence[tuple[PretrainedConfig, Family]], family: Family) -> str:
     """Refuse a route whose attention types are not the base's `layer_types` (all the same type, for a route of
     another depth), as mergekit keeps them; a header note when the depth changes, which mergekit 0.1.5 cannot
     save under transformers 5 (it keeps the base's list beside the new `num_hidden_layers`)."""
@@ -284,13 +288,6 @@ def _layer_types_note(route: Route, configs: Sequence[tuple[Any, Family]], famil
     return (f"# note: mergekit 0.1.5 keeps the base's layer_types ({len(base_types)} entries) beside num_hidden_layers "
             f"{len(types)}; transformers 5 refuses to save that config after the weights are written. The config of "
             f"this model is the base's with layer_types: [{types[0]}] x {len(types)} (as `dfs-merge export` writes)\n")
-
-
-def _config_folder(source: str, recipe: Recipe | None) -> Path:
-    """The folder whose config.json describes a source: for a recipe file (a hybrid's source), its base's."""
-    if recipe is None:
-        return locate(source).resolve()
-    return locate(recipe.sources[recipe.base if recipe.base is not None else 0]).resolve()
 
 
 def _recipe_documents(
@@ -533,7 +530,7 @@ def _passthrough_sources(
     return src_list, index_of
 
 
-def _hops(slices: Sequence[_PassthroughSlice], index_of: Sequence[int], configs: Sequence[tuple[Any, Family]],
+def _hops(slices: Sequence[_PassthroughSlice], index_of: Sequence[int], configs: Sequence[tuple[PretrainedConfig, Family]],
           where: str) -> list[_LayerHop]:
     """Every layer the slices take, in order, with the running product their scales give it; the slices'
     ends must leave the embeddings, final norm and head unscaled, and take norm and head from one source."""

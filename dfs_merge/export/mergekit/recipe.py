@@ -54,10 +54,10 @@ from dfs_merge.export.mergekit.common import (
     same_path,
     tokenizer_source,
 )
-from dfs_merge.genome_files import is_recipe_file
 from dfs_merge.merging.methods import METHODS, Method
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.families import Family
+from dfs_merge.models.kinds import source_kind
 from dfs_merge.models.sources import locate, read_config
 
 __all__ = ["SUPPORTED", "dare_note", "import_recipe", "recipe_config", "supported_message", "write_recipe_config"]
@@ -94,12 +94,13 @@ def recipe_config(recipe: Recipe, *, dtype: str | None = None) -> dict[str, Any]
     (for `linear` only when the recipe has one); `parameters` holds `normalize`, `lambda`
     when it is not 1 and, for DARE, `rescale`. `dtype` defaults to the base's stored dtype.
     Sources are checked (config.json only): their layer counts, no model listed twice, and
-    no source that is itself a recipe file (mergekit has no name for it).
+    no source of a kind built in memory (`kinds`: a recipe file), which mergekit has no name for.
     """
     for i, p in enumerate(recipe.sources):
-        if is_recipe_file(p):
-            raise ExportError(f"source {i} ({p}) of the recipe is itself a recipe file; a mergekit config "
-                              "cannot name a merge nested in a merge")
+        kind = source_kind(p)
+        if kind is not None:
+            raise ExportError(f"source {i} ({p}) of the recipe is itself a {kind.name} file; a mergekit config "
+                              "cannot name a model built in memory (a merge nested in a merge)")
     configs = [read_config(locate(p).resolve())[0] for p in recipe.sources]
     for i, cfg in enumerate(configs):
         if cfg.num_hidden_layers != recipe.layers:
