@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench gpu-check models clean zoo zoo-table study-smollm2 study-smollm2-raced family study-family
+.PHONY: install test test-fast lint demo demo-self bench gpu-check models clean zoo zoo-table study-smollm2 study-smollm2-raced family study-family
 
 install: $(STAMP)
 
@@ -25,7 +25,13 @@ $(VENV)/.smollm2: $(STAMP)
 models: $(VENV)/.smollm2
 	$(VENV)/bin/dfs-merge models smollm2-135m-instruct
 
+# The committed merge of the two SmolLM2 specialists (genomes/family-best.yaml, found by `make study-family`)
+# exported and scored against its parents on the held-out J problems; nothing is trained or searched.
 demo: $(VENV)/.smollm2
+	$(VENV)/bin/dfs-merge demo
+
+# The self-merge demo: an NSGA-II search over SmolLM2's own layers, the winner exported and compared.
+demo-self: $(VENV)/.smollm2
 	$(VENV)/bin/dfs-merge demo genomes/demo.yaml
 
 # SmolLM2's own layer path evolved (and the scaling: none ablation) against ShortGPT, angular-distance pruning and
@@ -59,10 +65,11 @@ family: $(VENV)/.smollm2
 	$(PY) -m dfs_merge.apps.specialists train j m --out build/family
 	$(PY) -m dfs_merge.apps.specialists check --out build/family
 
-# The paper's claim on a real model: routes over the two specialists evolved (and the scaling: none ablation),
-# every row of the README table scored on the held-out test split; writes runs/family/table.md (resumes).
+# The paper's claim on a real model, on the digit target: the parents and naive merges on dev and validation,
+# then the PS, DFS (with and without scales) and hybrid searches over the two specialists, every row scored on
+# the held-out test split; writes runs/family-digits/table.md (resumes; docs/family.md).
 study-family: $(VENV)/.smollm2
-	$(PY) -m dfs_merge.apps.family_study genomes/family.yaml
+	$(PY) -m dfs_merge.apps.family_study runs/family-digits
 
 # The zoo table: evolve over the committed zoo (finished runs resume), score every row on the test split.
 zoo-table: install

@@ -171,7 +171,7 @@ def read_jsonl(path: Path, error: type[DfsMergeError] = DfsMergeError) -> list[d
         if not line.strip():
             continue
         try:
-            record = parse_json(line, DfsMergeError, f"line {n}")
+            record = parse_json(line, DfsMergeError, f"line {n}", finite=True)
         except DfsMergeError as err:
             log.warning("%s: %s; ignored", path, err)
             continue

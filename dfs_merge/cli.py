@@ -91,6 +91,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from dfs_merge.apps.compare import evaluate_for_cli
     from dfs_merge.config import load_config
 
+    if args.genome and args.sources_only:
+        raise DfsMergeError("--genome and --sources-only contradict each other (the genome would not be scored); "
+                            "give one of them")
     cfg = load_config(args.config)
     evaluate_for_cli(cfg, genome=args.genome, split=args.split, sources_only=args.sources_only)
 
@@ -136,6 +139,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     from dfs_merge.genome_files import load_genome
     from dfs_merge.outputs import check_output
 
+    for flag, value in (("--quant", args.quant), ("--max-shard-size", args.max_shard_size)):
+        if value is not None and not value.strip():  # not taken as the default without a word
+            raise ExportError(f"{flag}: an empty value; give one, or leave {flag} out for the default")
     fmt = FORMATS[args.format]
     g = load_genome(args.genome)
     # before any source is loaded: the genome file and its sources are the inputs

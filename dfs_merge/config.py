@@ -153,7 +153,7 @@ class SearchConfig(BaseModel):
     scale_range: tuple[float, float] = (0.5, 1.5)
     cma_sigma: float = Field(0.5, gt=0, allow_inf_nan=False)
     elite: int = Field(1, ge=0)
-    tournament: int = Field(3, ge=2)
+    tournament: int = Field(3, ge=2, le=MAX_POPULATION)
     # ga / nsga2 / random: a new candidate whose route was already evaluated is mutated again, up to this
     # many times, so that each generation spends its slots on new routes (0: keep such duplicates).
     resample_duplicates: int = Field(10, ge=0, le=1000)
@@ -233,8 +233,6 @@ class RunConfig(RunOptions, SearchConfig):
                 raise ValueError("seed_routes: data-flow routes cannot seed a parameter-space search (merge:)")
         if self.elite >= self.population:
             raise ValueError(f"elite ({self.elite}) must be below population ({self.population})")
-        if self.tournament > self.population:
-            raise ValueError(f"tournament ({self.tournament}) must be at most population ({self.population})")
         lo, hi = self.scale_range
         if not (0 < lo <= hi <= MAX_SCALE):
             raise ValueError(f"scale_range must satisfy 0 < low <= high <= {MAX_SCALE:g}, got {list(self.scale_range)}")

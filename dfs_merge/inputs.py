@@ -6,8 +6,8 @@ bytes that are not UTF-8 into one line naming the file, raised as the caller's `
 `read_yaml` and `read_json` build on it: `read_yaml` loads safely (no Python objects), refuses YAML aliases
 before any object is built, so a "billion laughs" file is refused at once instead of filling memory, and
 refuses a key given twice in one mapping (YAML would keep the last silently); `read_json` reads one JSON value
-with `parse_json`, which refuses NaN, infinities and numbers beyond a float, and nesting deeper than
-`MAX_DEPTH`, as the YAML reader does.
+with `parse_json`, which refuses nesting deeper than `MAX_DEPTH`, as the YAML reader does, and for the files the
+project writes itself (`finite`) NaN, infinities and numbers beyond a float.
 `describe_validation_error` is the one line of a mapping that its pydantic model refused (a config, a genome).
 
 `NoAliasDumper` is the counterpart for what the project writes: YAML without anchors or aliases, so
@@ -37,7 +37,7 @@ MAX_BYTES = 16 * 2**20
 
 MAX_LOG_BYTES = 2**30
 """The largest JSON-lines log (evals.jsonl, docs.jsonl) a run reads back (1 GiB: a long run's log is some MB)."""
-MAX_DEPTH = 1000
+MAX_DEPTH = 200
 """The deepest nesting of brackets `parse_json` reads (a config, a checkpoint or a log line nests a few levels)."""
 
 _ErrorClass = type[DfsMergeError]
@@ -205,11 +205,12 @@ def read_yaml(path: str | Path, error: _ErrorClass = ConfigError, *, what: str |
     return data
 
 
-def read_json(path: str | Path, error: _ErrorClass = ConfigError, *, what: str | None = None) -> Any:
+def read_json(path: str | Path, error: _ErrorClass = ConfigError, *, what: str | None = None,
+              finite: bool = False) -> Any:
     """Read one JSON value, raising `error` with one line when the file is missing, unreadable,
-    not UTF-8 or not valid JSON (see `parse_json`)."""
+    not UTF-8 or not valid JSON (see `parse_json`; `finite`: what the project wrote, so no NaN either)."""
     path = Path(path)
-    return parse_json(read_text(path, error, what=what), error, file_label(path, what))
+    return parse_json(read_text(path, error, what=what), error, file_label(path, what), finite=finite)
 
 
 class _NotFinite(ValueError):
@@ -254,13 +255,16 @@ def nesting_depth(text: str | bytes, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
-def parse_json(text: str | bytes, error: _ErrorClass = ConfigError, label: str = "<text>") -> Any:
-    """One JSON value, strictly: NaN, Infinity, a number beyond a float, nesting deeper than `MAX_DEPTH` and
-    invalid JSON are `error` with one line."""
+def parse_json(text: str | bytes, error: _ErrorClass = ConfigError, label: str = "<text>", *,
+               finite: bool = False) -> Any:
+    """One JSON value; nesting deeper than `MAX_DEPTH` and invalid JSON are `error` with one line. With
+    `finite` (a file the project wrote with `allow_nan=False`: a checkpoint, a run's log), so are NaN,
+    Infinity and a number beyond a float, which Python's `json` would read (a model's config.json may hold them)."""
     if nesting_depth(text) > MAX_DEPTH:
         raise error(f"{label}: not valid JSON (nested more than {MAX_DEPTH} deep)")
+    strict: dict[str, Any] = {"parse_constant": _constant, "parse_float": _finite_float} if finite else {}
     try:
-        return json.loads(text, parse_constant=_constant, parse_float=_finite_float)
+        return json.loads(text, **strict)
     except json.JSONDecodeError as exc:
         raise error(f"{label}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
     except _NotFinite as exc:

@@ -14,6 +14,7 @@ BENCH = CHECKOUT / "bench"
 sys.path.insert(0, str(BENCH))
 
 
+@pytest.mark.slow
 def test_throughput_runs_a_b_c_on_the_tiny_model(tmp_path):
     import bench_throughput
 
@@ -28,6 +29,7 @@ def test_throughput_runs_a_b_c_on_the_tiny_model(tmp_path):
         assert row["A_s"] > 0 and row["C_s"] > 0 and row["B_write_s"] > 0 and row["B_load_s"] > 0
 
 
+@pytest.mark.slow
 def test_prefix_cache_bench_is_identical_with_and_without_the_cache(tmp_path, tiny_source_dirs):
     import bench_prefix_cache
 

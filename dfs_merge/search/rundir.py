@@ -222,8 +222,8 @@ class RunDir:
             raise ConfigError(f"out: {path} cannot be listed ({err.strerror or err})") from None
         visible = [n for n in existing if not n.startswith(".")]
         if visible and not RUN_RECORDS & set(visible):
-            raise ConfigError(f"out: {path} is not empty: it holds files that are not a run's ({_listing(visible)}); choose an "
-                              "empty folder, or the folder of a run to resume it")
+            raise ConfigError(f"out: {path} is not empty: it holds files that are not a run's ({_listing(visible)}); "
+                              "choose an empty folder, or the folder of a run to resume it")
         try:
             rd.lock.acquire(create=False)  # a live run here is refused first, whatever else the folder holds
             # a run that stopped before its first evaluation computed nothing: it may start again, with any config
@@ -237,7 +237,7 @@ class RunDir:
                     pass
             except OSError as err:
                 raise ConfigError(f"out: {path} is not writable ({err.strerror or err})") from None
-            if resume and started and rd.config.is_file():
+            if resume and started and os.path.lexists(rd.config):
                 rd._check_same_config(cfg, read_yaml(rd.config, ConfigError), f"the run in {path}")
         except BaseException:
             rd.lock.release()
@@ -305,7 +305,7 @@ class RunDir:
         way_out = ("put the run's sources.json back, or delete it to resume without checking that the sources' "
                    "weights are unchanged")
         try:
-            data = read_json(self.sources, ConfigError)
+            data = read_json(self.sources, ConfigError, finite=True)
         except ConfigError as err:
             raise ConfigError(f"resume: {err}; {way_out}") from None
         if not (isinstance(data, list) and len(data) == n and all(
@@ -347,9 +347,9 @@ class RunDir:
     # ---- checkpoint --------------------------------------------------------------------
     def read_checkpoint(self) -> dict[str, Any] | None:
         """The last checkpoint, or None when the run has none yet."""
-        if not self.checkpoint.is_file():
+        if not os.path.lexists(self.checkpoint):
             return None
-        state = read_json(self.checkpoint, ConfigError)
+        state = read_json(self.checkpoint, ConfigError, finite=True)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{self.checkpoint}: not a {CHECKPOINT_FORMAT} checkpoint")
         gen = state.get("generation")

@@ -14,8 +14,8 @@ The libraries are imported only when their tracker starts: a run without `tracki
 `Tracking` is what the loop calls: a tracker that cannot start stops the run in one line (`TrackingError`),
 or, with `tracking_optional: true`, is one warning line; a `tracking_uri` server that does not answer within
 `CONNECT_TIMEOUT_S` cannot start (its library would retry for minutes), and MLflow's requests are bounded too
-(`MLFLOW_HTTP_REQUEST_TIMEOUT` and `_MAX_RETRIES`, unless the user set them); a tracker that fails later is one warning line and
-tracking stops there; the run never does. A new tracker is one class here and its row in
+(`MLFLOW_HTTP_REQUEST_TIMEOUT` and `_MAX_RETRIES`, unless the user set them); a tracker that fails later is one
+warning line and tracking stops there; the run never does. A new tracker is one class here and its row in
 `dfs_merge.registry.TRACKERS` (the name table the run config is checked against); one defined elsewhere is one
 class with `@register`.
 """
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from dfs_merge.atomic import write_atomic
 from dfs_merge.errors import DfsMergeError, TrackingError, one_line
+from dfs_merge.inputs import read_json
 from dfs_merge.network import check_reachable
 from dfs_merge.registry import TRACKERS
 
@@ -121,10 +122,10 @@ class Tracker(ABC):
         return rundir.path / "tracking" / f"{self.name}.json"
 
     def read_state(self, rundir: RunDir) -> dict[str, Any]:
-        """What an earlier start of this run wrote ({} if none, or unreadable)."""
+        """What an earlier start of this run wrote ({} if none, or unreadable: a pipe, a damaged file)."""
         try:
-            data = json.loads(self.state_path(rundir).read_text())
-        except (OSError, ValueError):
+            data = read_json(self.state_path(rundir), TrackingError)
+        except DfsMergeError:
             return {}
         return data if isinstance(data, dict) else {}
 

@@ -78,6 +78,7 @@ def test_training_is_deterministic(tmp_path):
     assert zoo.weights_digest(a) == zoo.weights_digest(b)
 
 
+@pytest.mark.slow  # scores the committed zoo models on their tasks
 @needs_zoo
 def test_committed_zoo_loads_as_a_source_pool_and_keeps_its_scores(splits):
     from dfs_merge.genome import Route

@@ -275,6 +275,7 @@ def digest(out: Path, sources: list[str]) -> str:
     """A digest of a run's outcome and evaluations, without timings and with the sources' folder written SRC."""
     lines = []
     for e in evals(out):
+        e = {k: v for k, v in e.items() if k != "search"}  # the search config's digest, logged since issue 30
         e = dict(e, seconds=None)
         e["evaluation"] = dict(e["evaluation"], seconds=None)
         lines.append(e)
