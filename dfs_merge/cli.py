@@ -290,9 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DASH_VALUE_FLAGS = ("--max-shard-size",)
+"""Flags whose value a user may begin with a dash (`--max-shard-size -5GB`)."""
+
+
+def join_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--max-shard-size -5GB` as `--max-shard-size=-5GB`: argparse takes a value that begins with a dash (and is
+    not a plain negative number) for another flag and says only "expected one argument"; joined, the value
+    reaches the command, which says in one line what is wrong with it. Only a value that looks like a negative
+    number is joined: a flag after it (`--max-shard-size --force`) stays argparse's to refuse."""
+    out = list(argv)
+    for i in range(len(out) - 2, -1, -1):
+        if out[i] in DASH_VALUE_FLAGS and out[i + 1][:1] == "-" and out[i + 1][1:2] in set("0123456789.+"):
+            out[i:i + 2] = [f"{out[i]}={out[i + 1]}"]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one subcommand; a user error gives one line on stderr and exit code 2."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.allow_download:
         from dfs_merge.models.hub import allow_downloads

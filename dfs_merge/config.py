@@ -14,9 +14,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictBool,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -51,7 +53,16 @@ class MergeConfig(BaseModel):
     normalize: bool | None = None  # None: the method's default (mergekit's)
     lam: float = Field(1.0, alias="lambda", allow_inf_nan=False)
     rescale: bool | None = None  # DARE: restore each pruned delta's L1 norm (None: mergekit's default, on)
-    seed: int = Field(0, ge=0)  # DARE's random masks
+    seed: int = Field(0, ge=0)  # DARE's and DELLA's random masks
+    # mergekit parameter filters whose tensors get weights (slerp: t) of their own, e.g. [self_attn, mlp]
+    filters: list[str] = []
+    options: dict[str, StrictBool | float] = {}  # the method's other parameters (gamma, epsilon, nuslerp_flatten, ...)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_additions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """`filters` and `options` left out while empty: a run recorded before they existed resumes (its
+        checkpoint's and evaluations' search config stays the same)."""
+        return {k: v for k, v in handler(self).items() if not (k in ("filters", "options") and not v)}
 
     @model_validator(mode="after")
     def _ranges(self) -> MergeConfig:

@@ -3,8 +3,8 @@
 
 `dfs-merge/genome@1` holds a data-flow genome (`genome.Genome`): its sources, the slot layout, bits and
 scales (or the route), the constraints and the settings; `dfs-merge/recipe@1` a parameter-space recipe
-(`merging.recipe.Recipe`): method, base, weights and densities per layer group. Both list their sources and,
-where known, the scores they earned. `load_genome` reads either kind by its `format` and validates it with an
+(`merging.recipe.Recipe`): method, base, weights (and each parameter filter's) and densities per layer
+group, the method's options. Both list their sources and, where known, the scores they earned. `load_genome` reads either kind by its `format` and validates it with an
 error that names the file and the field; `genome_to_dict` and `save_genome` write either.
 """
 
@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from dfs_merge.atomic import write_atomic
 from dfs_merge.errors import GenomeError
 from dfs_merge.genome import MAX_SCALES, SETTINGS, ConstraintsConfig, Genome, Scaling, SlotLayout
 from dfs_merge.inputs import NoAliasDumper, describe_validation_error, read_yaml
 from dfs_merge.merging.methods import METHODS
-from dfs_merge.merging.recipe import Recipe, merged_sources
+from dfs_merge.merging.recipe import Recipe, check_merged_count, merged_sources
 from dfs_merge.route import MAX_SLOTS, Route
 
 if TYPE_CHECKING:
@@ -131,8 +131,10 @@ class _RecipeFile(BaseModel):
     lam: float = Field(1.0, alias="lambda", allow_inf_nan=False)
     rescale: bool | None = None
     seed: int = Field(0, ge=0)
-    weights: dict[int, list[float]]
+    weights: dict[int, list[float]] = {}
+    filters: dict[str, dict[int, list[float]]] = {}
     densities: dict[int, list[float]] | None = None
+    options: dict[str, StrictBool | float] = {}
     scores: dict[str, Any] = {}
 
 
@@ -201,22 +203,30 @@ def _recipe(f: _RecipeFile) -> Recipe:
         raise GenomeError(f"method: unknown merge method {f.method!r}; supported: {', '.join(METHODS)}")
     if METHODS[f.method].needs_base and f.base is None:
         raise GenomeError(f"base: method {f.method} needs a base model (base: SOURCE INDEX)")
+    check_merged_count(f.method, len(f.sources), f.base)
     merged = merged_sources(len(f.sources), f.method, f.base)
-    for name, rows in (("weights", f.weights), ("densities", f.densities or {})):
+    weighted = METHODS[f.method].weight is not None
+    blocks = [("weights", f.weights), *((f"filters.{k}", rows) for k, rows in f.filters.items()),
+              ("densities", f.densities or {})]
+    for name, rows in blocks:
         extra = sorted(set(rows) - set(merged))
         if extra:
             raise GenomeError(f"{name}: source {extra[0]} is not merged (merged sources: "
                               f"{', '.join(map(str, merged))})")
         missing = [s for s in merged if s not in rows]
-        if missing and (name == "weights" or rows):
+        if missing and (name != "densities" and weighted or rows):
             raise GenomeError(f"{name}: no row for source {missing[0]}")
     prunes = METHODS[f.method].has_density
     densities = ({s: [1.0] * f.layer_groups for s in merged} if prunes and not f.densities
                  else f.densities or {})
+
+    def rows(values: dict[int, list[float]]) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(values[s]) for s in merged) if values else ()
+
     return Recipe(tuple(s.path for s in f.sources), f.sources[0].layers, f.method, f.base, f.layer_groups,
-                  tuple(tuple(f.weights[s]) for s in merged),
-                  tuple(tuple(densities[s]) for s in merged) if densities else (),
-                  f.normalize, f.lam, f.rescale, f.seed)
+                  rows(f.weights), rows(densities), f.normalize, f.lam, f.rescale, f.seed,
+                  filters=tuple(f.filters), filtered=tuple(rows(v) for v in f.filters.values()),
+                  options=tuple(f.options.items()))
 
 
 def load_genome(path: str | Path) -> Genome | Recipe:
@@ -301,13 +311,22 @@ def _recipe_dict(r: Recipe) -> dict[str, Any]:
         "method": r.method,
         "base": r.base,
         "layer_groups": r.layer_groups,
-        "normalize": r.normalize,
-        "lambda": r.lam,
     }
-    if r.spec.sparsify == "random":
+    if r.spec.params or r.normalize != r.spec.normalize:  # slerp, nuslerp, model stock: neither at its default
+        data["normalize"] = r.normalize
+    if r.spec.params or r.lam != 1:
+        data["lambda"] = r.lam
+    if r.spec.sparsify not in (None, "magnitude"):
         data["rescale"] = r.rescale
+    if r.spec.random:
         data["seed"] = r.seed
-    data["weights"] = {s: list(row) for s, row in zip(r.merged, r.weights, strict=True)}
+    if r.options:
+        data["options"] = dict(r.options)
+    if r.weights:
+        data["weights"] = {s: list(row) for s, row in zip(r.merged, r.weights, strict=True)}
+    if r.filters:
+        data["filters"] = {f: {s: list(row) for s, row in zip(r.merged, rows, strict=True)}
+                           for f, rows in zip(r.filters, r.filtered, strict=True)}
     if r.densities:
         data["densities"] = {s: list(row) for s, row in zip(r.merged, r.densities, strict=True)}
     if r.scores:

@@ -27,6 +27,8 @@ import datetime
 import html
 import json
 import math
+import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -35,11 +37,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from dfs_merge.atomic import write_atomic
 from dfs_merge.errors import DfsMergeError, ReportError, one_line
 from dfs_merge.evaluation import WORST_SCORE
+from dfs_merge.inputs import MAX_BYTES, MAX_LOG_BYTES, parse_json, parse_yaml, read_bytes
 
 if TYPE_CHECKING:
     from dfs_merge.genome_files import CandidateGenome
@@ -66,14 +67,29 @@ class RunFiles:
     updated: float | None = None  # the newest modification time of the run's files
 
 
+def _read_bytes(path: Path, notes: list[str], limit: int) -> bytes | None:
+    """A run file's bytes, read through `dfs_merge.inputs`: None when it is missing (silently) or cannot be read
+    (a note). A pipe, device or socket (reading it could block or never end) or a file over `limit` is a
+    `ReportError`, as a resume refuses it: a page that left it out would look like a complete run."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        return read_bytes(path, ReportError, limit=limit)
+    except ReportError as err:
+        try:
+            st = os.stat(path)
+        except OSError:  # a link to nothing
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode) and (not stat.S_ISREG(st.st_mode) or st.st_size > limit):
+            raise
+        notes.append(f"{path.name} could not be read ({str(err).removeprefix(f'{path}: ')})")
+        return None
+
+
 def _read_evals(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     """The complete lines of evals.jsonl; a partial last line (a write still going, or killed) is skipped."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    except OSError as err:
-        notes.append(f"{path.name} could not be read ({err.strerror or err})")
+    data = _read_bytes(path, notes, MAX_LOG_BYTES)
+    if data is None:
         return []
     end = data.rfind(b"\n") + 1
     if end < len(data):
@@ -84,8 +100,8 @@ def _read_evals(path: Path, notes: list[str]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = parse_json(line, ReportError)  # nesting beyond MAX_DEPTH refused before json recurses
+        except ReportError:
             bad += 1
             continue
         if isinstance(rec, dict):
@@ -97,15 +113,38 @@ def _read_evals(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     return records
 
 
-def _read_file(path: Path, notes: list[str], parse: Callable[[str], Any]) -> Any:
-    """A file parsed, or None when it is missing (silently) or unreadable (with a note)."""
+def _read_file(path: Path, notes: list[str], parse: Callable[[str, str], Any]) -> Any:
+    """A file parsed (`parse(text, label)`), or None when it is missing (silently) or unreadable (with a note)."""
+    data = _read_bytes(path, notes, MAX_BYTES)
+    if data is None:
+        return None
     try:
-        return parse(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        notes.append(f"{path.name} could not be read (not UTF-8 text: {one_line(err, 120)})")
         return None
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
-        notes.append(f"{path.name} could not be read ({one_line(err, 160)})")
+    return _parse(text, path.name, notes, parse)
+
+
+def _parse(text: str, name: str, notes: list[str], parse: Callable[[str, str], Any]) -> Any:
+    """`parse(text, name)`, or None with a note when it is refused."""
+    try:
+        return parse(text, name)
+    except ReportError as err:
+        notes.append(f"{name} could not be read ({str(err).removeprefix(f'{name}: ')})")
         return None
+
+
+def _as_text(text: str, label: str) -> str:
+    return text
+
+
+def _yaml(text: str, label: str) -> Any:
+    return parse_yaml(text, ReportError, label)  # aliases and repeated keys refused, as the run's own reader does
+
+
+def _json(text: str, label: str) -> Any:
+    return parse_json(text, ReportError, label)
 
 
 def read_run(run_dir: str | Path) -> RunFiles:
@@ -119,17 +158,17 @@ def read_run(run_dir: str | Path) -> RunFiles:
     if not rd.config.is_file() and not rd.evals.is_file():
         raise ReportError(f"{rd.path}: not a run folder (it has neither config.yaml nor evals.jsonl)")
     run = RunFiles(rd.path)
-    run.config_text = _read_file(rd.config, run.notes, str)
-    config = yaml.safe_load(run.config_text) if run.config_text else None
+    run.config_text = _read_file(rd.config, run.notes, _as_text)
+    config = _parse(run.config_text, rd.config.name, run.notes, _yaml) if run.config_text else None
     run.config = config if isinstance(config, dict) else {}
     run.evals = _read_evals(rd.evals, run.notes)
-    checkpoint = _read_file(rd.checkpoint, run.notes, json.loads)
+    checkpoint = _read_file(rd.checkpoint, run.notes, _json)
     run.checkpoint = checkpoint if isinstance(checkpoint, dict) else None
-    best = _read_file(rd.best, run.notes, yaml.safe_load)
+    best = _read_file(rd.best, run.notes, _yaml)
     run.best = best if isinstance(best, dict) else None
-    pareto = _read_file(rd.pareto_json, run.notes, json.loads)
+    pareto = _read_file(rd.pareto_json, run.notes, _json)
     run.pareto = [r for r in pareto if isinstance(r, dict)] if isinstance(pareto, list) else []
-    sources = _read_file(rd.sources, run.notes, json.loads)
+    sources = _read_file(rd.sources, run.notes, _json)
     run.sources = [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
     times = [p.stat().st_mtime for p in (rd.evals, rd.checkpoint, rd.config) if p.is_file()]
     run.updated = max(times) if times else None
@@ -361,7 +400,7 @@ def _pictures(run: RunFiles, front: Sequence[str], cache: dict[str, str] | None 
             continue
         g = None
         if isinstance(by_file.get(key), str):
-            g = _genome(_read_file(run.path / by_file[key], [], yaml.safe_load), by_file[key])
+            g = _genome(_read_file(run.path / by_file[key], [], _yaml), by_file[key])
         if g is None:
             g = _genome(cp_front.get(key), "checkpoint")
         if g is not None:

@@ -4,11 +4,16 @@ demo-like configs. Deterministic and offline; `conftest.py` turns them into fixt
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dfs_merge import CHECKOUT
 
@@ -249,6 +254,45 @@ def run_cli(*argv: str) -> CliResult:
         except SystemExit as exc:  # argparse's own refusals
             code = exc.code if isinstance(exc.code, int) else 2
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
+"""Whether the suite runs as root (CI does), for whom file permissions do not apply: see `run_cli_unprivileged`."""
+_FILE_CAPABILITIES = {"CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3}
+"""The Linux capabilities (linux/capability.h) by which root passes file permission checks."""
+
+
+def _drop_file_capabilities(prctl: Any) -> None:
+    """In the child, before exec: drop root's file capabilities from its bounding set, so that the program it
+    execs (uid 0, whose permitted set is the bounding set) gets the permission checks any user gets."""
+    for cap in _FILE_CAPABILITIES.values():
+        if prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP (linux/prctl.h)
+            raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap}) failed")
+
+
+def run_unprivileged(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `args` with file permissions enforced. As root (CI), in a child whose capabilities to bypass file
+    permissions (DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER) are dropped before exec: still uid 0, it is refused a
+    folder of mode 0o555 or a file of mode 0 that root owns, as their owner would be. (Switching to `nobody` is
+    not enough here: the interpreter may live under root's 0o700 home, as a pyenv one does.) Otherwise as is."""
+    preexec = None
+    if ROOT_USER:
+        libc = ctypes.CDLL(None, use_errno=True)  # here, not in the child: nothing is loaded between fork and exec
+        prctl = libc.prctl
+
+        def preexec() -> None:
+            _drop_file_capabilities(prctl)
+
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec, check=False)
+
+
+def run_cli_unprivileged(*argv: Any, timeout: float = 300) -> CliResult:
+    """`dfs-merge ARGV` with file permissions enforced: in this process for an ordinary user, in a child process
+    without root's file capabilities for root (`run_unprivileged`)."""
+    if not ROOT_USER:
+        return run_cli(*argv)
+    done = run_unprivileged([sys.executable, "-m", "dfs_merge.cli", *map(str, argv)], timeout)
+    return CliResult(done.returncode, done.stdout, done.stderr)
 
 
 def message_lines(err: str) -> list[str]:

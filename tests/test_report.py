@@ -8,6 +8,7 @@ skipped, saying why.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -78,6 +79,42 @@ def test_a_run_writes_a_self_contained_report_with_one_row_per_evaluation(dfs_ru
         assert "Plotly.newPlot" in text and "data:image/png;base64," in text
     assert "<pre>ties over 0:" not in (dfs_run / "report.html").read_text()
     assert "weight" in (recipe_run / "report.html").read_text()  # the recipe's table under its picture
+
+
+def page_data(page: Path) -> dict:
+    """Everything the page embeds for its script (`report.report_data`)."""
+    m = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page.read_text(), re.S)
+    assert m, "no report data in the page"
+    return json.loads(m.group(1))
+
+
+@pytest.mark.parametrize("which", ["dfs", "recipe"])
+def test_the_written_page_holds_what_evals_jsonl_holds(dfs_run, recipe_run, tmp_path, which):
+    """`dfs-merge report RUN --out PAGE` end to end: each table row is its logged evaluation (route or recipe,
+    hops, score, each task's value, documents, seconds, error), the best point is best.genome.yaml's evaluation,
+    the history's best is the best logged up to each generation, and the page shows the run's config.yaml."""
+    from dfs_merge.genome_files import genome_from_dict, load_genome
+
+    run = {"dfs": dfs_run, "recipe": recipe_run}[which]
+    page = tmp_path / "page.html"
+    assert main(["report", str(run), "--out", str(page)]) == 0
+    data, logged = page_data(page), evals(run)
+    tasks = [c["label"].split(" (")[0] for c in data["columns"][5:-3]]
+    assert tasks == list(logged[0]["evaluation"]["tasks"])
+    assert len(data["rows"]) == len(logged)
+    for i, (row, rec) in enumerate(zip(data["rows"], logged, strict=True), start=1):
+        ev = rec["evaluation"]
+        shown = genome_from_dict(rec["genome"])
+        text = shown.text() if which == "recipe" else shown.decode().text()
+        assert row["v"][:5] == [i, rec["generation"], text, rec["hops"], rec["score"]]
+        assert row["v"][5:-3] == [ev["tasks"][t]["value"] for t in tasks]
+        assert row["v"][-3:] == [sum(ev["tasks"][t]["docs"] for t in tasks), rec["seconds"], rec["error"] or ""]
+    best = load_genome(run / "best.genome.yaml").key()
+    assert data["best"]["y"] == [next(r["score"] for r in logged if r["key"] == best)]
+    assert data["all"]["y"] == [r["score"] for r in logged if r["error"] is None]
+    for h in data["history"]:
+        assert h["best"] == max(r["score"] for r in logged if r["generation"] <= h["generation"])
+    assert html.escape((run / "config.yaml").read_text().strip()) in page.read_text()
 
 
 def test_a_killed_run_is_reported_and_its_log_left_as_it_is(killed_run):

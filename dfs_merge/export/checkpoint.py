@@ -21,6 +21,7 @@ mergekit passthrough configs of the same route, out and in: `dfs_merge.export.me
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import shutil
@@ -71,7 +72,7 @@ from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.adapters import split_source
 from dfs_merge.models.kinds import source_kind
 from dfs_merge.models.metadata import check_same_sources
-from dfs_merge.models.sources import DTYPES, SourcePool, check_compatible, locate, read_config
+from dfs_merge.models.sources import DTYPES, SourcePool, check_compatible, locate, read_config, resolve_device
 from dfs_merge.outputs import check_output
 from dfs_merge.route import Route
 
@@ -91,6 +92,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GENOME_FILE = "dfs-merge-genome.yaml"
+NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+"""The errors of a full disk (or quota), as `run_evolution` tells them."""
 # staging folder beside DIR: .<DIR name>.dfs-export-<pid>-<hex>; a replaced DIR: .<DIR name>.dfs-replaced-<pid>-<hex>
 _STAGING = Staging(tag="dfs-export", old_tag="dfs-replaced", what="export")
 TOKENIZER_FILES = (
@@ -176,7 +179,9 @@ def export_genome(genome: CandidateGenome, out: str | Path, *, device: str = "cp
 
 
 def precheck(genome: CandidateGenome, options: ExportOptions) -> None:
-    """`dfs-merge export --format hf`, before any source is loaded: the shard size and the genome's settings."""
+    """`dfs-merge export --format hf`, before any source is loaded: the device, the shard size and the genome's
+    settings."""
+    resolve_device(options.device)
     parse_size(options.max_shard_size or "2GB")
     export_settings(genome, options.dtype)
 
@@ -299,6 +304,21 @@ def _export(inputs: ExportInputs, genome: CandidateGenome, route: Route, out: Pa
     entries = plan_tensors(inputs.tensors, route, settings.out_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     _STAGING.remove_leftovers(out)
+    try:
+        return _write_staged(inputs, genome, route, out, settings, entries, mode=mode, limit=limit, force=force,
+                             show=show, command=command, copy_tokenizer=copy_tokenizer)
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        # the staging folder is removed on the way out and `out` is renamed into place only when complete
+        raise ExportError(f"no space left on {out.parent}; nothing was published (the partial export was removed): "
+                          "free some space and export again") from None
+
+
+def _write_staged(inputs: ExportInputs, genome: CandidateGenome, route: Route, out: Path, settings: Settings,
+                  entries: list[Entry], *, mode: str, limit: int, force: bool, show: Progress, command: str | None,
+                  copy_tokenizer: bool) -> Path:
+    """`_export`'s writing: every file into a staging folder, verified there, then renamed to `out`."""
     with one_thread(), _STAGING.folder(out, replace=force, refuse=_appeared) as staging:
         _write_weights(inputs.tensors, route, entries, staging, limit, show, settings.dtype)
         export_config(inputs, route, entries).save_pretrained(staging)

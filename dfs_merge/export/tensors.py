@@ -38,14 +38,19 @@ log = logging.getLogger(__name__)
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes in `size`: an int, or `2GB` / `500MB` / `64KiB` (powers of 1000, or of 1024 with `i`)."""
+    """Bytes in `size`: an int, or `2GB` / `500MB` / `64KiB` (powers of 1000, or of 1024 with `i`); a size
+    that is not positive (`-5GB`, `0`, `0.1B`) is refused saying so."""
     if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", size.upper())
-    if not m or float(m.group(1)) <= 0:
-        raise ExportError(f"max_shard_size: cannot read {size!r}; expected e.g. 2GB, 500MB or 64KiB")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
+        n = size
+    else:
+        m = re.fullmatch(r"\s*([-+]?)\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", size.upper())
+        if not m:
+            raise ExportError(f"max_shard_size: cannot read {size!r}; expected e.g. 2GB, 500MB or 64KiB")
+        sign, number, prefix, binary = m.groups()
+        n = (-1 if sign == "-" else 1) * int(float(number) * (1024 if binary else 1000) ** " KMGT".index(prefix or " "))
+    if n <= 0:
+        raise ExportError(f"max_shard_size: {size!r}: the size must be positive, e.g. 2GB, 500MB or 64KiB")
+    return n
 
 
 @dataclass(frozen=True)

@@ -273,35 +273,60 @@ def build_tasks(
     (milliseconds). lm-eval's own registry takes seconds to index, so it is indexed only for a name
     not found in the suites, and only once a quick scan of its YAML text shows the name can be there.
     """
-    from lm_eval.tasks import TaskManager
-
     metrics = dict(metrics or {})
     limits = dict(limits or {})
-    include = [str(d) for d in dirs]
-    manager = TaskManager(include_path=include, include_defaults=False)
-    registry: Any = None
+    finder = _TaskFinder(dirs)
     specs: dict[str, TaskSpec] = {}
     for name in names:
-        entry, source = manager.task_index.get(name), manager
+        entry, source = finder.find(name)
+        specs[name] = _load_task(
+            name, entry, source, dirs, metric_override=metrics.get(name), limit=limits.get(name),
+            num_fewshot=num_fewshot, seed=seed, reuse_requests=reuse_requests,
+        )
+    return specs
+
+
+def check_task_names(names: Iterable[str], dirs: Sequence[Path]) -> None:
+    """Each of `names` found as `build_tasks` finds it (in the suite folders `dirs`, else in lm-eval's registry),
+    indexed but not loaded; the first that is not a task is a FitnessError naming it. For a check before any
+    work starts (a search that would find a misspelt task only at its end)."""
+    finder = _TaskFinder(dirs)
+    for name in dict.fromkeys(names):
+        finder.find(name)
+
+
+class _TaskFinder:
+    """Where a task of the suite folders, else of lm-eval's registry, is indexed (`find`)."""
+
+    def __init__(self, dirs: Sequence[Path]) -> None:
+        from lm_eval.tasks import TaskManager
+
+        self.dirs = dirs
+        self.include = [str(d) for d in dirs]
+        self.manager = TaskManager(include_path=self.include, include_defaults=False)
+        self.registry: Any = None
+
+    def find(self, name: str) -> tuple[Any, Any]:
+        """(index entry, the TaskManager that indexed it) of the task `name`; a name that is no task (or a group
+        or tag) is a FitnessError."""
+        from lm_eval.tasks import TaskManager
+
+        entry, source = self.manager.task_index.get(name), self.manager
         if entry is None:
-            _refuse_unreadable(name, dirs)
-            if registry is None and _registry_may_have(name):
+            _refuse_unreadable(name, self.dirs)
+            if self.registry is None and _registry_may_have(name):
                 log.info("task %s is not in the eval suites; indexing lm-eval's task registry", name)
-                registry = TaskManager(include_path=include)
-            entry, source = (registry.task_index.get(name) if registry is not None else None), registry
+                self.registry = TaskManager(include_path=self.include)
+            entry, source = (self.registry.task_index.get(name) if self.registry is not None else None), self.registry
         if entry is None:
-            listed = ", ".join(sorted(manager.all_subtasks)) or "(none)"
+            listed = ", ".join(sorted(self.manager.all_subtasks)) or "(none)"
             raise FitnessError(
                 f"unknown task {name!r}: not in the eval suites nor lm-eval's registry; bundled tasks: {listed}"
             )
         kind = getattr(getattr(entry, "kind", None), "name", "TASK")
         if kind not in ("TASK", "PY_TASK"):
             raise FitnessError(f"task {name}: is an lm-eval {kind.lower()}; list its tasks, each with a weight")
-        specs[name] = _load_task(
-            name, entry, source, dirs, metric_override=metrics.get(name), limit=limits.get(name),
-            num_fewshot=num_fewshot, seed=seed, reuse_requests=reuse_requests,
-        )
-    return specs
+        return entry, source
 
 
 def _load_task(

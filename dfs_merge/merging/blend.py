@@ -8,10 +8,11 @@ write, no model rebuild, and no work for the layer groups a mutation left alone.
 same in every source (the untouched tensors of LoRA adapters over one base, or of full fine-tunes that froze
 them) are never merged for a method with a base: their deltas are zero, so the merge is the base's tensor.
 
-For TIES and DARE it keeps, per merged tensor and merged source, what no candidate changes (`methods.Delta`):
-DARE's L1 norm of the delta, and TIES's rank of each value in mergekit's magnitude order, made on the first
-candidate that prunes, so that a later candidate's TIES is elementwise passes only (the top-k at a new
-density is `rank < k`; no selection, no sort), into buffers reused from tensor to tensor (`methods.Scratch`).
+For the methods that prune (TIES, DARE, breadcrumbs, DELLA) it keeps, per merged tensor and merged source,
+what no candidate changes (`methods.Delta`): DARE's L1 norm of the delta, and each value's rank in the
+pruning's order (TIES's and breadcrumbs' magnitude order, DELLA's row rank), made on the first candidate that
+prunes, so that a later candidate's TIES is elementwise passes only (the top-k at a new density is
+`rank < k`; no selection, no sort), into buffers reused from tensor to tensor (`methods.Scratch`).
 A rank costs 4 bytes a value of the tensors that differ from the base, per merged source: 216 MB for
 SmolLM2-135M with the J adapter (56.6M adapted values); about 28 GB per merged source for a 7B (twice a
 bfloat16 source's size, once a float32 one's). So what is kept is bounded (`keep`), by default by the bytes
@@ -31,7 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from dfs_merge.errors import IncompatibleSources
-from dfs_merge.merging.methods import Delta, Method, Scratch, merge_deltas, tensor_generator
+from dfs_merge.merging.methods import RANKED, Delta, Method, Scratch, merge_deltas, tensor_generator
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.sources import Source, SourcePool
 
@@ -106,16 +107,16 @@ class Blender:
         spec = recipe.spec
         self.recomputed = 0
         for t in self.tensors:
-            if t.shared and spec.needs_base:
+            if t.shared and spec.takes_base and recipe.base is not None:
                 if t.own:  # a linear merge wrote here before: back to the base's own tensor
                     t.param.data = t.inputs[0]
                     t.own = False
                 self._last.pop(t.name, None)
                 continue
             g = self.group_of(t, recipe)
-            weights, densities = recipe.params(g)
+            weights, densities = recipe.params(g, recipe.weight_class(t.name))
             signature = (recipe.method, recipe.base, recipe.normalize, recipe.lam, recipe.rescale,
-                         recipe.seed, weights, densities)
+                         recipe.seed, recipe.options, weights, densities)
             if self._last.get(t.name) == signature:
                 continue
             if not t.own:
@@ -133,19 +134,21 @@ class Blender:
                out: torch.Tensor) -> torch.Tensor:
         spec = recipe.spec
         inputs = [t.inputs[s] for s in recipe.merged]
-        base = t.inputs[recipe.base] if recipe.base is not None and spec.needs_base else None
-        gen = tensor_generator(recipe.seed, t.name, t.inputs[0].device) if spec.sparsify == "random" else None
+        base = t.inputs[recipe.base] if recipe.base is not None and spec.takes_base else None
+        gen = tensor_generator(recipe.seed, t.name, t.inputs[0].device) if spec.random else None
+        options = dict(recipe.options)
         if base is not None and spec.keeps_deltas:
             deltas = [self._delta(t, spec, recipe.base, s) for s in recipe.merged]
             return merge_deltas(spec, deltas, weights, base, densities=densities or None, normalize=recipe.normalize,
-                                lam=recipe.lam, rescale=recipe.rescale, generator=gen, out=out, scratch=self._scratch)
-        return spec.merge(inputs, weights, base=base, densities=densities or None,
-                          normalize=recipe.normalize, lam=recipe.lam, rescale=recipe.rescale, generator=gen)
+                                lam=recipe.lam, rescale=recipe.rescale, generator=gen, out=out, scratch=self._scratch,
+                                options=options)
+        return spec.merge(inputs, weights, base=base, densities=densities or None, normalize=recipe.normalize,
+                          lam=recipe.lam, rescale=recipe.rescale, generator=gen, options=options)
 
     def _delta(self, t: _Tensor, method: Method, base: int, source: int) -> Delta:
         key = (t.name, base, source)
         if key not in self._deltas:
-            need = t.param.numel() * 4 if method.sparsify == "magnitude" else 0  # an int32 rank a value
+            need = t.param.numel() * 4 if method.sparsify in RANKED else 0  # a 4-byte rank a value
             ranked = need > 0 and self._reserved + need <= self.keep
             self._reserved += need if ranked else 0
             self._deltas[key] = Delta(t.inputs[source], t.inputs[base], ranked)

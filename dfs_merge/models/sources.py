@@ -14,6 +14,7 @@ came from (its folder, adapter and licence), for the export.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ from dfs_merge.models.folders import locate, read_config
 from dfs_merge.models.kinds import source_kind
 from dfs_merge.models.metadata import layer_counts, source_license
 
-__all__ = ["DTYPES", "Source", "SourcePool", "check_compatible", "layer_counts", "load_tokenizer", "locate",
-           "read_config", "resolve_device", "ties_embeddings"]
+__all__ = ["DTYPES", "Source", "SourcePool", "available_devices", "check_compatible", "layer_counts",
+           "load_tokenizer", "locate", "read_config", "resolve_device", "ties_embeddings"]
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,35 @@ class Source:
         return self.family.layers(self.model)
 
 
+def available_devices() -> list[str]:
+    """The `--device` values this machine can run on: auto, cpu, then cuda and cuda:N per visible GPU, and mps."""
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
 def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when present; a request for CUDA without it is a user error."""
+    """`auto` picks CUDA when present. A name torch does not know (`tpu:99`), a kind of device this project does
+    not run on, or one this machine lacks (CUDA without a GPU, a GPU index past the last) is a SourceError of
+    one line naming it and the devices there are."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SourceError("device 'cuda' requested but torch sees no CUDA device")
-    return torch.device(device)
+    try:
+        dev: torch.device | None = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):  # an unknown type or a malformed index
+        dev = None
+    valid = available_devices()
+    index_ok = dev is not None and (dev.index in (None, 0) or f"{dev.type}:{dev.index}" in valid)
+    if dev is not None and (dev.type == "cpu" or (dev.type in valid and index_ok)):
+        return dev
+    shown = repr(device) if device.isprintable() and len(device) <= 40 else repr(device[:37] + "...")
+    no_cuda = dev is not None and dev.type == "cuda" and "cuda" not in valid
+    raise SourceError(f"device {shown}: {'torch sees no CUDA device' if no_cuda else 'not a device here'}; "
+                      f"give one of {', '.join(valid)}")
 
 
 def ties_embeddings(config: Any) -> bool:
@@ -146,7 +169,7 @@ class SourcePool:
         models: dict[Path, PreTrainedModel] = {}
         for f in dict.fromkeys(f.resolve() for p, f in zip(paths, folders, strict=True) if p not in kinds):
             log.info("loading %s", f)
-            models[f] = _load_model(f, DTYPES[dtype], dev, trust_remote_code)
+            models[f] = _load_model(f, DTYPES[dtype], dev, trust_remote_code, configs[f][1])
         merged: dict[Path, PreTrainedModel] = {}  # BASE+ADAPTER: the base's tensors shared, adapted ones new
         sources = []
         for p, f in zip(paths, folders, strict=True):
@@ -207,7 +230,18 @@ def load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
     return tok
 
 
-def _load_model(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> PreTrainedModel:
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    """A logging filter that drops transformers' load report (`log_state_dict_report`) and keeps the rest."""
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def _load_model(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool,
+                family: Family | None = None) -> PreTrainedModel:
+    """The folder's model as transformers loads it, with what transformers would only report refused in one line:
+    tensors its config asks for that the weights lack (they would be random), and decoder layers in the weights
+    beyond the config's `num_hidden_layers` (a model of fewer layers than the folder's). transformers' own load
+    report (a table of every such tensor) is not printed: the refusal says it in one line; other unused tensors
+    are one warning."""
     has_safetensors = any(folder.glob("*.safetensors"))
     if not has_safetensors:
         raise SourceError(f"{folder}: no .safetensors weights (pickled weights are not loaded, for safety)")
@@ -215,6 +249,10 @@ def _load_model(folder: Path, dtype: torch.dtype, device: torch.device, trust_re
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar per source for a load of seconds buries the run's own lines
+    # transformers logs its load report (a table of every missing or unused tensor) as one warning; not its level:
+    # a level set on that logger turns on its tensor-parallel plan check, and more warnings with it
+    report = logging.getLogger("transformers.modeling_utils")
+    report.addFilter(_drop_load_report)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True
@@ -222,10 +260,21 @@ def _load_model(folder: Path, dtype: torch.dtype, device: torch.device, trust_re
     except Exception as err:  # noqa: BLE001
         raise SourceError(f"{folder}: cannot load the model ({one_line(err)})") from None
     finally:
+        report.removeFilter(_drop_load_report)
         if bars:
             hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would fill them with random values: another model than the folder's, silently
         raise SourceError(f"{folder}: the weights lack {len(missing)} tensors its config.json asks for (e.g. "
                           f"{missing[0]}); does the config claim more layers than the weights hold?")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    layer_key = re.compile(rf"{re.escape(family.layers_attr if family else 'model.layers')}\.(\d+)\.")
+    held = [int(m.group(1)) for k in unexpected if (m := layer_key.match(k))]
+    if held:  # the config's layer count is short of the weights': transformers would drop the rest silently
+        built = len(family.layers(model)) if family else min(held)
+        raise SourceError(f"{folder}: its config.json says {built} layers (num_hidden_layers) while its weights hold "
+                          f"{max(held) + 1}; correct num_hidden_layers")
+    if unexpected:
+        log.warning("%s: %d tensors of its weights are not part of the model its config.json describes (e.g. %s); "
+                    "not loaded", folder, len(unexpected), unexpected[0])
     return model.to(device).eval().requires_grad_(False)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from deap import tools
 
 from dfs_merge.config import RunConfig
-from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError, one_line
+from dfs_merge.errors import ConfigError, DfsMergeError, FitnessError, GenomeError, one_line
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome
 from dfs_merge.genome_files import CandidateGenome, genome_from_dict, genome_to_dict
@@ -337,7 +337,8 @@ def search_template(cfg: RunConfig) -> CandidateGenome:
         raise ConfigError(f"merge: a parameter-space merge needs sources of one depth; their layers are {list(layers)}")
     try:
         return initial_recipe(cfg.sources, layers[0], m.method, m.base, m.layer_groups, m.init_weight,
-                              m.init_density, normalize=m.normalize, lam=m.lam, rescale=m.rescale, seed=m.seed)
+                              m.init_density, normalize=m.normalize, lam=m.lam, rescale=m.rescale, seed=m.seed,
+                              filters=tuple(m.filters), options=tuple(m.options.items()))
     except GenomeError as err:
         raise ConfigError(f"merge: {err}") from None
 
@@ -375,6 +376,7 @@ def run_evolution(
     if len(seeds) > cfg.population:
         raise ConfigError(f"seed_routes: {len(seeds)} distinct seeds (with the sources themselves) do not fit "
                           f"population {cfg.population}")
+    check_task_names(cfg, evaluate, report_evaluate, select_evaluate, report)
     if cfg.ray:
         check_ray_address(cfg.ray)  # before anything is written: nothing listening there is one line, no wait
     rundir = RunDir.open(cfg, resume)
@@ -388,6 +390,32 @@ def run_evolution(
                             "logged): free some space and resume the run (--resume)") from None
     finally:
         rundir.close()  # the logs, and the run's lock
+
+
+def check_task_names(cfg: RunConfig, evaluate: GenomeEvaluator | None, report_evaluate: GenomeEvaluator | None,
+                     select_evaluate: GenomeEvaluator | None, report: bool = True) -> None:
+    """Every task the run's own fitness will score (`tasks`, and with `report` `report_tasks` and `select_tasks`:
+    those of the splits no evaluator was given for) found in the eval suites or lm-eval's registry before the
+    search starts, without loading any: a misspelt `select_tasks` name is one line naming it, not a warning after
+    the whole search. Nothing is checked where the caller's evaluator scores every split."""
+    if evaluate is not None and not isinstance(evaluate, ModelEvaluator):
+        return  # the report and selection tasks are scored only by evaluators the caller gives
+    keys = [("tasks", list(cfg.tasks)),
+            ("report_tasks", cfg.report_tasks if report and report_evaluate is None else []),
+            ("select_tasks", cfg.select_tasks if report and select_evaluate is None else [])]
+    if not any(names for _, names in keys):
+        return
+    from dfs_merge.fitness import tasks
+    from dfs_merge.fitness.lm_eval_glue import offline_env, quiet_lm_eval
+
+    offline_env()  # before lm-eval is imported, as the fitness does
+    quiet_lm_eval()
+    dirs = tasks.suite_dirs(cfg.eval_suites)
+    for key, names in keys:
+        try:
+            tasks.check_task_names(names, dirs)
+        except FitnessError as err:
+            raise ConfigError(f"{key}: {err}") from None
 
 
 def _run(cfg: RunConfig, template: CandidateGenome, rundir: RunDir, resume: bool, evaluate: GenomeEvaluator | None,

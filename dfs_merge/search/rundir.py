@@ -10,7 +10,7 @@ pareto.json         nsga2: the front as a table
 history.png         best and mean score per generation
 sources.json        the sources' content fingerprints: a resume on changed weights is refused
 report.html         the run as one page for a browser (`dfs_merge.report`), rewritten at each checkpoint
-tracking/           `tracking:` only: the tracker's run id (to resume it) and its local files (wandb/, mlruns/)
+tracking/           `tracking:` only: the tracker's run id (to resume it) and its local files (wandb/, mlflow.db and mlartifacts/)
 .dfs-merge.lock     the lock of the run writing here (`RunLock`): one writer per run folder
 ```
 

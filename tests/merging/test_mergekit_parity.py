@@ -1,7 +1,10 @@
 """Parameter-space recipes against mergekit 0.1.5: the config `write_recipe_config` writes builds, with
-mergekit, the model `recipe_model` merges in memory; mergekit configs read by `import_mergekit` (models and
-slices forms, gradients, uneven slices) merge in memory as mergekit builds them, and write back to configs
-that build the same; DARE's masks are seeded; what a recipe cannot express is refused with one line.
+mergekit, the model `recipe_model` merges in memory (every method: linear, task arithmetic, TIES, DARE,
+breadcrumbs, DELLA, slerp with and without filters, nuslerp with and without a base, model stock); mergekit
+configs read by `import_mergekit` (models and slices forms, gradients, filters, uneven slices) merge in memory
+as mergekit builds them, and write back to configs that build the same; DARE's and DELLA's masks are seeded
+(DELLA's equal to mergekit's own pruning drawn from the same generator state); what a recipe cannot express,
+and bad values (slerp over three models, t outside [0, 1], rows of the wrong length), are refused with one line.
 
 Three random tiny Llama sources (hidden 48, 4 layers, fp32). Every mergekit build of the module runs in one
 `mergekit-multi` process (the same `run_merge` as `mergekit-yaml`, one interpreter start instead of ten);
@@ -22,6 +25,7 @@ from builders import assert_refused, run_cli, save_source, tiny_llama_config
 
 from dfs_merge.errors import ExportError, GenomeError
 from dfs_merge.export.mergekit import import_mergekit, write_mergekit_config, write_recipe_config
+from dfs_merge.genome_files import save_genome
 from dfs_merge.merging.blend import recipe_model
 from dfs_merge.merging.methods import METHODS, merge_tensor, tensor_generator
 from dfs_merge.merging.recipe import Recipe
@@ -33,7 +37,7 @@ needs_mergekit = pytest.mark.skipif(
 )
 IDS = torch.tensor([[(5 + 41 * i) % 300 for i in range(20)], [(9 + 13 * i) % 300 for i in range(20)]])
 TOL = 1e-4
-SUPPORTED = "supported: passthrough, linear, task_arithmetic, ties, dare_linear, dare_ties"
+SUPPORTED = "supported: passthrough, " + ", ".join(METHODS)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -68,7 +72,25 @@ def parity_recipes(src: list[str]) -> dict[str, Recipe]:
         "ties": Recipe(s, 4, "ties", 0, 2, ((0.5, 0.2), (0.3, 0.9)), ((0.5, 0.9), (0.3, 0.7))),
         # density 1: no random mask, so mergekit's build must equal ours (sign election with DARE's defaults)
         "dare_ties_dense": Recipe(s, 4, "dare_ties", 0, 2, ((0.6, 0.4), (0.7, 0.2)), ((1.0, 1.0), (1.0, 1.0))),
+        "breadcrumbs": Recipe(s, 4, "breadcrumbs", 0, 2, ((0.5, 0.2), (0.3, 0.9)), ((0.5, 0.9), (0.3, 0.7)),
+                              options=(("gamma", 0.05),)),
+        "breadcrumbs_ties": Recipe(s, 4, "breadcrumbs_ties", 0, 2, ((0.5, 0.2), (0.3, 0.9)), ((0.6, 0.8), (0.4, 0.7)),
+                                   rescale=True),
+        "della_dense": Recipe(s, 4, "della", 0, 2, ((0.6, 0.4), (0.7, 0.2)), ((1.0, 1.0), (1.0, 1.0)), lam=0.9),
+        "della_linear_dense": Recipe(s, 4, "della_linear", 0, 2, ((0.6, 0.4), (0.7, 0.2)), ((1.0, 1.0), (1.0, 1.0))),
+        "slerp": Recipe(s[:2], 4, "slerp", 0, 2, ((0.3, 0.8),)),
+        "slerp_filtered": Recipe(s[:2], 4, "slerp", 0, 2, ((0.5, 0.4),), filters=("self_attn", "mlp"),
+                                 filtered=(((0.1, 0.9),), ((1.0, 0.25),))),
+        "nuslerp": Recipe(s, 4, "nuslerp", 0, 2, ((0.4, 0.7), (0.6, 0.2))),
+        "nuslerp_rows": Recipe(s[1:], 4, "nuslerp", None, 2, ((0.2, 1.0), (0.5, 0.5)),
+                               options=(("nuslerp_flatten", False), ("nuslerp_row_wise", True))),
+        "model_stock": Recipe(s, 4, "model_stock", 0, 2, ()),
     }
+
+
+NEW = ["breadcrumbs", "breadcrumbs_ties", "della_dense", "della_linear_dense", "slerp", "slerp_filtered", "nuslerp",
+       "nuslerp_rows", "model_stock"]
+"""The parity recipes of the methods added after the first five."""
 
 
 def hand_written(src: list[str]) -> dict[str, dict]:
@@ -97,6 +119,30 @@ def hand_written(src: list[str]) -> dict[str, dict]:
                        {"model": b, "parameters": {"weight": 0.5}},
                        {"model": c, "parameters": {"weight": [0.3, 0.3]}}],
         },
+        "neuralpipe_slerp": {  # NeuralPipe-7B-slerp's and mergekit's gradient-slerp's form: filtered gradients of t
+            "merge_method": "slerp", "base_model": a, "dtype": "float32",
+            "slices": [{"sources": [{"model": a, "layer_range": [0, 4]}, {"model": b, "layer_range": [0, 4]}]}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
+        },
+        "gradient_slerp": {  # a plain gradient whose ends agree (the head's t = 0 value is the last layer's)
+            "merge_method": "slerp", "base_model": b, "dtype": "float32",
+            "models": [{"model": c}], "parameters": {"t": [0.25, 0.75, 0.25]},
+        },
+        "nuslerp_models": {
+            "merge_method": "nuslerp", "dtype": "float32", "parameters": {"nuslerp_row_wise": True},
+            "models": [{"model": b, "parameters": {"weight": 0.3}}, {"model": c, "parameters": {"weight": 0.7}}],
+        },
+        "model_stock_models": {
+            "merge_method": "model_stock", "base_model": a, "dtype": "float32", "parameters": {"filter_wise": True},
+            "models": [{"model": b}, {"model": c}],
+        },
+        "breadcrumbs_models": {
+            "merge_method": "breadcrumbs_ties", "base_model": a, "dtype": "float32",
+            "parameters": {"gamma": 0.02, "normalize": True},
+            "models": [{"model": b, "parameters": {"weight": 0.6, "density": 0.7}},
+                       {"model": c, "parameters": {"weight": [0.4, 0.2, 0.4], "density": 0.5}}],
+        },
         "uneven_linear": {  # slices of 1 and 3 layers: a recipe of 4 groups
             "merge_method": "linear", "base_model": a, "dtype": "float32",
             "slices": [
@@ -113,6 +159,11 @@ EXPECTED = {  # layer groups, weights, densities of each hand-written config
     "models_ties": (1, [[0.6], [0.4]], [[0.5], [0.7]]),
     "slices_task_arithmetic": (2, [[0.7, 1.1], [0.5, 0.3]], []),
     "gradient_linear": (4, [[0.2, 0.6, 0.6, 0.2], [0.5] * 4, [0.3] * 4], []),
+    "neuralpipe_slerp": (4, [[0.5] * 4], []),
+    "gradient_slerp": (4, [[0.25, 0.5 + 0.25 / 3, 0.5 + 0.25 / 3, 0.25]], []),
+    "nuslerp_models": (1, [[0.3], [0.7]], []),
+    "model_stock_models": (1, [], []),
+    "breadcrumbs_models": (4, [[0.6] * 4, [0.4, 0.4 - 0.2 / 1.5, 0.4 - 0.2 / 1.5, 0.4]], [[0.7] * 4, [0.5] * 4]),
     "uneven_linear": (4, [[0.2, 0.6, 0.6, 0.6], [0.5, 0.1, 0.1, 0.1], [0.3] * 4], []),
 }
 
@@ -163,18 +214,21 @@ def rel(ours: torch.Tensor, other: torch.Tensor) -> float:
 
 @needs_mergekit
 @pytest.mark.slow  # the module's mergekit-multi build (the `built` fixture)
-@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "dare_ties_dense"])
-def test_written_config_builds_the_in_memory_merge(name, three, pool, built):
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "dare_ties_dense", *NEW])
+def test_written_config_builds_the_in_memory_merge(name, three, built):
     r = parity_recipes(three)[name]
     cfg = yaml.safe_load(built[f"recipe_{name}.yaml"].read_text())
     assert len(cfg["slices"]) == 2 and [s["layer_range"] for s in cfg["slices"][1]["sources"]][0] == [2, 4]
-    assert cfg["base_model"] == three[0] and cfg["dtype"] == "float32"
-    if name != "linear":  # the base closes every slice, without parameters (mergekit-evolve's layout)
+    assert cfg.get("base_model") == (r.sources[r.base] if r.base is not None else None) and cfg["dtype"] == "float32"
+    if r.spec.takes_base and r.base is not None:  # the base closes every slice, without parameters (mergekit-evolve's)
         assert all(sl["sources"][-1] == {"model": three[0], "layer_range": sl["sources"][0]["layer_range"]}
                    for sl in cfg["slices"])
-    d = rel(logits_of(recipe_model(r, pool)), theirs(built[f"recipe_{name}"]))
+    sources = SourcePool.load(list(r.sources))
+    ours = logits_of(recipe_model(r, sources))
+    d = rel(ours, theirs(built[f"recipe_{name}"]))
     print(f"{name}: relative max|dlogit| vs mergekit {d:.3g}")
     assert d < TOL, d
+    assert min(rel(ours, logits_of(s.model)) for s in sources.sources) > 0.01  # a merge, not one source's copy
     assert import_mergekit(built[f"recipe_{name}.yaml"]).key() == r.key()
 
 
@@ -206,7 +260,14 @@ def test_imported_config_merges_like_mergekit_and_round_trips(name, three, built
     assert r.layer_groups == groups
     assert [list(row) for row in r.weights] == [pytest.approx(row) for row in weights]
     assert [list(row) for row in r.densities] == [pytest.approx(row) for row in densities]
-    assert r.sources == tuple(three) and r.base == (None if name == "gradient_linear" else 0)
+    data = hand_written(three)[name]
+    assert r.sources[0] == data.get("base_model", r.sources[0]) and set(r.sources) <= set(three)
+    assert r.base == (0 if "base_model" in data else None)
+    if name == "neuralpipe_slerp":  # the filters' gradients, layer by layer
+        assert r.filters == ("self_attn", "mlp")
+        third = 0.5 * 2 / 3 + 0.3 / 3  # [0, 0.5, 0.3, 0.7, 1] at t = 1/3 (position 4/3), and its mirror
+        assert [list(b[0]) for b in r.filtered] == [pytest.approx([0, third, 1 - third, 1]),
+                                                    pytest.approx([1, 1 - third, third, 0])]
     pool = SourcePool.load(list(r.sources))
     ours = logits_of(recipe_model(r, pool))
     d_hand, d_back = rel(ours, theirs(built[f"hand_{name}"])), rel(ours, theirs(built[f"back_{name}"]))
@@ -274,6 +335,81 @@ def test_dare_keeps_the_density_fraction_and_the_l1_norm(method, density):
     assert float(kept.abs().sum() / delta.abs().sum()) == pytest.approx(1.0, rel=1e-4)  # rescale: L1 norm kept
 
 
+# --------------------------------------------------------------------------- the new methods' arithmetic
+
+
+def test_pruning_and_interpolations_equal_mergekits_functions():
+    """Breadcrumbs' and DELLA's pruning (DELLA's mask drawn from a generator in the state of mergekit's global
+    one, the rank kept or not), slerp and nuslerp, tensor by tensor against mergekit's own functions (model
+    stock, whose function takes mergekit's tensor groups, is compared on whole models)."""
+    from mergekit.merge_methods.nuslerp import nuslerp as mk_nuslerp
+    from mergekit.merge_methods.slerp import slerp as mk_slerp
+    from mergekit.sparsify import RescaleNorm, della_magprune, magnitude_outliers
+
+    from dfs_merge.merging.methods import (
+        della_prune,
+        della_rank,
+        magnitude_rank,
+        nuslerp,
+        outliers_prune,
+        slerp,
+    )
+
+    torch.manual_seed(0)
+    delta = torch.randn(64, 48)
+    for density, gamma, rescale in ((0.5, 0.01, False), (0.3, 0.1, True), (0.95, 0.2, False)):
+        theirs = magnitude_outliers(delta, density, RescaleNorm.l1 if rescale else None, gamma)
+        assert torch.equal(outliers_prune(delta, density, gamma, rescale), theirs)
+        assert torch.equal(outliers_prune(delta, density, gamma, rescale, magnitude_rank(delta, descending=False)), theirs)
+    for shape in ((64, 48), (48,)):
+        d = torch.randn(*shape)
+        for density, eps in ((0.5, 0.15), (0.3, 0.2)):
+            torch.manual_seed(7)
+            theirs = della_magprune(d, density, eps, RescaleNorm.l1)
+            ours = della_prune(d, density, eps, True, torch.Generator().manual_seed(7))
+            kept = della_prune(d, density, eps, True, torch.Generator().manual_seed(7), della_rank(d))
+            assert torch.equal(ours, theirs) and torch.equal(kept, theirs)
+    a, b = torch.randn(32, 16), torch.randn(32, 16)
+    for t in (0.0, 0.3, 1.0):
+        for v1 in (b, 2 * a, -a):  # spherical, parallel and antiparallel (linear)
+            theirs = mk_slerp(torch.tensor([t]), a.unsqueeze(0), v1.unsqueeze(0))[0]
+            assert torch.allclose(slerp(t, a, v1), theirs, rtol=1e-6, atol=1e-7)
+        for dim, flatten in ((-1, True), (-1, False), (0, False)):
+            assert torch.equal(nuslerp(t, a, b, dim, flatten), mk_nuslerp(t, a, b, dim=dim, flatten=flatten))
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_is_seeded_and_keeps_the_density_fraction_and_the_l1_norm(method):
+    torch.manual_seed(0)
+    base, x = torch.randn(256, 256), torch.randn(256, 256)
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def merged(seed: int, density: float) -> torch.Tensor:
+        return merge_tensor(METHODS[method], [x], [1.0], base=base, densities=[density],
+                            generator=tensor_generator(seed, name), options={"epsilon": 0.1})
+
+    assert torch.equal(merged(5, 0.5), merged(5, 0.5)) and not torch.equal(merged(5, 0.5), merged(6, 0.5))
+    for density in (0.3, 0.7):
+        delta, kept = x - base, merged(5, density) - base
+        fraction = float((kept != 0).sum() / (delta != 0).sum())
+        assert abs(fraction - density) < 0.02, fraction
+        assert float(kept.abs().sum() / delta.abs().sum()) == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs_ties", "della"])
+def test_the_resident_model_with_kept_ranks_merges_as_a_one_off_merge(method, three, pool):
+    """Ranks kept between candidates (the search's path) give the merge that pruning from scratch gives."""
+    from dfs_merge.merging.blend import Blender
+
+    blender = Blender(pool)
+    for densities in (((0.5, 0.7), (0.3, 0.6)), ((0.6, 0.4), (0.8, 0.5))):
+        r = Recipe(tuple(three), 4, method, 0, 2, ((0.5, 0.2), (0.3, 0.9)), densities, seed=3)
+        kept = {n: p.detach().clone() for n, p in blender.apply(r).named_parameters()}
+        once = dict(recipe_model(r, pool).named_parameters())
+        assert all(torch.equal(kept[n], once[n]) for n in once)
+    assert blender.kept_bytes > 0
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -288,18 +424,35 @@ def refusals(src: list[str]) -> dict[str, dict]:
         return {"model": m, "layer_range": rng, **({"parameters": p} if p else {})}
 
     return {
-        "'slerp', which is not supported": {"merge_method": "slerp", "base_model": a,
-                                            "slices": [{"sources": [entry(a, [0, 4]), entry(b, [0, 4])]}],
-                                            "parameters": {"t": 0.5}},
-        "'model_stock', which is not supported": {"merge_method": "model_stock", "base_model": a,
-                                                  "models": [{"model": b}, {"model": c}]},
-        "'nuslerp', which is not supported": {"merge_method": "nuslerp", "models": [{"model": b}, {"model": c}]},
+        "'sce', which is not supported": {"merge_method": "sce", "base_model": a,
+                                          "models": [{"model": b}, {"model": c}]},
+        "'karcher', which is not supported": {"merge_method": "karcher", "models": [{"model": b}, {"model": c}]},
+        # bad values: slerp over three models, t outside [0, 1] (a gradient's too), one gamma per merge
+        "method slerp merges exactly 1 model besides the base; this recipe has 2": {
+            "merge_method": "slerp", "base_model": a, "models": [{"model": b}, {"model": c}], "parameters": {"t": 0.5}},
+        "t 1.5 is outside [0, 1]": {"merge_method": "slerp", "base_model": a,
+                                    "slices": [{"sources": [entry(a, [0, 4]), entry(b, [0, 4])]}],
+                                    "parameters": {"t": [{"filter": "mlp", "value": 1.5}, {"value": 0.5}]}},
+        "t -0.5 is outside [0, 1]": {"merge_method": "slerp", "base_model": a, "models": [{"model": b}],
+                                     "parameters": {"t": [-0.5, 1, -0.5]}},
+        "parameters.t: a shared parameter": {"merge_method": "slerp", "base_model": a,
+                                             "models": [{"model": b, "parameters": {"t": 0.5}}]},
+        "a recipe has one gamma for the whole merge": {
+            "merge_method": "breadcrumbs", "base_model": a,
+            "models": [{"model": b, "parameters": {"weight": 0.5, "density": 0.5, "gamma": 0.02}},
+                       {"model": c, "parameters": {"weight": 0.5, "density": 0.5}}]},
+        "DELLA needs density +- epsilon within (0, 1)": {
+            "merge_method": "della", "base_model": a, "parameters": {"epsilon": 0.3},
+            "models": [{"model": b, "parameters": {"weight": 0.5, "density": 0.8}}]},
+        "model_stock merges at least 2 models besides the base": {
+            "merge_method": "model_stock", "base_model": a, "models": [{"model": b}]},
         "final norm and LM head": {"merge_method": "linear",
                                    "models": [{"model": a, "parameters": {"weight": [0.2, 0.8]}},
                                               {"model": b, "parameters": {"weight": 0.5}}]},
-        "filters give the tensors of layer 0 different values": {
-            "merge_method": "task_arithmetic", "base_model": a,
-            "models": [{"model": b, "parameters": {"weight": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}]}}]},
+        "filters give the tensors of layer 0 different values": {  # a recipe filters weights, not densities
+            "merge_method": "ties", "base_model": a,
+            "models": [{"model": b, "parameters": {"weight": 0.5,
+                                                   "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}]}}]},
         "layer_range [0, 2] differs": ties_slices([entry(b, [0, 4], weight=0.5), entry(a, [0, 2])]),
         "parameters.gamma": ties_slices([entry(b, [0, 4], weight=0.5, gamma=0.1), entry(a, [0, 4])]),
         "parameters.rescale": ties_slices([entry(b, [0, 4], weight=0.5), entry(a, [0, 4])],
@@ -336,8 +489,39 @@ def test_what_a_recipe_cannot_express_is_one_line(three, tmp_path):
 
 
 def test_cli_refuses_an_unsupported_method(three, tmp_path):
-    for method in ("slerp", "model_stock"):
+    for method in ("sce", "karcher"):
         cfg = write_yaml(tmp_path / f"{method}.yaml", refusals(three)[f"'{method}', which is not supported"])
         res = run_cli("import-mergekit", cfg, "--out", tmp_path / "g.genome.yaml")
         assert_refused(res, f"merge_method is '{method}'", SUPPORTED)
         assert not (tmp_path / "g.genome.yaml").exists()
+
+
+def test_bad_slerp_input_is_one_line_and_exit_2(three, tmp_path):
+    """Slerp over three models, t outside [0, 1], a row of the wrong length: in a mergekit config, a recipe file
+    and the run config, each one line (exit 2 from the CLI)."""
+    table = refusals(three)
+    for needle in ("method slerp merges exactly 1 model besides the base", "t 1.5 is outside [0, 1]"):
+        cfg = write_yaml(tmp_path / "slerp.yaml", table[next(k for k in table if k.startswith(needle))])
+        assert_refused(run_cli("import-mergekit", cfg, "--out", tmp_path / "g.recipe.yaml"), needle)
+        assert not (tmp_path / "g.recipe.yaml").exists()
+    good = Recipe(tuple(three[:2]), 4, "slerp", 0, 2, ((0.3, 0.8),))
+    save_genome(good, tmp_path / "good.recipe.yaml")
+    data = yaml.safe_load((tmp_path / "good.recipe.yaml").read_text())
+    assert data["weights"] == {1: [0.3, 0.8]} and "normalize" not in data and "lambda" not in data
+    bad = {"three sources": ({**data, "sources": data["sources"] + [{"path": three[2], "layers": 4}]},
+                             "method slerp merges exactly 1 model besides the base; this recipe has 2"),
+           "t outside": ({**data, "weights": {1: [0.3, 1.2]}}, "weights[1][1]: t 1.2 is outside [0, 1]"),
+           "wrong length": ({**data, "weights": {1: [0.3, 0.5, 0.8]}},
+                            "weights[1]: expected 2 values (one per layer group), got 3"),
+           "filter wrong length": ({**data, "filters": {"mlp": {1: [0.5]}}},
+                                   "filters.mlp[1]: expected 2 values (one per layer group), got 1")}
+    for name, (content, needle) in bad.items():
+        path = write_yaml(tmp_path / f"{name.replace(' ', '_')}.recipe.yaml", content)
+        assert_refused(run_cli("show", path), needle)
+    with pytest.raises(GenomeError, match=r"^method slerp merges exactly 1 model besides the base"):
+        Recipe(tuple(three), 4, "slerp", 0, 1, ((0.5,), (0.5,)))
+    with pytest.raises(GenomeError, match=r"merge.weight_range: \[2.0, 3.0\] leaves no value method slerp takes"):
+        good.bounds((2.0, 3.0), (0.1, 1.0))
+    cfg = {"sources": list(three), "tasks": {"x": 1.0}, "merge": {"method": "slerp", "base": 0}}
+    path = write_yaml(tmp_path / "run.yaml", cfg)
+    assert_refused(run_cli("evolve", path), "merge: method slerp merges exactly 1 model besides the base")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,8 +114,37 @@ def test_recipe_file_round_trip_and_key(tmp_path, fake):
     assert replace(r, method="dare_linear").key() != r.key()
 
 
+def test_new_method_recipes_round_trip_through_their_file_and_keep_distinct_keys(tmp_path, fake):
+    a, b, c = fake
+    slerp = Recipe((a, b), 4, "slerp", 0, 2, ((0.5, 0.4),), filters=("self_attn", "mlp"),
+                   filtered=(((0.1, 0.9),), ((1.0, 0.25),)))
+    recipes = [slerp,
+               Recipe((a, b, c), 4, "della", 0, 2, ((0.5, 0.4), (0.2, 0.3)), ((0.5, 0.5), (0.6, 0.6)), seed=2,
+                      options=(("epsilon", 0.1),)),
+               Recipe((a, b, c), 4, "breadcrumbs", 0, 1, ((0.5,), (0.2,)), ((0.5,), (0.6,))),
+               Recipe((b, c), 4, "nuslerp", None, 1, ((0.5,), (0.2,)), options=(("nuslerp_row_wise", True),)),
+               Recipe((a, b, c), 4, "model_stock", 0, 1, ())]
+    for r in recipes:
+        save_genome(r, tmp_path / "r.yaml")
+        assert load_genome(tmp_path / "r.yaml") == r and load_genome(tmp_path / "r.yaml").key() == r.key()
+    data = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    assert "weights" not in data and data["options"] == {"filter_wise": False} and "normalize" not in data
+    assert dict(recipes[2].options) == {"gamma": 0.01}  # the method's default made explicit
+    assert replace(slerp, filters=("mlp", "self_attn")).key() != slerp.key()
+    assert replace(recipes[1], options=(("epsilon", 0.2),)).key() != recipes[1].key()
+    assert replace(recipes[1], seed=3).key() != recipes[1].key()
+    seeds = slerp.seeds()
+    assert [s.weights for s in seeds] == [((0.5, 0.4),), ((1.0, 1.0),)] and seeds[1].filtered == (((1.0, 1.0),),) * 2
+    assert len(slerp.scales) == 6 and slerp.with_bits((), [x / 10 for x in range(6)]).filtered == (((0.2, 0.3),), ((0.4, 0.5),))
+    for bad, phrase in (({"options": (("gamma", 0.1),)}, "options: 'gamma' is not a parameter of method slerp"),
+                        ({"filters": ("mlp",)}, "filters: 1 filters but 2 blocks"),
+                        ({"weights": ((1.5, 0.4),)}, "weights[1][0]: t 1.5 is outside [0, 1]")):
+        with pytest.raises(GenomeError, match=re.escape(phrase)):
+            replace(slerp, **bad)
+
+
 @pytest.mark.parametrize("change, phrase", [
-    ({"method": "slerp"}, "method: unknown merge method 'slerp'"),
+    ({"method": "sce"}, "method: unknown merge method 'sce'"),
     ({"base": None}, "base: method dare_ties needs a base"),
     ({"weights": {1: [0.5], 2: [0.5, 0.5]}}, "weights[1]: expected 2 values"),
     ({"weights": {1: [0.5, 0.5]}}, "weights: no row for source 2"),
@@ -147,7 +177,7 @@ def test_run_config_refusals(tmp_path, fake):
     with pytest.raises(ConfigError, match="sources of one depth"):
         run_evolution(make_config([fake[0], deeper[0]], tmp_path / "x", merge=MERGE), evaluate=TargetRecipe(), **QUIET)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"sources": fake, "tasks": {"t": 1.0}, "merge": {**MERGE, "method": "slerp"}}))
+    cfg.write_text(yaml.safe_dump({"sources": fake, "tasks": {"t": 1.0}, "merge": {**MERGE, "method": "sce"}}))
     assert_refused(run_cli("evolve", str(cfg)), "merge.method")
 
 
@@ -167,6 +197,41 @@ def test_every_algorithm_searches_recipes(fake, tmp_path, algorithm):
     if algorithm == "cmaes":  # the centroid is the initial recipe, seeded with each source alone
         gen0 = [genome_from_dict(e["genome"]) for e in lines if e["generation"] == 0]
         assert gen0[0].weights == ((0.5, 0.5), (0.5, 0.5)) and gen0[1].weights == ((1, 1), (0, 0))
+
+
+@pytest.mark.parametrize("merge, genes", [
+    ({"method": "slerp", "filters": ["self_attn", "mlp"], "weight_range": [-1.0, 2.0]}, 6),  # t per group, per filter
+    ({"method": "nuslerp", "base": None, "options": {"nuslerp_row_wise": True}}, 4),
+    ({"method": "della", "options": {"epsilon": 0.1}, "density_range": [0.05, 1.0]}, 8),
+    ({"method": "breadcrumbs_ties", "options": {"gamma": 0.05}}, 8),
+])
+def test_new_methods_are_searched_with_their_values_as_genes(fake, tmp_path, merge, genes):
+    """Each method's numeric values are genes within their ranges (slerp's t within [0, 1] whatever
+    weight_range says; DELLA's densities within density +- epsilon in (0, 1)); its options are kept."""
+    sources = fake[:2] if merge["method"] == "slerp" else fake[1:] if merge.get("base", 0) is None else fake
+    cfg = make_config(sources, tmp_path / "run", merge={**MERGE, **merge}, generations=3)
+    r = run_evolution(cfg, evaluate=TargetRecipe(0.3), **QUIET)
+    assert isinstance(r.best, Recipe) and r.best.method == merge["method"] and len(r.best.scales) == genes
+    assert r.best.filters == tuple(merge.get("filters", ())) and all(v in dict(r.best.options).values()
+                                                                      for v in merge.get("options", {}).values())
+    lines = evals(tmp_path / "run")
+    for e in lines:
+        g = genome_from_dict(e["genome"])
+        assert all(0.0 <= x <= 1.0 for x in g.scales[:len(g.scales) - len(g.densities) * 2])
+        assert all(0.1 < x < 0.9 or x == 1.0 for row in g.densities for x in row) if g.method == "della" else True
+    assert r.best_eval.score > max(e["score"] for e in lines if e["generation"] == 0) - 1e-12
+
+
+def test_a_merge_config_without_filters_or_options_records_what_it_did_before(fake, tmp_path):
+    """`merge.filters` and `merge.options` are left out of the recorded config while empty, so that a run made
+    before they existed resumes (its search config, and so its digest, is unchanged)."""
+    from dfs_merge.search.rundir import search_settings
+
+    assert set(search_settings(make_config(fake, tmp_path / "x", merge=MERGE))["merge"]) == {
+        "method", "base", "layer_groups", "weight_range", "density_range", "init_weight", "init_density",
+        "normalize", "lam", "rescale", "seed"}
+    given = search_settings(make_config(fake, tmp_path / "x", merge={**MERGE, "options": {"gamma": 0.1}}))["merge"]
+    assert given["options"] == {"gamma": 0.1} and "filters" not in given
 
 
 @pytest.mark.parametrize("backend", [pytest.param({"workers": 2}, id="process pool"),

@@ -1,4 +1,4 @@
-"""Trackers (`tracking: wandb | mlflow`), offline: W&B's offline run and MLflow's local file store are read back.
+"""Trackers (`tracking: wandb | mlflow`), offline: W&B's offline run and MLflow's local stores are read back.
 
 Runs use the synthetic fitness (tests/synthetic.py), so no model is loaded. W&B's offline run is read from its
 `run-ID.wandb` log (W&B's LevelDB-style record log of protobuf `Record`s; wandb 0.31 writes no
@@ -213,16 +213,78 @@ def test_an_interrupted_run_is_killed_in_mlflow_and_its_resume_finishes_the_same
     assert steps == list(range(1, res.evaluations + 1))  # none twice: recovered evaluations are not logged again
 
 
-def test_mlflow_default_store_is_under_the_run_folder(sources, tmp_path, monkeypatch):
+def read_mlflow_store(uri: str, run_id: str, cwd: Path) -> dict[str, Any]:
+    """What MLflow's own client, with its defaults and no MLFLOW_* variable, reads of a run: its name, status,
+    every metric's history as sorted (step, value) pairs, and its artifact paths (in a fresh process)."""
+    script = f"""
+import json
+from mlflow.tracking import MlflowClient
+client = MlflowClient(tracking_uri={uri!r})
+run = client.get_run({run_id!r})
+history = {{k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+           for k in run.data.metrics}}
+print(json.dumps({{"name": run.info.run_name, "status": run.info.status, "metrics": history,
+                  "artifacts": sorted(a.path for a in client.list_artifacts(run.info.run_id))}}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=cwd)
+    assert done.returncode == 0, done.stderr[-2000:]
+    read = json.loads(done.stdout.strip().splitlines()[-1])
+    read["metrics"] = {k: [tuple(p) for p in v] for k, v in read["metrics"].items()}
+    return read
+
+
+@pytest.fixture
+def mlflow_logged(monkeypatch) -> dict[str, list[tuple[int, float]]]:
+    """Every metric the MLflow tracker logs, as sorted (step, value) pairs per name."""
+    logged: dict[str, list[tuple[int, float]]] = {}
+    send = tracking.MlflowTracker._metrics
+
+    def spy(self, values, step):
+        for k, v in values.items():
+            logged.setdefault(k, []).append((step, v))
+        send(self, values, step)
+
+    monkeypatch.setattr(tracking.MlflowTracker, "_metrics", spy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return logged
+
+
+def test_mlflow_default_store_is_sqlite_in_the_run_folder_and_mlflows_own_client_reads_every_metric(
+        sources, tmp_path, mlflow_logged):
+    out, elsewhere = tmp_path / "run", tmp_path / "cwd"
+    elsewhere.mkdir()
+    run(make_config(sources, out, tracking="mlflow", generations=1))
+    state = json.loads((out / "tracking" / "mlflow.json").read_text())
+    assert state["uri"] == f"sqlite:///{(out / 'tracking' / 'mlflow.db').resolve()}"
+    assert not (out / "tracking" / "mlruns").exists()
+    read = read_mlflow_store(state["uri"], state["run_id"], elsewhere)
+    assert read["name"] == "run" and read["status"] == "FINISHED"
+    assert read["metrics"] == {k: sorted(v) for k, v in mlflow_logged.items()}  # every metric, every step
+    assert len(read["metrics"]["eval/failed"]) == len(evals(out)) and "best/dev/score" in read["metrics"]
+    assert {"best.genome.yaml", "config.yaml"} <= set(read["artifacts"])
+    assert (out / "tracking" / "mlartifacts").is_dir() and not any(elsewhere.iterdir())  # none in the cwd
+
+
+def test_a_run_tracked_in_the_old_file_store_resumes_into_it(sources, tmp_path, mlflow_logged, monkeypatch):
+    out = tmp_path / "run"
+    legacy = (out / "tracking" / "mlruns").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", legacy)  # how an older dfs-merge wrote its default store
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run(make_config(sources, out, tracking="mlflow", generations=1))
+    run_id = json.loads((out / "tracking" / "mlflow.json").read_text())["run_id"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    lines: list[str] = []
+    res = run(make_config(sources, out, tracking="mlflow", generations=2), lines, resume=True)
+    assert json.loads((out / "tracking" / "mlflow.json").read_text()) == {"run_id": run_id, "uri": legacy}
+    assert any(f"mlflow run {run_id} (resumed) at {legacy}" in line for line in lines)
+    assert not (out / "tracking" / "mlflow.db").exists()
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = tmp_path / "run"
-    run(make_config(sources, out, tracking="mlflow", generations=0))
-    state = json.loads((out / "tracking" / "mlflow.json").read_text())
-    assert state["uri"] == (out / "tracking" / "mlruns").resolve().as_uri()
-    run_info = MlflowClient(tracking_uri=state["uri"]).get_run(state["run_id"])
-    assert run_info.info.run_name == "run" and len(evals(out)) == 8
+    client = MlflowClient(tracking_uri=legacy)
+    assert len(client.get_metric_history(run_id, "eval/failed")) == res.evaluations == len(evals(out))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "gen/best")) == [0, 1, 2]
 
 
 def test_an_unknown_tracker_is_refused_in_one_line(sources, tmp_path):

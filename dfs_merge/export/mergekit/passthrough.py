@@ -27,6 +27,7 @@ mergekit semantics this module relies on (mergekit 0.1.5, `plan.py`, `config.py`
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,7 +62,7 @@ from dfs_merge.export.mergekit.recipe import (
 from dfs_merge.export.tensors import running_products
 from dfs_merge.genome import DTYPE_NAMES, ConstraintsConfig, Genome, Scaling
 from dfs_merge.genome_files import load_recipe_source
-from dfs_merge.inputs import read_yaml
+from dfs_merge.inputs import MAX_DEPTH, nesting_depth, read_text, read_yaml
 from dfs_merge.merging.hybrid import RECIPE_SOURCE
 from dfs_merge.merging.methods import METHODS
 from dfs_merge.merging.recipe import Recipe
@@ -69,7 +70,7 @@ from dfs_merge.models import hub
 from dfs_merge.models.adapters import split_source
 from dfs_merge.models.families import Family
 from dfs_merge.models.kinds import source_kind
-from dfs_merge.models.sources import locate, read_config, ties_embeddings
+from dfs_merge.models.sources import check_compatible, locate, read_config, ties_embeddings
 from dfs_merge.route import Hop, Route
 
 if TYPE_CHECKING:
@@ -398,6 +399,10 @@ def import_passthrough(
     }
     settings["out_dtype"] = settings["out_dtype"] or settings["dtype"]  # what mergekit writes the checkpoint in
     configs = [read_config(locate(s)) for s in src_list]  # layer counts, from config.json only
+    try:
+        check_compatible(configs)  # slices of models that share no hidden space build nothing that runs
+    except SourceError as err:
+        raise GenomeError(f"{where}: {err}") from None
     layers = [int(cfg.num_hidden_layers) for cfg, _ in configs]
     hops = _hops(slices, index_of, configs, where)
     route = _route(hops, index_of, scaling, where)
@@ -429,14 +434,26 @@ def _read_document(path: Path) -> dict[str, Any]:
         raise
 
 
+_DOCUMENT_MARK = re.compile(r"^---(?:[ \t\r]|$)", re.M)
+"""A YAML document start marker: a file without one holds one document at most."""
+
+
 def _document_count(path: Path) -> int:
     """How many YAML documents a file holds, from the parser's events (nothing is built, no alias
-    expanded); 0 when it cannot be read or parsed that far."""
+    expanded); 0 when it cannot be read or parsed that far. Asked only after `read_yaml` refused the file, so
+    a file that cannot be several documents is not parsed again: one without a `---` line, or one nested
+    deeper than `read_yaml` reads (PyYAML's parser takes minutes over 100 kB of brackets)."""
+    try:
+        text = read_text(path, GenomeError)  # a pipe or device is refused here too, never opened
+    except GenomeError:
+        return 0
+    if not _DOCUMENT_MARK.search(text) or nesting_depth(text) > MAX_DEPTH:
+        return 0
     n = 0
     try:
-        for event in yaml.parse(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader):
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
             n += isinstance(event, yaml.DocumentStartEvent)
-    except (OSError, UnicodeError, yaml.YAMLError):
+    except (yaml.YAMLError, RecursionError):
         pass
     return n
 

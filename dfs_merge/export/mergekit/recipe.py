@@ -1,32 +1,37 @@
 """mergekit configs of parameter-space merges: a recipe written as one, and one read back into a recipe.
 
-`write_recipe_config` writes a `Recipe` as a mergekit 0.1.5 config of the same method
-(`linear`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`) in the slices form that
+`write_recipe_config` writes a `Recipe` as a mergekit 0.1.5 config of the same method (every method of
+`METHODS`: `linear`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`, `breadcrumbs`,
+`breadcrumbs_ties`, `della`, `della_linear`, `slerp`, `nuslerp`, `model_stock`) in the slices form that
 mergekit-evolve writes (`evo/genome.py`, `_discrete_config_slices`): one slice per layer
 group, each merged source with the group's `layer_range` and its `weight` (and `density`),
-plus the base without parameters where it is not one of the merged sources.
+plus the base without parameters where it is not one of the merged sources. A method whose value is
+shared (slerp's `t`) has it in the slice's `parameters`; a recipe's filters are written as mergekit's
+`{filter, value}` entries, the unfiltered weight last; the method's options in the config's `parameters`.
 `import_recipe` reads such a config (or the `models` form) back into a recipe, in three steps:
 parse the slices (`_parse`), resolve them against the sources' configs into one value per source,
-layer and parameter (`_sources`, `_spans`, `_shared`, `_per_layer`), and build the recipe of the
-fewest layer groups that hold those values (`_build`).
+layer, parameter and weight class (`_sources`, `_spans`, `_shared`, `_per_layer`), and build the recipe of
+the fewest layer groups that hold those values (`_build`).
 
 mergekit semantics this module relies on (mergekit 0.1.5, `plan.py`, `config.py`,
-`parameter_resolver.py`, `merge_methods/generalized_task_arithmetic.py`, `merge_methods/linear.py`):
+`parameter_resolver.py`, `merge_methods/generalized_task_arithmetic.py`, `merge_methods/linear.py`,
+`merge_methods/slerp.py`, `nuslerp.py`, `model_stock.py`):
 
-- a per-model parameter (`weight`, `density`) is looked up in the model's own `parameters`,
-  then the slice's, then the config's; shared ones (`normalize`, `lambda`, `rescale`,
-  `int8_mask`) in the slice's, then the config's. A gradient (list of numbers) interpolates
-  over a slice's layers (`t` = i / (n - 1), 1 for a one-layer slice); `{filter, value}`
-  entries resolve per tensor name;
+- a per-model parameter (`weight`, `density`, `gamma`, `epsilon`) is looked up in the model's own
+  `parameters`, then the slice's, then the config's; shared ones (`normalize`, `lambda`, `rescale`,
+  `int8_mask`, slerp's `t`, nuslerp's and model stock's switches) in the slice's, then the config's. A
+  gradient (list of numbers) interpolates over a slice's layers (`t` = i / (n - 1), 1 for a one-layer
+  slice); `{filter, value}` entries resolve per tensor name (the first whose filter is in the name);
 - the embeddings are merged with the first slice's parameters and the final norm and LM
   head with the last slice's, both at `t = 0`; so a gradient's head value is its first
   one, not its last;
 - the `models` form is one slice over all layers of every model, with the base added
   (without parameters) when it is not listed;
 - `linear` weights every input, the base too (a base without a weight is an error);
-  the other methods weight the non-base inputs only;
+  the other methods weight the non-base inputs only; `slerp` takes the base and exactly one other model,
+  `nuslerp` exactly two besides its optional base, `model_stock` at least two besides the base;
 - `ties` with `rescale: true` rescales its magnitude-pruned deltas (a recipe's `ties` does
-  not: refused); DARE's masks come from torch's global generator, so mergekit cannot
+  not: refused); DARE's and DELLA's masks come from torch's global generator, so mergekit cannot
   reproduce the masks of a recipe's seed.
 """
 
@@ -54,13 +59,13 @@ from dfs_merge.export.mergekit.common import (
     same_path,
     tokenizer_source,
 )
-from dfs_merge.merging.methods import METHODS, Method
+from dfs_merge.merging.methods import GTA, METHODS, Method
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.families import Family
 from dfs_merge.models.kinds import source_kind
 from dfs_merge.models.sources import locate, read_config
 
-__all__ = ["SUPPORTED", "dare_note", "import_recipe", "recipe_config", "supported_message", "write_recipe_config"]
+__all__ = ["dare_note", "import_recipe", "recipe_config", "supported", "supported_message", "write_recipe_config"]
 
 # --------------------------------------------------------------------------- recipe out
 
@@ -108,30 +113,35 @@ def recipe_config(recipe: Recipe, *, dtype: str | None = None) -> dict[str, Any]
                               f"the recipe says {recipe.layers}")
     folders = [model_reference(p) for p in recipe.sources]
     spec = recipe.spec
-    listed = [*recipe.merged, *([recipe.base] if spec.needs_base and recipe.base is not None else [])]
+    with_base = spec.takes_base and recipe.base is not None
+    listed = [*recipe.merged, *([recipe.base] if with_base else [])]
     for a in range(len(listed)):
         for b in range(a):
             if folders[listed[a]] == folders[listed[b]]:
                 raise ExportError(f"sources {listed[b]} and {listed[a]} are the same model ({folders[listed[a]]}); "
                                   "mergekit refuses a model listed twice in one merge")
-    params: dict[str, Any] = {"normalize": spec.normalize if recipe.normalize is None else recipe.normalize}
-    if recipe.method != "linear" and recipe.lam != 1:
+    params: dict[str, Any] = {}
+    if "normalize" in spec.params:
+        params["normalize"] = spec.normalize if recipe.normalize is None else recipe.normalize
+    if "lambda" in spec.params and recipe.lam != 1:
         params["lambda"] = recipe.lam
-    if spec.sparsify == "random":
+    if "rescale" in spec.params and spec.sparsify not in (None, "magnitude"):
         params["rescale"] = spec.rescale if recipe.rescale is None else recipe.rescale
+    params.update(recipe.options)
     slices: list[dict[str, Any]] = []
     for g in range(recipe.layer_groups):
         first, end = recipe.group_range(g)
-        weights, densities = recipe.params(g)
+        densities = recipe.params(g)[1]
+        values = [_filtered_value(recipe, g, k) for k in range(len(recipe.weights))]
         entries: list[dict[str, Any]] = []
         for k, s in enumerate(recipe.merged):
-            p: dict[str, Any] = {"weight": weights[k]}
+            p: dict[str, Any] = {spec.weight: values[k]} if values and not spec.shared_weight and spec.weight else {}
             if spec.has_density:
                 p["density"] = densities[k]
-            entries.append({"model": folders[s], "layer_range": [first, end], "parameters": p})
-        if spec.needs_base and recipe.base is not None:
+            entries.append({"model": folders[s], "layer_range": [first, end], **({"parameters": p} if p else {})})
+        if with_base:
             entries.append({"model": folders[recipe.base], "layer_range": [first, end]})
-        slices.append({"sources": entries})
+        slices.append({"sources": entries, **({"parameters": {spec.weight: values[0]}} if spec.shared_weight else {})})
     data: dict[str, Any] = {"merge_method": recipe.method}
     if recipe.base is not None:
         data["base_model"] = folders[recipe.base]
@@ -141,13 +151,23 @@ def recipe_config(recipe: Recipe, *, dtype: str | None = None) -> dict[str, Any]
     return data
 
 
+def _filtered_value(recipe: Recipe, g: int, k: int) -> Any:
+    """Merged source k's weight in group g as mergekit writes it: a number, or with the recipe's filters a list
+    of `{filter, value}` entries, the unfiltered weight last."""
+    if not recipe.filters:
+        return recipe.weights[k][g]
+    return [*({"filter": f, "value": rows[k][g]} for f, rows in zip(recipe.filters, recipe.filtered, strict=True)),
+            {"value": recipe.weights[k][g]}]
+
+
 def dare_note(recipe: Recipe) -> str:
-    """Header lines (each ending in a newline) saying that mergekit cannot reproduce a DARE recipe's masks;
-    empty for the other methods."""
-    if recipe.spec.sparsify != "random":
+    """Header lines (each ending in a newline) saying that mergekit cannot reproduce a DARE or DELLA recipe's
+    masks; empty for the other methods."""
+    if not recipe.spec.random:
         return ""
     return (
-        f"# DARE: mergekit draws its random masks from torch's global generator (mergekit-yaml --random-seed),\n"
+        f"# {recipe.method}: mergekit draws its random masks from torch's global generator (mergekit-yaml "
+        "--random-seed),\n"
         f"# not from dfs-merge's per-tensor generators of seed {recipe.seed}: mergekit cannot reproduce this\n"
         "# recipe's masks; its build is the same recipe with other masks, not the same weights\n"
     )
@@ -155,23 +175,42 @@ def dare_note(recipe: Recipe) -> str:
 
 # --------------------------------------------------------------------------- recipe in
 
-SUPPORTED = ("passthrough", *METHODS)
 _SHARED = {"normalize": bool, "lambda": float, "rescale": bool, "int8_mask": bool}
+"""Generalized task arithmetic's shared parameters and their types."""
 _TOP_KEYS = {"merge_method", "base_model", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template",
              "parameters", "slices", "models", "name"}
-_WHY_NOT = {
-    "slerp": "it interpolates two models' weights along the sphere between them, which no route and none of the "
-             "recipes' weighted sums reproduces",
-    "nuslerp": "it interpolates models' weights along the sphere between them, which no route and none of the "
-               "recipes' weighted sums reproduces",
-}
+
+
+def supported() -> tuple[str, ...]:
+    """The merge methods a mergekit config may name: passthrough and every registered method."""
+    return ("passthrough", *METHODS)
 
 
 def supported_message(method: Any) -> str:
-    """The refusal of a merge method that neither a route nor a recipe can express (with why, where known)."""
-    why = _WHY_NOT.get(method) if isinstance(method, str) else None
-    return (f"merge_method is {method!r}, which is not supported{f' ({why})' if why else ''}; "
-            f"supported: {', '.join(SUPPORTED)}")
+    """The refusal of a merge method that neither a route nor a recipe can express."""
+    return f"merge_method is {method!r}, which is not supported; supported: {', '.join(supported())}"
+
+
+def _shared_types(spec: Method) -> dict[str, type]:
+    """The shared parameters mergekit reads for a method (slice, then config) and their types."""
+    gta = spec.params == GTA
+    types = {name: t for name, t in _SHARED.items() if gta or name in spec.params}
+    types.update({name: bool for name, default in spec.options if isinstance(default, bool)})
+    if spec.shared_weight and spec.weight:
+        types[spec.weight] = float
+    return types
+
+
+def _per_model(spec: Method) -> dict[str, float | None]:
+    """The per-model parameters mergekit reads for a method (model, slice, then config) and their defaults
+    (None: required)."""
+    out: dict[str, float | None] = {}
+    if spec.weight and not spec.shared_weight:
+        out[spec.weight] = None
+    if spec.has_density or spec.params == GTA:
+        out["density"] = 1.0
+    out.update({name: float(d) for name, d in spec.options if not isinstance(d, bool)})
+    return out
 
 
 Scopes = Sequence[tuple[str, dict[str, Any]]]
@@ -232,9 +271,9 @@ def import_recipe(data: dict[str, Any], where: str, sources: Sequence[str] | Non
     layers, family, tied = _depth(src_list, where)
     spans = _spans(config.slices, layers, where)
     shared = _shared(config, where)
-    merged = [k for k in range(len(src_list)) if config.method == "linear" or k != base]
-    rows = _per_layer(config, per_slice, src_list, merged, spans, family, tied)
-    return _build(config, src_list, base, layers, rows, shared, where)
+    merged = [k for k in range(len(src_list)) if base is None or not config.spec.takes_base or k != base]
+    rows, filters = _per_layer(config, per_slice, src_list, merged, spans, family, tied)
+    return _build(config, src_list, base, layers, rows, filters, shared, where)
 
 
 # ---- parse
@@ -250,9 +289,9 @@ def _parse(data: dict[str, Any], where: str) -> _Parsed:
             raise GenomeError(f"{where}: modules: per-module configs are not supported (use slices or models)")
         if key not in _TOP_KEYS:
             raise GenomeError(f"{where}: {key}: not a mergekit config field a recipe can express")
-    allowed = {"weight", "normalize"} if method == "linear" else {"weight", "density", *_SHARED}
+    spec = METHODS[method]
     top_at = f"{where}: "
-    top = _parameters(data, top_at, allowed)
+    top = _parameters(data, top_at, spec)
     base = base_model(data, where)
     if base is not None and (not isinstance(base, str) or not base):
         raise GenomeError(f"{where}: base_model: expected a model path, got {base!r}")
@@ -260,13 +299,13 @@ def _parse(data: dict[str, Any], where: str) -> _Parsed:
     if (raw_slices is None) == (raw_models is None):
         raise GenomeError(f"{where}: needs exactly one of 'slices' and 'models'")
     if raw_slices is not None:
-        slices = _parse_slices(raw_slices, base, allowed, where)
+        slices = _parse_slices(raw_slices, base, spec, where)
     else:
-        slices = [_parse_models(raw_models, base, allowed, where)]
-    return _Parsed(method, METHODS[method], top, top_at, base, slices, raw_slices is not None)
+        slices = [_parse_models(raw_models, base, spec, where)]
+    return _Parsed(method, spec, top, top_at, base, slices, raw_slices is not None)
 
 
-def _parse_slices(raw: Any, base: str | None, allowed: set[str], where: str) -> list[_RecipeSlice]:
+def _parse_slices(raw: Any, base: str | None, spec: Method, where: str) -> list[_RecipeSlice]:
     """The `slices` form: each slice's models over one `layer_range`, with their parameters."""
     if not isinstance(raw, list) or not raw:
         raise GenomeError(f"{where}: slices: expected a non-empty list")
@@ -295,12 +334,12 @@ def _parse_slices(raw: Any, base: str | None, allowed: set[str], where: str) -> 
                 raise GenomeError(f"{we}: layer_range {list(this)} differs from {list(rng)} of the slice's first "
                                   "model; a recipe merges layer l of every source into layer l")
             rng = this
-            models.append(_Model(model_name(entry, we), _parameters(entry, we + ".", allowed, per_model_only=True), we))
-        slices.append(_RecipeSlice(w, rng, models, _parameters(sl, w + ".", allowed)))
+            models.append(_Model(model_name(entry, we), _parameters(entry, we + ".", spec, model=True), we))
+        slices.append(_RecipeSlice(w, rng, models, _parameters(sl, w + ".", spec)))
     return slices
 
 
-def _parse_models(raw: Any, base: str | None, allowed: set[str], where: str) -> _RecipeSlice:
+def _parse_models(raw: Any, base: str | None, spec: Method, where: str) -> _RecipeSlice:
     """The `models` form: one slice over every layer, the base added without parameters when not listed."""
     if not isinstance(raw, list) or not raw:
         raise GenomeError(f"{where}: models: expected a non-empty list")
@@ -312,14 +351,17 @@ def _parse_models(raw: Any, base: str | None, allowed: set[str], where: str) -> 
         for key in entry:
             if key not in ("model", "parameters"):
                 raise GenomeError(f"{we}.{key}: not a model entry field a recipe can express")
-        models.append(_Model(model_name(entry, we), _parameters(entry, we + ".", allowed, per_model_only=True), we))
+        models.append(_Model(model_name(entry, we), _parameters(entry, we + ".", spec, model=True), we))
     if isinstance(base, str) and not any(same_path(m.name, base) for m in models):
         models.append(_Model(base, {}, f"{where}: base_model"))  # mergekit adds the base, without parameters
     return _RecipeSlice(f"{where}: models", None, models, {})
 
 
-def _parameters(holder: Any, at: str, allowed: set[str], per_model_only: bool = False) -> dict[str, Any]:
-    """The `parameters` mapping of a config, slice or model entry (named by the prefix `at`), its names checked."""
+def _parameters(holder: Any, at: str, spec: Method, model: bool = False) -> dict[str, Any]:
+    """The `parameters` mapping of a config, slice or model entry (`model`; named by the prefix `at`), its names
+    checked against the method's (a shared one is refused in a model entry, where mergekit ignores it)."""
+    shared = _shared_types(spec)
+    allowed = {*shared, *_per_model(spec)}
     p = holder.get("parameters") if isinstance(holder, dict) else None
     if p is None:
         return {}
@@ -329,7 +371,7 @@ def _parameters(holder: Any, at: str, allowed: set[str], per_model_only: bool = 
         if name not in allowed:
             raise GenomeError(f"{at}parameters.{name}: not a parameter a recipe can express for this merge_method "
                               f"(known: {', '.join(sorted(allowed))})")
-        if per_model_only and name in _SHARED:
+        if model and name in shared:
             raise GenomeError(f"{at}parameters.{name}: a shared parameter, which mergekit reads only from a "
                               "slice's or the config's parameters (it would be ignored here)")
     return p
@@ -417,12 +459,16 @@ def _spans(slices: Sequence[_RecipeSlice], layers: int, where: str) -> list[tupl
 
 
 def _shared(config: _Parsed, where: str) -> dict[str, Any]:
-    """The shared parameters: one value for the whole merge (mergekit's defaults are the recipe's)."""
+    """The shared parameters (slerp's `t` aside, a weight): one value for the whole merge (mergekit's defaults
+    are the recipe's)."""
     spec = config.spec
-    defaults = {"normalize": spec.normalize, "lambda": 1.0, "rescale": spec.rescale, "int8_mask": False}
+    types = {n: t for n, t in _shared_types(spec).items() if n != spec.weight}
+    defaults = {"normalize": spec.normalize, "lambda": 1.0, "rescale": spec.rescale, "int8_mask": False,
+                **dict(spec.options)}
     shared: dict[str, Any] = {}
-    for name in ("normalize",) if config.method == "linear" else tuple(_SHARED):
-        values = [_shared_value([(sl.at + ".", sl.params), (config.top_at, config.top)], name) for sl in config.slices]
+    for name, kind in types.items():
+        values = [_shared_value([(sl.at + ".", sl.params), (config.top_at, config.top)], name, kind)
+                  for sl in config.slices]
         values = [defaults[name] if v is None else v for v in values]
         if any(v != values[0] for v in values):
             k = next(k for k, v in enumerate(values) if v != values[0])
@@ -435,68 +481,126 @@ def _shared(config: _Parsed, where: str) -> dict[str, Any]:
     return shared
 
 
-def _shared_value(scopes: Scopes, name: str) -> Any:
+def _shared_value(scopes: Scopes, name: str, kind: type) -> Any:
     """A shared parameter as mergekit resolves it (first scope that sets it); None when none does."""
     for at, scope in scopes:
         if name in scope and scope[name] is not None:
             v = scope[name]
-            if _SHARED[name] is bool and not isinstance(v, bool):
+            if kind is bool and not isinstance(v, bool):
                 raise GenomeError(f"{at}parameters.{name}: expected true or false, got {v!r} "
                                   "(a recipe has one value for every tensor)")
-            if _SHARED[name] is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise GenomeError(f"{at}parameters.{name}: expected a finite number, got {v!r} "
                                   "(a recipe has one value for every tensor)")
-            return float(v) if _SHARED[name] is float else v
+            return float(v) if kind is float else v
     return None
+
+
+def _config_filters(config: _Parsed, name: str) -> list[str]:
+    """The filters of `name`'s `{filter, value}` entries in every scope (config, slices, models), in order of
+    first appearance (`*` and no filter, which match every tensor, left out)."""
+    found: list[str] = []
+
+    def walk(setting: Any) -> None:
+        for entry in [setting] if isinstance(setting, dict) else setting if isinstance(setting, list) else []:
+            if isinstance(entry, dict):
+                f = entry.get("filter")
+                if f is not None and str(f) != "*" and str(f) not in found:
+                    found.append(str(f))
+                walk(entry.get("value"))
+
+    for scope in [config.top, *(sl.params for sl in config.slices), *(m.params for sl in config.slices for m in sl.models)]:
+        walk(scope.get(name))
+    return found
+
+
+def _weight_class(filters: Sequence[str], tensor: str) -> int | None:
+    """The class of a tensor under `filters`: the first in its name (`Recipe.weight_class`); None: unfiltered."""
+    return next((c for c, f in enumerate(filters) if f in tensor), None)
+
+
+PerLayer = dict[tuple[str, int | None], list[list[float]]]
+"""Per (parameter, weight class), one row per merged source of its value at every layer."""
 
 
 def _per_layer(
     config: _Parsed, per_slice: Sequence[dict[int, _Model]], src_list: Sequence[str], merged: Sequence[int],
     spans: Sequence[tuple[int, int]], family: Family, tied: bool,
-) -> dict[str, list[list[float]]]:
-    """Per parameter (`weight`, `density`), one row per merged source of its value at every layer; the
-    embeddings' and the head's values must be the first and the last layer's."""
+) -> tuple[PerLayer, list[str]]:
+    """Per parameter (the method's weight, `density`, per-model options) and weight class (the weight's filters
+    that select layer tensors), one row per merged source of its value at every layer; the embeddings' and the
+    head's values must be their class's first and last layer's. Also the filters kept."""
+    spec = config.spec
     layer_names = [*family.layer_weights, *(n.replace(".weight", ".bias") for n in family.layer_weights if "_proj." in n)]
     pre_names = [n for n in family.non_layer_weights if "embed" in n]
     post_names = [n for n in family.non_layer_weights if "embed" not in n and not (tied and n.startswith("lm_head"))]
-    names = ["weight", *(["density"] if config.spec.has_density else [])]
-    rows: dict[str, list[list[float]]] = {n: [] for n in names}
+    defaults = _per_model(spec)
+    names = [n for n in defaults if n != "density" or spec.has_density]
+    if spec.shared_weight and spec.weight:
+        names.insert(0, spec.weight)
+    layers = [[f"{family.layers_attr}.{layer}.{x}" for x in layer_names] for layer in range(spans[-1][1])]
+    filters = [f for f in _config_filters(config, spec.weight) if any(f in n for ns in layers for n in ns)] \
+        if spec.weight else []
+    rows: PerLayer = {}
     last = len(config.slices) - 1
 
-    def value(k: int, i: int, name: str, tensors: Sequence[str], t: float, what: str) -> float:
+    def scopes(k: int, i: int) -> Scopes:
         model, sl = per_slice[i][k], config.slices[i]
-        scopes = [(model.at + ".", model.params), (sl.at + ".", sl.params), (config.top_at, config.top)]
-        return _model_value(scopes, name, tensors, t, what, model.at, src_list[k])
+        return [(model.at + ".", model.params), (sl.at + ".", sl.params), (config.top_at, config.top)]
+
+    def value(k: int, i: int, name: str, tensors: Sequence[str], t: float, what: str) -> float:
+        model = per_slice[i][k]
+        return _model_value(scopes(k, i), name, tensors, t, what, model.at, src_list[k], defaults.get(name))
+
+    def set_at(k: int, i: int, name: str) -> str:
+        """Where `name` is set for model k in slice i (the model's, the slice's or the config's `parameters`)."""
+        return next((at for at, scope in scopes(k, i) if name in scope), per_slice[i][k].at + ".")
+
+    def by_class(name: str, tensors: Sequence[str]) -> dict[int | None, list[str]]:
+        out: dict[int | None, list[str]] = {}
+        for tensor in tensors:
+            out.setdefault(_weight_class(filters, tensor) if name == spec.weight else None, []).append(tensor)
+        return out
 
     for name in names:
+        classes = [None, *range(len(filters))] if name == spec.weight else [None]
         for k in merged:
-            per_layer = []
+            per_layer: dict[int | None, list[float | None]] = {c: [] for c in classes}
             for i, (start, end) in enumerate(spans):
                 n = end - start
                 for j in range(n):
                     layer = start + j
-                    per_layer.append(value(k, i, name, [f"{family.layers_attr}.{layer}.{x}" for x in layer_names],
-                                           j / (n - 1) if n > 1 else 1.0, f"the tensors of layer {layer}"))
-            pre = value(k, 0, name, pre_names, 0.0, "the embeddings")
-            if pre != per_layer[0]:
-                raise GenomeError(f"{per_slice[0][k].at}.parameters.{name}: mergekit merges the embeddings of "
-                                  f"{src_list[k]} with {name} {pre:g} but layer 0 with {per_layer[0]:g}; a recipe "
-                                  "gives the embeddings layer group 0's values")
-            if post_names:
-                post = value(k, last, name, post_names, 0.0, "the final norm and LM head")
-                if post != per_layer[-1]:
+                    groups = by_class(name, layers[layer])
+                    for c in classes:
+                        per_layer[c].append(value(k, i, name, groups[c], j / (n - 1) if n > 1 else 1.0,
+                                                  f"the tensors of layer {layer}") if c in groups else None)
+            # a class without tensors in a layer: any value builds the same; the first class's that has some
+            filled = {c: [v if v is not None else next(per_layer[d][pos] for d in classes if per_layer[d][pos] is not None)
+                          for pos, v in enumerate(per_layer[c])] for c in classes}
+            label = f" ({spec.weight} filter {filters[0]!r}...)" if filters else ""
+            for c, group in by_class(name, pre_names).items():
+                pre = value(k, 0, name, group, 0.0, "the embeddings")
+                if pre != filled[c][0]:
+                    raise GenomeError(f"{set_at(k, 0, name)}parameters.{name}: mergekit merges the embeddings of "
+                                      f"{src_list[k]} with {name} {pre:g} but layer 0 with {filled[c][0]:g}{label}; "
+                                      "a recipe gives the embeddings layer group 0's values")
+            for c, group in by_class(name, post_names).items():
+                post = value(k, last, name, group, 0.0, "the final norm and LM head")
+                if post != filled[c][-1]:
                     raise GenomeError(
-                        f"{per_slice[last][k].at}.parameters.{name}: mergekit merges the final norm and LM head of "
+                        f"{set_at(k, last, name)}parameters.{name}: mergekit merges the final norm and LM head of "
                         f"{src_list[k]} with {name} {post:g} (the last slice's value at its first layer, t = 0) but "
-                        f"layer {len(per_layer) - 1} with {per_layer[-1]:g}; a recipe gives them the last layer "
-                        "group's values")
-            rows[name].append(per_layer)
-    return rows
+                        f"layer {len(filled[c]) - 1} with {filled[c][-1]:g}{label}; a recipe gives them the "
+                        "last layer group's values")
+            for c in classes:
+                rows.setdefault((name, c), []).append(filled[c])
+    return rows, filters
 
 
-def _model_value(scopes: Scopes, name: str, tensors: Sequence[str], t: float, what: str, at: str, model: str) -> float:
+def _model_value(scopes: Scopes, name: str, tensors: Sequence[str], t: float, what: str, at: str, model: str,
+                 default: float | None) -> float:
     """One model's `name` on a set of tensors (a layer's, the embeddings, the head): one value for all of them
-    (a missing density is 1; a missing weight is refused, as mergekit does)."""
+    (a missing value is `default`; none, as for a missing weight, is refused, as mergekit does)."""
     values = {tensor: _resolved(scopes, name, tensor, t) for tensor in tensors}
     (first, v), *rest = values.items()
     other = next(((tensor, x) for tensor, x in rest if x != v), None)
@@ -504,8 +608,8 @@ def _model_value(scopes: Scopes, name: str, tensors: Sequence[str], t: float, wh
         raise GenomeError(f"{at}.parameters.{name}: filters give {what} different values ({first}: {v}, "
                           f"{other[0]}: {other[1]}); a recipe has one {name} per source and layer group")
     if v is None:
-        if name == "density":
-            return 1.0
+        if default is not None:
+            return default
         raise GenomeError(f"{at}: no {name} for model {model} on {what} (mergekit requires one)")
     return v
 
@@ -528,10 +632,20 @@ def _resolved(scopes: Scopes, name: str, tensor: str, t: float) -> float | None:
 # ---- build
 
 
-def _build(config: _Parsed, src_list: Sequence[str], base: int | None, layers: int,
-           rows: dict[str, list[list[float]]], shared: dict[str, Any], where: str) -> Recipe:
+def _build(config: _Parsed, src_list: Sequence[str], base: int | None, layers: int, rows: PerLayer,
+           filters: Sequence[str], shared: dict[str, Any], where: str) -> Recipe:
     """The recipe of the per-layer values in the fewest layer groups that hold them (the slices' own grouping,
-    or for the `models` form one group or one per layer, where those fit)."""
+    or for the `models` form one group or one per layer, where those fit); a per-model option (gamma,
+    epsilon) must be one value for the whole merge."""
+    spec = config.spec
+    options: dict[str, Any] = {n: v for n, v in shared.items() if n in dict(spec.options)}
+    for name, _ in spec.options:
+        if (name, None) in rows:
+            found = sorted({v for row in rows.pop((name, None)) for v in row})
+            if len(found) > 1:
+                raise GenomeError(f"{where}: parameters.{name}: the config gives {', '.join(map(str, found))}; a recipe "
+                                  f"has one {name} for the whole merge")
+            options[name] = found[0]
 
     def fits(groups: int) -> bool:
         return all(len({row[x] for x in range(layers) if x * groups // layers == g}) == 1
@@ -540,11 +654,16 @@ def _build(config: _Parsed, src_list: Sequence[str], base: int | None, layers: i
     preferred = len(config.slices) if config.sliced else (1 if fits(1) else layers)
     groups = next(g for g in [preferred, *range(1, layers + 1)] if fits(g))
     firsts = [next(x for x in range(layers) if x * groups // layers == g) for g in range(groups)]
-    weights = tuple(tuple(row[x] for x in firsts) for row in rows["weight"])
-    densities = tuple(tuple(row[x] for x in firsts) for row in rows.get("density", []))
+
+    def grouped(key: tuple[str, int | None]) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(row[x] for x in firsts) for row in rows.get(key, []))
+
+    w = spec.weight or ""
     try:
-        return Recipe(tuple(src_list), layers, config.method, base, groups, weights, densities,
-                      normalize=shared["normalize"], lam=shared.get("lambda", 1.0),
-                      rescale=shared["rescale"] if config.spec.sparsify == "random" else None)
+        return Recipe(tuple(src_list), layers, config.method, base, groups, grouped((w, None)), grouped(("density", None)),
+                      normalize=shared.get("normalize"), lam=shared.get("lambda", 1.0),
+                      rescale=shared.get("rescale") if spec.sparsify not in (None, "magnitude") else None,
+                      filters=tuple(filters), filtered=tuple(grouped((w, c)) for c in range(len(filters))),
+                      options=tuple(options.items()))
     except GenomeError as err:
         raise GenomeError(f"{where}: {err}") from None
