@@ -7,6 +7,7 @@ renamed into place, with the leftovers of killed writers removed by the next one
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,6 +26,9 @@ from dfs_merge.errors import DfsMergeError
 from dfs_merge.inputs import MAX_LOG_BYTES, parse_json, read_bytes
 
 log = logging.getLogger(__name__)
+
+NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+"""The errors of a full disk (or quota): a writer says "no space left on DIR" in one line for them."""
 
 
 @contextmanager

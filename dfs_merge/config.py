@@ -25,6 +25,7 @@ from pydantic import (
 from dfs_merge.errors import ConfigError, DfsMergeError, FitnessError
 from dfs_merge.genome import MAX_SCALE, ConstraintsConfig
 from dfs_merge.inputs import describe_validation_error, read_yaml
+from dfs_merge.models.adapters import resolve_source
 from dfs_merge.registry import ALGORITHMS, TRACKERS
 from dfs_merge.route import MAX_SLOTS
 
@@ -338,26 +339,6 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
 
         allow_downloads()
     base = Path(path).resolve().parent
-    cfg.sources = [_resolve(s, base) for s in cfg.sources]
-    cfg.eval_suites = [_resolve(s, base) for s in cfg.eval_suites]
+    cfg.sources = [resolve_source(s, base) for s in cfg.sources]
+    cfg.eval_suites = [resolve_source(s, base) for s in cfg.eval_suites]
     return cfg
-
-
-def _resolve(p: str, base: Path) -> str:
-    """A path relative to the config's folder if it exists there; names and other paths unchanged; each
-    part of `BASE+ADAPTER` on its own."""
-    from dfs_merge.models.adapters import split_source
-
-    try:
-        source, adapter = split_source(p)
-    except DfsMergeError:
-        return p
-    if adapter is not None:
-        return f"{_resolve(source, base)}+{_resolve(str(adapter), base)}"
-    try:
-        candidate = base / p
-        if not Path(p).is_absolute() and not Path(p).exists() and candidate.exists():
-            return str(candidate)
-    except (OSError, ValueError):  # a name too long, a NUL byte: no such path, so leave it for its user to refuse
-        pass
-    return p

@@ -25,6 +25,7 @@ from dfs_merge.genome import MAX_SCALES, SETTINGS, ConstraintsConfig, Genome, Sc
 from dfs_merge.inputs import NoAliasDumper, describe_validation_error, read_yaml
 from dfs_merge.merging.methods import METHODS
 from dfs_merge.merging.recipe import Recipe, check_merged_count, merged_sources
+from dfs_merge.models.adapters import resolve_source
 from dfs_merge.route import MAX_SLOTS, Route
 
 if TYPE_CHECKING:
@@ -232,7 +233,10 @@ def _recipe(f: _RecipeFile) -> Recipe:
 def load_genome(path: str | Path) -> Genome | Recipe:
     """Read and validate a genome or recipe file; any problem is a GenomeError naming the file and the field."""
     label = str(path) if str(path).isprintable() else repr(str(path))  # a newline in the name would break the line
-    return genome_from_dict(read_yaml(path, GenomeError), label)
+    g = genome_from_dict(read_yaml(path, GenomeError), label)
+    # a source path written relative to the file (`../models/family/j` beside genomes/) resolves against its folder
+    folder = Path(path).expanduser().resolve().parent
+    return replace(g, sources=tuple(resolve_source(s, folder) for s in g.sources))
 
 
 def is_recipe_file(path: str) -> bool:
@@ -249,15 +253,12 @@ def is_recipe_file(path: str) -> bool:
 
 
 def load_recipe_source(path: str) -> Recipe:
-    """The recipe a hybrid's source names; its own sources resolve against the recipe file's folder
-    when they exist there."""
+    """The recipe a hybrid's source names (its own sources resolve against the recipe file's folder where they
+    exist there, as every genome file's do)."""
     r = load_genome(path)
     if not isinstance(r, Recipe):
         raise GenomeError(f"{path}: a genome file, not a recipe; only a parameter-space recipe can be a source")
-    folder = Path(path).expanduser().resolve().parent
-    resolved = tuple(str(folder / s) if not Path(s).is_absolute() and not Path(s).exists() and (folder / s).exists()
-                     else s for s in r.sources)
-    return replace(r, sources=resolved)
+    return r
 
 
 # ---- writing ------------------------------------------------------------------------------

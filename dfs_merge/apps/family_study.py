@@ -2,14 +2,15 @@
 
 The target is written as MGSM-JA writes its problems: J word problems with their operands in digits (the
 tokens M learned arithmetic on), so that M partly solves it and J reads its language, as the paper's parents
-did. `python -m dfs_merge.apps.family_study` (what `make study-family` runs) first scores the parents and the
-naive merges on the dev and validation splits (the preconditions), then runs (or resumes) each search of
-`SEARCHES` in order: the parameter-space recipe (task arithmetic per layer group, CMA-ES), the data-flow
-routes over J and M with and without scales, and the hybrid (routes over the evolved recipe and the parents).
-Every row is then scored on the held-out test split: the digit target with its additions and subtractions
-apart and a paired bootstrap interval against each parent, the number-word variant, English problems, the J
-language-model loss and the base's own skills, beside the majority answer and the blind baselines (always
-add, always subtract the two operands). It writes `<out>/table.md` and `<out>/table.json` and prints them.
+did. `python -m dfs_merge.apps.family_study [OUT]` (what `make study-family` runs) first scores the parents and
+their naive merge on the dev and validation splits (the preconditions), then runs (or resumes) each search of
+`SEARCHES` in order: the parameter-space recipe (task arithmetic per layer group, CMA-ES), the data-flow routes
+over J and M, and the hybrid (routes over the evolved recipe and the parents). Every row is then scored on the
+held-out test split: the digit target with its additions and subtractions apart and a paired bootstrap
+interval against each parent, the number-word variant and the J language-model loss, beside the majority
+answer and the blind baselines (always add, always subtract the two operands). Each row is logged in
+`OUT/rows.jsonl` as it is scored (an interrupted study resumes); the tables go to `OUT/table.md` and
+`OUT/table.json`.
 """
 
 from __future__ import annotations
@@ -199,8 +200,10 @@ def table(rows: Sequence[Row], split: str, parent_labels: Sequence[str] = (), li
     data = problems(split)[:limit]
     target = Fitness({task: 1.0}, limit=limit, batch_size=16, max_length=256) if parent_labels else None
     refs = [r for r in rows if r.candidate.label in parent_labels]
+    columns = {name: prefix_scale for name, prefix_scale in COLUMNS.items()  # only those some row has
+               if any(t.startswith(prefix_scale[0]) for row in rows for t in row.others.tasks)}
     head = ["model", "J digits acc.", "adds", "subs", *(f"vs {r.candidate.label.split(' ')[0]} (95%)" for r in refs),
-            *COLUMNS, "hops", "route / recipe"]
+            *columns, "hops", "route / recipe"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     blank = [""] * (len(head) - 2)
     for name, value in blind_baselines(data).items():
@@ -213,7 +216,7 @@ def table(rows: Sequence[Row], split: str, parent_labels: Sequence[str] = (), li
         for ref in refs:
             iv = target.difference_interval(ev, ref.target) if target is not None and ref is not row else None
             cells.append(f"[{100 * iv[0]:+.1f}, {100 * iv[1]:+.1f}]" if iv else "")
-        for prefix, factor in COLUMNS.values():
+        for prefix, factor in columns.values():
             r = next((r for name, r in row.others.tasks.items() if name.startswith(prefix)), None)
             cells.append("" if r is None else f"{r.value * factor:.1f}" if factor != 1.0 else f"{r.value:.4f}")
         text = row.candidate.text

@@ -21,7 +21,6 @@ mergekit passthrough configs of the same route, out and in: `dfs_merge.export.me
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import logging
 import shutil
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dfs_merge.atomic import Staging
+from dfs_merge.atomic import NO_SPACE, Staging
 from dfs_merge.errors import ExportError
 from dfs_merge.export.card import CardSource, card_sources, model_card
 from dfs_merge.export.pool import check_layers, check_pool, written_pool
@@ -92,7 +91,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GENOME_FILE = "dfs-merge-genome.yaml"
-NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 """The errors of a full disk (or quota), as `run_evolution` tells them."""
 # staging folder beside DIR: .<DIR name>.dfs-export-<pid>-<hex>; a replaced DIR: .<DIR name>.dfs-replaced-<pid>-<hex>
 _STAGING = Staging(tag="dfs-export", old_tag="dfs-replaced", what="export")

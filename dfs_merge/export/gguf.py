@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dfs_merge.atomic import atomic_path
+from dfs_merge.atomic import NO_SPACE, atomic_path
 from dfs_merge.errors import ExportError, SourceError, one_line
 from dfs_merge.export.pool import check_pool, written_pool
 from dfs_merge.export.progress import Progress
@@ -170,17 +170,24 @@ def export_gguf(
     if written.tokenizer is None:
         raise ExportError("the base has no tokenizer: a GGUF file carries its vocabulary, so it cannot be written")
     vocab = _vocab(written.tokenizer, int(written.base.model.config.vocab_size))
-    with atomic_path(out) as tmp:
-        _write(written, genome, route, q, vocab, tmp, out.stem, show)
-        if verify:
-            with show.stage(f"verifying {q.name} GGUF through transformers on {len(VERIFY_PROMPTS)} prompts",
-                            "verified"):
-                result = verify_gguf(written, route, tmp, q)
-                log.info("verify: %s", result.text())
-                check_gguf_verified(result, q)
-            show.say(f"verify: {result.text()}")
-        if not force and out.exists():  # made by someone else while this one was written and verified
-            raise ExportError(f"{out}: appeared while exporting; pass force=True (--force) to replace it")
+    try:
+        with atomic_path(out) as tmp:
+            _write(written, genome, route, q, vocab, tmp, out.stem, show)
+            if verify:
+                with show.stage(f"verifying {q.name} GGUF through transformers on {len(VERIFY_PROMPTS)} prompts",
+                                "verified"):
+                    result = verify_gguf(written, route, tmp, q)
+                    log.info("verify: %s", result.text())
+                    check_gguf_verified(result, q)
+                show.say(f"verify: {result.text()}")
+            if not force and out.exists():  # made by someone else while this one was written and verified
+                raise ExportError(f"{out}: appeared while exporting; pass force=True (--force) to replace it")
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        # atomic_path removes its temporary file on the way out: `out` appears only when complete
+        raise ExportError(f"no space left on {out.parent}; nothing was published: free some space and export "
+                          "again") from None
     return out
 
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dfs_merge.errors import SourceError, one_line
+from dfs_merge.errors import DfsMergeError, SourceError, one_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -92,3 +92,21 @@ def merged_model(base_model: Any, folder: Path) -> Any:
     except Exception as err:  # noqa: BLE001 - peft raises many kinds for an adapter that does not fit
         raise SourceError(f"{folder}: the adapter does not fit its base ({one_line(err)})") from None
     return merged.eval().requires_grad_(False)
+
+
+def resolve_source(p: str, base: Path) -> str:
+    """A source path relative to `base` (a config's or genome file's folder) if it exists there and not as
+    given; names and other paths unchanged; each part of `BASE+ADAPTER` on its own."""
+    try:
+        source, adapter = split_source(p)
+    except DfsMergeError:
+        return p
+    if adapter is not None:
+        return f"{resolve_source(source, base)}+{resolve_source(str(adapter), base)}"
+    try:
+        candidate = base / p
+        if not Path(p).is_absolute() and not Path(p).exists() and candidate.exists():
+            return str(candidate)
+    except (OSError, ValueError):  # a name too long, a NUL byte: no such path, so leave it for its user to refuse
+        pass
+    return p

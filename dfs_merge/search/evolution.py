@@ -12,7 +12,6 @@ that was never interrupted, and re-uses every evaluation already in evals.jsonl.
 
 from __future__ import annotations
 
-import errno
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 from deap import tools
 
+from dfs_merge.atomic import NO_SPACE
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError, FitnessError, GenomeError, one_line
 from dfs_merge.evaluation import Evaluation
@@ -47,7 +47,6 @@ from dfs_merge.search.rundir import RESTART_HINT, RunDir, search_settings
 from dfs_merge.search.state import RunRandom
 from dfs_merge.search.tracking import Tracking
 
-NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 """The errors of a full disk (or quota)."""
 PLOT_EVERY_S = 60.0  # history.png is redrawn after a generation when this long has passed (and at the end)
 

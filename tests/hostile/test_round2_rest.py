@@ -323,3 +323,23 @@ def test_a_full_disk_under_export_is_one_line_and_nothing_is_published(sources, 
     result = run_cli("export", genome, "--out", out, "--verify", "off")  # space again: the same command publishes
     assert result.code == 0, result.err
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_full_disk_under_gguf_export_is_one_line_and_nothing_is_published(sources, tmp_path, monkeypatch):
+    from dfs_merge.export import gguf
+
+    written = []
+
+    def fills_up(pool, genome, route, q, vocab, path, name, show):
+        written.append(path)
+        Path(path).write_bytes(b"GGUF" + b"\0" * 4096)  # some of it written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(gguf, "_write", fills_up)
+    genome = genome_file(tmp_path, sources)
+    out = tmp_path / "exports" / "merged.gguf"
+    out.parent.mkdir()
+    err = refused_unchanged(tmp_path, "export", genome, "--format", "gguf", "--out", out)
+    assert message_lines(err) == [f"dfs-merge: error: no space left on {out.parent}; nothing was published: free "
+                                  "some space and export again"]
+    assert written and not Path(written[0]).exists() and list(out.parent.iterdir()) == []
