@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class Candidate:
     genome: Any = None
     model: Any = None
     text: str = ""
+    scorer: CandidateScorer | None = field(default=None, repr=False)
 
     @property
     def hops(self) -> int:
@@ -89,8 +90,10 @@ class Candidate:
         return self.model
 
     def score(self, fitness: Fitness, docs: tuple[float, float] | None = None) -> Evaluation:
-        """This model on `fitness`'s tasks (with per-document results on the window `docs`)."""
-        scorer = CandidateScorer(self.pool, fitness)
+        """This model on `fitness`'s tasks (with per-document results on the window `docs`); a recipe is merged
+        once, in a resident model its later scores share."""
+        scorer = self.scorer = (CandidateScorer(self.pool, fitness) if self.scorer is None
+                                else self.scorer.with_fitness(fitness))
         if self.route is not None:
             return scorer(self.route, docs)
         if self.genome is not None:
