@@ -11,21 +11,18 @@ import errno
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from builders import assert_refused, run_cli, tree_state
+from builders import assert_refused, deadline, run_cli, tree_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from synthetic import QUIET, TargetRoute, write_fake_sources
@@ -86,21 +83,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Fail (instead of hanging the suite) when the block blocks longer than `seconds`."""
-    def expire(*_: Any) -> None:
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # --------------------------------------------------------------------------- one writer per run folder

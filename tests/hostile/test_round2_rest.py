@@ -14,11 +14,9 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ try:
     import resource
 except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
-from builders import CliResult, assert_refused, message_lines, run_cli, tree_state
+from builders import CliResult, assert_refused, deadline, message_lines, run_cli, tree_state
 from safetensors.torch import load_file, save_file
 from synthetic import QUIET, TargetRoute, write_fake_sources
 
@@ -43,21 +41,6 @@ from dfs_merge.report import read_run
 from dfs_merge.search.evolution import run_evolution
 
 RUN = {"repeats": 2, "scaling": "slot", "tasks": {"prose_ppl_dev": 1.0}, "population": 6, "generations": 1, "seed": 0}
-
-
-@contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Fail (instead of hanging the suite) when the block blocks longer than `seconds`."""
-    def expire(*_: Any) -> None:
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def refused_unchanged(root: Path, *argv: Any, phrases: tuple[str, ...] = ()) -> str:
