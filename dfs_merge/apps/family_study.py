@@ -80,12 +80,12 @@ class Candidate:
 
             return stitch(self.pool, self.route)
         if self.genome is not None:
-            from dfs_merge.merging.blend import Blender
+            from dfs_merge.merging.blend import recipe_model
             from dfs_merge.merging.recipe import Recipe
             from dfs_merge.stitch import stitch
 
             if isinstance(self.genome, Recipe):
-                return Blender(self.pool).apply(self.genome)
+                return recipe_model(self.genome, self.pool)
             return stitch(self.pool, self.genome.check())
         return self.model
 
