@@ -130,6 +130,26 @@ def align_loss(model: Any, tok: Any, rng: random.Random, after_layer: int, docs:
     return (got[b, jt] - target).pow(2).mean() / target.pow(2).mean()
 
 
+def preserve_loss(model: Any, tok: Any, texts: Sequence[str], after_layer: int, max_tokens: int) -> Any:
+    """The adapted model's hidden state after layer `after_layer` on `texts`, pulled towards the base's (adapters
+    off) at every position; normalised MSE. Keeps an adapter's block acting as the base's on text it must not
+    change (replay in hidden-state form). Only the layers up to `after_layer + 1` run."""
+    import torch
+
+    ids, attention, _ = batch_of(texts, tok, False, max_tokens)
+    inner = model.base_model.model.model
+    layers = inner.layers
+    inner.layers = layers[: after_layer + 2]  # hidden_states[k + 1] is layer k's output before the final norm
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            ref = inner(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[after_layer + 1]
+        got = inner(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[after_layer + 1]
+    finally:
+        inner.layers = layers
+    keep = attention.bool()
+    return (got[keep] - ref[keep]).pow(2).mean() / ref[keep].pow(2).mean()
+
+
 def loss_where_labelled(model: Any, ids: Any, attention: Any, labels: Any) -> Any:
     """Next-token cross-entropy at the labelled positions, the LM head computed only there (its 49k x 576
     matrix over every position would be most of a step's cost)."""
@@ -179,6 +199,8 @@ def train(name: str, out_dir: Path = FAMILY_DIR, log: Callable[[str], Any] = pri
     held, val = splits()
     texts = training_texts(name, held, val)
     align_rng = random.Random(f"align:{recipe['seed']}")
+    if "preserve" in recipe:
+        kept_texts = world.stream(recipe["preserve"]["kind"], recipe["seed"], held)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -191,6 +213,10 @@ def train(name: str, out_dir: Path = FAMILY_DIR, log: Callable[[str], Any] = pri
         if "align" in recipe:
             a = recipe["align"]
             loss = loss + a["weight"] * align_loss(model, tok, align_rng, a["after_layer"], a["docs"])
+        if "preserve" in recipe:
+            p = recipe["preserve"]
+            texts_kept = [next(kept_texts) for _ in range(p["docs"])]
+            loss = loss + p["weight"] * preserve_loss(model, tok, texts_kept, p["after_layer"], recipe["max_tokens"])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -184,23 +185,66 @@ def no_build_bars() -> Iterator[None]:
 # --------------------------------------------------------------------------- the LM wrapper
 
 
+def first_scored_positions(requests: Any, max_length: int) -> dict[tuple[int, ...], int]:
+    """For each model input HFLM builds from a loglikelihood request (context + continuation, left-truncated to
+    `max_length + 1` tokens, its last token dropped): the first position whose logits are scored, i.e. where
+    the continuation's predictions start. Equal inputs keep the earliest such position."""
+    first: dict[tuple[int, ...], int] = {}
+    for _, context, continuation in requests:
+        window = tuple((context + continuation)[-(max_length + 1):][:-1])
+        start = max(len(window) - len(continuation), 0)
+        first[window] = min(start, first.get(window, start))
+    return first
+
+
+def logits_to_keep(rows: list[list[int]], first: dict[tuple[int, ...], int]) -> int:
+    """How many trailing positions of a right-padded batch hold every scored logit (0: all of them, also when a
+    row is not one of the requests). A row is found by its unpadded tokens: HFLM pads with 0, which may also
+    be a real token, so every request length from the row's last non-zero token to its width is tried and
+    the earliest scored position among the matches is kept."""
+    lengths = {len(k) for k in first}
+    width = len(rows[0]) if rows else 0
+    start = width
+    for row in rows:
+        nonzero = len(row)
+        while nonzero and row[nonzero - 1] == 0:
+            nonzero -= 1
+        hits = [first[key] for end in range(nonzero, len(row) + 1)
+                if end in lengths and (key := tuple(row[:end])) in first]
+        if not hits:
+            return 0
+        start = min(start, *hits)
+    return width - start if start > 0 else 0
+
+
 @functools.cache
 def candidate_lm_class() -> type:
-    """HFLM, minus progress bars, plus tokenisation memoised across candidates (built lazily).
+    """HFLM, minus progress bars, plus tokenisation memoised across candidates, plus logits only where they are
+    scored (built lazily).
 
     `HFLM(pretrained=<model object>)` is cheap to construct (about 1 ms: no config or weights are
     loaded for a model object), so each candidate gets a fresh one. Every candidate shares the base's
     tokenizer, so a tokenisation made for one candidate holds for all: it is kept in `memo`, a dict the
     caller keeps per tokenizer.
+
+    Logits where scored: for a loglikelihood request lm-eval keeps only the continuation's positions of the
+    model's logits, after a log-softmax over every position. Here the model computes its LM head (and lm-eval
+    its log-softmax) only over the trailing positions of the batch that hold a continuation, through
+    transformers' `logits_to_keep`; lm-eval's own arithmetic for a shorter logits tensor (its "virtual
+    tokens" offset) then picks the same positions. Rolling perplexity scores every position and keeps them
+    all. `scored_logits_only=False` restores the full computation (the reference in tests and benchmarks).
     """
     from lm_eval.models.huggingface import HFLM
 
     class CandidateLM(HFLM):
         """An `HFLM` over a model object whose tokenisations are shared through `memo`."""
 
-        def __init__(self, *args: Any, memo: dict[Any, list[int] | tuple[list[int], list[int]]], **kwargs: Any):
+        def __init__(self, *args: Any, memo: dict[Any, list[int] | tuple[list[int], list[int]]],
+                     scored_logits_only: bool = True, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self._memo = memo
+            self._first_scored: dict[tuple[int, ...], int] | None = None
+            self._trim = scored_logits_only and "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                        left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
@@ -230,6 +274,21 @@ def candidate_lm_class() -> type:
 
         def _loglikelihood_tokens(self, requests: Any, disable_tqdm: bool = False,
                                   override_bs: int | None = None) -> Any:
-            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            if self._trim and self.backend == "causal":
+                self._first_scored = first_scored_positions(requests, self.max_length)
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            finally:
+                self._first_scored = None
+
+        def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
+            if self._first_scored is None or attn_mask is not None or labels is not None:
+                return super()._model_call(inps, attn_mask, labels)
+            import torch
+
+            keep = logits_to_keep(inps.tolist(), self._first_scored)
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                return self.model(inps, logits_to_keep=keep).logits
 
     return CandidateLM

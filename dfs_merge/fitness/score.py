@@ -54,7 +54,8 @@ class Fitness:
     (`metric` or `metric,filter`); `limit` caps the documents, for every task or per task; `suites`
     adds suite folders after the bundled one; `cache_dir` is where `offline_env` points Hugging Face
     and lm-eval. `reuse_requests=False` lets lm-eval rebuild every request per candidate (same results,
-    slower).
+    slower); `scored_logits_only=False` computes the LM head at every position, as lm-eval's HFLM does (the
+    same scores within float rounding, slower: see `candidate_lm_class`).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class Fitness:
         cache_dir: str | Path | None = None,
         reuse_requests: bool = True,
         guards: Mapping[str, float] | None = None,
+        scored_logits_only: bool = True,
     ):
         if not tasks:
             raise FitnessError("no tasks given: fitness needs at least one lm-eval task")
@@ -95,6 +97,7 @@ class Fitness:
         self.num_fewshot = num_fewshot
         self.seed = int(seed)
         self.reuse_requests = reuse_requests
+        self.scored_logits_only = scored_logits_only
         self.cache_dir = offline_env(cache_dir)
         self.suite_dirs = suite_dirs(suites)
         self.build_count = 0
@@ -250,7 +253,7 @@ class Fitness:
             max_length = min(max_length, positions)
         return candidate_lm_class()(
             pretrained=model, tokenizer=tokenizer, backend="causal", max_length=max_length,
-            batch_size=self.batch_size, memo=memo,
+            batch_size=self.batch_size, memo=memo, scored_logits_only=self.scored_logits_only,
         )
 
     def _evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

@@ -1,0 +1,118 @@
+"""Logits only where they are scored: the LM head runs over the continuation's positions of a loglikelihood
+request instead of every position, and every score stays what the full computation gives (float rounding),
+for answer-likelihood, multiple-choice and rolling-perplexity tasks, over a route, a route through the prefix
+cache and a parameter-space merge."""
+
+from __future__ import annotations
+
+import textwrap
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from builders import GEN_ROWS, write_jsonl, write_tiny_suite
+
+from dfs_merge.fitness.lm_eval_glue import first_scored_positions, logits_to_keep
+from dfs_merge.fitness.score import Fitness
+from dfs_merge.genome import Route
+from dfs_merge.merging.blend import Blender
+from dfs_merge.merging.recipe import initial_recipe
+from dfs_merge.stitch import ActivationCache, stitch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TASKS = {"tiny_mc": 1.0, "tiny_ppl": 1.0, "tiny_ll": 1.0}
+TINY_LL = """\
+    task: tiny_ll
+    dataset_path: json
+    dataset_kwargs:
+      data_files:
+        test: data/tiny_ll.jsonl
+    test_split: test
+    output_type: loglikelihood
+    doc_to_text: "Question: {{question}} = ? Answer:"
+    doc_to_target: " {{answer}}"
+    target_delimiter: ""
+    metric_list:
+      - metric: acc
+        aggregation: mean
+        higher_is_better: true
+    metadata:
+      version: 1
+    """
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    folder = write_tiny_suite(tmp_path_factory.mktemp("suite"))
+    write_jsonl(folder / "data" / "tiny_ll.jsonl", GEN_ROWS + [{"question": "1 + 1 + 1 + 1 + 1", "answer": "5"}])
+    (folder / "tiny_ll.yaml").write_text(textwrap.dedent(TINY_LL))
+    return folder
+
+
+def head_positions(model) -> list[int]:
+    """Record the number of positions the LM head is applied to, call by call."""
+    seen: list[int] = []
+    model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    return seen
+
+
+def responses(fit: Fitness) -> dict[str, dict[int, list]]:
+    out: dict[str, dict[int, list]] = {}
+    for name, task in fit.tasks.items():
+        by_doc = defaultdict(list)
+        for inst in sorted(task.instances, key=lambda i: (i.doc_id, i.idx)):
+            by_doc[inst.doc_id].append(inst.resps[0])
+        out[name] = dict(by_doc)
+    return out
+
+
+def candidates(pool):
+    route = Route.parse("0:0-2, 1:1-3")
+    yield "route", lambda: stitch(pool, route)
+    cache = ActivationCache(max_mb=16)
+    yield "route through the prefix cache", lambda: stitch(pool, route, activation_cache=cache)
+    recipe = initial_recipe(pool.paths, len(pool.base.layers), "task_arithmetic", 0, 2, 0.7)
+    yield "parameter-space merge", lambda: Blender(pool).apply(recipe)
+
+
+def test_scores_equal_the_full_logits_and_the_head_runs_only_where_scored(tiny_pool, suite, tmp_path):
+    for label, build in candidates(tiny_pool):
+        got, positions = {}, {}
+        for trim in (False, True):
+            per_task = {}
+            for name in TASKS:  # one task at a time, to count the LM head's positions per task
+                model = build()
+                seen = head_positions(model)
+                one = Fitness({name: 1.0}, suites=[suite], max_length=512, batch_size=3, cache_dir=tmp_path,
+                              scored_logits_only=trim)
+                ev = one.score(model, tiny_pool.tokenizer)
+                assert ev.ok, (label, name, ev.error)
+                per_task[name] = (ev.tasks[name].value, responses(one)[name], sum(seen))
+            got[trim] = per_task
+        for name in TASKS:
+            (v_full, r_full, n_full), (v_trim, r_trim, n_trim) = got[False][name], got[True][name]
+            assert v_trim == pytest.approx(v_full, rel=1e-6), (label, name)
+            assert r_trim.keys() == r_full.keys()
+            for doc, full in r_full.items():
+                for a, b in zip(r_trim[doc], full, strict=True):
+                    if isinstance(b, tuple):  # (log-likelihood, greedy) of a loglikelihood request
+                        assert a[0] == pytest.approx(b[0], rel=1e-5, abs=1e-5) and a[1] == b[1], (label, name, doc)
+                    else:  # a rolling log-likelihood
+                        assert a == pytest.approx(b, rel=1e-5), (label, name, doc)
+            positions[name] = (n_full, n_trim)
+        assert positions["tiny_ppl"][1] == positions["tiny_ppl"][0], label  # rolling: every position scored
+        for name in ("tiny_mc", "tiny_ll"):
+            full, trimmed = positions[name]
+            assert trimmed < full / 2, (label, name, full, trimmed)
+
+
+def test_a_batch_keeps_the_positions_of_its_earliest_continuation():
+    requests = [(("a", "b"), [5, 6, 7], [8, 9]), (("c", "d"), [5, 6], [4]), (("e", "f"), [3], [0, 0])]
+    first = first_scored_positions(requests, max_length=16)
+    assert first == {(5, 6, 7, 8): 2, (5, 6): 1, (3, 0): 0}
+    assert logits_to_keep([[5, 6, 7, 8], [5, 6, 0, 0]], first) == 3  # row 2's continuation starts at 1
+    assert logits_to_keep([[5, 6, 7, 8]], first) == 2
+    assert logits_to_keep([[3, 0, 0, 0]], first) == 0  # starts at 0: all positions (a padding 0 tried too)
+    assert logits_to_keep([[9, 9, 0, 0]], first) == 0  # not a request: all positions
+    truncated = first_scored_positions([(("x", "y"), list(range(1, 20)), [20, 21])], max_length=8)
+    assert truncated == {tuple(range(13, 21)): 6}  # left-truncated to 9 tokens, the last dropped
