@@ -93,19 +93,24 @@ def outcome(out: Path) -> tuple:
 class TargetRoute:
     """Score = -(edit distance of the route's hops to TARGET) - 0.1 * sum |scale - 1|; optimum 0.
 
-    `sleep` seconds per call (for kill tests); `fail_hops`: raise for routes of these lengths;
-    `calls` lists the keys this object evaluated (in-process only).
+    `sleep` seconds per call; `fail_hops`: raise for routes of these lengths; `die_on_call`: SIGKILL this
+    process at the start of that call (1-based), the fault injected from inside the work; `calls` lists the keys
+    this object evaluated (in-process only).
     """
 
-    def __init__(self, target: str = TARGET, sleep: float = 0.0, fail_hops: tuple[int, ...] = ()):
+    def __init__(self, target: str = TARGET, sleep: float = 0.0, fail_hops: tuple[int, ...] = (),
+                 die_on_call: int | None = None):
         self.target = [(h.source, h.layer) for h in Route.parse(target)]
         self.sleep = sleep
         self.fail_hops = tuple(fail_hops)
+        self.die_on_call = die_on_call
         self.calls: list[str] = []
 
     def __call__(self, genome: Genome) -> Evaluation:
         route = genome.check()
         self.calls.append(route.key())
+        if len(self.calls) == self.die_on_call:
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.sleep:
             time.sleep(self.sleep)
         if len(route) in self.fail_hops:
@@ -138,12 +143,16 @@ class Logged(TargetRoute):
     """TargetRoute that appends "key node pid CUDA_VISIBLE_DEVICES" to the file `log` as each call starts (one file
     shared by every worker of this machine; node: Ray's node id, or "local"). `kill_after`: the first call that
     finds more than that many lines in the log SIGKILLs its own worker process, once per run (the marker file
-    `log`.killed holds the victim's key), so that the genome's retry succeeds."""
+    `log`.killed holds the victim's key), so that the genome's retry succeeds. `hold`: (node id, n): the first
+    call on that node that finds more than n lines in the log touches `log`.held and then waits (up to 10
+    minutes) for its node to be taken away: a fault a test injects at a known point inside the work."""
 
-    def __init__(self, log: Path, sleep: float = 0.0, kill_after: int | None = None, fail_hops: tuple[int, ...] = ()):
+    def __init__(self, log: Path, sleep: float = 0.0, kill_after: int | None = None, fail_hops: tuple[int, ...] = (),
+                 hold: tuple[str, int] | None = None):
         super().__init__(sleep=sleep, fail_hops=fail_hops)
         self.log = str(log)
         self.kill_after = kill_after
+        self.hold = hold
         self.parent = os.getpid()  # never kill the test process itself
 
     def __call__(self, genome: Genome) -> Evaluation:
@@ -163,6 +172,9 @@ class Logged(TargetRoute):
                     os.write(fd, key.encode())
                     os.close(fd)
                     os.kill(os.getpid(), signal.SIGKILL)
+        if self.hold is not None and node == self.hold[0] and len(Path(self.log).read_text().splitlines()) > self.hold[1]:
+            Path(self.log + ".held").write_text(key)
+            time.sleep(600)
         return super().__call__(genome)
 
 

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -223,15 +222,15 @@ def test_failed_verify_leaves_nothing(tiny_pool, tiny_source_dirs, tmp_path, mon
 
 
 KILL_SCRIPT = """
-import sys, time
+import os, signal, sys
 from dfs_merge.export import checkpoint as export
 from dfs_merge.genome_files import load_genome
 from dfs_merge.models.sources import SourcePool
 real = export._save_shard
-def slow(*args):
+def dying(*args):  # the fault injected from inside the work: SIGKILL once the first shard is written
     real(*args)
-    time.sleep(0.5)
-export._save_shard = slow
+    os.kill(os.getpid(), signal.SIGKILL)
+export._save_shard = dying
 g = load_genome(sys.argv[1])
 export.export_checkpoint(SourcePool.load(list(g.sources)), g, sys.argv[2], max_shard_size="20KB", verify=False)
 """
@@ -245,23 +244,10 @@ def test_killed_export_leaves_no_half_folder(tiny_pool, tiny_source_dirs, tmp_pa
     out_parent = tmp_path / "exports"
     out_parent.mkdir()
     out = out_parent / "model"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "g.yaml"), str(out)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out_parent.glob(".model.*/*.safetensors")):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the export never wrote a shard"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=60)
-        proc.stderr.close()
+    res = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "g.yaml"), str(out)], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert list(out_parent.glob(".model.*/*.safetensors"))  # it died after writing a shard
     assert not out.exists()
     left = list(out_parent.iterdir())
     assert len(left) == 1 and left[0].name.startswith(".model.dfs-export-")  # only the staging folder

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -261,9 +260,17 @@ def test_final_choice_on_validation_and_report_work_for_recipes(fake, tmp_path):
 
 
 ZOO_SCRIPT = """\
-import sys
+import os, signal, sys
 from dfs_merge.config import RunConfig
+from dfs_merge.fitness.score import Fitness
 from dfs_merge.search.evolution import run_evolution
+score, calls = Fitness.score, []
+def dying(self, *args, **kwargs):  # the fault injected from inside the work: SIGKILL as candidate {die} begins
+    calls.append(1)
+    if len(calls) == {die}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return score(self, *args, **kwargs)
+Fitness.score = dying
 cfg = RunConfig(sources={sources!r}, merge={merge!r}, tasks={{"zoo_arith_j_dev": 1.0}}, limit=40, batch_size=64,
                 max_length=256, algorithm="cmaes", population=6, generations=3, seed=1, threads=1, out={out!r})
 run_evolution(cfg, resume={resume}, progress=False)
@@ -275,9 +282,9 @@ def test_zoo_ps_search_resumes_after_sigkill_with_nothing_evaluated_twice(tmp_pa
     sources = [str(ZOO / n) for n in ("base", "j", "m")]
     merge = {"method": "task_arithmetic", "base": 0, "layer_groups": 4, "init_weight": 1.0}
 
-    def script(out: Path, resume: bool) -> Path:
+    def script(out: Path, resume: bool, die: int | None = None) -> Path:
         p = tmp_path / f"{out.name}_{resume}.py"
-        p.write_text(ZOO_SCRIPT.format(sources=sources, merge=merge, out=str(out), resume=resume))
+        p.write_text(ZOO_SCRIPT.format(sources=sources, merge=merge, out=str(out), resume=resume, die=die))
         return p
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -285,18 +292,10 @@ def test_zoo_ps_search_resumes_after_sigkill_with_nothing_evaluated_twice(tmp_pa
     res = subprocess.run([sys.executable, str(script(straight, False))], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    proc = subprocess.Popen([sys.executable, str(script(killed, False))], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    log = killed / "evals.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and log.read_text().count("\n") >= 9:  # in generation 1
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    proc.stderr.close()
+    res = subprocess.run([sys.executable, str(script(killed, False, die=10))], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert len(evals(killed)) == 9  # killed as the 10th candidate began: in generation 1
     logged = {e["key"] for e in evals(killed)}
     assert json.loads((killed / "checkpoint.json").read_text())["generation"] < 3
     res = subprocess.run([sys.executable, str(script(killed, True))], env=env, capture_output=True, text=True,

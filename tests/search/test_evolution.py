@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -385,7 +384,7 @@ from synthetic import TargetRoute, make_config
 from dfs_merge.search.evolution import run_evolution
 from pathlib import Path
 cfg = make_config({sources!r}, Path({out!r}), generations=5, population=6, seed=7)
-run_evolution(cfg, resume={resume}, evaluate=TargetRoute(sleep={sleep}), progress=False)
+run_evolution(cfg, resume={resume}, evaluate=TargetRoute(die_on_call={die}), progress=False)
 """
 
 
@@ -395,30 +394,21 @@ def test_sigkill_mid_generation_then_resume_matches_uninterrupted_run(sources, t
     run_evolution(make_config(sources, straight, generations=5, population=6, seed=7), evaluate=TargetRoute(),
                   **QUIET)
 
-    def script(resume: bool, sleep: float) -> Path:
+    def script(resume: bool, die: int | None) -> Path:
         p = tmp_path / f"run_{resume}.py"
-        p.write_text(RESUME_SCRIPT.format(tests=str(TESTS), sources=sources, out=str(killed), resume=resume,
-                                          sleep=sleep))
+        p.write_text(RESUME_SCRIPT.format(tests=str(TESTS), sources=sources, out=str(killed), resume=resume, die=die))
         return p
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(script(False, 0.15))], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    log = killed / "evals.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and log.read_text().count("\n") >= 16:  # mid generation 2 or 3
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    proc.stderr.close()
+    res = subprocess.run([sys.executable, str(script(False, 17))], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert len(evals(killed)) == 16  # killed as it began the 17th evaluation: mid generation 2
     state = json.loads((killed / "checkpoint.json").read_text())
     assert state["generation"] < 5 and not state["finished"]
     logged = {e["key"] for e in evals(killed)}
 
-    res = subprocess.run([sys.executable, str(script(True, 0.0))], env=env, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, str(script(True, None))], env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming after generation" in res.stdout

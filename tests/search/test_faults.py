@@ -138,8 +138,8 @@ def test_process_pool_worker_killed_mid_generation(sources, tmp_path):
 
 @pytest.mark.slow
 def test_two_node_ray_cluster_loses_a_node_mid_generation(sources, tmp_path):
-    """Two Ray nodes of one CPU each, one actor on each; the second node is removed while its actor evaluates a
-    genome of generation 1. That genome is evaluated again on the head; the actor's replacement waits for room
+    """Two Ray nodes of one CPU each, one actor on each; the second node is removed while its actor holds a
+    genome of generation 1 (the actor waits inside the evaluation until its node is gone). That genome is evaluated again on the head; the actor's replacement waits for room
     that never comes back, and the run completes on the head node alone, equal to the in-process run."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
@@ -149,6 +149,7 @@ def test_two_node_ray_cluster_loses_a_node_mid_generation(sources, tmp_path):
     run_evolution(make_config(sources, tmp_path / "single", **kw), evaluate=TargetRoute(), **QUIET)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     log = tmp_path / "calls.log"
+    held = tmp_path / "calls.log.held"
     stop, removed = threading.Event(), threading.Event()
     try:
         head = cluster.head_node.node_id
@@ -156,19 +157,18 @@ def test_two_node_ray_cluster_loses_a_node_mid_generation(sources, tmp_path):
         second = worker.node_id
         cluster.wait_for_nodes()
 
-        def remove_mid_generation() -> None:
+        def remove_when_held() -> None:  # the actor on the second node holds a genome of generation 1
             while not stop.is_set():
-                rows = calls(log)
-                if len(rows) >= 8 and rows[-1][1] == second:  # the second node's actor is evaluating now
+                if held.exists():
                     cluster.remove_node(worker)
                     removed.set()
                     return
                 time.sleep(0.02)
 
-        watcher = threading.Thread(target=remove_mid_generation, daemon=True)
+        watcher = threading.Thread(target=remove_when_held, daemon=True)
         watcher.start()
         cfg = make_config(sources, tmp_path / "cluster", workers=2, threads=1, ray=cluster.address, **kw)
-        run_evolution(cfg, evaluate=Logged(log, sleep=0.4), **QUIET)
+        run_evolution(cfg, evaluate=Logged(log, sleep=0.05, hold=(second, 7)), **QUIET)
         assert not ray.is_initialized()
     finally:
         stop.set()
@@ -180,6 +180,7 @@ def test_two_node_ray_cluster_loses_a_node_mid_generation(sources, tmp_path):
     assert {r[1] for r in rows} == {head, second}  # evaluation was spread over both nodes
     counts = Counter(r[0] for r in rows)
     retried = [k for k, n in counts.items() if n > 1]
+    assert held.read_text() in retried  # the held genome was evaluated again
     assert retried and all([r for r in rows if r[0] == k][-1][1] == head for k in retried)  # redone on the head
     keys = scored_keys(tmp_path / "cluster")
     assert len(keys) == len(set(keys)) == len(counts)  # every genome once among the scored evaluations
