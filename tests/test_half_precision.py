@@ -48,6 +48,7 @@ def test_export_matches_the_stitched_model_in_half_precision(half_pool, tmp_path
     assert result.generations_equal, result.text()
 
 
+@pytest.mark.slow  # generation in bfloat16/float16 on the CPU
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.text())
 def test_generation_with_and_without_the_cache_in_half_precision(half_pool, route):
     dtype, pool = half_pool

@@ -188,6 +188,7 @@ def test_a_failing_report_is_one_warning_and_the_run_goes_on(tmp_path, monkeypat
     assert [m for m in logged if "report.html" in m] == ["warning: report.html not written: RuntimeError: no room"]
 
 
+@pytest.mark.slow  # a browser, or a run made to be slow
 def test_a_slow_report_waits_for_the_history_schedule(dfs_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(dfs_run, run)
@@ -259,6 +260,7 @@ def rendered(driver) -> dict:
                 count: document.getElementById('count').textContent};""")
 
 
+@pytest.mark.slow  # a browser, or a run made to be slow
 def test_browser_renders_a_route_run(browser, dfs_run, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -290,6 +292,7 @@ def test_browser_renders_a_route_run(browser, dfs_run, tmp_path):
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
+@pytest.mark.slow  # a browser, or a run made to be slow
 def test_browser_renders_a_recipe_run(browser, recipe_run, tmp_path):
     assert open_report(browser, recipe_run / "report.html", tmp_path / "recipe.png") == []
     dom = rendered(browser)
@@ -297,6 +300,7 @@ def test_browser_renders_a_recipe_run(browser, recipe_run, tmp_path):
     assert dom["svg"] >= 2 and dom["front_points"] > 0 and dom["pictures"] and min(dom["pictures"]) > 0
 
 
+@pytest.mark.slow  # a browser, or a run made to be slow
 def test_browser_renders_a_killed_run(browser, killed_run, tmp_path):
     page = write_report(killed_run)
     assert open_report(browser, page, tmp_path / "killed.png") == []

@@ -23,6 +23,8 @@ import pytest
 
 from dfs_merge import CHECKOUT
 
+pytestmark = pytest.mark.slow  # a wheel built and installed into a fresh venv
+
 TOP_LEVEL_SKIP = {".git", ".venv", "runs", "build", "dist", ".cache", ".pytest_cache", ".ruff_cache"}
 BUNDLED = ("eval_suites", "genomes", "models")
 

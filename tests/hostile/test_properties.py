@@ -107,6 +107,7 @@ def test_the_base_genome_loads():
     assert g.decode().text() == "0:0-3"
 
 
+@pytest.mark.slow  # fuzzing (Hypothesis, many examples)
 @SETTINGS
 @given(st.binary(max_size=400))
 @example(b"\xff\xfe\x00\x01")
@@ -120,12 +121,14 @@ def test_genome_file_of_random_bytes(data):
     check_genome(loads_or_refuses(load_genome, write(data), GenomeError))
 
 
+@pytest.mark.slow  # fuzzing (Hypothesis, many examples)
 @SETTINGS
 @given(trees())
 def test_genome_file_of_a_random_yaml_tree(tree):
     check_genome(loads_or_refuses(load_genome, write(dump(tree)), GenomeError))
 
 
+@pytest.mark.slow  # fuzzing (Hypothesis, many examples)
 @SETTINGS
 @given(st.dictionaries(KEYS, anything(), max_size=6))
 def test_genome_mapping_with_random_keys(extra):
@@ -173,6 +176,7 @@ def genome_dicts(draw) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.slow  # fuzzing (Hypothesis, many examples)
 @SETTINGS
 @given(genome_dicts())
 @example({"format": "dfs-merge/genome@1", "sources": [{"path": "a", "layers": 10**12}], "route": "0:0"})
@@ -193,6 +197,7 @@ def test_valid_looking_genome_with_random_numbers(data):
     check_genome(loads_or_refuses(genome_from_dict, data, GenomeError))
 
 
+@pytest.mark.slow  # fuzzing (Hypothesis, many examples)
 @SETTINGS
 @given(genome_dicts())
 def test_valid_looking_genome_file_with_random_numbers(data):
@@ -217,12 +222,14 @@ def near_valid_genome_dicts(draw) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.slow  # fuzzing (Hypothesis, many examples)
 @SETTINGS
 @given(near_valid_genome_dicts())
 def test_near_valid_genome_with_random_scales(data):
     check_genome(loads_or_refuses(genome_from_dict, data, GenomeError))
 
 
+@pytest.mark.slow  # fuzzing (Hypothesis, many examples)
 @SETTINGS
 @given(st.one_of(near_valid_genome_dicts(), genome_dicts()))
 @example({"format": "dfs-merge/genome@1", "sources": [{"path": "a", "layers": 4}], "route": "0:0-3",
@@ -277,6 +284,7 @@ def test_trust_remote_code_true_is_accepted(fake_sources):
     assert load_config(write(dump(data))).trust_remote_code is True
 
 
+@pytest.mark.slow  # fuzzing (Hypothesis, many examples)
 @SETTINGS
 @given(st.binary(max_size=400))
 @example(b"\xff\xfe\x00\x01")
@@ -288,6 +296,7 @@ def test_config_file_of_random_bytes(data):
     check_config(loads_or_refuses(load_config, write(data), ConfigError))
 
 
+@pytest.mark.slow  # fuzzing (Hypothesis, many examples)
 @SETTINGS
 @given(trees())
 def test_config_file_of_a_random_yaml_tree(tree):
@@ -322,6 +331,7 @@ def config_dicts(draw, sources: list[str]) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.slow  # fuzzing (Hypothesis, many examples)
 @settings(SETTINGS, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_valid_looking_config_with_random_numbers(fake_sources, data):

@@ -119,6 +119,7 @@ GA_VS_RANDOM_SEEDS = (0, 1, 2, 3, 4)
 GA_VS_RANDOM_MARGIN = 0.5  # mean best score, in edit-distance units; measured about 1.0 (see report)
 
 
+@pytest.mark.slow  # many evaluations, a statistical comparison
 def test_ga_beats_random_at_equal_budget(sources, tmp_path):
     """Same population and generations (8 x 9 candidates), seeds 0-4: ga's mean best score beats random's
     by at least GA_VS_RANDOM_MARGIN while evaluating no more routes than random."""

@@ -101,6 +101,7 @@ def wandb_content(run_folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any
     return history, summary, artifacts, run_record, config
 
 
+@pytest.mark.slow  # MLflow / W&B: their imports alone take seconds
 def test_wandb_offline_run_holds_every_evaluation_generation_and_the_best_and_resumes_its_id(
         sources, tmp_path, wandb_offline):
     out = tmp_path / "run"
@@ -145,6 +146,7 @@ def test_wandb_offline_run_holds_every_evaluation_generation_and_the_best_and_re
     assert summary["best/dev/score"] == res2.best_eval.score
 
 
+@pytest.mark.slow  # MLflow / W&B: their imports alone take seconds
 def test_mlflow_file_store_holds_one_metric_per_evaluation_and_the_best_genome_and_resumes_the_run(
         sources, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
@@ -194,6 +196,7 @@ class Interrupted(TargetRoute):
         return super().__call__(genome)
 
 
+@pytest.mark.slow  # MLflow / W&B: their imports alone take seconds
 def test_an_interrupted_run_is_killed_in_mlflow_and_its_resume_finishes_the_same_run(sources, tmp_path,
                                                                                      monkeypatch):
     from mlflow.tracking import MlflowClient
@@ -251,6 +254,7 @@ def mlflow_logged(monkeypatch) -> dict[str, list[tuple[int, float]]]:
     return logged
 
 
+@pytest.mark.slow  # MLflow / W&B: their imports alone take seconds
 def test_mlflow_default_store_is_sqlite_in_the_run_folder_and_mlflows_own_client_reads_every_metric(
         sources, tmp_path, mlflow_logged):
     out, elsewhere = tmp_path / "run", tmp_path / "cwd"
@@ -267,6 +271,7 @@ def test_mlflow_default_store_is_sqlite_in_the_run_folder_and_mlflows_own_client
     assert (out / "tracking" / "mlartifacts").is_dir() and not any(elsewhere.iterdir())  # none in the cwd
 
 
+@pytest.mark.slow  # MLflow / W&B: their imports alone take seconds
 def test_a_run_tracked_in_the_old_file_store_resumes_into_it(sources, tmp_path, mlflow_logged, monkeypatch):
     out = tmp_path / "run"
     legacy = (out / "tracking" / "mlruns").resolve().as_uri()
@@ -354,6 +359,7 @@ def test_a_tracker_failing_mid_run_is_one_warning_and_the_run_is_the_same(source
     assert "tracking: flaky, in memory" in lines
 
 
+@pytest.mark.slow  # MLflow / W&B: their imports alone take seconds
 def test_a_run_without_tracking_imports_neither_library(sources, tmp_path):
     script = f"""
 import sys
