@@ -47,6 +47,7 @@ class MergeConfig(BaseModel):
     method: str  # a name in dfs_merge.merging.methods.METHODS
     base: int | None = Field(0, ge=0)  # the source whose deltas the others are taken against
     layer_groups: int = Field(1, ge=1, le=MAX_SLOTS)  # mergekit-evolve's layer granularity, as a number of groups
+    ends: StrictBool = False  # the embeddings and the final norm + LM head get values (genes) of their own
     weight_range: tuple[float, float] = (0.0, 1.0)
     density_range: tuple[float, float] = (0.1, 1.0)
     init_weight: float | None = Field(None, allow_inf_nan=False)  # generation 0's centre; None: 1/n
@@ -61,9 +62,9 @@ class MergeConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_empty_additions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """`filters` and `options` left out while empty: a run recorded before they existed resumes (its
-        checkpoint's and evaluations' search config stays the same)."""
-        return {k: v for k, v in handler(self).items() if not (k in ("filters", "options") and not v)}
+        """`filters`, `options` and `ends` left out while empty or off: a run recorded before they existed
+        resumes (its checkpoint's and evaluations' search config stays the same)."""
+        return {k: v for k, v in handler(self).items() if not (k in ("filters", "options", "ends") and not v)}
 
     @model_validator(mode="after")
     def _ranges(self) -> MergeConfig:

@@ -128,6 +128,7 @@ class _RecipeFile(BaseModel):
     method: str
     base: int | None = None
     layer_groups: int = Field(1, ge=1)
+    ends: StrictBool = False  # each row: the embeddings' value, one per layer group, the norm and head's value
     normalize: bool | None = None
     lam: float = Field(1.0, alias="lambda", allow_inf_nan=False)
     rescale: bool | None = None
@@ -218,7 +219,7 @@ def _recipe(f: _RecipeFile) -> Recipe:
         if missing and (name != "densities" and weighted or rows):
             raise GenomeError(f"{name}: no row for source {missing[0]}")
     prunes = METHODS[f.method].has_density
-    densities = ({s: [1.0] * f.layer_groups for s in merged} if prunes and not f.densities
+    densities = ({s: [1.0] * (f.layer_groups + 2 * f.ends) for s in merged} if prunes and not f.densities
                  else f.densities or {})
 
     def rows(values: dict[int, list[float]]) -> tuple[tuple[float, ...], ...]:
@@ -227,7 +228,7 @@ def _recipe(f: _RecipeFile) -> Recipe:
     return Recipe(tuple(s.path for s in f.sources), f.sources[0].layers, f.method, f.base, f.layer_groups,
                   rows(f.weights), rows(densities), f.normalize, f.lam, f.rescale, f.seed,
                   filters=tuple(f.filters), filtered=tuple(rows(v) for v in f.filters.values()),
-                  options=tuple(f.options.items()))
+                  options=tuple(f.options.items()), ends=f.ends)
 
 
 def load_genome(path: str | Path) -> Genome | Recipe:
@@ -313,6 +314,8 @@ def _recipe_dict(r: Recipe) -> dict[str, Any]:
         "base": r.base,
         "layer_groups": r.layer_groups,
     }
+    if r.ends:
+        data["ends"] = True
     if r.spec.params or r.normalize != r.spec.normalize:  # slerp, nuslerp, model stock: neither at its default
         data["normalize"] = r.normalize
     if r.spec.params or r.lam != 1:

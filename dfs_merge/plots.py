@@ -90,12 +90,14 @@ def recipe_png(recipe: Any, path: str | Path) -> Path:
     rows = 2 if recipe.densities else 1
     fig = Figure(figsize=(6, 2.6 * rows), dpi=110)
     FigureCanvasAgg(fig)
-    groups = list(range(recipe.layer_groups))
+    spans = [f"{a}-{b - 1}" for a, b in map(recipe.group_range, range(recipe.layer_groups))]
+    labels = ["embed", *spans, "head"] if recipe.ends else spans
+    columns = list(range(len(labels)))
     for r, (name, values) in enumerate((("weight", recipe.weights), ("density", recipe.densities))[:rows]):
         ax = fig.add_subplot(rows, 1, r + 1)
         for s, row in zip(recipe.merged, values, strict=True):
-            ax.plot(groups, row, marker="o", label=f"source {s}: {Path(recipe.sources[s]).name}")
-        ax.set_xticks(groups, [f"{a}-{b - 1}" for a, b in map(recipe.group_range, groups)], fontsize=7)
+            ax.plot(columns, row, marker="o", label=f"source {s}: {Path(recipe.sources[s]).name}")
+        ax.set_xticks(columns, labels, fontsize=7)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

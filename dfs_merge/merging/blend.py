@@ -93,10 +93,9 @@ class Blender:
         self.recomputed = 0  # tensors merged by the last `apply` (the rest kept their values)
 
     def group_of(self, t: _Tensor, recipe: Recipe) -> int:
-        """The layer group whose values a tensor takes: its layer's; the first group before the layers, the last after."""
-        if t.layer is not None:
-            return recipe.group(t.layer)
-        return 0 if t.pre else recipe.layer_groups - 1
+        """The column of the recipe's rows a tensor takes (`Recipe.column`): its layer group's; the first before
+        the layers, the last after."""
+        return recipe.column(t.layer, after=not t.pre)
 
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> PreTrainedModel:

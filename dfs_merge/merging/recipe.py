@@ -4,7 +4,9 @@ The decoder layers are cut into `layer_groups` contiguous groups (mergekit-evolv
 group g holds the layers l with l * groups // layers == g); each merged source has one weight per group
 (slerp: its `t`; model stock: none), and one density per group where the method prunes. The embeddings take
 group 0's values and the final norm and LM head the last group's, as mergekit does for the first and last
-slice. `filters` (mergekit's parameter filters, e.g. `self_attn`, `mlp`) give the tensors whose name holds
+slice; with `ends` they have values of their own: each row then holds `layer_groups + 2` values, the
+embeddings' first and the norm and head's last (a mergekit gradient's value at `t = 0` of the first and of the
+last slice, which differs from the layers' for most published gradients). `filters` (mergekit's parameter filters, e.g. `self_attn`, `mlp`) give the tensors whose name holds
 one of them weights of their own (`filtered`, one block like `weights` per filter, the first matching
 filter winning); the other tensors take `weights`. A method's other parameters (`Method.options`: gamma,
 epsilon, nuslerp's and model stock's switches) are one value for the whole merge (`options`).
@@ -85,6 +87,7 @@ class Recipe:
     filters: tuple[str, ...] = ()  # mergekit parameter filters with weights of their own (`filtered`)
     filtered: tuple[Rows, ...] = ()  # one block shaped like `weights` per filter
     options: tuple[tuple[str, bool | float], ...] = ()  # the method's other parameters (defaults made explicit)
+    ends: bool = False  # rows hold the embeddings' value first and the final norm and LM head's last
     scores: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     fingerprints: tuple[str | None, ...] = field(default=(), compare=False, hash=False)
 
@@ -117,9 +120,10 @@ class Recipe:
                 raise GenomeError(f"{name}: expected one row for each of the {want} merged sources "
                                   f"({', '.join(map(str, self.merged))}), got {len(rows)}")
             for s, row in zip(self.merged, rows, strict=True):
-                if len(row) != self.layer_groups:
-                    raise GenomeError(f"{name}[{s}]: expected {self.layer_groups} values (one per layer group), "
-                                      f"got {len(row)}")
+                if len(row) != self.width:
+                    each = ("one per layer group, plus the embeddings' first and the norm and head's last (ends)"
+                            if self.ends else "one per layer group")
+                    raise GenomeError(f"{name}[{s}]: expected {self.width} values ({each}), got {len(row)}")
                 for g, x in enumerate(row):
                     check_magnitude(f"{name}[{s}][{g}]", x)
                     if name == "densities" and not 0 < x <= 1:
@@ -157,6 +161,18 @@ class Recipe:
         """The layer group of decoder layer `layer`."""
         return layer * self.layer_groups // self.layers
 
+    @property
+    def width(self) -> int:
+        """Values per row: one per layer group, and two more with `ends`."""
+        return self.layer_groups + 2 * self.ends
+
+    def column(self, layer: int | None, after: bool = False) -> int:
+        """The column of a row a tensor takes: its layer's group's; for the embeddings (`layer` None) the first,
+        for the final norm and LM head (`layer` None, `after`) the last."""
+        if layer is None:
+            return self.width - 1 if after else 0
+        return self.group(layer) + self.ends
+
     def group_range(self, g: int) -> tuple[int, int]:
         """[first, end) layers of group g."""
         first = next(i for i in range(self.layers) if self.group(i) == g)
@@ -173,8 +189,8 @@ class Recipe:
         return next((i for i, f in enumerate(self.filters) if f in tensor), None)
 
     def params(self, g: int, cls: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(weights, densities) of group g for the tensors of weight class `cls` (`weight_class`), one per
-        merged source (densities empty if the method has none)."""
+        """(weights, densities) of column g (`column`) for the tensors of weight class `cls` (`weight_class`),
+        one per merged source (densities empty if the method has none)."""
         rows = self.weights if cls is None else self.filtered[cls]
         return (tuple(row[g] for row in rows),
                 tuple(row[g] for row in self.densities) if self.densities else ())
@@ -205,13 +221,13 @@ class Recipe:
     def table(self) -> list[str]:
         """The recipe as lines for `dfs-merge show`: one row per merged source and value, one column per layer
         group."""
-        spans = [self.group_range(g) for g in range(self.layer_groups)]
-        head = "".join(f"{f'{a}-{b - 1}':>9}" for a, b in spans)
-        width = max([9, *(len(label) + 1 for label, _ in self.blocks())])
-        lines = [f"{'source':<8}{'value':<{width}}{head}"] if self.blocks() else [f"{self.method}: no per-source values"]
+        spans = [f"{a}-{b - 1}" for a, b in map(self.group_range, range(self.layer_groups))]
+        head = "".join(f"{x:>9}" for x in (["embed", *spans, "head"] if self.ends else spans))
+        label_width = max([9, *(len(label) + 1 for label, _ in self.blocks())])
+        lines = [f"{'source':<8}{'value':<{label_width}}{head}"] if self.blocks() else [f"{self.method}: no per-source values"]
         for i, s in enumerate(self.merged):
             for k, (label, rows) in enumerate(self.blocks()):
-                lines.append(f"{s if k == 0 else '':<8}{label:<{width}}" + "".join(f"{x:>9.4f}" for x in rows[i]))
+                lines.append(f"{s if k == 0 else '':<8}{label:<{label_width}}" + "".join(f"{x:>9.4f}" for x in rows[i]))
         return lines + [f"{k}: {v}" for k, v in self.options]
 
     def settings(self) -> dict[str, Any]:
@@ -234,7 +250,7 @@ class Recipe:
         values = [float(x) for x in (self.scales if scales is None else scales)]
         if len(values) != len(self.scales):
             raise GenomeError(f"recipe genes: expected {len(self.scales)} values, got {len(values)}")
-        g, blocks, pos = self.layer_groups, [], 0
+        g, blocks, pos = self.width, [], 0
         for rows in (self.weights, *self.filtered, self.densities):
             blocks.append(tuple(tuple(values[pos + i * g:pos + (i + 1) * g]) for i in range(len(rows))))
             pos += len(rows) * g
@@ -254,7 +270,7 @@ class Recipe:
                 raise GenomeError(f"merge.{name}: {list(weight_range if name == 'weight_range' else density_range)} "
                                   f"leaves no value method {self.method} takes")
         n = len(self.weights) + sum(len(b) for b in self.filtered)
-        return [(w[0], w[1])] * (n * self.layer_groups) + [(d[0], d[1])] * (len(self.densities) * self.layer_groups)
+        return [(w[0], w[1])] * (n * self.width) + [(d[0], d[1])] * (len(self.densities) * self.width)
 
     def decode(self) -> Route:
         """The merged model's hops: the base structure's layers in order, scale 1."""
@@ -274,6 +290,8 @@ class Recipe:
             str(self.rescale if masked else None), str(self.seed if spec.random else 0),
             ",".join(f"{x:.6g}" for x in self.scales),
         ])
+        if self.ends:
+            text += "|ends"
         if self.filters:
             text += "|filters:" + ",".join(self.filters)
         if self.options:
@@ -287,7 +305,7 @@ class Recipe:
         if routes:
             raise GenomeError("seed_routes are data-flow routes; a parameter-space search takes none")
         out = [self]
-        g, n = self.layer_groups, len(self.weights)
+        g, n = self.width, len(self.weights)
         for i in range(n):
             weights = tuple(tuple(1.0 if j == i else 0.0 for _ in range(g)) for j in range(n))
             dens = tuple(tuple(1.0 for _ in range(g)) for _ in self.densities)
@@ -322,14 +340,16 @@ def method_options(spec: Method, given: dict[str, Any]) -> tuple[tuple[str, bool
 def initial_recipe(sources: Sequence[str], layers: int, method: str, base: int | None, layer_groups: int,
                    weight: float | None = None, density: float = 1.0, **options: Any) -> Recipe:
     """A recipe with one weight (default: the method's, else 1/n over the n merged sources) and one density
-    everywhere; `options` are the recipe's other fields (normalize, lam, rescale, seed, filters, options)."""
+    everywhere; `options` are the recipe's other fields (normalize, lam, rescale, seed, filters, options,
+    ends)."""
     spec = METHODS.get(method)  # an unknown method: Recipe names it
     n = len(merged_sources(len(sources), method, base)) if spec else 0
     default = spec.default_weight if spec and spec.default_weight is not None else 1.0 / max(1, n)
     w = default if weight is None else weight
     weighted = spec is None or spec.weight is not None
-    rows = tuple((float(w),) * layer_groups for _ in range(n)) if weighted else ()
-    dens = tuple((float(density),) * layer_groups for _ in range(n)) if spec and spec.has_density else ()
+    width = layer_groups + 2 * bool(options.get("ends"))
+    rows = tuple((float(w),) * width for _ in range(n)) if weighted else ()
+    dens = tuple((float(density),) * width for _ in range(n)) if spec and spec.has_density else ()
     filtered = (rows,) * len(options.get("filters", ()))
     return Recipe(tuple(sources), layers, method, base, layer_groups, rows, dens,
                   **{"filtered": filtered, **options})

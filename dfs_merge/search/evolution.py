@@ -337,7 +337,7 @@ def search_template(cfg: RunConfig) -> CandidateGenome:
     try:
         return initial_recipe(cfg.sources, layers[0], m.method, m.base, m.layer_groups, m.init_weight,
                               m.init_density, normalize=m.normalize, lam=m.lam, rescale=m.rescale, seed=m.seed,
-                              filters=tuple(m.filters), options=tuple(m.options.items()))
+                              filters=tuple(m.filters), options=tuple(m.options.items()), ends=m.ends)
     except GenomeError as err:
         raise ConfigError(f"merge: {err}") from None
 

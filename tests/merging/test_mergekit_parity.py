@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,24 @@ def parity_recipes(src: list[str]) -> dict[str, Recipe]:
     }
 
 
+def ends_recipes(src: list[str]) -> dict[str, Recipe]:
+    """Recipes whose embeddings and final norm + head have values of their own (`ends`): each row is
+    [embeddings, group 0, group 1, norm and head]."""
+    s = tuple(src)
+    return {
+        "ties_ends": Recipe(s, 4, "ties", 0, 2, ((0.1, 0.5, 0.2, 0.9), (0.7, 0.3, 0.9, 0.2)),
+                            ((0.4, 0.5, 0.9, 0.6), (0.8, 0.3, 0.7, 0.5)), ends=True),
+        "linear_ends": Recipe(s, 4, "linear", 0, 2, ((0.2, 0.5, 0.2, 0.6), (0.3, 0.3, 0.6, 0.1), (0.5, 0.4, 0.1, 0.3)),
+                              ends=True),
+        # the filters select layer tensors only: the embeddings and the head take the unfiltered ends, and a
+        # filter's own ends repeat its first and last group's values (what an import gives them)
+        "slerp_filtered_ends": Recipe(s[:2], 4, "slerp", 0, 2, ((0.2, 0.5, 0.4, 0.9),), filters=("self_attn", "mlp"),
+                                      filtered=(((0.1, 0.1, 0.9, 0.9),), ((1.0, 1.0, 0.25, 0.25),)), ends=True),
+    }
+
+
+ENDS = ["ties_ends", "linear_ends", "slerp_filtered_ends"]
+
 NEW = ["breadcrumbs", "breadcrumbs_ties", "della_dense", "della_linear_dense", "slerp", "slerp_filtered", "nuslerp",
        "nuslerp_rows", "model_stock"]
 """The parity recipes of the methods added after the first five."""
@@ -143,6 +162,25 @@ def hand_written(src: list[str]) -> dict[str, dict]:
             "models": [{"model": b, "parameters": {"weight": 0.6, "density": 0.7}},
                        {"model": c, "parameters": {"weight": [0.4, 0.2, 0.4], "density": 0.5}}],
         },
+        # issue 31: gradients whose t = 0 value (the embeddings' and the norm and head's) is not the first / last
+        # layer's: recipes with ends
+        "gradient_ties": {
+            "merge_method": "ties", "base_model": a, "dtype": "float32",
+            "models": [{"model": b, "parameters": {"weight": [0.3, 0.9, 0.5], "density": 0.6}},
+                       {"model": c, "parameters": {"weight": 0.6, "density": [0.4, 0.9]}}],
+        },
+        "gradient_linear_head": {
+            "merge_method": "linear", "dtype": "float32",
+            "models": [{"model": a, "parameters": {"weight": [0.2, 0.8]}}, {"model": b, "parameters": {"weight": 0.5}}],
+        },
+        "gradient_task_arithmetic": {
+            "merge_method": "task_arithmetic", "base_model": a, "dtype": "float32",
+            "models": [{"model": b, "parameters": {"weight": [0.7, 0.1, 1.2]}}, {"model": c, "parameters": {"weight": 0.4}}],
+        },
+        "embeddings_filter": {  # a filter that selects the embeddings alone
+            "merge_method": "task_arithmetic", "base_model": a, "dtype": "float32",
+            "models": [{"model": b, "parameters": {"weight": [{"filter": "embed_tokens", "value": 0.1}, {"value": 0.5}]}}],
+        },
         "uneven_linear": {  # slices of 1 and 3 layers: a recipe of 4 groups
             "merge_method": "linear", "base_model": a, "dtype": "float32",
             "slices": [
@@ -165,6 +203,12 @@ EXPECTED = {  # layer groups, weights, densities of each hand-written config
     "model_stock_models": (1, [], []),
     "breadcrumbs_models": (4, [[0.6] * 4, [0.4, 0.4 - 0.2 / 1.5, 0.4 - 0.2 / 1.5, 0.4]], [[0.7] * 4, [0.5] * 4]),
     "uneven_linear": (4, [[0.2, 0.6, 0.6, 0.6], [0.5, 0.1, 0.1, 0.1], [0.3] * 4], []),
+    # with ends: [embeddings, layer 0..3, norm and head]; a gradient's t = 0 value at both ends
+    "gradient_ties": (4, [[0.3, 0.3, 0.3 + 0.6 * 2 / 3, 0.9 - 0.4 / 3, 0.5, 0.3], [0.6] * 6],
+                      [[0.6] * 6, [0.4, 0.4, 0.4 + 0.5 / 3, 0.4 + 1 / 3, 0.9, 0.4]]),
+    "gradient_linear_head": (4, [[0.2, 0.2, 0.4, 0.6, 0.8, 0.2], [0.5] * 6], []),
+    "gradient_task_arithmetic": (4, [[0.7, 0.7, 0.7 - 0.6 * 2 / 3, 0.1 + 1.1 / 3, 1.2, 0.7], [0.4] * 6], []),
+    "embeddings_filter": (1, [[0.1, 0.5, 0.5]], []),
 }
 
 
@@ -181,7 +225,7 @@ def built(three, tmp_path_factory) -> dict[str, Path]:
         pytest.skip("mergekit is not installed")
     root = tmp_path_factory.mktemp("mergekit_builds")
     configs: dict[str, Path] = {}
-    for name, r in parity_recipes(three).items():
+    for name, r in (parity_recipes(three) | ends_recipes(three)).items():
         configs[f"recipe_{name}"] = write_recipe_config(r, root / f"{name}.yaml")
     for name, data in hand_written(three).items():
         configs[f"hand_{name}"] = src = write_yaml(root / f"{name}.hand.yaml", data)
@@ -230,6 +274,23 @@ def test_written_config_builds_the_in_memory_merge(name, three, built):
     assert d < TOL, d
     assert min(rel(ours, logits_of(s.model)) for s in sources.sources) > 0.01  # a merge, not one source's copy
     assert import_mergekit(built[f"recipe_{name}.yaml"]).key() == r.key()
+
+
+@needs_mergekit
+@pytest.mark.slow  # the module's mergekit-multi build (the `built` fixture)
+@pytest.mark.parametrize("name", list(ENDS))
+def test_a_recipe_with_ends_is_written_with_one_layer_gradient_slices(name, three, built):
+    r = ends_recipes(three)[name]
+    cfg = yaml.safe_load(built[f"recipe_{name}.yaml"].read_text())
+    assert [s["sources"][0]["layer_range"] for s in cfg["slices"]] == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    ours = logits_of(recipe_model(r, SourcePool.load(list(r.sources))))
+    d = rel(ours, theirs(built[f"recipe_{name}"]))
+    print(f"{name}: relative max|dlogit| vs mergekit {d:.3g}")
+    assert d < TOL, d
+    assert import_mergekit(built[f"recipe_{name}.yaml"]).key() == r.key()
+    plain = replace(r, ends=False, weights=tuple(row[1:-1] for row in r.weights), filtered=tuple(
+        tuple(row[1:-1] for row in b) for b in r.filtered), densities=tuple(row[1:-1] for row in r.densities))
+    assert rel(ours, logits_of(recipe_model(plain, SourcePool.load(list(r.sources))))) > 1e-3  # the ends matter
 
 
 @pytest.mark.slow
@@ -446,9 +507,6 @@ def refusals(src: list[str]) -> dict[str, dict]:
             "models": [{"model": b, "parameters": {"weight": 0.5, "density": 0.8}}]},
         "model_stock merges at least 2 models besides the base": {
             "merge_method": "model_stock", "base_model": a, "models": [{"model": b}]},
-        "final norm and LM head": {"merge_method": "linear",
-                                   "models": [{"model": a, "parameters": {"weight": [0.2, 0.8]}},
-                                              {"model": b, "parameters": {"weight": 0.5}}]},
         "filters give the tensors of layer 0 different values": {  # a recipe filters weights, not densities
             "merge_method": "ties", "base_model": a,
             "models": [{"model": b, "parameters": {"weight": 0.5,
@@ -464,9 +522,6 @@ def refusals(src: list[str]) -> dict[str, dict]:
         "is not among its sources": ties_slices([entry(b, [0, 2], weight=0.5), entry(c, [0, 2], weight=0.5),
                                                  entry(a, [0, 2])],
                                                 [entry(b, [2, 4], weight=0.5), entry(a, [2, 4])]),
-        "merges the embeddings of": {
-            "merge_method": "task_arithmetic", "base_model": a,
-            "models": [{"model": b, "parameters": {"weight": [{"filter": "embed_tokens", "value": 0.1}, {"value": 0.5}]}}]},
         "tokenizer_source 'union'": {"merge_method": "linear", "tokenizer_source": "union",
                                      "models": [{"model": b, "parameters": {"weight": 1.0}}]},
         "slices[1].parameters.lambda: 2.0 differs": {"merge_method": "ties", "base_model": a, "slices": [

@@ -221,6 +221,38 @@ def test_new_methods_are_searched_with_their_values_as_genes(fake, tmp_path, mer
     assert r.best_eval.score > max(e["score"] for e in lines if e["generation"] == 0) - 1e-12
 
 
+def test_ends_give_the_embeddings_and_the_head_genes_of_their_own(three, fake, tmp_path):
+    """`merge: {ends: true}`: each row is [embeddings, groups..., norm and head]; the embeddings take the first
+    value, the final norm and LM head the last, the layers their group's; the file round-trips; the search has
+    two more genes per row; a row of the wrong length is one line naming what it should hold."""
+    pool = SourcePool.load(three)
+    recipe = Recipe(tuple(three), 4, "task_arithmetic", 0, 2, ((0.1, 0.5, 0.9, 1.3), (0.2, 0.3, 1.2, 0.7)), ends=True)
+    model = Blender(pool).apply(recipe)
+    states = [dict(s.model.named_parameters()) for s in pool.sources]
+    columns = set()
+    for name, p in model.named_parameters():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        column = 1 + recipe.group(layer) if layer is not None else (0 if "embed" in name else 3)
+        columns.add(column)
+        want = merge_tensor(METHODS["task_arithmetic"], [states[1][name], states[2][name]],
+                            tuple(row[column] for row in recipe.weights), base=states[0][name])
+        assert torch.equal(p, want), name
+    assert columns == {0, 1, 2, 3}
+    path = tmp_path / "ends.recipe.yaml"
+    save_genome(recipe, path)
+    back = load_genome(path)
+    assert back.key() == recipe.key() != replace(recipe, ends=False, weights=((0.1, 0.5), (0.2, 0.3))).key()
+    assert back.table()[0].split()[-4:] == ["embed", "0-1", "2-3", "head"]
+    data = genome_to_dict(recipe)
+    data["weights"][1] = [0.1, 0.5, 0.9]
+    with pytest.raises(GenomeError, match=r"weights\[1\]: expected 4 values \(one per layer group, plus the "
+                                          r"embeddings' first and the norm and head's last \(ends\)\), got 3"):
+        genome_from_dict(data)
+    cfg = make_config(fake, tmp_path / "run", merge={**MERGE, "ends": True}, generations=2)
+    r = run_evolution(cfg, evaluate=TargetRecipe(0.3), **QUIET)
+    assert r.best.ends and len(r.best.scales) == 2 * 2 * (2 + 2)  # (weights + densities) x 2 sources x 4 columns
+
+
 def test_a_merge_config_without_filters_or_options_records_what_it_did_before(fake, tmp_path):
     """`merge.filters` and `merge.options` are left out of the recorded config while empty, so that a run made
     before they existed resumes (its search config, and so its digest, is unchanged)."""

@@ -95,7 +95,10 @@ def recipe_config(recipe: Recipe, *, dtype: str | None = None) -> dict[str, Any]
 
     One slice per layer group (`layer_range` [first, end) of the group); each merged source
     carries the group's `weight` (and `density`); the base is listed without parameters in
-    every slice where it is not merged (mergekit-evolve's layout). `base_model` is the base
+    every slice where it is not merged (mergekit-evolve's layout). With `ends` the first and
+    the last layer are one-layer slices of their own whose values are two-point gradients:
+    mergekit takes a one-layer slice's layer at `t = 1` and the embeddings (first slice) and the
+    final norm and head (last slice) at `t = 0`. `base_model` is the base
     (for `linear` only when the recipe has one); `parameters` holds `normalize`, `lambda`
     when it is not 1 and, for DARE, `rescale`. `dtype` defaults to the base's stored dtype.
     Sources are checked (config.json only): their layer counts, no model listed twice, and
@@ -129,15 +132,16 @@ def recipe_config(recipe: Recipe, *, dtype: str | None = None) -> dict[str, Any]
         params["rescale"] = spec.rescale if recipe.rescale is None else recipe.rescale
     params.update(recipe.options)
     slices: list[dict[str, Any]] = []
-    for g in range(recipe.layer_groups):
-        first, end = recipe.group_range(g)
-        densities = recipe.params(g)[1]
-        values = [_filtered_value(recipe, g, k) for k in range(len(recipe.weights))]
+    for first, end, column, at_zero in _slice_plan(recipe):
+        def value(row: Sequence[float], column: int = column, at_zero: int | None = at_zero) -> Any:
+            return row[column] if at_zero is None or row[at_zero] == row[column] else [row[at_zero], row[column]]
+
+        values = [_filtered_value(recipe, value, k) for k in range(len(recipe.weights))]
         entries: list[dict[str, Any]] = []
         for k, s in enumerate(recipe.merged):
             p: dict[str, Any] = {spec.weight: values[k]} if values and not spec.shared_weight and spec.weight else {}
             if spec.has_density:
-                p["density"] = densities[k]
+                p["density"] = value(recipe.densities[k])
             entries.append({"model": folders[s], "layer_range": [first, end], **({"parameters": p} if p else {})})
         if with_base:
             entries.append({"model": folders[recipe.base], "layer_range": [first, end]})
@@ -151,13 +155,36 @@ def recipe_config(recipe: Recipe, *, dtype: str | None = None) -> dict[str, Any]
     return data
 
 
-def _filtered_value(recipe: Recipe, g: int, k: int) -> Any:
-    """Merged source k's weight in group g as mergekit writes it: a number, or with the recipe's filters a list
-    of `{filter, value}` entries, the unfiltered weight last."""
+def _slice_plan(recipe: Recipe) -> list[tuple[int, int, int, int | None]]:
+    """The slices of a recipe's config: (first layer, end, the column of the rows its layers take, the column its
+    `t = 0` end takes where that differs: the embeddings' before the first layer, the norm and head's after the
+    last). Without `ends`, one slice per layer group."""
+    if recipe.ends and recipe.layers == 1:
+        raise ExportError("a one-layer recipe with ends cannot be written for mergekit: its one slice gives the "
+                          "embeddings, the layer and the head values at t = 0 and t = 1 only")
+    plan = []
+    for g in range(recipe.layer_groups):
+        first, end = recipe.group_range(g)
+        column = recipe.column(first)
+        if recipe.ends and first == 0:
+            plan.append((0, 1, column, recipe.column(None)))
+            first = 1
+        if recipe.ends and end == recipe.layers:
+            if first < end - 1:
+                plan.append((first, end - 1, column, None))
+            plan.append((end - 1, end, column, recipe.column(None, after=True)))
+        elif first < end:
+            plan.append((first, end, column, None))
+    return plan
+
+
+def _filtered_value(recipe: Recipe, value: Any, k: int) -> Any:
+    """Merged source k's weight in a slice as mergekit writes it (`value` of a row: a number or a gradient), or
+    with the recipe's filters a list of `{filter, value}` entries, the unfiltered weight last."""
     if not recipe.filters:
-        return recipe.weights[k][g]
-    return [*({"filter": f, "value": rows[k][g]} for f, rows in zip(recipe.filters, recipe.filtered, strict=True)),
-            {"value": recipe.weights[k][g]}]
+        return value(recipe.weights[k])
+    return [*({"filter": f, "value": value(rows[k])} for f, rows in zip(recipe.filters, recipe.filtered, strict=True)),
+            {"value": value(recipe.weights[k])}]
 
 
 def dare_note(recipe: Recipe) -> str:
@@ -256,8 +283,9 @@ def import_recipe(data: dict[str, Any], where: str, sources: Sequence[str] | Non
     Both the `slices` form (as mergekit-evolve writes it: every slice lists the same models,
     each over the slice's own layers) and the `models` form are read. Every parameter is
     resolved per layer and per tensor exactly as mergekit does (precedence, gradients,
-    filters); a value that differs between the tensors of one layer, or an embeddings / head
-    value other than layer group 0's / the last group's, cannot be a recipe and is refused.
+    filters); a value that differs between the tensors of one layer cannot be a recipe and is
+    refused; embeddings / head values other than the first / last layer's make a recipe with
+    `ends`.
     `layer_groups` is the number of slices when the values fit that grouping (1 for scalar
     values of the `models` form, the number of layers for gradients), else the fewest
     groups that hold them. Sources are `sources` if given (the same models, in any order),
@@ -520,7 +548,8 @@ def _weight_class(filters: Sequence[str], tensor: str) -> int | None:
 
 
 PerLayer = dict[tuple[str, int | None], list[list[float]]]
-"""Per (parameter, weight class), one row per merged source of its value at every layer."""
+"""Per (parameter, weight class), one row per merged source of its value at the embeddings, at every layer and at
+the final norm and head."""
 
 
 def _per_layer(
@@ -528,8 +557,9 @@ def _per_layer(
     spans: Sequence[tuple[int, int]], family: Family, tied: bool,
 ) -> tuple[PerLayer, list[str]]:
     """Per parameter (the method's weight, `density`, per-model options) and weight class (the weight's filters
-    that select layer tensors), one row per merged source of its value at every layer; the embeddings' and the
-    head's values must be their class's first and last layer's. Also the filters kept."""
+    that select layer tensors), one row per merged source of its value at the embeddings (mergekit: the first
+    slice at t = 0), every layer and the final norm and head (the last slice at t = 0); a class without such
+    tensors takes its first / last layer's value there. Also the filters kept."""
     spec = config.spec
     layer_names = [*family.layer_weights, *(n.replace(".weight", ".bias") for n in family.layer_weights if "_proj." in n)]
     pre_names = [n for n in family.non_layer_weights if "embed" in n]
@@ -552,10 +582,6 @@ def _per_layer(
         model = per_slice[i][k]
         return _model_value(scopes(k, i), name, tensors, t, what, model.at, src_list[k], defaults.get(name))
 
-    def set_at(k: int, i: int, name: str) -> str:
-        """Where `name` is set for model k in slice i (the model's, the slice's or the config's `parameters`)."""
-        return next((at for at, scope in scopes(k, i) if name in scope), per_slice[i][k].at + ".")
-
     def by_class(name: str, tensors: Sequence[str]) -> dict[int | None, list[str]]:
         out: dict[int | None, list[str]] = {}
         for tensor in tensors:
@@ -577,23 +603,12 @@ def _per_layer(
             # a class without tensors in a layer: any value builds the same; the first class's that has some
             filled = {c: [v if v is not None else next(per_layer[d][pos] for d in classes if per_layer[d][pos] is not None)
                           for pos, v in enumerate(per_layer[c])] for c in classes}
-            label = f" ({spec.weight} filter {filters[0]!r}...)" if filters else ""
-            for c, group in by_class(name, pre_names).items():
-                pre = value(k, 0, name, group, 0.0, "the embeddings")
-                if pre != filled[c][0]:
-                    raise GenomeError(f"{set_at(k, 0, name)}parameters.{name}: mergekit merges the embeddings of "
-                                      f"{src_list[k]} with {name} {pre:g} but layer 0 with {filled[c][0]:g}{label}; "
-                                      "a recipe gives the embeddings layer group 0's values")
-            for c, group in by_class(name, post_names).items():
-                post = value(k, last, name, group, 0.0, "the final norm and LM head")
-                if post != filled[c][-1]:
-                    raise GenomeError(
-                        f"{set_at(k, last, name)}parameters.{name}: mergekit merges the final norm and LM head of "
-                        f"{src_list[k]} with {name} {post:g} (the last slice's value at its first layer, t = 0) but "
-                        f"layer {len(filled[c]) - 1} with {filled[c][-1]:g}{label}; a recipe gives them the "
-                        "last layer group's values")
+            pre = {c: value(k, 0, name, group, 0.0, "the embeddings") for c, group in by_class(name, pre_names).items()}
+            post = {c: value(k, last, name, group, 0.0, "the final norm and LM head")
+                    for c, group in by_class(name, post_names).items()}
             for c in classes:
-                rows.setdefault((name, c), []).append(filled[c])
+                rows.setdefault((name, c), []).append([pre.get(c, filled[c][0]), *filled[c],
+                                                       post.get(c, filled[c][-1])])
     return rows, filters
 
 
@@ -647,16 +662,25 @@ def _build(config: _Parsed, src_list: Sequence[str], base: int | None, layers: i
                                   f"has one {name} for the whole merge")
             options[name] = found[0]
 
+    ends = any(row[0] != row[1] or row[-1] != row[-2] for rs in rows.values() for row in rs)
+    inner = [row[1:-1] for rs in rows.values() for row in rs]
+
     def fits(groups: int) -> bool:
         return all(len({row[x] for x in range(layers) if x * groups // layers == g}) == 1
-                   for rs in rows.values() for row in rs for g in range(groups))
+                   for row in inner for g in range(groups))
 
-    preferred = len(config.slices) if config.sliced else (1 if fits(1) else layers)
+    if config.sliced:  # the slices' grouping; with ends, less the one-layer end slices `_slice_plan` splits off
+        ones = [sl for sl in {id(x): x for x in (config.slices[0], config.slices[-1])}.values()
+                if sl.layers is not None and sl.layers[1] - sl.layers[0] == 1]
+        preferred = max(1, len(config.slices) - len(ones)) if ends else len(config.slices)
+    else:
+        preferred = 1 if fits(1) else layers
     groups = next(g for g in [preferred, *range(1, layers + 1)] if fits(g))
     firsts = [next(x for x in range(layers) if x * groups // layers == g) for g in range(groups)]
 
     def grouped(key: tuple[str, int | None]) -> tuple[tuple[float, ...], ...]:
-        return tuple(tuple(row[x] for x in firsts) for row in rows.get(key, []))
+        columns = [0, *(x + 1 for x in firsts), layers + 1] if ends else [x + 1 for x in firsts]
+        return tuple(tuple(row[x] for x in columns) for row in rows.get(key, []))
 
     w = spec.weight or ""
     try:
@@ -664,6 +688,6 @@ def _build(config: _Parsed, src_list: Sequence[str], base: int | None, layers: i
                       normalize=shared.get("normalize"), lam=shared.get("lambda", 1.0),
                       rescale=shared.get("rescale") if spec.sparsify not in (None, "magnitude") else None,
                       filters=tuple(filters), filtered=tuple(grouped((w, c)) for c in range(len(filters))),
-                      options=tuple(options.items()))
+                      options=tuple(options.items()), ends=ends)
     except GenomeError as err:
         raise GenomeError(f"{where}: {err}") from None
