@@ -5,8 +5,8 @@
 out of its residual writers, by the family's own `fold_scale`), renamed to llama.cpp's names
 (`gguf.TensorNameMap`), stored as F32, F16, BF16 or Q8_0 (`gguf.quants`; one-dimensional tensors, the norms
 and biases, stay F32, and a matrix whose rows are not a multiple of Q8_0's 32-value block falls back to F16,
-as llama.cpp's own converter does). The hyperparameters and the base's tokenizer (a byte-level BPE
-vocabulary with token types, merges, special token ids, whether BOS/EOS are added, the chat template) go
+as llama.cpp's own converter does). The hyperparameters and the base's tokenizer (a byte-level or SentencePiece
+BPE vocabulary with token types, merges, scores where SentencePiece has them, special token ids, whether BOS/EOS are added, the chat template) go
 into the metadata, with the genome as JSON under `dfs_merge.genome`.
 
 The file is written with `gguf.GGUFWriter` into a hidden temporary sibling of the target
@@ -21,14 +21,17 @@ What a GGUF file written here can express, and what is refused in one line (`Exp
 family's `llama`, `mistral` (written as llama.cpp's `llama`, as its converter does: llama.cpp attends over
 the whole context, so a Mistral sliding window is dropped, with a warning), `qwen2` and `qwen3` (only with
 `head_dim` 128, the one transformers' GGUF loader assumes); not Gemma 3 or any other family, not rope
-scaling, not sliding-window layers, not Llama attention or MLP biases, and only a byte-level BPE tokenizer
-whose pre-tokenizer has a llama.cpp name (`PRE_TOKENIZERS`).
+scaling, not sliding-window layers, not Llama attention or MLP biases; a byte-level BPE tokenizer whose
+pre-tokenizer has a llama.cpp name (`PRE_TOKENIZERS`) or a SentencePiece BPE with byte fallback (Llama 2's,
+Mistral v0.1's: llama.cpp's `llama` vocabulary with scores and token types).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,7 +123,9 @@ ROUND_TRIP_TEXTS = (
     "  two leading spaces,\ttabs\tand\nnew\n\nlines   ",
     "naïve café, Grüße, 日本語, emoji 🚀🦙",
 )
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5  # gguf.TokenType
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+"""gguf.TokenType's values."""
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a SentencePiece byte-fallback piece
 
 
 def check_quant(quant: str) -> Quant:
@@ -272,8 +277,11 @@ def _check_settings(genome: CandidateGenome) -> None:
 
 @dataclass(frozen=True)
 class _Vocab:
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece BPE, byte fallback)
     tokens: list[str]
     types: list[int]
+    scores: list[float] | None  # SentencePiece's piece scores (llama.cpp merges by them)
+    add_space_prefix: bool | None  # SentencePiece: a "▁" put before the text
     merges: list[str]
     pre: str
     special_ids: dict[str, int]  # bos, eos, unk, pad -> id
@@ -283,40 +291,51 @@ class _Vocab:
 
 
 def _vocab(tok: PreTrainedTokenizerBase, vocab_size: int) -> _Vocab:
-    """The metadata of a byte-level BPE tokenizer, llama.cpp's way: one token per embedding row."""
+    """The metadata of the base's tokenizer, llama.cpp's way, one token per embedding row: a byte-level BPE
+    (GPT-2's, Llama 3's, Qwen's: `tokenizer.ggml.model = gpt2` with its pre-tokenizer's llama.cpp name) or a
+    SentencePiece BPE with byte fallback (Llama 2's, Mistral v0.1's: `llama`, with piece scores and token
+    types, the byte pieces typed BYTE). The merges are written in both cases (transformers' GGUF loader reads
+    them; llama.cpp merges a SentencePiece vocabulary by its scores)."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise ExportError(f"--format gguf: the base's tokenizer ({type(tok).__name__}) is not a fast tokenizer; "
-                          f"only a byte-level BPE tokenizer is written")
+                          f"only byte-level or SentencePiece BPE tokenizers are written")
     spec = json.loads(backend.to_str())
     model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise ExportError(f"--format gguf: the base's tokenizer is not byte-level BPE ({model.get('type')} model, "
-                          f"{decoder.get('type')} decoder); only byte-level BPE is written")
-    key = _pre_tokenizer_key(spec.get("pre_tokenizer"))
-    pre = PRE_TOKENIZERS.get(key)
-    if pre is None:
-        raise ExportError(f"--format gguf: the tokenizer's pre-tokenizer ({' + '.join(key)[:120]}) has no llama.cpp "
-                          f"name here; known: {', '.join(PRE_TOKENIZERS.values())}")
+    sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+    if not sentencepiece and (model.get("type") != "BPE" or decoder.get("type") != "ByteLevel"):
+        raise ExportError(f"--format gguf: the base's tokenizer is neither byte-level BPE nor SentencePiece BPE with "
+                          f"byte fallback ({model.get('type')} model, {decoder.get('type')} decoder)")
+    if sentencepiece:
+        pre = "default"
+    else:
+        key = _pre_tokenizer_key(spec.get("pre_tokenizer"))
+        found = PRE_TOKENIZERS.get(key)
+        if found is None:
+            raise ExportError(f"--format gguf: the tokenizer's pre-tokenizer ({' + '.join(key)[:120]}) has no llama.cpp "
+                              f"name here; known: {', '.join(PRE_TOKENIZERS.values())}")
+        pre = found
     vocab = tok.get_vocab()
     if vocab and max(vocab.values()) >= vocab_size:
         raise ExportError(f"--format gguf: the tokenizer has ids up to {max(vocab.values())}, past the model's "
                           f"{vocab_size} embedding rows")
     by_id = {i: t for t, i in vocab.items()}
     added = tok.added_tokens_decoder
+    unk = getattr(tok, "unk_token_id", None)
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:
             tokens.append(f"[PAD{i}]")  # an embedding row no token uses: llama.cpp's placeholder
             types.append(_TOKEN_UNUSED)
-        elif i in added:
+        elif i in added and not (sentencepiece and i == unk):
             # llama.cpp matches added tokens as written, so a token normalised by the tokenizer is stored normalised
             text = by_id[i] if not added[i].normalized else tok.decode(tok.encode(by_id[i], add_special_tokens=False))
             tokens.append(text)
             types.append(_TOKEN_CONTROL if added[i].special else _TOKEN_USER_DEFINED)
         else:
             tokens.append(by_id[i])
-            types.append(_TOKEN_NORMAL)
+            types.append(_TOKEN_UNKNOWN if sentencepiece and i == unk else
+                         _TOKEN_BYTE if sentencepiece and _BYTE_TOKEN.fullmatch(by_id[i]) else _TOKEN_NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     special = {name: getattr(tok, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
     special_ids = {k: int(v) for k, v in special.items() if isinstance(v, int) and 0 <= v < vocab_size}
@@ -324,7 +343,36 @@ def _vocab(tok: PreTrainedTokenizerBase, vocab_size: int) -> _Vocab:
     add_bos = bool(probe) and "bos" in special_ids and probe[0] == special_ids["bos"]
     add_eos = bool(probe) and "eos" in special_ids and probe[-1] == special_ids["eos"]
     template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
-    return _Vocab(tokens, types, merges, pre, special_ids, add_bos, add_eos, template)
+    scores = _piece_scores(tok, tokens, types) if sentencepiece else None
+    space = _space_prefix(spec) if sentencepiece else None
+    return _Vocab("llama" if sentencepiece else "gpt2", tokens, types, scores, space, merges, pre, special_ids,
+                  add_bos, add_eos, template)
+
+
+def _piece_scores(tok: PreTrainedTokenizerBase, tokens: Sequence[str], types: Sequence[int]) -> list[float]:
+    """SentencePiece's score of each piece, from the tokenizer's `tokenizer.model` when it came with one (as
+    llama.cpp's converter reads them), else the BPE rank (-id) of each normal piece and 0 for the others."""
+    path = getattr(tok, "vocab_file", None)
+    if isinstance(path, str) and Path(path).is_file():
+        try:
+            import sentencepiece
+        except ImportError:
+            pass
+        else:
+            sp = sentencepiece.SentencePieceProcessor(model_file=path)
+            n = sp.get_piece_size()
+            if all(sp.id_to_piece(i) == t for i, t in enumerate(tokens[:n])):
+                return [float(sp.get_score(i)) if i < n else 0.0 for i in range(len(tokens))]
+    return [-float(i) if kind == _TOKEN_NORMAL else 0.0 for i, kind in enumerate(types)]
+
+
+def _space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether the SentencePiece tokenizer puts "▁" before the text: a Metaspace pre-tokenizer that prepends, or
+    (the older layout) a normalizer that prepends it."""
+    pre, norm = spec.get("pre_tokenizer") or {}, spec.get("normalizer") or {}
+    steps = [*pre.get("pretokenizers", [pre]), *norm.get("normalizers", [norm])]
+    return any(s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" or
+               s.get("type") == "Prepend" for s in steps if isinstance(s, dict))
 
 
 def _pre_tokenizer_key(pre: dict[str, Any] | None) -> tuple[str, ...]:
@@ -421,11 +469,15 @@ def _write_metadata(writer: GGUFWriter, pool: SourcePool, genome: CandidateGenom
     writer.add_file_type(gguf.LlamaFileType[q.file_type])
     if q.tensor_type not in ("F32", "F16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     for kind, token_id in vocab.special_ids.items():
         getattr(writer, f"add_{kind}_token_id")(token_id)
     writer.add_add_bos_token(vocab.add_bos)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,71 @@ def test_qwen2_with_biases_and_tied_embeddings(tiny_tokenizer, tmp_path):
     out = export_gguf(pool, g, tmp_path / "q.gguf", quant="f32")
     assert "output.weight" not in tensor_types(out) and "blk.0.attn_q.bias" in tensor_types(out)
     assert rel_err(stitch(pool, g.decode()), load_gguf(out), batch(tiny_tokenizer, 320)) <= QUANTS["f32"].tolerance
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_mistral(tmp_path_factory):
+    """A tiny Mistral whose tokenizer is SentencePiece BPE with byte fallback (as Llama 2's and Mistral v0.1's),
+    trained here on the tiny corpus plus a little Japanese, saved with its `tokenizer.model`."""
+    import sentencepiece as spm
+    from builders import CORPUS
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    root = tmp_path_factory.mktemp("spm")
+    (root / "corpus.txt").write_text((CORPUS + "\n日本語の文章です。東京は大きい。\n") * 3)
+    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "legacy": False}))
+    tok = AutoTokenizer.from_pretrained(root)
+    torch.manual_seed(3)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)
+    folder = save_source(MistralForCausalLM(cfg).eval(), tok, root / "mistral")
+    (folder / "tokenizer.model").write_bytes((root / "tokenizer.model").read_bytes())
+    return folder
+
+
+def test_a_sentencepiece_mistral_exports_with_llama_cpp_s_vocabulary(sentencepiece_mistral, tmp_path):
+    """tokenizer.ggml.model `llama` with the SentencePiece scores and byte tokens; transformers' GGUF loader reads
+    back the HF export's logits and the tokenizer's ids on ASCII, Japanese and emoji text (the byte fallback)."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pool = SourcePool.load([str(sentencepiece_mistral)])
+    g = Genome.from_route(Route.parse("0:0-2, 0:1-3", [1.0, 1.2, 1.0, 0.9, 1.0, 1.0]), [str(sentencepiece_mistral)],
+                          [4], 2)
+    hf = AutoModelForCausalLM.from_pretrained(export_checkpoint(pool, g, tmp_path / "hf"), dtype=torch.float32).eval()
+    out = export_gguf(pool, g, tmp_path / "m.gguf", quant="f32")  # verified before it is published
+    assert rel_err(hf, load_gguf(out), batch(pool.tokenizer, len(pool.tokenizer))) == 0.0
+    fields = GGUFReader(str(out)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    tokens, scores = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.scores"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_mistral / "tokenizer.model"))
+    assert scores == pytest.approx([sp.get_score(i) for i in range(sp.get_piece_size())])  # llama.cpp's scores
+    assert types[0] == 2 and types[1] == types[2] == 3 and tokens[3] == "<0x00>" and set(types[3:259]) == {6}
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ["Hello, world! 3.14", "日本語の文章です。東京", "emoji 🚀🦙 and ñ", "<s> x </s>"]:
+        ids = pool.tokenizer(text)["input_ids"]
+        assert loaded(text)["input_ids"] == ids, text
+        assert any(types[i] == 6 for i in ids) or "emoji" not in text  # the emoji take the byte fallback
+        assert loaded.decode(ids) == pool.tokenizer.decode(ids), text
+    # without its tokenizer.model (tokenizer.json alone) the scores are the pieces' BPE ranks; it still round-trips
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in sentencepiece_mistral.iterdir():
+        if f.name != "tokenizer.model":
+            (bare / f.name).write_bytes(f.read_bytes())
+    pool = SourcePool.load([str(bare)])
+    out = export_gguf(pool, replace(g, sources=(str(bare),)), tmp_path / "bare.gguf", quant="f16")
+    scores = GGUFReader(str(out)).fields["tokenizer.ggml.scores"].contents()
+    assert scores[259:262] == [-259.0, -260.0, -261.0] and scores[:259] == [0.0] * 259
 
 
 # --------------------------------------------------------------------------- the command
