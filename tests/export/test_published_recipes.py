@@ -204,6 +204,66 @@ parameters:
 dtype: bfloat16
 """
 
+# mergekit's own examples (arcee-ai/mergekit, examples/ties.yml at a9e23f0, linear.yml at bc62b54, bio-merge.yml
+# at 7ee1c40), verbatim: gradients of density and weight, a filtered weight, int8_mask
+MERGEKIT_TIES = """\
+models:
+  - model: psmathur/orca_mini_v3_13b
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  - model: garage-bAInd/Platypus2-13B
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1] # weight gradient
+  - model: WizardLM/WizardMath-13B-V1.0
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: TheBloke/Llama-2-13B-fp16
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"""
+
+MERGEKIT_LINEAR = """\
+models:
+  - model: psmathur/orca_mini_v3_13b
+    parameters:
+      weight: 1.0
+  - model: WizardLM/WizardLM-13B-V1.2
+    parameters:
+      weight: 0.3
+  - model: garage-bAInd/Platypus2-13B
+    parameters:
+      weight: 0.5
+merge_method: linear
+dtype: float16
+"""
+
+BIO_MERGE = """\
+models:
+  - model: mistralai/Mistral-7B-Instruct-v0.2
+    parameters:
+      density: 0.5
+      weight: 0.5
+  - model: BioMistral/BioMistral-7B
+    parameters:
+      density: 0.5
+      weight: 0.5
+merge_method: ties
+base_model: mistralai/Mistral-7B-v0.1
+parameters:
+  normalize: false
+  int8_mask: true
+dtype: float16
+"""
+
 # name -> (its architecture, its real layer count)
 MODELS = {
     "Xwin-LM/Xwin-LM-70B-V0.1": ("llama", 80),
@@ -221,6 +281,10 @@ MODELS = {
     "mlabonne/NeuralHermes-2.5-Mistral-7B": ("mistral", 32),
     "152334H/miqu-1-70b-sf": ("llama", 80),
     "lizpreciatior/lzlv_70b_fp16_hf": ("llama", 80),
+    "TheBloke/Llama-2-13B-fp16": ("llama", 40),
+    "WizardLM/WizardMath-13B-V1.0": ("llama", 40),
+    "WizardLM/WizardLM-13B-V1.2": ("llama", 40),
+    "BioMistral/BioMistral-7B": ("mistral", 32),
 }
 
 # recipe -> (published YAML, shrink factor f, the route it imports to (scaled), embed, head, tokenizer source)
@@ -248,6 +312,10 @@ REFUSED = {
 PS_BUILT = {
     "gradient-slerp": (GRADIENT_SLERP, 4, "slerp", ("self_attn", "mlp"), 10),
     "NeuralPipe-7B-slerp": (NEURALPIPE_SLERP, 4, "slerp", ("self_attn", "mlp"), 8),
+    # gradients over all 10 stand-in layers, their t = 0 values at the embeddings and the head (ends)
+    "mergekit examples/ties.yml": (MERGEKIT_TIES, 4, "ties", ("mlp",), 10),
+    "mergekit examples/linear.yml": (MERGEKIT_LINEAR, 4, "linear", (), 1),
+    "mergekit examples/bio-merge.yml": (BIO_MERGE, 4, "ties", (), 1),
 }
 
 
@@ -263,7 +331,7 @@ def shrink(b: int, f: int, layers: int) -> int:
 def scaled(text: str, f: int) -> dict[str, Any]:
     """The recipe with every layer_range scaled to the stand-ins (names and everything else as published)."""
     data = yaml.safe_load(text)
-    for sl in data["slices"]:
+    for sl in data.get("slices", []):
         for src in sl["sources"]:
             n = MODELS[src["model"]][1]
             src["layer_range"] = [shrink(b, f, n) for b in src["layer_range"]]
@@ -274,9 +342,8 @@ def for_mergekit(data: dict[str, Any], cache: Path, dtype: str | None = "float32
     """The same recipe for mergekit 0.1.5 offline: names as their cache folders (`tokenizer_source: model:NAME`
     too), `dtype` replaced."""
     out = copy.deepcopy(data)
-    for sl in out["slices"]:
-        for src in sl["sources"]:
-            src["model"] = str(snapshot(cache, src["model"]))
+    for src in [*(src for sl in out.get("slices", []) for src in sl["sources"]), *out.get("models", [])]:
+        src["model"] = str(snapshot(cache, src["model"]))
     for key in ("base_model", "tokenizer_source"):
         value = out.get(key)
         if isinstance(value, str) and value.removeprefix("model:") in MODELS:
@@ -341,9 +408,11 @@ def factors() -> dict[str, int]:
     """Each stand-in's shrink factor: the f of the recipes that name it (one f per name)."""
     out: dict[str, int] = {}
     for text, f, *_ in [*BUILT.values(), *REFUSED.values(), *PS_BUILT.values()]:
-        for sl in yaml.safe_load(text)["slices"]:
-            for src in sl["sources"]:
-                assert out.setdefault(src["model"], f) == f, src["model"]
+        data = yaml.safe_load(text)
+        names = [src["model"] for sl in data.get("slices", []) for src in sl["sources"]]
+        names += [m["model"] for m in data.get("models", [])] + [data[k] for k in ("base_model",) if k in data]
+        for name in names:
+            assert out.setdefault(name, f) == f, name
     return out
 
 
