@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapter", default=str(REPO / "models" / "family" / "j"))
     ap.add_argument("--other", help="a second full model folder instead of the base with --adapter merged")
     ap.add_argument("--task", default="family_arith_j_dev:50", help="the scoring task and its documents")
-    ap.add_argument("--methods", default="task_arithmetic,ties")
+    ap.add_argument("--methods", default="task_arithmetic,ties,slerp,della,breadcrumbs_ties",
+                    help="comma list; each must take the base and one model (nuslerp and model_stock need more)")
     ap.add_argument("--layer-groups", type=int, default=6)
     ap.add_argument("--candidates", type=int, default=5)
     ap.add_argument("--mergekit-candidates", type=int, default=2)
