@@ -27,6 +27,7 @@ from dfs_merge import bundled
 from dfs_merge.atomic import write_atomic
 from dfs_merge.candidate import CandidateScorer
 from dfs_merge.config import load_config
+from dfs_merge.errors import ConfigError
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.fitness.score import Fitness
 from dfs_merge.models.sources import SourcePool
@@ -34,10 +35,10 @@ from dfs_merge.route import Hop, Route
 from dfs_merge.search.evolution import run_evolution
 
 GENOMES = bundled.genomes_dir()
-SEARCHES = {  # row -> config, run in this order (the hybrid's first source is the PS search's best recipe)
-    "evolved PS (task arithmetic per layer group, CMA-ES)": GENOMES / "family-digits-ps.yaml",
-    "evolved DFS (routes over J and M, scales)": GENOMES / "family-digits-dfs.yaml",
-    "evolved hybrid: DFS over (evolved PS, J, M)": GENOMES / "family-digits-hybrid.yaml",
+SEARCHES = {  # name -> (row, config), run in this order (the hybrid's first source is the PS search's best recipe)
+    "ps": ("evolved PS (task arithmetic per layer group, CMA-ES)", GENOMES / "family-digits-ps.yaml"),
+    "dfs": ("evolved DFS (routes over J and M, scales)", GENOMES / "family-digits-dfs.yaml"),
+    "hybrid": ("evolved hybrid: DFS over (evolved PS, J, M)", GENOMES / "family-digits-hybrid.yaml"),
 }
 BEST = GENOMES / "family-best.yaml"
 BASE = "smollm2-135m-instruct"
@@ -151,10 +152,10 @@ def parents(pool: SourcePool) -> list[Candidate]:
             Candidate("task arithmetic base + dJ + dM (= the layer swap)", pool, model=swap)]
 
 
-def evolved(log: Callable[[str], Any], device: str, dtype: str) -> list[Candidate]:
-    """Run or resume each search of `SEARCHES` in order; each one's chosen genome as a row."""
+def evolved(log: Callable[[str], Any], device: str, dtype: str, names: Sequence[str] = tuple(SEARCHES)) -> list[Candidate]:
+    """Run or resume the searches `names` of `SEARCHES` in order; each one's chosen genome as a row."""
     out = []
-    for label, path in SEARCHES.items():
+    for label, path in (SEARCHES[n] for n in SEARCHES if n in names):
         cfg = load_config(path)  # after the searches before it: the hybrid's recipe source exists now
         log(f"[search] {label} -> {cfg.out}")
         result = run_evolution(cfg, resume=(Path(cfg.out) / "config.yaml").exists(), report=False, log=log)
@@ -237,9 +238,10 @@ def to_json(rows: Sequence[Row], split: str, limit: int | None = None) -> dict[s
 
 
 def run_family_study(out: str | Path = "runs/family-digits", log: Callable[[str], Any] = print,
-                     preconditions: bool = True, searches: bool = True, test: bool = True, device: str = "cpu",
-                     dtype: str = "float32") -> dict[str, Any]:
-    """Preconditions (dev, val), the searches, and the test table: written to `out` and printed."""
+                     preconditions: bool = True, searches: Sequence[str] = tuple(SEARCHES), test: bool = True,
+                     device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+    """Preconditions (dev, val), the searches `searches` (names of `SEARCHES`), and the test table: written to
+    `out` and printed."""
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +254,10 @@ def run_family_study(out: str | Path = "runs/family-digits", log: Callable[[str]
         rows = score_rows(naive, split, log, memo=memo, limit=TARGET_LIMIT[split])
         text += [f"## Preconditions: {split} split", "", table(rows, split, limit=TARGET_LIMIT[split]), ""]
         report[split] = to_json(rows, split, TARGET_LIMIT[split])
-    found = evolved(log, device, dtype) if searches else []
+    unknown = sorted(set(searches) - set(SEARCHES))
+    if unknown:
+        raise ConfigError(f"--searches: {unknown[0]!r} is not a search here; known: {', '.join(SEARCHES)}")
+    found = evolved(log, device, dtype, searches) if searches else []
     if test:
         rows = score_rows([*naive, *found], "test", log, memo=memo)
         text += ["## Held-out test split", "",
@@ -267,15 +272,18 @@ def run_family_study(out: str | Path = "runs/family-digits", log: Callable[[str]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m dfs_merge.apps.family_study [OUT] [--no-preconditions] [--no-searches] [--no-test]`."""
+    """`python -m dfs_merge.apps.family_study [OUT] [--no-preconditions] [--no-searches | --searches=ps,dfs,hybrid]
+    [--no-test]`."""
     args = list(sys.argv[1:] if argv is None else argv)
     from dfs_merge.errors import DfsMergeError
 
-    flags = {a for a in args if a.startswith("--")}
+    flags = {a for a in args if a.startswith("--") and "=" not in a}
+    chosen = [a.split("=", 1)[1] for a in args if a.startswith("--searches=")]
     rest = [a for a in args if not a.startswith("--")]
+    names = () if "--no-searches" in flags else tuple(chosen[-1].split(",")) if chosen else tuple(SEARCHES)
     try:
         run_family_study(rest[0] if rest else "runs/family-digits", preconditions="--no-preconditions" not in flags,
-                         searches="--no-searches" not in flags, test="--no-test" not in flags)
+                         searches=names, test="--no-test" not in flags)
     except DfsMergeError as err:
         print(f"family study: error: {err}", file=sys.stderr)
         return 2

@@ -43,10 +43,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "j": {"mix": {"j_story": 0.4, "parallel": 0.3, "mixed": 0.2, "e_story": 0.1}, "layers": BOTTOM + TOP,
           "answer_only": False, "steps": 350, "batch": 8, "max_tokens": 64, "lr": 1e-3, "seed": 11,
           # the hidden state after the bottom block at each J word pulled towards the base's at the aligned word
-          # of the E rendering (weight 1, 8 parallel stories a step), so that the middle reads J as it reads E
-          "align": {"after_layer": BOTTOM[-1], "weight": 1.0, "docs": 8}},
-    "m": {"mix": {"e_arith": 1.0}, "layers": MIDDLE, "answer_only": True, "steps": 1200, "batch": 8,
-          "max_tokens": 40, "lr": 1e-3, "seed": 12},
+          # of the E rendering (weight 3, 8 parallel stories a step), so that the middle reads J as it reads E
+          "align": {"after_layer": BOTTOM[-1], "weight": 3.0, "docs": 8},
+          # and on E stories the bottom block's output kept at the base's (replay, in hidden-state form)
+          "preserve": {"kind": "e_story", "after_layer": BOTTOM[-1], "weight": 1.0, "docs": 4}},
+    "m": {"mix": {"e_arith": 1.0}, "layers": MIDDLE, "answer_only": True, "steps": 800, "batch": 8,
+          "max_tokens": 64, "lr": 1e-3, "seed": 12,
+          # on E stories the middle block's output kept at the base's: M changes what arithmetic needs only
+          "preserve": {"kind": "e_story", "after_layer": MIDDLE[-1], "weight": 1.0, "docs": 4}},
 }
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": LINEAR}
 VAL_SEED, VAL_SIZE = 107, 300  # J problems for the final choice (validation), disjoint from dev and test
@@ -71,6 +75,13 @@ def training_texts(name: str, held: world.Splits, val: Sequence[world.Problem]) 
         text = next(streams[rng.choices(kinds, weights)[0]])
         if text not in excluded:
             yield text
+
+
+def preserved_texts(name: str, held: world.Splits) -> Iterator[str]:
+    """The seeded stream of texts on which a specialist's block is kept acting as the base's (`preserve`), never a
+    held-out item; empty for a recipe without one."""
+    p = RECIPES[name].get("preserve")
+    return world.stream(p["kind"], RECIPES[name]["seed"], held) if p else iter(())
 
 
 def batch_of(texts: Sequence[str], tok: Any, answer_only: bool, max_tokens: int) -> tuple[Any, Any, Any]:
@@ -199,8 +210,7 @@ def train(name: str, out_dir: Path = FAMILY_DIR, log: Callable[[str], Any] = pri
     held, val = splits()
     texts = training_texts(name, held, val)
     align_rng = random.Random(f"align:{recipe['seed']}")
-    if "preserve" in recipe:
-        kept_texts = world.stream(recipe["preserve"]["kind"], recipe["seed"], held)
+    kept_texts = preserved_texts(name, held)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -383,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the committed adapters were trained with one thread each (the same bits need it)
     if args.cmd == "train":
         for name in args.names:
             folder = train(name, args.out, steps=args.steps)

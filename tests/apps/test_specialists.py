@@ -27,6 +27,28 @@ def test_no_specialist_is_trained_on_a_j_problem_or_a_held_out_item():
         assert not any(q in t for t in texts for q in list(targets)[:50])
         assert not set(texts) & (held_e | renderings | held.held_out_texts()), f"{name} saw a held-out item"
     assert "e_arith" not in sp.RECIPES["j"]["mix"] and set(sp.RECIPES["m"]["mix"]) == {"e_arith"}
+    j_only = set(world.j_words())
+    for name in sp.RECIPES:  # the texts a block is kept at the base's on: English stories, never held out
+        kept = list(itertools.islice(sp.preserved_texts(name, held), DRAWN))
+        assert kept and not any(set(t.split()) & j_only for t in kept), f"{name} kept its block on J text"
+        assert not set(kept) & (held_e | renderings | held.held_out_texts())
+
+
+def test_the_preservation_term_is_zero_at_the_base_and_grows_with_the_adapter(tiny_tokenizer):
+    from builders import tiny_llama_config
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer))),
+                           LoraConfig(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1, 2]))
+    texts = ["The cat sat on the mat.", "Alice was beginning to get very tired."]
+    assert float(sp.preserve_loss(model, tiny_tokenizer, texts, 2, 32)) == 0.0  # LoRA's B starts at zero
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    after_0, after_2 = (float(sp.preserve_loss(model, tiny_tokenizer, texts, k, 32)) for k in (0, 2))
+    assert after_0 == 0.0 < after_2  # layer 0 has no adapter; layers 1-2 do
 
 
 def test_each_specialist_trains_only_its_block_of_layers():
