@@ -158,7 +158,8 @@ def evolved(log: Callable[[str], Any], device: str, dtype: str, names: Sequence[
     for label, path in (SEARCHES[n] for n in SEARCHES if n in names):
         cfg = load_config(path)  # after the searches before it: the hybrid's recipe source exists now
         log(f"[search] {label} -> {cfg.out}")
-        result = run_evolution(cfg, resume=(Path(cfg.out) / "config.yaml").exists(), report=False, log=log)
+        # report=True: the final choice on validation (select_tasks); the configs name no report tasks
+        result = run_evolution(cfg, resume=(Path(cfg.out) / "config.yaml").exists(), report=True, log=log)
         pool = SourcePool.load(list(result.best.sources), device, dtype)
         out.append(Candidate(label, pool, genome=result.best, text=result.best.text()))
     return out
