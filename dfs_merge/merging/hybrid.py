@@ -46,18 +46,18 @@ class RecipeSource:
         return locate(recipe.sources[recipe.base if recipe.base is not None else 0])
 
     def fingerprint(self, path: str) -> str | None:
-        """blake2b over the recipe file's bytes and its sources' fingerprints: a change to either is a new
-        source. None while one of its sources has none."""
-        from dfs_merge.errors import SourceError
+        """blake2b over the recipe's key (what it merges: method, values, options) and its sources'
+        fingerprints: a change to either is a new source, while scores or comments written into the file are
+        not. None while one of its sources has none."""
         from dfs_merge.genome_files import load_recipe_source
-        from dfs_merge.inputs import read_bytes
         from dfs_merge.models.metadata import fingerprint
 
-        inner = [fingerprint(s) for s in load_recipe_source(path).sources]
+        recipe = load_recipe_source(path)
+        inner = [fingerprint(s) for s in recipe.sources]
         if any(f is None for f in inner):
             return None
         h = hashlib.blake2b(digest_size=16)
-        h.update(read_bytes(Path(path).expanduser(), SourceError) + "".join(map(str, inner)).encode())
+        h.update((recipe.key() + "".join(map(str, inner))).encode())
         return "blake2b:" + h.hexdigest()
 
     def load(self, path: str, device: str, dtype: str, trust_remote_code: bool) -> Source:

@@ -253,6 +253,22 @@ def test_ends_give_the_embeddings_and_the_head_genes_of_their_own(three, fake, t
     assert r.best.ends and len(r.best.scales) == 2 * 2 * (2 + 2)  # (weights + densities) x 2 sources x 4 columns
 
 
+def test_a_recipe_source_is_fingerprinted_by_what_it_merges_not_by_its_file(three, tmp_path):
+    """Scores or comments written into a recipe file (the validation step does) leave the hybrid's source the same;
+    another weight makes it another source."""
+    from dfs_merge.models.metadata import fingerprint
+
+    recipe = Recipe(tuple(three), 4, "task_arithmetic", 0, 2, ((0.5, 0.9), (0.3, 1.2)))
+    path = tmp_path / "r.recipe.yaml"
+    save_genome(recipe, path)
+    before = fingerprint(str(path))
+    save_genome(replace(recipe, scores={"val": {"score": 0.5}}), path)
+    path.write_text("# a comment\n" + path.read_text())
+    assert fingerprint(str(path)) == before and before.startswith("blake2b:")
+    save_genome(recipe.with_bits((), (0.5, 0.9, 0.3, 1.1)), path)
+    assert fingerprint(str(path)) != before
+
+
 def test_a_merge_config_without_filters_or_options_records_what_it_did_before(fake, tmp_path):
     """`merge.filters` and `merge.options` are left out of the recorded config while empty, so that a run made
     before they existed resumes (its search config, and so its digest, is unchanged)."""
