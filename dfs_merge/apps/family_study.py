@@ -243,6 +243,9 @@ def run_family_study(out: str | Path = "runs/family-digits", log: Callable[[str]
                      device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     """Preconditions (dev, val), the searches `searches` (names of `SEARCHES`), and the test table: written to
     `out` and printed."""
+    unknown = sorted(set(searches) - set(SEARCHES))
+    if unknown:
+        raise ConfigError(f"--searches: {unknown[0]!r} is not a search here; known: {', '.join(SEARCHES)}")
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,9 +258,6 @@ def run_family_study(out: str | Path = "runs/family-digits", log: Callable[[str]
         rows = score_rows(naive, split, log, memo=memo, limit=TARGET_LIMIT[split])
         text += [f"## Preconditions: {split} split", "", table(rows, split, limit=TARGET_LIMIT[split]), ""]
         report[split] = to_json(rows, split, TARGET_LIMIT[split])
-    unknown = sorted(set(searches) - set(SEARCHES))
-    if unknown:
-        raise ConfigError(f"--searches: {unknown[0]!r} is not a search here; known: {', '.join(SEARCHES)}")
     found = evolved(log, device, dtype, searches) if searches else []
     if test:
         rows = score_rows([*naive, *found], "test", log, memo=memo)

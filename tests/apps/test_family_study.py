@@ -36,3 +36,11 @@ def test_the_committed_digit_target_has_both_operations_in_every_split():
         ops = {r["op"] for r in rows}
         assert ops == {"add", "sub"} and all(int(r["answer"]) == (r["a"] + r["b"] if r["op"] == "add"
                                                                   else r["a"] - r["b"]) for r in rows)
+
+
+def test_an_unknown_search_is_one_line_and_exit_2_before_anything_is_loaded_or_written(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert fs.main([str(out), "--searches=ps,nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'nope' is not a search here; known: ps, dfs, hybrid" in err, err
+    assert not out.exists()

@@ -151,6 +151,8 @@ def test_new_method_recipes_round_trip_through_their_file_and_keep_distinct_keys
     ({"densities": {1: [0.0, 1.0], 2: [1, 1]}}, "densities[1][0]: 0.0 is outside (0, 1]"),
     ({"weights": {1: [".nan", 0.5], 2: [1, 1]}}, "weights[1][0]: nan is not a finite number"),
     ({"layer_groups": 9}, "layer_groups: 9 is not between 1 and the 4 layers"),
+    ({"ends": "yes"}, "ends"),  # a real boolean only
+    ({"ends": True}, "weights[1]: expected 4 values"),  # rows of 2 where ends needs layer groups + 2
 ])
 def test_bad_recipe_files_are_one_line_exit_2(tmp_path, fake, change, phrase):
     data = genome_to_dict(initial_recipe(fake, 4, "dare_ties", 0, 2))
