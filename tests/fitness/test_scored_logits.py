@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from builders import GEN_ROWS, write_jsonl, write_tiny_suite
 
+from dfs_merge import CHECKOUT
 from dfs_merge.fitness.lm_eval_glue import first_scored_positions, logits_to_keep
 from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Route
@@ -21,23 +22,15 @@ from dfs_merge.stitch import ActivationCache, stitch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TASKS = {"tiny_mc": 1.0, "tiny_ppl": 1.0, "tiny_ll": 1.0}
-TINY_LL = """\
+# the bundled answer-likelihood template (the family suites'), with its data read from this suite's folder
+TINY_LL = f"""\
+    include: {CHECKOUT / "eval_suites" / "_template_family_arith.yaml"}
     task: tiny_ll
-    dataset_path: json
+    custom_dataset: null
     dataset_kwargs:
       data_files:
         test: data/tiny_ll.jsonl
-    test_split: test
-    output_type: loglikelihood
-    doc_to_text: "Question: {{question}} = ? Answer:"
-    doc_to_target: " {{answer}}"
-    target_delimiter: ""
-    metric_list:
-      - metric: acc
-        aggregation: mean
-        higher_is_better: true
-    metadata:
-      version: 1
+    doc_to_text: "Question: {{{{question}}}} = ? Answer:"
     """
 
 
