@@ -252,7 +252,8 @@ TEMPLATE = """\
 # up to its answer cue (`answer :` in E, `kotae :` in J), the context starting with a space as in M's training.
 # `acc` is 1 when the answer's tokens (" 13" is three SmolLM2 tokens) are the model's greedy continuation:
 # greedy decoding's exact match on the answer, from one forward pass per problem instead of a generation loop
-# (about 10x cheaper on a CPU).
+# (about 10x cheaper on a CPU). `perplexity` (exp of minus the answers' mean log-likelihood, from the same
+# forward) is the smooth statistic a search can climb instead (`metrics: {task: perplexity}`); acc is the default.
 dataset_path: json
 custom_dataset: !function local_data.load
 test_split: test
@@ -264,6 +265,9 @@ metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
 metadata:
   version: 1.0
 """

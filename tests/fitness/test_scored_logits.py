@@ -5,6 +5,7 @@ cache and a parameter-space merge."""
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -109,3 +110,25 @@ def test_a_batch_keeps_the_positions_of_its_earliest_continuation():
     assert logits_to_keep([[9, 9, 0, 0]], first) == 0  # not a request: all positions
     truncated = first_scored_positions([(("x", "y"), list(range(1, 20)), [20, 21])], max_length=8)
     assert truncated == {tuple(range(13, 21)): 6}  # left-truncated to 9 tokens, the last dropped
+
+
+def test_the_answer_task_scores_greedy_accuracy_by_default_and_the_answers_perplexity_on_request(tiny_pool, suite,
+                                                                                                 tmp_path):
+    """The bundled answer template's two statistics of one forward: acc (the default) is the share of answers
+    that are the greedy continuation; `perplexity` is exp of minus the answers' mean log-likelihood (what a
+    search can climb smoothly), lower is better."""
+    model = stitch(tiny_pool, Route.parse("0:0-2, 1:1-3"))
+    by_metric = {}
+    for metric in (None, "perplexity"):
+        fit = Fitness({"tiny_ll": 1.0}, suites=[suite], max_length=512, batch_size=3, cache_dir=tmp_path,
+                      metrics={"tiny_ll": metric} if metric else None)
+        ev = fit.score(model, tiny_pool.tokenizer)
+        assert ev.ok, ev.error
+        by_metric[metric] = (ev.tasks["tiny_ll"], [r[0] for r in responses(fit)["tiny_ll"].values()])
+    acc, answers = by_metric[None]
+    assert acc.metric == "acc" and acc.higher_is_better
+    assert acc.value == pytest.approx(sum(greedy for _, greedy in answers) / len(answers))
+    ppl, answers = by_metric["perplexity"]
+    assert ppl.metric == "perplexity" and not ppl.higher_is_better
+    assert ppl.value == pytest.approx(math.exp(-sum(ll for ll, _ in answers) / len(answers)), rel=1e-9)
+    assert ppl.value > 1.0
