@@ -207,6 +207,19 @@ def tiny_llama_config(vocab_size: int):
     )
 
 
+def train_sentencepiece(folder: Path, **options: Any) -> Path:
+    """A tiny SentencePiece BPE model with byte fallback (vocabulary 400), trained on the built-in text plus a little
+    Japanese, written as `folder / "tokenizer.model"`; `options` go to the trainer (special ids and pieces, ...)."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.txt").write_text((CORPUS + "\n日本語の文章です。東京は大きい。\n") * 3)
+    settings = dict(vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"),
+                                   **{**settings, **options})
+    return folder / "tokenizer.model"
+
+
 def save_source(model, tokenizer, folder: Path) -> Path:
     """Save a model (safetensors) and tokenizer as an HF folder."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -337,3 +350,52 @@ def deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def write_lora(base_dir: Path, out: Path, seed: int, layers: list[int], modules=("q_proj", "v_proj", "down_proj"),
+               base_name: str | None = None) -> Path:
+    """A random (non-zero) PEFT LoRA adapter over the model in `base_dir` (r 4 on `modules` of `layers`), saved
+    with safetensors in `out`; `base_name` replaces the base it records (`base_model_name_or_path`)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(modules), layers_to_transform=layers,
+                     init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(out)
+    if base_name is not None:
+        config = json.loads((out / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base_name
+        (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def mergekit_yaml(cfg: Path, out: Path) -> Path:
+    """Build `cfg` as `mergekit-yaml cfg out` does (its options' defaults, on the CPU, quiet), in this process."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    text = cfg.read_text()
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
+              MergeOptions(quiet=True, device="cpu"), config_source=text)
+    return out
+
+
+def mergekit_writes_full_attention_layer_types(monkeypatch: Any) -> None:
+    """mergekit 0.1.5 under transformers 5 writes a model of a new depth with the base's `layer_types` (one entry
+    per base layer: a config transformers refuses to load). Patched to what the header note of
+    `write_mergekit_config` tells its users to write: every layer full attention, one entry per output layer."""
+    import mergekit.merge
+
+    original = mergekit.merge._model_out_config
+
+    def fixed(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        out.layer_types = ["full_attention"] * out.num_hidden_layers
+        return out
+
+    monkeypatch.setattr(mergekit.merge, "_model_out_config", fixed)

@@ -20,10 +20,14 @@ the target's name.
 What a GGUF file written here can express, and what is refused in one line (`ExportError`): the Llama
 family's `llama`, `mistral` (written as llama.cpp's `llama`, as its converter does: llama.cpp attends over
 the whole context, so a Mistral sliding window is dropped, with a warning), `qwen2` and `qwen3` (only with
-`head_dim` 128, the one transformers' GGUF loader assumes); not Gemma 3 or any other family, not rope
-scaling, not sliding-window layers, not Llama attention or MLP biases; a byte-level BPE tokenizer whose
-pre-tokenizer has a llama.cpp name (`PRE_TOKENIZERS`) or a SentencePiece BPE with byte fallback (Llama 2's,
-Mistral v0.1's: llama.cpp's `llama` vocabulary with scores and token types).
+`head_dim` 128, the one transformers' GGUF loader assumes), and Gemma 3's text model (`gemma3_text`, as
+llama.cpp's `gemma3`: its norms stored as `1 + weight`, the sliding window and head_dim in the metadata;
+`_check_gemma3` lists the settings that neither llama.cpp nor transformers' GGUF loader reads from a file and
+that must therefore be Gemma 3's standard ones, and `_check_route` the layer pattern a route must keep); not
+any other family, not rope scaling, not sliding-window layers outside Gemma 3's fixed pattern, not Llama
+attention or MLP biases; a byte-level BPE tokenizer whose pre-tokenizer has a llama.cpp name
+(`PRE_TOKENIZERS`) or a SentencePiece BPE with byte fallback (Llama 2's, Mistral v0.1's, Gemma's: llama.cpp's
+`llama` vocabulary with scores and token types).
 """
 
 from __future__ import annotations
@@ -90,17 +94,22 @@ QUANTS: dict[str, Quant] = {q.name: q for q in (
 
 @dataclass(frozen=True)
 class Architecture:
-    """How one `model_type` is written: llama.cpp's architecture, and whether q/k rows are permuted."""
+    """How one `model_type` is written: llama.cpp's architecture, whether q/k rows are permuted, what is added
+    to the norm weights, whether head_dim is always written, and llama.cpp's sliding-window pattern."""
 
     arch: str  # a gguf.MODEL_ARCH member name
     permute_qk: bool  # llama.cpp's llama rope pairs interleaved dimensions: HF's q/k rows are reordered
+    norm_shift: float = 0.0  # added to every `*norm.weight`: Gemma's RMSNorm multiplies by (1 + w), llama.cpp's by w
+    head_dim_key: bool = False  # attention.key_length / value_length written even when head_dim = hidden / heads
+    swa_pattern: int = 0  # every n-th layer full attention, the others sliding (llama.cpp's fixed pattern); 0: none
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("LLAMA", True),
     "mistral": Architecture("LLAMA", True),
     "qwen2": Architecture("QWEN2", False),
-    "qwen3": Architecture("QWEN3", False),
+    "qwen3": Architecture("QWEN3", False, head_dim_key=True),
+    "gemma3_text": Architecture("GEMMA3", False, norm_shift=1.0, head_dim_key=True, swa_pattern=6),
 }
 
 # llama.cpp's `tokenizer.ggml.pre` for the byte-level pre-tokenizers it implements, keyed on the shape of
@@ -232,20 +241,83 @@ def _check_config(config: PretrainedConfig, warn: bool = True) -> None:
     if model_type == "qwen3" and _head_dim(config) != 128:
         raise ExportError(f"--format gguf: a qwen3 with head_dim {_head_dim(config)} is not written (transformers' "
                           f"GGUF loader assumes 128)")
+    if model_type == "gemma3_text":
+        _check_gemma3(config)
     if warn and model_type == "mistral" and getattr(config, "sliding_window", None):
         log.warning("GGUF: written as llama.cpp's llama architecture, which attends over the whole context: the "
                     "sliding window of %s tokens is dropped", config.sliding_window)
 
 
+# Gemma 3's settings that a gemma3 GGUF file has no key for: llama.cpp hard-codes them (llama-model.cpp) and
+# transformers' GGUF loader takes Gemma3TextConfig's defaults, so a model is written only where it has these values.
+_GEMMA3_FIXED: dict[str, Any] = {
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "attention_bias": False,
+    "use_bidirectional_attention": False,
+}
+_GEMMA3_SCALAR = 256  # transformers' query_pre_attn_scalar; llama.cpp scales attention by 1/sqrt(head_dim) instead
+_GEMMA3_SLIDING_THETA = 10000.0  # the sliding layers' rope base, in both
+_GEMMA3_27B_BLOCKS = 62  # llama.cpp takes a gemma3 file of 62 blocks for Gemma 3 27B, scaled by 1/sqrt(hidden/heads)
+
+
+def _check_gemma3(config: PretrainedConfig) -> None:
+    """Refuse, in one line, a Gemma 3 whose file would be read back as another model: a setting off `_GEMMA3_FIXED`,
+    an attention scale other than 1/sqrt(256) = 1/sqrt(head_dim), sliding layers' rope other than plain rope at
+    base 10000, or no sliding window."""
+    for key, fixed in _GEMMA3_FIXED.items():
+        value = getattr(config, key, fixed)
+        if value != fixed and not (fixed is False and not value):  # None is off too
+            raise ExportError(f"--format gguf: a gemma3 with {key} {value!r} is not written (a gemma3 GGUF file has "
+                              f"no key for it: llama.cpp and transformers' GGUF loader assume {fixed!r})")
+    head_dim, scalar = _head_dim(config), getattr(config, "query_pre_attn_scalar", _GEMMA3_SCALAR)
+    if not head_dim == scalar == _GEMMA3_SCALAR:
+        raise ExportError(f"--format gguf: a gemma3 with head_dim {head_dim} and query_pre_attn_scalar {scalar} is not "
+                          f"written (llama.cpp scales attention by 1/sqrt(head_dim), transformers' GGUF loader by "
+                          f"1/sqrt({_GEMMA3_SCALAR}): no key carries the scalar, so both must be {_GEMMA3_SCALAR})")
+    local = _rope_parameters(config, "sliding_attention")
+    if local.get("rope_type", "default") not in ("default", None) or \
+            float(local.get("rope_theta", _GEMMA3_SLIDING_THETA)) != _GEMMA3_SLIDING_THETA:
+        raise ExportError(f"--format gguf: a gemma3 whose sliding layers' rope is {local.get('rope_type')} with base "
+                          f"{local.get('rope_theta')} is not written (a gemma3 GGUF file has no key for it: llama.cpp "
+                          f"and transformers' GGUF loader assume plain rope with base {_GEMMA3_SLIDING_THETA:g})")
+    if not getattr(config, "sliding_window", None):
+        raise ExportError("--format gguf: a gemma3 without a sliding window is not written (llama.cpp requires "
+                          "gemma3.attention.sliding_window)")
+
+
 def _check_route(pool: SourcePool, route: Route) -> None:
-    sliding = [k for k, h in enumerate(route) if pool.layer_type(h.source, h.layer) != "full_attention"]
-    if sliding:
-        raise ExportError(f"--format gguf: hops {sliding[:5]} are sliding-window layers, which a GGUF file of this "
-                          f"architecture cannot mark per layer")
+    """Refuse a route whose attention types per hop a GGUF file of the base's architecture cannot express."""
+    config = pool.base.model.config
+    spec = ARCHITECTURES[config.model_type]
+    types = [pool.layer_type(h.source, h.layer) for h in route]
+    if not spec.swa_pattern:
+        sliding = [k for k, t in enumerate(types) if t != "full_attention"]
+        if sliding:
+            raise ExportError(f"--format gguf: hops {sliding[:5]} are sliding-window layers, which a GGUF file of "
+                              f"this architecture cannot mark per layer")
+        return
+    n = spec.swa_pattern
+    wrong = [k for k, t in enumerate(types) if t != ("full_attention" if (k + 1) % n == 0 else "sliding_attention")]
+    if wrong:
+        k = wrong[0]
+        raise ExportError(f"--format gguf: hop {k} ({route[k].source}:{route[k].layer}) is {types[k]}, but a "
+                          f"{spec.arch.lower()} GGUF file makes every {n}th layer full attention and the others "
+                          f"sliding (llama.cpp and transformers' GGUF loader fix the pattern; no key sets it), "
+                          f"{len(wrong)} hop(s) differ; export an HF checkpoint, which writes layer_types per hop")
+    scale = config.hidden_size // config.num_attention_heads
+    if spec.arch == "GEMMA3" and len(route) == _GEMMA3_27B_BLOCKS and scale != config.query_pre_attn_scalar:
+        raise ExportError(f"--format gguf: a gemma3 file of {_GEMMA3_27B_BLOCKS} blocks is read by llama.cpp as Gemma 3 "
+                          f"27B, whose attention is scaled by 1/sqrt(hidden/heads) = 1/sqrt({scale}), not this "
+                          f"model's 1/sqrt({config.query_pre_attn_scalar}); a route of another length is written")
 
 
-def _rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
+def _rope_parameters(config: PretrainedConfig, layer_type: str = "full_attention") -> dict[str, Any]:
+    """The config's rope parameters (of `layer_type`'s layers where they are given per layer type, as Gemma 3's)."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and isinstance(rope.get(layer_type), dict):
+        rope = rope[layer_type]
     if isinstance(rope, dict) and "rope_type" not in rope and "type" in rope:
         rope = {**rope, "rope_type": rope["type"]}
     return rope if isinstance(rope, dict) else {}
@@ -463,9 +535,12 @@ def _write_metadata(writer: GGUFWriter, pool: SourcePool, genome: CandidateGenom
     writer.add_vocab_size(int(config.vocab_size))
     head_dim = _head_dim(config)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type == "qwen3":
+    spec = ARCHITECTURES[config.model_type]
+    if head_dim != config.hidden_size // config.num_attention_heads or spec.head_dim_key:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if spec.swa_pattern:
+        writer.add_sliding_window(int(config.sliding_window))
     writer.add_file_type(gguf.LlamaFileType[q.file_type])
     if q.tensor_type not in ("F32", "F16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -516,13 +591,16 @@ def _tensor_plan(pool: SourcePool, route: Route, arch: MODEL_ARCH,
 
 def _encode(t: torch.Tensor, gname: str, ttype: GGMLQuantizationType, config: PretrainedConfig,
             spec: Architecture) -> np.ndarray:
-    """One tensor as the bytes GGUF stores: float32, q/k rows permuted for llama.cpp's rope, then quantised."""
+    """One tensor as the bytes GGUF stores: float32, q/k rows permuted for llama.cpp's rope, norms shifted as
+    llama.cpp's converter does (`Architecture.norm_shift`), then quantised."""
     import gguf
 
     data = t.detach().to("cpu", torch.float32).numpy()
     if spec.permute_qk and gname.endswith((".attn_q.weight", ".attn_k.weight")):
         heads = config.num_attention_heads if ".attn_q." in gname else config.num_key_value_heads
         data = _permute_rope(data, int(heads))
+    if spec.norm_shift and gname.endswith("norm.weight"):
+        data = data + np.float32(spec.norm_shift)
     return gguf.quants.quantize(np.ascontiguousarray(data), ttype)
 
 

@@ -191,15 +191,11 @@ def test_qwen2_with_biases_and_tied_embeddings(tiny_tokenizer, tmp_path):
 def sentencepiece_mistral(tmp_path_factory):
     """A tiny Mistral whose tokenizer is SentencePiece BPE with byte fallback (as Llama 2's and Mistral v0.1's),
     trained here on the tiny corpus plus a little Japanese, saved with its `tokenizer.model`."""
-    import sentencepiece as spm
-    from builders import CORPUS
+    from builders import train_sentencepiece
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     root = tmp_path_factory.mktemp("spm")
-    (root / "corpus.txt").write_text((CORPUS + "\n日本語の文章です。東京は大きい。\n") * 3)
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "tokenizer"),
-                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    train_sentencepiece(root, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
     (root / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "legacy": False}))
@@ -288,7 +284,7 @@ def test_cli_refusals_are_one_line(tiny_source_dirs, tiny_tokenizer, tmp_path):
     gemma = save_source(Gemma3ForCausalLM(cfg), tiny_tokenizer, tmp_path / "gemma")
     save_genome(Genome.from_route(Route.parse("0:0-1, 0:1"), [str(gemma)], [2], 2), tmp_path / "gemma.yaml")
     assert_refused(run_cli("export", tmp_path / "gemma.yaml", "--format", "gguf", "--out", out),
-                   "architecture 'gemma3_text'", "llama")
+                   "gemma3 with head_dim 8 and query_pre_attn_scalar 256", "1/sqrt(256)")
     assert not out.exists()
 
 
