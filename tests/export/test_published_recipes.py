@@ -32,7 +32,15 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from builders import assert_refused, build_tokenizer, run_cli, save_source, tiny_llama_config
+from builders import (
+    assert_refused,
+    build_tokenizer,
+    mergekit_writes_full_attention_layer_types,
+    mergekit_yaml,
+    run_cli,
+    save_source,
+    tiny_llama_config,
+)
 
 from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import ExportError, GenomeError, SourceError
@@ -364,18 +372,6 @@ def write(folder: Path, name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def mergekit_yaml(cfg: Path, out: Path) -> Path:
-    """Build `cfg` as `mergekit-yaml cfg out` does (its options' defaults, on the CPU, quiet), in this process."""
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    text = cfg.read_text()
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
-              MergeOptions(quiet=True, device="cpu"), config_source=text)
-    return out
-
-
 def logits(folder: Path) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
@@ -653,16 +649,7 @@ def test_qwen2_depth_change_writes_a_mergekit_config(tmp_path, tiny_tokenizer, m
     assert "keeps the base's layer_types (4 entries) beside num_hidden_layers 6" in cfg.read_text()
     ours = export_checkpoint(SourcePool.load([folder]), g, tmp_path / "ours", verify=False)
 
-    import mergekit.merge
-
-    original = mergekit.merge._model_out_config
-
-    def fixed(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        out.layer_types = ["full_attention"] * out.num_hidden_layers
-        return out
-
-    monkeypatch.setattr(mergekit.merge, "_model_out_config", fixed)
+    mergekit_writes_full_attention_layer_types(monkeypatch)
     assert rel_diff(logits(mergekit_yaml(cfg, tmp_path / "theirs")), logits(ours)) <= TOL
     assert import_mergekit(cfg).key() == g.key()
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from builders import assert_refused, run_cli
-from peft import LoraConfig, PeftModel, get_peft_model
+from builders import assert_refused, run_cli, write_lora
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dfs_merge.genome import Genome, Route
@@ -23,21 +23,6 @@ from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
 IDS = torch.tensor([[1, 17, 33, 5, 99, 250, 7, 12]])
-
-
-def write_lora(base_dir: Path, out: Path, seed: int, layers: list[int], modules=("q_proj", "v_proj", "down_proj"),
-               base_name: str | None = None) -> Path:
-    """A random (non-zero) LoRA adapter over the model in `base_dir`, saved with safetensors."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(modules), layers_to_transform=layers,
-                     init_lora_weights=False)
-    get_peft_model(model, cfg).save_pretrained(out)
-    if base_name is not None:
-        config = json.loads((out / "adapter_config.json").read_text())
-        config["base_model_name_or_path"] = base_name
-        (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
 
 
 @pytest.fixture(scope="module")
