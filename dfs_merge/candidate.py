@@ -2,12 +2,15 @@
 
 `CandidateScorer` is the one path from a route or a parameter-space recipe to its `Evaluation`, used by the
 search's workers, the held-out and validation scoring, the study, the baselines' comparison and the demo.
+Where the base source is a vision-language model, a candidate is scored as that VLM around the stitched or
+merged language model, with its processor (`SourcePool.candidate`), so that tasks with images can score it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dfs_merge.errors import FitnessError
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.route import Route
@@ -42,7 +45,12 @@ class CandidateScorer:
     def __call__(self, route: Route, docs: tuple[float, float] | None = None) -> Evaluation:
         """Score `route` (on a race window `docs`, see `Fitness.score`); a candidate that fails gets a failed
         Evaluation, never an exception."""
-        return self.fitness.score(self.model(route), self.pool.tokenizer, hops=len(route), docs=docs)
+        return self._score(self.model(route), len(route), docs)
+
+    def _score(self, lm: PreTrainedModel, hops: int, docs: tuple[float, float] | None,
+               tokenizer_source: int = 0) -> Evaluation:
+        model, tokenizer = self.pool.candidate(lm, tokenizer_source)
+        return self.fitness.score(model, tokenizer, hops=hops, docs=docs)
 
     def genome(self, genome: CandidateGenome, docs: tuple[float, float] | None = None) -> Evaluation:
         """Score a DFS genome (its checked route, tokenized by its `tokenizer_source`'s tokenizer) or a
@@ -52,15 +60,19 @@ class CandidateScorer:
                 from dfs_merge.merging.blend import Blender
 
                 self.blender = Blender(self.pool)
-            model = self.blender.apply(genome)
-            return self.fitness.score(model, self.pool.tokenizer, hops=genome.layers, docs=docs)
+            return self._score(self.blender.apply(genome), genome.layers, docs)
         route = genome.check()
-        tokenizer_source = genome.settings().get("tokenizer_source", 0)
-        if not tokenizer_source:
-            return self(route, docs)
-        tokenizer = self.pool.tokenizer_for(tokenizer_source)
-        return self.fitness.score(self.model(route), tokenizer, hops=len(route), docs=docs)
+        return self._score(self.model(route), len(route), docs, genome.settings().get("tokenizer_source", 0))
 
     def with_fitness(self, fitness: Fitness) -> CandidateScorer:
         """The same sources, activation cache and resident model, scored on other tasks (another split)."""
         return CandidateScorer(self.pool, fitness, self.activation_cache, self.blender)
+
+
+def check_images(pool: SourcePool, fitness: Fitness) -> None:
+    """Refuse, naming them, tasks that show images where the base source is a language model: they need a
+    vision-language base (before any candidate is scored, rather than a failed score for each)."""
+    image_tasks = fitness.image_tasks()
+    if image_tasks and pool.vision is None:
+        raise FitnessError(f"tasks {', '.join(image_tasks)} show images: the base source (source 0, {pool.paths[0]}) "
+                           f"must be a vision-language model, and it is a {pool.base.config.model_type} language model")

@@ -152,7 +152,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     check_options(fmt, options)
     if args.no_verify and args.verify not in (None, "off"):
         raise ExportError(f"--no-verify and --verify {args.verify} contradict each other; give one of them")
-    writer = fmt.load()
+    writer = fmt.load_for(g)
     writer.precheck(g, options)
     print(f"wrote {writer.write(g, out, options, Progress(on=True))}")
 

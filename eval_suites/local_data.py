@@ -9,6 +9,9 @@ rewrites ``data_files`` to absolute paths also works.
 
 ``rows: [start, stop]`` in ``dataset_kwargs`` keeps only those rows of every file: the dev and
 validation tasks of a suite are two disjoint slices of one dev file.
+
+``images`` is the ``doc_to_image`` of the image suites: a row's ``image`` is a PNG path relative to this
+folder, opened as the one picture of the document.
 """
 
 from __future__ import annotations
@@ -41,3 +44,11 @@ def load(data_files: dict[str, str] | None = None, rows: list[int] | None = None
     return datasets.DatasetDict(
         {split: datasets.Dataset.from_list(read_jsonl(path)[keep]) for split, path in data_files.items()}
     )
+
+
+def images(doc: dict) -> list:
+    """The pictures of an image-suite row: its ``image`` (a path relative to this folder) as an RGB PIL image."""
+    from PIL import Image
+
+    with Image.open(resolve(doc["image"])) as img:
+        return [img.convert("RGB")]

@@ -207,6 +207,73 @@ def tiny_llama_config(vocab_size: int):
     )
 
 
+IMAGE_TOKEN = "<image>"
+VISION_SIZE, VISION_PATCH = 16, 8
+"""The tiny VLM's pictures: 16 x 16 pixels in 8-pixel patches, so 4 image tokens in the text for each."""
+
+
+def build_vlm_tokenizer():
+    """The tiny tokenizer with LLaVA's image token added (`IMAGE_TOKEN`, the last id): what the tiny VLM and the
+    LLMs merged with it share."""
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tok
+
+
+def tiny_vlm_text_config(tokenizer, hidden: int = HIDDEN):
+    """The Llama config of the tiny VLM's language model and of the tiny LLM merged with it: the tiny sources' (at
+    `hidden` wide), with an RMSNorm epsilon of 1e-10, so that a hop's scale folds into an export exactly to float32
+    rounding (the fold is exact but for the norm's epsilon, DESIGN.md: with 1e-6 and these tiny random weights,
+    whose hidden states are small, it moves the logits by about 1e-3)."""
+    text = tiny_llama_config(len(tokenizer))
+    text.hidden_size, text.intermediate_size, text.rms_norm_eps = hidden, 2 * hidden, 1e-10
+    return text
+
+
+def tiny_vlm(tokenizer, seed: int, hidden: int = HIDDEN, next_: bool = False):
+    """A random tiny LLaVA (float32): a 1-layer CLIP vision tower (16 x 16 pictures, 8-pixel patches), a projector
+    and a tiny Llama language model of `hidden` (the shared hidden size by default); with its processor. `next_`:
+    a LLaVA-NeXT (`LlavaNextForConditionalGeneration`, any-resolution tiles of 16 x 16) instead."""
+    import torch
+    import transformers as tf
+
+    text = tiny_vlm_text_config(tokenizer, hidden)
+    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=VISION_SIZE, patch_size=VISION_PATCH, projection_dim=32)
+    common = dict(vision_config=vision, text_config=text, projector_hidden_act="gelu", vision_feature_layer=-1,
+                  image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                  vision_feature_select_strategy="default")
+    sizes = dict(size={"shortest_edge": VISION_SIZE}, crop_size={"height": VISION_SIZE, "width": VISION_SIZE})
+    torch.manual_seed(seed)
+    if next_:
+        grid = [[VISION_SIZE, VISION_SIZE], [VISION_SIZE, 2 * VISION_SIZE], [2 * VISION_SIZE, VISION_SIZE]]
+        model = tf.LlavaNextForConditionalGeneration(tf.LlavaNextConfig(**common, image_grid_pinpoints=grid))
+        images, processor_class = tf.LlavaNextImageProcessor(**sizes, image_grid_pinpoints=grid), tf.LlavaNextProcessor
+    else:
+        model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(**common))
+        images, processor_class = tf.CLIPImageProcessor(**sizes), tf.LlavaProcessor
+    processor = processor_class(image_processor=images, tokenizer=tokenizer, patch_size=VISION_PATCH,
+                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model.eval(), processor
+
+
+def save_vlm(model, processor, folder: Path) -> Path:
+    """Save a VLM (safetensors) and its processor (tokenizer, image processor) as an HF folder."""
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def picture(rgb: tuple[int, int, int] = (220, 30, 30), size: int = 32):
+    """A PIL picture: a white square with a coloured disc, for image + text inputs."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    ImageDraw.Draw(img).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=rgb)
+    return img
+
+
 def train_sentencepiece(folder: Path, **options: Any) -> Path:
     """A tiny SentencePiece BPE model with byte fallback (vocabulary 400), trained on the built-in text plus a little
     Japanese, written as `folder / "tokenizer.model"`; `options` go to the trainer (special ids and pieces, ...)."""

@@ -10,6 +10,9 @@ Everything is built offline and deterministically:
 - `tiny_trained_dir`: the same shape, trained for a few seconds on the built-in text, for
   tests that need a model whose quality a broken route can measurably damage.
 - `tiny_pool`: the two random sources loaded as a `SourcePool`.
+- `tiny_vlm_dirs`: a random tiny LLaVA (a CLIP vision tower, a projector, a Llama language model of the
+  same shape as the tiny sources) and a random tiny Llama LLM with the same tokenizer (the tiny one plus
+  `<image>`); `tiny_vlm_pool`: the two loaded, the VLM as the base.
 - `tiny_suite_dir`: a folder of three lm-eval tasks over tiny local JSONL files
   (multiple choice, rolling perplexity, greedy generation), data paths relative to the
   YAMLs, like the bundled `eval_suites/`.
@@ -34,7 +37,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from builders import build_tokenizer, save_source, tiny_llama_config, train_briefly, write_tiny_suite
+from builders import (
+    build_tokenizer,
+    build_vlm_tokenizer,
+    save_source,
+    save_vlm,
+    tiny_llama_config,
+    tiny_vlm,
+    tiny_vlm_text_config,
+    train_briefly,
+    write_tiny_suite,
+)
 from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,3 +212,26 @@ def tiny_pool(tiny_source_dirs):
 def tiny_suite_dir(tmp_path_factory) -> Path:
     """A suite folder with tasks tiny_mc (6 docs), tiny_ppl (4 docs), tiny_gen (5 docs, 2-shot)."""
     return write_tiny_suite(tmp_path_factory.mktemp("tiny_suite"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dirs(tmp_path_factory) -> dict[str, Path]:
+    """`vlm`: a random tiny LLaVA; `llm`: a random tiny Llama of its language model's shape and tokenizer; as HF
+    folders (see `builders.tiny_vlm`)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_vlm")
+    tokenizer = build_vlm_tokenizer()
+    vlm, processor = tiny_vlm(tokenizer, seed=0)
+    torch.manual_seed(1)
+    llm = LlamaForCausalLM(tiny_vlm_text_config(tokenizer)).eval()
+    return {"vlm": save_vlm(vlm, processor, root / "vlm"), "llm": save_source(llm, tokenizer, root / "llm")}
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_pool(tiny_vlm_dirs):
+    """The tiny VLM (the base) and the tiny LLM loaded as a `SourcePool` (float32, CPU)."""
+    from dfs_merge.models.sources import SourcePool
+
+    return SourcePool.load([str(tiny_vlm_dirs["vlm"]), str(tiny_vlm_dirs["llm"])])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from dfs_merge.candidate import CandidateScorer
+from dfs_merge.candidate import CandidateScorer, check_images
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import GenomeError
 from dfs_merge.evaluation import Evaluation
@@ -69,10 +69,10 @@ def evaluate_for_cli(
         check_same_sources(g.sources, g.fingerprints, cfg.sources, f"genome {genome}")
     fitness = Fitness.from_config(cfg, split=split)  # a bad task fails before any model is loaded
     pool = SourcePool.load(cfg.sources, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    check_images(pool, fitness)
     if sources_only:
         evals = {
-            f"source {i}": fitness.score(src.model, pool.tokenizer_for(i), hops=len(src.layers))
-            for i, src in enumerate(pool.sources)
+            f"source {i}": fitness.score(*pool.alone(i), hops=len(src.layers)) for i, src in enumerate(pool.sources)
         }
     elif g is not None:
         if not isinstance(g, Recipe):

@@ -61,12 +61,13 @@ def _scales_text(route: Route) -> str:
     return ", ".join(f"{k}: {s:.6g}" for k, s in enumerate(scales) if s != 1.0) + " (other hops 1)"
 
 
-def _route_text(architecture: str, family: str, genome: Genome, route: Route, genome_file: str, rows: str) -> str:
+def _route_text(architecture: str, family: str, genome: Genome, route: Route, genome_file: str, rows: str,
+                loader: str) -> str:
     products = running_products(route)
     return f"""A data-flow-space merge (Akiba et al. 2024, arXiv:2403.13187) made with dfs-merge: the hidden
 state takes the route below through the decoder layers of the sources. It is an ordinary
 `{architecture}` checkpoint with {len(route)} layers; load it with
-`AutoModelForCausalLM.from_pretrained(...)`.
+`{loader}.from_pretrained(...)`.
 
 ## Sources
 
@@ -84,12 +85,12 @@ state takes the route below through the decoder layers of the sources. It is an 
 - genome: `{genome_file}` (repeats {genome.layout.repeats}, scaling {genome.scaling}, key {genome.key()})"""
 
 
-def _recipe_text(recipe: Recipe, genome_file: str, rows: str) -> str:
+def _recipe_text(recipe: Recipe, genome_file: str, rows: str, loader: str) -> str:
     table = "\n".join(recipe.table())
     base = f"source {recipe.base}" if recipe.base is not None else "none"
     return f"""A parameter-space merge ({recipe.method}) made with dfs-merge: each tensor is a mix of the
 sources' tensors, with one weight per source and layer group below. It is an ordinary checkpoint of
-the base's architecture with {recipe.layers} layers; load it with `AutoModelForCausalLM.from_pretrained(...)`.
+the base's architecture with {recipe.layers} layers; load it with `{loader}.from_pretrained(...)`.
 
 ## Sources
 
@@ -179,18 +180,19 @@ def model_card(
     command: str | None,
     written: torch.dtype | None = None,
     settings: Settings | None = None,
+    loader: str = "AutoModelForCausalLM",
 ) -> str:
     """The README.md text of an export of `route` over `sources`, titled `title`.
 
     `genome_file` is the genome's file name inside the export and `genome_text` its content (inlined);
     `verified` what the verification found; `command` the command line that made it (default: this
-    process's); `written` the dtype its tensors were written in.
+    process's); `written` the dtype its tensors were written in; `loader` the transformers Auto class that loads it.
     """
     import transformers
 
     rows = "\n".join(f"| {i} | `{s.path}` | {s.layers} | {s.model_type} |" for i, s in enumerate(sources))
-    how = (_recipe_text(genome, genome_file, rows) if isinstance(genome, Recipe)
-           else _route_text(architecture, family, genome, route, genome_file, rows))
+    how = (_recipe_text(genome, genome_file, rows, loader) if isinstance(genome, Recipe)
+           else _route_text(architecture, family, genome, route, genome_file, rows, loader))
     scores = yaml.safe_dump(genome.scores, sort_keys=False).strip() if genome.scores else "none recorded"
     cmd = command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     return f"""---

@@ -5,6 +5,10 @@ no weights, run before any source is loaded, and `write(genome, out, options, pr
 and returns its path. The table names each module by its dotted path and imports it only when its format is
 used, so `--format`'s choices and the option checks load nothing heavy. A new format is one module and one
 row: `FORMATS["name"] = ExportFormat("name", "file", "package.module")`.
+
+A genome whose base (source 0) is a vision-language model is written by the row's `vision_module` (the HF
+checkpoint's: `dfs_merge.export.vlm`, the VLM with its language model replaced); a format without one refuses
+it in one line saying why (`vision_refusal`). `ExportFormat.load_for(genome)` picks the module.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, cast
 
-from dfs_merge.errors import ExportError
+from dfs_merge.errors import ExportError, SourceError
 
 if TYPE_CHECKING:
     from dfs_merge.export.progress import Progress
@@ -56,16 +60,40 @@ class ExportFormat:
     out: Literal["folder", "file"]
     module: str
     options: tuple[str, ...] = ()
+    vision_module: str | None = None  # writes a genome whose base is a vision-language model; None: refused
+    vision_refusal: str = ""  # why this format cannot write one
 
     def load(self) -> FormatModule:
         """The format's module, imported on first use."""
         return cast("FormatModule", importlib.import_module(self.module))
 
+    def load_for(self, genome: CandidateGenome) -> FormatModule:
+        """The module that writes `genome`: the format's, or where its base (source 0) is a vision-language model,
+        `vision_module` (an ExportError saying why, for a format that cannot write one). A base that cannot be
+        found is left to the format's own checks to refuse."""
+        from dfs_merge.models.folders import locate, vision_family
+
+        try:
+            vision = vision_family(locate(genome.sources[0]))
+        except SourceError:
+            vision = None
+        if vision is None:
+            return self.load()
+        if self.vision_module is None:
+            raise ExportError(f"--format {self.name}: source 0 is a vision-language model ({vision.name}), and "
+                              f"{self.vision_refusal}; export it with --format hf")
+        return cast("FormatModule", importlib.import_module(self.vision_module))
+
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
-    ExportFormat("hf", "folder", "dfs_merge.export.checkpoint", ("max_shard_size", "copy_tokenizer")),
-    ExportFormat("gguf", "file", "dfs_merge.export.gguf", ("quant",)),
-    ExportFormat("mergekit", "file", "dfs_merge.export.mergekit"),
+    ExportFormat("hf", "folder", "dfs_merge.export.checkpoint", ("max_shard_size", "copy_tokenizer"),
+                 vision_module="dfs_merge.export.vlm"),
+    ExportFormat("gguf", "file", "dfs_merge.export.gguf", ("quant",),
+                 vision_refusal="llama.cpp keeps a vision-language model's vision tower and projector in a separate "
+                                "mmproj file, which dfs-merge does not write"),
+    ExportFormat("mergekit", "file", "dfs_merge.export.mergekit",
+                 vision_refusal="mergekit's configs merge language models only: they cannot place a vision tower "
+                                "and projector around a merged language model"),
 )}
 
 # the options only some formats read: the flag that gives each, and what the formats that read it do

@@ -292,3 +292,31 @@ def candidate_lm_class() -> type:
                 return self.model(inps, logits_to_keep=keep).logits
 
     return CandidateLM
+
+
+@functools.cache
+def candidate_vlm_class() -> type:
+    """lm-eval's multimodal LM (`hf-multimodal`, `HFMultimodalLM`) over a vision-language model object and its
+    processor, minus progress bars (built lazily).
+
+    lm-eval 0.4.13 drops a processor object given as `tokenizer=` (its `_create_tokenizer` returns it unset); here
+    it becomes the LM's `processor`, its tokenizer the LM's `tokenizer`, as they are for a model lm-eval loads
+    itself. lm-eval scores image tasks by generation (`generate_until`); its multimodal loglikelihood is not
+    implemented there, so an image task must be a generation task.
+    """
+    from lm_eval.models.hf_vlms import HFMultimodalLM
+
+    class CandidateVLM(HFMultimodalLM):
+        """An `HFMultimodalLM` over a vision-language model object, its processor given as `tokenizer`."""
+
+        def _create_tokenizer(self, pretrained: Any, tokenizer: Any, **kwargs: Any) -> None:
+            self.processor = tokenizer
+            self.tokenizer = tokenizer.tokenizer
+
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return CandidateVLM

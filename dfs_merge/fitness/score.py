@@ -7,6 +7,10 @@ for every candidate and combines each task's primary metric into one weighted sc
 is better). A candidate that raises, runs out of memory or produces NaN/inf gets
 `WORST_SCORE` and a one-line `error`; it never stops the run.
 
+Tasks that show images (a `doc_to_image` in their YAML, such as the bundled `image_qa_*`) are scored through
+lm-eval's multimodal model type (`hf-multimodal`) over a vision-language model, with its processor passed as
+the tokenizer; the other tasks of the same candidate through the text model type, with the processor's tokenizer.
+
 This module owns `Fitness` (its construction, `from_config`, `score`, `describe`, `tasks`);
 how lm-eval is adapted to it lives in `lm_eval_glue.py`.
 """
@@ -26,6 +30,7 @@ from dfs_merge.errors import FitnessError, one_line
 from dfs_merge.evaluation import Evaluation, TaskResult
 from dfs_merge.fitness.lm_eval_glue import (
     candidate_lm_class,
+    candidate_vlm_class,
     no_build_bars,
     no_request_bars,
     offline_env,
@@ -37,7 +42,7 @@ from dfs_merge.fitness.tasks import TaskSpec, build_tasks, default_suites_dir, s
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
     from lm_eval.models.huggingface import HFLM
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
     from dfs_merge.config import RunConfig
 
@@ -153,6 +158,10 @@ class Fitness:
         """The built lm-eval task objects, by name."""
         return {name: s.task for name, s in self._specs.items()}
 
+    def image_tasks(self) -> list[str]:
+        """The tasks that show the model images (lm-eval's multimodal tasks): they need a vision-language model."""
+        return [name for name, s in self._specs.items() if getattr(s.task, "MULTIMODAL", False)]
+
     def describe(self) -> dict[str, dict[str, Any]]:
         """Per task: weight, metric, whether higher is better, number of documents."""
         return {
@@ -167,9 +176,10 @@ class Fitness:
         n = self._specs[name].docs
         return range(prefix_size(docs[0], n), prefix_size(docs[1], n))
 
-    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hops: int | None = None,
-              docs: tuple[float, float] | None = None) -> Evaluation:
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | ProcessorMixin,
+              hops: int | None = None, docs: tuple[float, float] | None = None) -> Evaluation:
         """Evaluate one candidate on every task; a failure yields `WORST_SCORE` and `error`, never an exception.
+        `tokenizer` is a vision-language model's processor where tasks show images.
 
         `docs` (racing): only each task's documents in `window(task, docs)`; the Evaluation then also holds their
         per-document results (`per_doc`), which `search/racing.py` combines over the stages."""
@@ -239,24 +249,36 @@ class Fitness:
         """What a task adds to the score (`task_term` with this fitness's weights and guards)."""
         return task_term(r, self.weights[name], self.guards.get(name))
 
-    def _lm(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HFLM:
-        """A fresh `CandidateLM` over `model`, sharing the tokenisations memoised for `tokenizer`.
+    def _lm(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | ProcessorMixin,
+            images: bool = False) -> HFLM:
+        """A fresh `CandidateLM` over `model`, sharing the tokenisations memoised for `tokenizer`; with `images`,
+        lm-eval's multimodal LM over a vision-language model, `tokenizer` its processor (for text tasks, the
+        processor's tokenizer tokenises).
 
         `use_cache` is never passed: lm-eval's cache is keyed on the request, not the model.
         """
+        max_length = self.max_length
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        positions = getattr(text_config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            max_length = min(max_length, positions)
+        if images:
+            if not hasattr(tokenizer, "image_processor"):
+                raise FitnessError(f"tasks {', '.join(self.image_tasks())} show images: the model must be a "
+                                   "vision-language model scored with its processor")
+            return candidate_vlm_class()(pretrained=model, tokenizer=tokenizer, backend="causal", max_length=max_length,
+                                         batch_size=self.batch_size)
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer) if hasattr(tokenizer, "image_processor") else tokenizer
         memo = self._memos.get(tokenizer)
         if memo is None:
             memo = self._memos[tokenizer] = {}
-        max_length = self.max_length
-        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if isinstance(positions, int) and positions > 0:
-            max_length = min(max_length, positions)
         return candidate_lm_class()(
             pretrained=model, tokenizer=tokenizer, backend="causal", max_length=max_length,
             batch_size=self.batch_size, memo=memo, scored_logits_only=self.scored_logits_only,
         )
 
-    def _evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    def _evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | ProcessorMixin,
                   docs: tuple[float, float] | None = None, per_doc: dict[str, Any] | None = None,
                   ) -> dict[str, TaskResult]:
         """Each task's primary metric for one candidate (on the race window `docs`, filling `per_doc`);
@@ -264,11 +286,15 @@ class Fitness:
         import torch
         from lm_eval.evaluator import evaluate
 
-        lm = self._lm(model, tokenizer)
+        lms: dict[bool, HFLM] = {}  # by whether the task shows images: made on first use
         out: dict[str, TaskResult] = {}
         with torch.inference_mode(), no_request_bars():
             for name, spec in self._specs.items():
                 t = time.perf_counter()
+                images = bool(getattr(spec.task, "MULTIMODAL", False))
+                if images not in lms:
+                    lms[images] = self._lm(model, tokenizer, images)
+                lm = lms[images]
                 window = self.window(name, docs) if docs is not None else None
                 if window is not None and not window:
                     continue  # this stage adds no document of this task

@@ -166,9 +166,10 @@ def recipe_model(recipe: Recipe, pool: SourcePool) -> PreTrainedModel:
 
 
 def merged_source(recipe: Recipe, pool: SourcePool, path: str) -> Source:
-    """The merge as one source named `path`, with the base's family, folder (config, tokenizer) and licence."""
+    """The merge as one source named `path`, with the base's family, folder (config, tokenizer), licence and, for a
+    vision-language base, its vision tower and projector."""
     base = pool.base
-    return Source(path, recipe_model(recipe, pool), base.family, base.folder, base.license, None)
+    return Source(path, recipe_model(recipe, pool), base.family, base.folder, base.license, None, base.vision)
 
 
 def merged_pool(recipe: Recipe, pool: SourcePool) -> SourcePool:

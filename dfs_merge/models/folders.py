@@ -19,8 +19,9 @@ from dfs_merge.models.kinds import source_kind
 
 if TYPE_CHECKING:
     from dfs_merge.models.families import Family
+    from dfs_merge.models.families.vision import VisionFamily
 
-__all__ = ["locate", "read_config"]
+__all__ = ["locate", "read_config", "vision_family"]
 
 
 def locate(path: str) -> Path:
@@ -59,17 +60,17 @@ def locate(path: str) -> Path:
 
 
 def read_config(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Family]:
-    """The HF config of a model folder and the family that handles it."""
+    """The HF config of a model folder and the family that handles it; for a vision-language model (see
+    `vision_family`), its language model's config and family."""
     from transformers import AutoConfig
 
     from dfs_merge.models.families import family_for, supported_model_types
 
-    data = read_json(folder / "config.json", SourceError)
-    if not isinstance(data, dict):
-        raise SourceError(f"{folder / 'config.json'}: expected a JSON object, got {type(data).__name__}")
-    model_type = data.get("model_type", "")
+    data = _config_data(folder)
+    model_type = str(data.get("model_type", ""))
     family = family_for(model_type)
-    if family is None:
+    vision = _vision_family(folder, data) if family is None else None
+    if family is None and vision is None:
         raise SourceError(
             f"{folder}: unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
         )
@@ -77,4 +78,37 @@ def read_config(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Fam
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - any loader failure is the user's file
         raise SourceError(f"{folder}: cannot read the model config ({one_line(err)})") from None
-    return config.get_text_config(decoder=True), family
+    text = config.get_text_config(decoder=True)
+    if vision is not None:
+        text_type = str(getattr(text, "model_type", ""))
+        family = family_for(text_type)
+        if family is None:
+            raise SourceError(f"{folder}: the language model of this {model_type} model is a {text_type!r}, which "
+                              f"no family handles; supported: {', '.join(supported_model_types())}")
+    return text, family
+
+
+def vision_family(folder: Path) -> VisionFamily | None:
+    """The vision family of a model folder whose config.json describes a vision-language model, None for a
+    language model; an unsupported vision-language architecture (a `vision_config` in its config) is a
+    SourceError naming it."""
+    return _vision_family(folder, _config_data(folder))
+
+
+def _vision_family(folder: Path, data: dict[str, Any]) -> VisionFamily | None:
+    from dfs_merge.models.families.vision import supported_vision_types, vision_family_for
+
+    model_type = str(data.get("model_type", ""))
+    found = vision_family_for(model_type)
+    if found is None and isinstance(data.get("vision_config"), dict):
+        raise SourceError(f"{folder}: unsupported vision-language architecture {model_type!r}; supported: "
+                          f"{', '.join(supported_vision_types())}")
+    return found
+
+
+def _config_data(folder: Path) -> dict[str, Any]:
+    """The folder's config.json as a dict."""
+    data = read_json(folder / "config.json", SourceError)
+    if not isinstance(data, dict):
+        raise SourceError(f"{folder / 'config.json'}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -9,6 +9,11 @@ local Hugging Face folder (safetensors), a GGUF file, a packaged model name (see
 A source may also be a base plus a LoRA adapter, `BASE+ADAPTER` (see `adapters`), or a path of a kind
 registered in `kinds` (a parameter-space recipe file: a hybrid's source). A loaded source remembers where it
 came from (its folder, adapter and licence), for the export.
+
+A vision-language model (a LLaVA folder) is a source too: its language model stands in the pool as a causal LM
+of its text family, and its vision tower, projector and processor stay with it (`Source.vision`, see
+`families.vision`). With a VLM as the base, a candidate is scored as that VLM around the stitched or merged
+language model (`SourcePool.candidate`).
 """
 
 from __future__ import annotations
@@ -20,18 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dfs_merge.errors import IncompatibleSources, SourceError, one_line
 from dfs_merge.models.adapters import check_base, merged_model, read_adapter_config, split_source
 from dfs_merge.models.families import Family
-from dfs_merge.models.folders import locate, read_config
+from dfs_merge.models.families.vision import VisionFamily, VisionModel
+from dfs_merge.models.folders import locate, read_config, vision_family
 from dfs_merge.models.kinds import source_kind
 from dfs_merge.models.metadata import layer_counts, source_license
 
 __all__ = ["DTYPES", "Source", "SourcePool", "available_devices", "check_compatible", "layer_counts",
-           "load_tokenizer", "locate", "read_config", "resolve_device", "ties_embeddings"]
+           "load_processor", "load_tokenizer", "locate", "read_config", "resolve_device", "ties_embeddings"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,8 @@ class Source:
     `folder` is the resolved local Hugging Face folder it was loaded from (for a GGUF file or a
     packaged name, the converted one; for `BASE+ADAPTER`, the base's); `license` is its licence as far
     as it can be told (see `source_license`); `adapter` the LoRA adapter folder merged in. All are None
-    for a model built in memory.
+    for a model built in memory. For a vision-language model, `model` is its language model as a causal LM
+    and `vision` the rest of it (vision tower, projector, processor); None for a language model.
     """
 
     path: str
@@ -54,6 +62,7 @@ class Source:
     folder: Path | None = None
     license: str | None = None
     adapter: Path | None = None  # the LoRA adapter merged into the base's weights (`BASE+ADAPTER`)
+    vision: VisionModel | None = None  # a vision-language model's parts besides its language model
 
     @property
     def config(self) -> Any:
@@ -167,9 +176,14 @@ class SourcePool:
         )
         kinds = {p: kind for p in paths if (kind := source_kind(p)) is not None}  # each loads its own
         models: dict[Path, PreTrainedModel] = {}
+        visions: dict[Path, VisionModel] = {}
         for f in dict.fromkeys(f.resolve() for p, f in zip(paths, folders, strict=True) if p not in kinds):
             log.info("loading %s", f)
-            models[f] = _load_model(f, DTYPES[dtype], dev, trust_remote_code, configs[f][1])
+            vision = vision_family(f)
+            models[f] = _load_model(f, DTYPES[dtype], dev, trust_remote_code, configs[f][1], vision)
+            if vision is not None:  # the pool holds its language model; the rest stays with the source
+                visions[f] = VisionModel(vision, models[f], load_processor(f, trust_remote_code))
+                models[f] = vision.text_model(models[f])
         merged: dict[Path, PreTrainedModel] = {}  # BASE+ADAPTER: the base's tensors shared, adapted ones new
         sources = []
         for p, f in zip(paths, folders, strict=True):
@@ -178,6 +192,10 @@ class SourcePool:
                 continue
             base, adapter = split_source(p)
             model = models[f.resolve()]
+            if adapter is not None and f.resolve() in visions:
+                raise SourceError(f"{p}: a LoRA adapter over a vision-language model "
+                                  f"({visions[f.resolve()].model_type}) is not supported; merge it into the model "
+                                  "first")
             if adapter is not None:
                 check_base(adapter, read_adapter_config(adapter), base, f)
                 key = adapter.resolve()
@@ -186,7 +204,7 @@ class SourcePool:
                     merged[key] = merged_model(model, adapter)
                 model = merged[key]
             sources.append(Source(str(p), model, configs[f.resolve()][1], f.resolve(), source_license(base, f.resolve()),
-                                  adapter.resolve() if adapter is not None else None))
+                                  adapter.resolve() if adapter is not None else None, visions.get(f.resolve())))
         return cls(sources, tokenizers[folders[0].resolve()], list(paths), [tokenizers[f.resolve()] for f in folders])
 
     @property
@@ -196,6 +214,27 @@ class SourcePool:
     @property
     def family(self) -> Family:
         return self.base.family
+
+    @property
+    def vision(self) -> VisionModel | None:
+        """The base's vision tower, projector and processor where the base is a vision-language model, else None."""
+        return self.base.vision
+
+    def candidate(self, lm: PreTrainedModel, tokenizer_source: int = 0) -> tuple[PreTrainedModel, Any]:
+        """What a candidate `lm` (a route stitched over this pool, or a merge of its sources: a causal LM) is scored
+        as, and what tokenises for it: `lm` and the tokenizer of `tokenizer_source`; where the base is a
+        vision-language model, the base VLM around `lm` and its processor (which reads images and text)."""
+        if self.vision is None:
+            return lm, self.tokenizer_for(tokenizer_source)
+        return self.vision.with_language_model(lm), self.vision.processor
+
+    def alone(self, source: int) -> tuple[PreTrainedModel, Any]:
+        """Source `source`'s own model as it is scored on its own, and what tokenises for it (its VLM and processor
+        for a vision-language model)."""
+        src = self.sources[source]
+        if src.vision is None:
+            return src.model, self.tokenizer_for(source)
+        return src.vision.with_language_model(src.model), src.vision.processor
 
     @property
     def layers_per_source(self) -> tuple[int, ...]:
@@ -230,18 +269,35 @@ def load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
     return tok
 
 
+def load_processor(folder: Path, trust_remote_code: bool) -> Any:
+    """The processor of a vision-language model folder (its image preprocessing and tokenizer), its tokenizer's pad
+    token the EOS token where it names none."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001
+        raise SourceError(f"{folder}: cannot load its processor ({one_line(err)})") from None
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None or not hasattr(processor, "image_processor"):
+        raise SourceError(f"{folder}: its processor ({type(processor).__name__}) has no tokenizer and image processor")
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return processor
+
+
 def _drop_load_report(record: logging.LogRecord) -> bool:
     """A logging filter that drops transformers' load report (`log_state_dict_report`) and keeps the rest."""
     return "LOAD REPORT" not in str(record.msg)
 
 
 def _load_model(folder: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool,
-                family: Family | None = None) -> PreTrainedModel:
+                family: Family | None = None, vision: VisionFamily | None = None) -> PreTrainedModel:
     """The folder's model as transformers loads it, with what transformers would only report refused in one line:
     tensors its config asks for that the weights lack (they would be random), and decoder layers in the weights
     beyond the config's `num_hidden_layers` (a model of fewer layers than the folder's). transformers' own load
     report (a table of every such tensor) is not printed: the refusal says it in one line; other unused tensors
-    are one warning."""
+    are one warning. A vision-language model (`vision`) is loaded whole, by its family's Auto class."""
     has_safetensors = any(folder.glob("*.safetensors"))
     if not has_safetensors:
         raise SourceError(f"{folder}: no .safetensors weights (pickled weights are not loaded, for safety)")
@@ -254,7 +310,8 @@ def _load_model(folder: Path, dtype: torch.dtype, device: torch.device, trust_re
     report = logging.getLogger("transformers.modeling_utils")
     report.addFilter(_drop_load_report)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        auto = getattr(transformers, vision.auto_class) if vision is not None else AutoModelForCausalLM
+        model, info = auto.from_pretrained(
             folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True
         )
     except Exception as err:  # noqa: BLE001
@@ -268,10 +325,13 @@ def _load_model(folder: Path, dtype: torch.dtype, device: torch.device, trust_re
         raise SourceError(f"{folder}: the weights lack {len(missing)} tensors its config.json asks for (e.g. "
                           f"{missing[0]}); does the config claim more layers than the weights hold?")
     unexpected = sorted(info.get("unexpected_keys") or [])
-    layer_key = re.compile(rf"{re.escape(family.layers_attr if family else 'model.layers')}\.(\d+)\.")
+    layers_attr = family.layers_attr if family else "model.layers"
+    if vision is not None:
+        layers_attr = vision.checkpoint_name(layers_attr)
+    layer_key = re.compile(rf"{re.escape(layers_attr)}\.(\d+)\.")
     held = [int(m.group(1)) for k in unexpected if (m := layer_key.match(k))]
     if held:  # the config's layer count is short of the weights': transformers would drop the rest silently
-        built = len(family.layers(model)) if family else min(held)
+        built = len(model.get_submodule(layers_attr)) if family else min(held)
         raise SourceError(f"{folder}: its config.json says {built} layers (num_hidden_layers) while its weights hold "
                           f"{max(held) + 1}; correct num_hidden_layers")
     if unexpected:

@@ -25,7 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dfs_merge.candidate import CandidateScorer
+from dfs_merge.candidate import CandidateScorer, check_images
 from dfs_merge.config import RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError, one_line
 from dfs_merge.evaluation import Evaluation
@@ -76,7 +76,9 @@ class ModelEvaluator:
             cache = ActivationCache(self.cfg.prefix_cache_mb) if self.cfg.prefix_cache_mb > 0 else None
             blender = None  # the resident model of parameter-space candidates, made on the first one
         kwargs = {"cache_dir": self.cache_dir} if self.cache_dir is not None else {}
-        self.scorer = CandidateScorer(pool, Fitness.from_config(self.cfg, split=self.split, **kwargs), cache, blender)
+        fitness = Fitness.from_config(self.cfg, split=self.split, **kwargs)
+        check_images(pool, fitness)
+        self.scorer = CandidateScorer(pool, fitness, cache, blender)
         return self.scorer
 
     def for_split(self, split: str) -> ModelEvaluator:

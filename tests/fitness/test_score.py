@@ -320,19 +320,24 @@ def test_from_config_maps_dev_weights_onto_report_tasks(tmp_path, cache_dir):
     assert test.describe()["tiny_ppl"]["metric"] == "bits_per_byte"
 
 
-def test_bundled_suites_build_and_score(tiny_pool, cache_dir):
-    """Every task bundled in eval_suites/ builds (data found from any cwd) and scores a tiny model."""
+def test_bundled_suites_build_and_score(tiny_pool, tiny_vlm_pool, cache_dir):
+    """Every task bundled in eval_suites/ builds (data found from any cwd) and scores a tiny model: the text tasks a
+    tiny Llama, the image tasks a tiny LLaVA."""
     from lm_eval.tasks import TaskManager
 
     root = default_suites_dir()
     assert root.is_dir(), f"the bundled eval suites are missing: {root}"  # part of the checkout and the wheel
     names = TaskManager(include_path=str(root), include_defaults=False).all_subtasks
     assert names, f"no task found in the bundled eval suites ({root})"
-    fit = Fitness({n: 1.0 for n in names}, limit=2, max_length=MAX_LEN, cache_dir=cache_dir)
-    ev = fit.score(stitch(tiny_pool, identity(tiny_pool)), tiny_pool.tokenizer)
-    assert ev.ok, ev.error
-    assert set(ev.tasks) == set(names)
-    assert torch.isfinite(torch.tensor(ev.score))
+    images = [n for n in names if n.startswith("image_qa_")]
+    assert images, "the image suite is not bundled"
+    for pool, tasks in ((tiny_pool, [n for n in names if n not in images]), (tiny_vlm_pool, images)):
+        fit = Fitness({n: 1.0 for n in tasks}, limit=2, max_length=MAX_LEN, cache_dir=cache_dir)
+        assert fit.image_tasks() == (images if pool is tiny_vlm_pool else [])
+        ev = fit.score(*pool.candidate(stitch(pool, identity(pool))))
+        assert ev.ok, ev.error
+        assert set(ev.tasks) == set(tasks)
+        assert torch.isfinite(torch.tensor(ev.score))
 
 
 def test_a_guarded_task_is_a_constraint_not_a_term(tiny_suite_dir, tiny_pool, cache_dir, tmp_path):
