@@ -5,7 +5,8 @@
 and its chat template; `progress` shows the stages; `pool` checks the loaded sources (and merges a recipe's);
 `providers` reads the sources' tensors (from memory, or streamed from their safetensors files); `tensors`
 plans, folds and streams the weights; `verify` checks the written folder (its tensors, its logits against the
-stitched model); `card` writes its README.md; `mergekit` writes and reads mergekit configs (a route as a
+stitched model); `overlap` runs the stitched model's side of that check beside the writing where a core is free,
+and fsyncs the shards in the background; `card` writes its README.md; `mergekit` writes and reads mergekit configs (a route as a
 passthrough, a recipe as its method's); `gguf` writes the same model as one GGUF file (F32, F16, BF16, Q8_0)
 for llama.cpp, checked through transformers' GGUF loader.
 """

@@ -10,8 +10,9 @@ at a time (`tensors`), so the output is never held in memory. The genome's setti
 embeddings and head sources (the route's), the tokenizer source, `dtype` (the merge's) and `out_dtype`
 (the written one), the chat template. Everything goes into a staging folder beside the target
 (`dfs_merge.atomic.Staging`), is verified there (`verify`: tensors read back, logits, or in full the
-generations too), gets its model card (`card`), and is renamed into place only when complete: a killed
-or failed export never leaves a half folder under the target's name. The genome's settings and chat
+generations too; the stitched model's side of it beside the writing where a core is free, `overlap`), gets
+its model card (`card`), and is renamed into place only when complete: a killed or failed export never
+leaves a half folder under the target's name. The genome's settings and chat
 template are `settings`'; the stage lines and bar, `progress`; the pool's checks, `pool`. `precheck` and
 `write` are the `hf` export format (`dfs_merge.export.formats`).
 
@@ -20,11 +21,13 @@ mergekit passthrough configs of the same route, out and in: `dfs_merge.export.me
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +36,7 @@ import torch
 from dfs_merge.atomic import NO_SPACE, Staging
 from dfs_merge.errors import ExportError
 from dfs_merge.export.card import CardSource, card_sources, model_card
+from dfs_merge.export.overlap import Background, Flusher, MemoryGate, spare_core
 from dfs_merge.export.pool import check_layers, check_pool, written_pool
 from dfs_merge.export.progress import Progress
 from dfs_merge.export.providers import (
@@ -58,11 +62,13 @@ from dfs_merge.export.verify import (
     QUICK_LOGITS_MAX_BYTES,
     VERIFY_MODES,
     VERIFY_PROMPTS,
+    Reference,
     VerifyResult,
     check_tensors,
     check_verified,
     coarsest,
-    compare_logits,
+    compare_written,
+    reference_outputs,
     verify_export,
     verify_tolerance,
 )
@@ -316,9 +322,24 @@ def _export(inputs: ExportInputs, genome: CandidateGenome, route: Route, out: Pa
 def _write_staged(inputs: ExportInputs, genome: CandidateGenome, route: Route, out: Path, settings: Settings,
                   entries: list[Entry], *, mode: str, limit: int, force: bool, show: Progress, command: str | None,
                   copy_tokenizer: bool) -> Path:
-    """`_export`'s writing: every file into a staging folder, verified there, then renamed to `out`."""
-    with one_thread(), _STAGING.folder(out, replace=force, refuse=_appeared) as staging:
-        _write_weights(inputs.tensors, route, entries, staging, limit, show, settings.dtype)
+    """`_export`'s writing: every file into a staging folder, verified there, then renamed to `out`.
+
+    Where a core is free, the stitched model's side of the logit check (loading the sources for it, where the
+    export streams them) runs in the background from the start, beside the writing and the tensor check; each
+    shard is fsynced in the background while the checks read it (`overlap`). Both are done before the folder is
+    published, and a failure waits for them before the folder is removed.
+    """
+    gate = MemoryGate(_largest_layer(entries))
+    with one_thread(), _STAGING.folder(out, replace=force, refuse=_appeared) as staging, \
+            contextlib.ExitStack() as background:
+        flusher = background.enter_context(Flusher())
+        logits = _logit_check(inputs, entries, settings, mode)
+        reference = _start_reference(inputs, route, logits, gate, show)
+        if reference is not None:
+            background.enter_context(reference)
+        background.callback(gate.open)  # on the way out (a failed write) before the reference is waited for
+        _write_weights(inputs.tensors, route, entries, staging, limit, show, settings.dtype, flusher, gate)
+        gate.open()  # the weights are written: a load waiting for the gate may start
         export_config(inputs, route, entries).save_pretrained(staging)
         _write_generation_config(inputs, staging)
         if copy_tokenizer:
@@ -326,7 +347,8 @@ def _write_staged(inputs: ExportInputs, genome: CandidateGenome, route: Route, o
         elif settings.chat_template:
             log.warning("chat_template is set but the tokenizer is not copied: no template is written")
         save_genome(genome, staging / GENOME_FILE)
-        verified = _verify(inputs, route, entries, staging, settings, mode, show)
+        verified = _verify(inputs, route, entries, staging, settings, show, logits, reference, gate)
+        flusher.wait()
         card = model_card(inputs.card, genome, route, architecture=inputs.architecture,
                           family=inputs.tensors.family.name, title=out.name, genome_file=GENOME_FILE,
                           genome_text=(staging / GENOME_FILE).read_text(), verified=verified, command=command,
@@ -340,8 +362,11 @@ def _appeared(out: Path) -> ExportError:
 
 
 def _write_weights(tensors: TensorProvider, route: Route, entries: list[Entry], folder: Path, limit: int,
-                   show: Progress, dtype: torch.dtype | None = None) -> None:
-    """The safetensors shards (and index), streamed from the provider: one folded layer is held at a time."""
+                   show: Progress, dtype: torch.dtype | None = None, flusher: Flusher | None = None,
+                   gate: MemoryGate | None = None) -> None:
+    """The safetensors shards (and index), streamed from the provider: one folded layer is held at a time. Each
+    shard is handed to `flusher` to be fsynced in the background; a tensor larger than a layer is written
+    holding `gate`, which is opened when the first layer is reached."""
     groups = shards(entries, limit)
     feed = FoldedLayers(tensors, route, running_products(route), dtype)
     n = len(groups)
@@ -356,9 +381,16 @@ def _write_weights(tensors: TensorProvider, route: Route, entries: list[Entry], 
 
             def get(tensor: str, by_name: dict[str, Entry] = by_name) -> torch.Tensor:
                 bar.update(1)
+                if gate is not None and by_name[tensor].hop is not None:
+                    gate.open()
                 return feed.tensor(by_name[tensor])
 
-            _save_shard(folder / name, [(e.name, e.dtype, e.shape) for e in shard], get)
+            def hold(tensor: str, by_name: dict[str, Entry] = by_name) -> contextlib.AbstractContextManager[object]:
+                return gate.tensor(by_name[tensor].nbytes) if gate is not None else contextlib.nullcontext()
+
+            _save_shard(folder / name, [(e.name, e.dtype, e.shape) for e in shard], get, hold)
+            if flusher is not None:
+                flusher.flush(folder / name)
             weight_map.update(dict.fromkeys(by_name, name))
     if n > 1:
         index = {
@@ -366,6 +398,15 @@ def _write_weights(tensors: TensorProvider, route: Route, entries: list[Entry], 
             "weight_map": dict(sorted(weight_map.items())),
         }
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _largest_layer(entries: list[Entry]) -> int:
+    """The bytes of the largest hop's tensors: what the writing holds at a time anyway."""
+    sizes: dict[int, int] = {}
+    for e in entries:
+        if e.hop is not None:
+            sizes[e.hop] = sizes.get(e.hop, 0) + e.nbytes
+    return max(sizes.values(), default=0)
 
 
 def written_dtype(entries: list[Entry]) -> torch.dtype:
@@ -431,40 +472,129 @@ def _write_tokenizer(inputs: ExportInputs, folder: Path, settings: Settings) -> 
             write_chat_template(folder, text)
 
 
-def _verify(inputs: ExportInputs, route: Route, entries: list[Entry], folder: Path, settings: Settings, mode: str,
-            show: Progress) -> str:
-    """Run the `mode` checks on the staged folder (an ExportError when one fails); what they found, one line."""
+@dataclass(frozen=True)
+class _LogitCheck:
+    """The logit check an export makes, decided before it writes (its reference runs beside the writing)."""
+
+    full: bool  # `full`: logits on every row, then greedy generations; else `quick`'s logits on one row
+    ref_name: str  # the dtype the sources are loaded in for it, where they are not loaded already
+    ref_dtype: torch.dtype  # the reference's dtype, which the checkpoint is loaded in
+    coarse: torch.dtype  # the coarsest dtype the comparison went through: it sets the tolerance
+    skipped: str | None = None  # why `quick` compares no logits (the models are too big); None when it does
+    pooled: bool = False  # a streamed export whose tensor check reads the sources loaded for the reference
+
+
+def _logit_check(inputs: ExportInputs, entries: list[Entry], settings: Settings, mode: str) -> _LogitCheck | None:
+    """What `mode`'s logit check compares (None for `off`): `quick` compares no logits of a streamed export
+    whose checkpoint or sources hold more than `QUICK_LOGITS_MAX_BYTES` (`full` always compares).
+
+    A streamed export loads its sources for the reference: its tensor check then reads the expected tensors from
+    them, as transformers loaded them (an independent reader of the same files, and no second read and cast of
+    them), where that gives the very bits the writing did: where the merge computes in the reference's dtype, or
+    every floating tensor of the sources is stored in it (and the loaded sources plan the same tensors as the
+    files: `_verify`)."""
     if mode == "off":
-        return "not verified (--verify off)"
-    n = len(entries)
-    with show.stage(f"checking the {n} written tensors against their sources", f"checked {n} tensors"):
-        checked = check_tensors(folder, entries, FoldedLayers(inputs.tensors, route, running_products(route),
-                                                              settings.dtype))
-    show.say(f"verify: {checked.text()}")
+        return None
     written = written_dtype(entries)
     pool = inputs.pool
     ref_name = next((k for k, v in DTYPES.items() if v == written), "float32")
     ref_dtype = pool.dtype if pool is not None else DTYPES[ref_name]
-    coarse = coarsest(settings.dtype, written, ref_dtype)
-
-    def load() -> SourcePool:
-        with show.loading(len(inputs.paths), inputs.device, ref_name, " to compare"):
-            return SourcePool.load(list(inputs.paths), device=inputs.device, dtype=ref_name)
-
+    check = _LogitCheck(mode == "full", ref_name, ref_dtype, coarsest(settings.dtype, written, ref_dtype))
+    if pool is not None:
+        return check
     if mode == "quick":
-        if pool is None:
-            size = max(sum(e.nbytes for e in entries), inputs.tensors.distinct_bytes(ref_dtype))
-            if size > QUICK_LOGITS_MAX_BYTES:
-                note = (f"logits not compared: {size / 2**30:.1f} GiB to load, over quick's "
-                        f"{QUICK_LOGITS_MAX_BYTES / 2**30:.0f} GiB (--verify full compares them)")
-                show.say(f"verify: {note}")
-                return f"{checked.text()}; {note}"
-        with show.stage(f"comparing logits with the stitched model on {len(VERIFY_PROMPTS)} prompts", "compared"):
-            result = compare_logits(pool if pool is not None else load, route, folder, ref_dtype)
-    else:
-        with show.stage(f"verifying against the stitched model on {len(VERIFY_PROMPTS)} prompts", "verified"):
-            result = verify_export(pool if pool is not None else load, route, folder, verify_tolerance(coarse))
+        size = max(sum(e.nbytes for e in entries), inputs.tensors.distinct_bytes(ref_dtype))
+        if size > QUICK_LOGITS_MAX_BYTES:
+            return replace(check, skipped=(
+                f"logits not compared: {size / 2**30:.1f} GiB to load, over quick's "
+                f"{QUICK_LOGITS_MAX_BYTES / 2**30:.0f} GiB (--verify full compares them)"))
+    return replace(check, pooled=settings.dtype == ref_dtype or inputs.tensors.floating_dtypes() == {ref_dtype})
+
+
+_Outputs = tuple[Reference, "SourcePool | None"]
+"""What the reference hands back: the stitched model's outputs, and the sources it loaded where the tensor check
+reads them (`_LogitCheck.pooled`), else None (they were dropped once it had run)."""
+
+
+def _start_reference(inputs: ExportInputs, route: Route, check: _LogitCheck | None, gate: MemoryGate,
+                     show: Progress) -> Background[_Outputs] | None:
+    """The stitched model's side of the logit check (None where no logits are compared): over the loaded pool,
+    or over the sources loaded for it in the reference's dtype, holding `gate` while they load. Where a core is
+    free it starts now, in the background, beside the writing; on a busy machine it runs when the check asks
+    for it."""
+    if check is None or check.skipped is not None:
+        return None
+    given = inputs.pool
+
+    def run() -> _Outputs:
+        if given is not None:
+            return reference_outputs(given, route, full=check.full), None
+        with gate.loading():
+            pool = SourcePool.load(list(inputs.paths), device=inputs.device, dtype=check.ref_name)
+        return reference_outputs(pool, route, full=check.full), pool if check.pooled else None
+
+    beside = spare_core()
+    if beside and given is None:
+        show.say(f"loading {show.sources(len(inputs.paths))} on {inputs.device} ({check.ref_name}) to compare, "
+                 "beside the writing ...")
+    return Background(run, name="dfs-merge-verify-reference", beside=beside)
+
+
+def _reference_result(reference: Background[_Outputs], inputs: ExportInputs, check: _LogitCheck,
+                      show: Progress) -> _Outputs:
+    """The reference's outputs, once it has run: waited for, or run now (loading the sources, where the export
+    streams them), with a line that says how long it took."""
+    if inputs.pool is not None:
+        return reference.result()
+    sources = show.sources(len(inputs.paths))
+    if reference.beside:
+        t0 = time.perf_counter()
+        outputs = reference.result()
+        show.say(f"loaded {sources} and ran the stitched model beside the writing ({reference.seconds:.1f} s; "
+                 f"waited {time.perf_counter() - t0:.1f} s)")
+        return outputs
+    with show.stage(f"loading {sources} on {inputs.device} ({check.ref_name}) to compare",
+                    f"loaded {sources} and ran the stitched model"):
+        return reference.result()
+
+
+def _verify(inputs: ExportInputs, route: Route, entries: list[Entry], folder: Path, settings: Settings,
+            show: Progress, check: _LogitCheck | None, reference: Background[_Outputs] | None,
+            gate: MemoryGate) -> str:
+    """Run the checks on the staged folder (an ExportError when one fails): the tensors read back, then the
+    logits (and for `full` the generations) against the `reference` started before the writing; what they
+    found, one line. A pooled check waits for the reference first and reads its sources (dropped after it)."""
+    if check is None:
+        return "not verified (--verify off)"
+    ref: Reference | None = None
+    expected: TensorProvider | SourcePool = inputs.tensors
+    if reference is not None and check.pooled:
+        ref, loaded = _reference_result(reference, inputs, check, show)
+        if loaded is not None and plan_tensors(loaded, route, settings.out_dtype) == entries:
+            expected = loaded
+        elif loaded is not None:
+            log.info("verify: the loaded sources hold other tensors than their files; checking against the files")
+        del loaded
+    n = len(entries)
+    # the layers first: the large tensors outside them wait for `gate` while the sources load for the reference
+    ordered = [e for e in entries if not gate.big(e.nbytes)] + [e for e in entries if gate.big(e.nbytes)]
+    with show.stage(f"checking the {n} written tensors against their sources", f"checked {n} tensors"):
+        checked = check_tensors(folder, ordered, FoldedLayers(expected, route, running_products(route),
+                                                              settings.dtype),
+                                hold=lambda e: gate.tensor(e.nbytes))
+    del expected  # the sources loaded for the reference, dropped before the checkpoint is loaded
+    show.say(f"verify: {checked.text()}")
+    if reference is None:
+        show.say(f"verify: {check.skipped}")
+        return f"{checked.text()}; {check.skipped}"
+    doing, done = (("verifying against the stitched model", "verified") if check.full else
+                   ("comparing logits with the stitched model", "compared"))
+    with show.stage(f"{doing} on {len(VERIFY_PROMPTS)} prompts", done):
+        if ref is None:
+            ref, _ = _reference_result(reference, inputs, check, show)
+        result = compare_written(ref, folder, check.ref_dtype,
+                                 tolerance=verify_tolerance(check.coarse) if check.full else None)
     log.info("verify: %s", result.text())
-    check_verified(result, coarse)
+    check_verified(result, check.coarse)
     show.say(f"verify: {result.text()}")
     return f"{checked.text()}; {result.text()}"

@@ -39,10 +39,14 @@ class Progress:
         yield
         self.say(f"{done} ({time.perf_counter() - t0:.1f} s)")
 
-    def loading(self, n: int, device: str, dtype: str, why: str = "") -> contextlib.AbstractContextManager[None]:
-        """The stage of loading `n` sources on `device` in `dtype` (`why`, if given, ends its first line)."""
-        sources = f"{n} source{'s' if n != 1 else ''}"
-        return self.stage(f"loading {sources} on {device} ({dtype}){why}", f"loaded {sources}")
+    @staticmethod
+    def sources(n: int) -> str:
+        """`1 source`, `2 sources`."""
+        return f"{n} source{'s' if n != 1 else ''}"
+
+    def loading(self, n: int, device: str, dtype: str) -> contextlib.AbstractContextManager[None]:
+        """The stage of loading `n` sources on `device` in `dtype`."""
+        return self.stage(f"loading {self.sources(n)} on {device} ({dtype})", f"loaded {self.sources(n)}")
 
     def bar(self, total: int, unit: str) -> tqdm:
         """A tqdm bar over `total` `unit`s being written (disabled when off)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,21 +85,29 @@ class TensorProvider:
         """Whether sources `a` and `b` are one model (a self-merge names it twice)."""
         raise NotImplementedError
 
-    def distinct_bytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of every distinct source's tensors, floating ones in `dtype` (None: as held): what loading the
-        sources for a comparison costs."""
-        total, seen = 0, []
+    def distinct_specs(self) -> Iterator[Spec]:
+        """Every tensor of every distinct source (a self-merge's model once), layers and all."""
+        seen: list[int] = []
         for i in range(len(self.configs)):
             if any(self.same_weights(i, j) for j in seen):
                 continue
             seen.append(i)
-            specs = [*self.non_layer_specs(i)]
+            yield from self.non_layer_specs(i)
             for layer in range(int(self.configs[i].num_hidden_layers)):
-                specs += self.layer_specs(i, layer)
-            for _, dt, shape in specs:
-                size = _itemsize(dtype if dtype is not None and dt.is_floating_point else dt)
-                total += size * int(torch.Size(shape).numel())
+                yield from self.layer_specs(i, layer)
+
+    def distinct_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of every distinct source's tensors, floating ones in `dtype` (None: as held): what loading the
+        sources for a comparison costs."""
+        total = 0
+        for _, dt, shape in self.distinct_specs():
+            size = _itemsize(dtype if dtype is not None and dt.is_floating_point else dt)
+            total += size * int(torch.Size(shape).numel())
         return total
+
+    def floating_dtypes(self) -> set[torch.dtype]:
+        """The dtypes the sources hold their floating tensors in."""
+        return {dt for _, dt, _ in self.distinct_specs() if dt.is_floating_point}
 
 
 class PoolTensors(TensorProvider):

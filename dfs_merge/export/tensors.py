@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -172,6 +171,7 @@ class FoldedLayers:
     def get(self, hop: int) -> dict[str, torch.Tensor]:
         """Hop `hop`'s layer state, folded (the provider's own tensors when its product is 1 and no cast)."""
         if hop != self._hop:
+            self._hop, self._state = None, {}  # the last hop's tensors are freed before the next one's are read
             h = self.route[hop]
             state = {k: self._cast(v) for k, v in self.tensors.layer_state(h.source, h.layer).items()}
             factor = self.products[hop]
@@ -199,13 +199,17 @@ def fold(family: Family, state: dict[str, torch.Tensor], factor: float) -> dict[
 # --------------------------------------------------------------------------- the safetensors writer
 
 
-def save_shard(path: Path, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], get: Callable[[str], torch.Tensor]) -> None:
-    """Write one safetensors file, fetching and writing one tensor at a time, and fsync it.
+def save_shard(path: Path, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], get: Callable[[str], torch.Tensor],
+               hold: Callable[[str], contextlib.AbstractContextManager[object]] | None = None) -> None:
+    """Write one safetensors file, fetching and writing one tensor at a time (its data is left to the caller to
+    fsync: `dfs_merge.export.overlap.Flusher`, and the staging folder's own before it is published).
 
     `specs` lists (name, dtype, shape) in file order; `get(name)` returns the tensor, which
     is written and dropped before the next one is fetched, so a shard is never held in
-    memory. The format: an 8-byte little-endian header length, a JSON header (dtypes, shapes,
-    byte offsets; space-padded to a multiple of 8), then the tensors' bytes in order.
+    memory; `hold(name)`, where given, is held while that tensor is fetched and written (a
+    memory gate: `overlap.MemoryGate`). The format: an 8-byte little-endian header length, a
+    JSON header (dtypes, shapes, byte offsets; space-padded to a multiple of 8), then the
+    tensors' bytes in order.
     """
     if sys.byteorder != "little":  # safetensors is little-endian; let the library convert
         from safetensors.torch import save_file
@@ -226,11 +230,10 @@ def save_shard(path: Path, specs: Sequence[tuple[str, torch.dtype, tuple[int, ..
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for name, dtype, shape in specs:
-            t = get(name)
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ExportError(f"{name}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
-            if t.numel():
-                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-            del t
-        f.flush()
-        os.fsync(f.fileno())
+            with hold(name) if hold is not None else contextlib.nullcontext():
+                t = get(name)
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise ExportError(f"{name}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+                if t.numel():
+                    f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del t

@@ -2,21 +2,26 @@
 
 Three levels (`VERIFY_MODES`, the CLI's `--verify`):
 
-- `quick` (the default): `check_tensors` reads every written tensor back (memory-mapped, one at a time)
-  and compares it bit for bit with its source tensor, cast and folded as planned, and the files' names,
-  dtypes, shapes and index with the plan; then `compare_logits` runs the verify prompts through the
-  written checkpoint (loaded by transformers, as a user loads it) and through the stitched model, one model
+- `quick` (the default): `check_tensors` reads every written tensor back (with safetensors, memory-mapped, a
+  layer at a time) and compares it bit for bit with its source tensor, cast and folded as planned, and the
+  files' names, dtypes, shapes and index with the plan; then `compare_logits` runs the verify prompts through
+  the written checkpoint (loaded by transformers, as a user loads it) and through the stitched model, one model
   after the other, without generation. The logit check is skipped where either model would exceed
   `QUICK_LOGITS_MAX_BYTES` (the tensor check still runs).
 - `full`: the tensor check, then `verify_export`: logits on the prompts and a 32-token row, then greedy
   generations of both models compared token for token.
 - `off`: nothing.
 
-`check_verified` turns a result outside the dtype's tolerance (`verify_tolerance`) into an ExportError.
+Each logit check has two sides: the stitched model's (`reference_outputs`, a `Reference`), which an export runs
+before the checkpoint is loaded, beside its writing where a core is free (`dfs_merge.export.overlap`), and the
+written checkpoint's (`compare_written`). `check_verified` turns a result outside the dtype's tolerance
+(`verify_tolerance`) into an ExportError.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -109,7 +114,77 @@ def _verify_inputs(pool: SourcePool, vocab: int) -> list[torch.Tensor]:
     return [torch.tensor([[(7 + 31 * i + 101 * j) % vocab for i in range(12)]]) for j in range(2)]
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The stitched model's side of a logit check, computed once (`reference_outputs`), before or while the
+    checkpoint is written: the rows both models run, the stitched model's logits on each, and for the full
+    check its greedy continuation of each prompt."""
+
+    rows: list[torch.Tensor]  # token ids, 1 x n each, on the reference's device
+    logits: list[torch.Tensor]  # the stitched model's, float32, one per row
+    dtype: torch.dtype  # the reference's: the checkpoint is loaded in it unless told otherwise
+    device: torch.device
+    generated: list[torch.Tensor] | None = None  # full: the greedy continuation of each prompt (the first rows)
+    generate_kwargs: dict[str, Any] | None = None
+
+
 @torch.no_grad()
+def reference_outputs(reference: SourcePool | Callable[[], SourcePool], route: Route, *,
+                      full: bool = False) -> Reference:
+    """Run the verify batch through the stitched model over `reference` (a pool, or a callable that loads one).
+
+    Quick (`compare_logits`): the prompts as one row, logits only. `full` (`verify_export`): each prompt and a
+    32-token id row, then each prompt continued greedily for `VERIFY_NEW_TOKENS` tokens. A loaded pool is
+    dropped before this returns, so that the checkpoint can be loaded after it without both in memory.
+    """
+    from dfs_merge.stitch import stitch
+
+    pool = reference() if callable(reference) else reference
+    device = pool.device
+    vocab = int(pool.base.config.get_text_config(decoder=True).vocab_size)
+    prompts = [ids.to(device) for ids in _verify_inputs(pool, vocab)]
+    stitched = stitch(pool, route)
+    if not full:
+        rows = [torch.cat(prompts, dim=1)]
+        return Reference(rows, [stitched(input_ids=rows[0]).logits.float()], pool.dtype, device)
+    rows = [*prompts, torch.tensor([[(3 + 37 * i) % vocab for i in range(32)]], device=device)]
+    pad = getattr(pool.tokenizer, "pad_token_id", None) if pool.tokenizer is not None else None
+    kw = dict(max_new_tokens=VERIFY_NEW_TOKENS, do_sample=False, num_beams=1, pad_token_id=pad if pad is not None else 0)
+    logits = [stitched(input_ids=ids).logits.float() for ids in rows]
+    generated = [stitched.generate(ids, attention_mask=torch.ones_like(ids), **kw) for ids in prompts]
+    return Reference(rows, logits, pool.dtype, device, generated, kw)
+
+
+@torch.no_grad()
+def compare_written(ref: Reference, folder: str | Path, dtype: torch.dtype | None = None,
+                    tolerance: float | None = None, *, gguf_file: str | None = None) -> VerifyResult:
+    """The checkpoint in `folder` (loaded by transformers in `dtype`, default the reference's, as a user loads
+    it) on the reference's rows, against the stitched model's logits; for a full reference, then its greedy
+    continuations, unless the logits already miss `tolerance`. With `gguf_file`, the checkpoint is that GGUF
+    file in `folder`, read by transformers' GGUF loader."""
+    new_tokens = VERIFY_NEW_TOKENS if ref.generated is not None else 0
+    loaded = _load_written(folder, dtype or ref.dtype, ref.device, gguf_file)
+    diff = top = 0.0
+    for ids, a in zip(ref.rows, ref.logits, strict=True):
+        b = loaded(input_ids=ids).logits.float()
+        for name, logits in (("the stitched model", a), ("the written checkpoint", b)):
+            problem = logits_problem(name, logits)
+            if problem is not None:
+                return VerifyResult(math.nan, math.nan, None, new_tokens, problem)
+        if a.shape != b.shape:
+            return VerifyResult(math.nan, math.nan, None, new_tokens, f"the written checkpoint gives logits of "
+                                f"shape {list(b.shape)}, the stitched model {list(a.shape)}")
+        diff = max(diff, float((a - b).abs().max()))
+        top = max(top, float(a.abs().max()))
+    if ref.generated is None or (tolerance is not None and not diff <= tolerance * top):
+        return VerifyResult(diff, top, None, new_tokens)
+    same = True
+    for ids, ga in zip(ref.rows[: len(ref.generated)], ref.generated, strict=True):  # the prompts
+        gb = loaded.generate(ids, attention_mask=torch.ones_like(ids), **(ref.generate_kwargs or {}))
+        same = same and ga.shape == gb.shape and bool((ga == gb).all())
+    return VerifyResult(diff, top, same, new_tokens)
+
+
 def verify_export(reference: SourcePool | Callable[[], SourcePool], route: Route, folder: str | Path,
                   tolerance: float | None = None, *, gguf_file: str | None = None) -> VerifyResult:
     """The full check: the checkpoint in `folder` against the stitched model over `reference` on a fixed batch.
@@ -120,38 +195,8 @@ def verify_export(reference: SourcePool | Callable[[], SourcePool], route: Route
     the checkpoint is loaded, so that the two models are never in memory together. With `gguf_file`, the
     checkpoint is that GGUF file in `folder`, read by transformers' GGUF loader.
     """
-    from dfs_merge.stitch import stitch
-
-    pool = reference() if callable(reference) else reference
-    device, dtype = pool.device, pool.dtype
-    vocab = int(pool.base.config.get_text_config(decoder=True).vocab_size)
-    prompts = [ids.to(device) for ids in _verify_inputs(pool, vocab)]
-    batch = [*prompts, torch.tensor([[(3 + 37 * i) % vocab for i in range(32)]], device=device)]
-    pad = getattr(pool.tokenizer, "pad_token_id", None) if pool.tokenizer is not None else None
-    kw = dict(max_new_tokens=VERIFY_NEW_TOKENS, do_sample=False, num_beams=1, pad_token_id=pad if pad is not None else 0)
-    stitched = stitch(pool, route)
-    expected = [stitched(input_ids=ids).logits.float() for ids in batch]
-    generated = [stitched.generate(ids, attention_mask=torch.ones_like(ids), **kw) for ids in prompts]
-    del stitched
-    if callable(reference):
-        del pool  # freed here (no cycles hold a model), before the checkpoint is loaded
-    loaded = _load_written(folder, dtype, device, gguf_file)
-    diff = top = 0.0
-    for ids, a in zip(batch, expected, strict=True):
-        b = loaded(input_ids=ids).logits.float()
-        for name, logits in (("the stitched model", a), ("the written checkpoint", b)):
-            problem = logits_problem(name, logits)
-            if problem is not None:
-                return VerifyResult(math.nan, math.nan, None, VERIFY_NEW_TOKENS, problem)
-        diff = max(diff, float((a - b).abs().max()))
-        top = max(top, float(a.abs().max()))
-    if tolerance is not None and not diff <= tolerance * top:
-        return VerifyResult(diff, top, None, VERIFY_NEW_TOKENS)
-    same = True
-    for ids, ga in zip(prompts, generated, strict=True):
-        gb = loaded.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-        same = same and ga.shape == gb.shape and bool((ga == gb).all())
-    return VerifyResult(diff, top, same, VERIFY_NEW_TOKENS)
+    return compare_written(reference_outputs(reference, route, full=True), folder, tolerance=tolerance,
+                           gguf_file=gguf_file)
 
 
 def _load_written(folder: str | Path, dtype: torch.dtype, device: torch.device, gguf_file: str | None = None) -> Any:
@@ -168,7 +213,6 @@ def _load_written(folder: str | Path, dtype: torch.dtype, device: torch.device, 
     return loaded.to(device).eval()
 
 
-@torch.no_grad()
 def compare_logits(reference: SourcePool | Callable[[], SourcePool], route: Route, folder: str | Path,
                    dtype: torch.dtype | None = None) -> VerifyResult:
     """The quick logit check: the verify prompts, as one row, through the stitched model over `reference` and
@@ -177,26 +221,7 @@ def compare_logits(reference: SourcePool | Callable[[], SourcePool], route: Rout
     A callable `reference` is loaded, used and dropped before the checkpoint is loaded, so that the two
     models are never in memory together.
     """
-    from dfs_merge.stitch import stitch
-
-    pool = reference() if callable(reference) else reference
-    device, dtype = pool.device, dtype or pool.dtype
-    ids = torch.cat(_verify_inputs(pool, int(pool.base.config.get_text_config(decoder=True).vocab_size)), dim=1)
-    ids = ids.to(device)
-    expected = stitch(pool, route)(input_ids=ids).logits.float()
-    if callable(reference):
-        del pool  # freed here (no cycles hold a model), before the checkpoint is loaded
-    loaded = _load_written(folder, dtype, device)
-    got = loaded(input_ids=ids).logits.float()
-    del loaded
-    for name, logits in (("the stitched model", expected), ("the written checkpoint", got)):
-        problem = logits_problem(name, logits)
-        if problem is not None:
-            return VerifyResult(math.nan, math.nan, None, 0, problem)
-    if expected.shape != got.shape:
-        return VerifyResult(math.nan, math.nan, None, 0, f"the written checkpoint gives logits of shape "
-                            f"{list(got.shape)}, the stitched model {list(expected.shape)}")
-    return VerifyResult(float((expected - got).abs().max()), float(expected.abs().max()), None, 0)
+    return compare_written(reference_outputs(reference, route), folder, dtype)
 
 
 @dataclass(frozen=True)
@@ -216,22 +241,28 @@ _SAME_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit for bit (a NaN equals itself, -0.0 differs from 0.0), compared as integers of the same width."""
+    """Equal bit for bit (a NaN equals itself, -0.0 differs from 0.0), compared as integers: the widest that the
+    bytes of both split into (fewer, wider comparisons; the same bits either way)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.dtype == torch.bool:
         return torch.equal(a, b)
-    width = _SAME_WIDTH[a.element_size()]
-    return torch.equal(a.contiguous().reshape(-1).view(width), b.contiguous().reshape(-1).view(width))
+    x, y = (t.contiguous().reshape(-1).view(torch.uint8) for t in (a, b))
+    width = next(w for w in _SAME_WIDTH if x.numel() % w == 0
+                 and all(t.data_ptr() % w == 0 and t.storage_offset() % w == 0 for t in (x, y)))
+    return torch.equal(x.view(_SAME_WIDTH[width]), y.view(_SAME_WIDTH[width]))
 
 
-def check_tensors(folder: Path, entries: Sequence[Entry], feed: FoldedLayers) -> TensorCheck:
+def check_tensors(folder: Path, entries: Sequence[Entry], feed: FoldedLayers, *,
+                  hold: Callable[[Entry], contextlib.AbstractContextManager[object]] | None = None) -> TensorCheck:
     """Read every tensor written in `folder` back and compare it bit for bit with what `feed` computes from the
     sources for its entry; the files must hold exactly the planned names, dtypes and shapes (and the index,
     where there is one, name the file that holds each). An ExportError names the first tensor that differs.
 
-    Each tensor is read through its own short-lived memory map, so the check holds one tensor (and the
-    feed's one layer) at a time.
+    The files are read with safetensors, as a user reads them, in the order of `entries`, through a memory map
+    opened for each run of one hop's entries in one file (each tensor outside the layers: one of its own) and
+    closed after it, so that the check holds one layer (and the feed's one layer) at a time. `hold(entry)`, where
+    given, is held while that entry is read and compared (a memory gate: `overlap.MemoryGate`).
     """
     from safetensors import safe_open
 
@@ -255,17 +286,33 @@ def check_tensors(folder: Path, entries: Sequence[Entry], feed: FoldedLayers) ->
         if (dt, shape) != (e.dtype, e.shape):
             raise ExportError(f"verify failed: {e.name} in {file.name} is {dt} {list(shape)}, planned "
                               f"{e.dtype} {list(e.shape)}; nothing was written")
+
+    def run_of(e: Entry) -> tuple[Path, int | None, str | None]:
+        return where[e.name][0], e.hop, e.name if e.hop is None else None
+
+    for (file, *_), run in itertools.groupby(entries, key=run_of):
         with safe_open(str(file), framework="pt") as f:
-            written = f.get_tensor(e.name)
-        expected = feed.tensor(e)
-        if not _same_bits(written, expected):
-            origin = (f"source {e.source} layer {feed.route[e.hop].layer}, scale product {feed.products[e.hop]:.6g}"
-                      if e.hop is not None else f"source {e.source}'s {e.key}")
-            differ = int((written.float() != expected.float()).sum()) if written.shape == expected.shape else "all"
-            raise ExportError(f"verify failed: {e.name} in {file.name} differs from its source tensor ({origin}) in "
-                              f"{differ} of {expected.numel()} values; nothing was written")
-        del written, expected
+            for e in run:
+                with hold(e) if hold is not None else contextlib.nullcontext():
+                    written, expected = f.get_tensor(e.name), feed.tensor(e)
+                    if not _same_bits(written, expected):
+                        raise ExportError(f"verify failed: {e.name} in {file.name} differs from its source tensor "
+                                          f"({_origin(e, feed)}) in {_differing(written, expected)} of "
+                                          f"{expected.numel()} values; nothing was written")
+                    del written, expected
     return TensorCheck(len(entries), sum(e.nbytes for e in entries))
+
+
+def _origin(e: Entry, feed: FoldedLayers) -> str:
+    """Where an entry's tensor comes from, for an error message."""
+    if e.hop is None:
+        return f"source {e.source}'s {e.key}"
+    return f"source {e.source} layer {feed.route[e.hop].layer}, scale product {feed.products[e.hop]:.6g}"
+
+
+def _differing(written: torch.Tensor, expected: torch.Tensor) -> int | str:
+    """How many values of two tensors differ (`all` where their shapes do)."""
+    return int((written.float() != expected.float()).sum()) if written.shape == expected.shape else "all"
 
 
 def check_verified(result: VerifyResult, dtype: torch.dtype) -> None:

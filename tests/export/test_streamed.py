@@ -7,14 +7,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from builders import assert_refused, run_cli
+from builders import assert_refused, message_lines, run_cli
 
-from dfs_merge.errors import ExportError
+from dfs_merge.errors import ExportError, SourceError
 from dfs_merge.export import checkpoint as export
 from dfs_merge.export.checkpoint import TOKENIZER_FILES, export_checkpoint, export_genome, stream_folders
 from dfs_merge.export.providers import read_header
@@ -145,8 +146,8 @@ def test_chat_template_and_tokenizer_source(tiny_source_dirs, tmp_path):
 def _corrupting_writer(real, tensor: str):
     """`save_shard` that writes the shard, then flips one byte of `tensor`'s data in it."""
 
-    def write(path, specs, get):
-        real(path, specs, get)
+    def write(path, specs, get, *args):
+        real(path, specs, get, *args)
         header = read_header(path)
         if tensor not in header:
             return
@@ -160,27 +161,130 @@ def _corrupting_writer(real, tensor: str):
     return write
 
 
-@pytest.mark.parametrize("streamed", [True, False])
-def test_default_verification_refuses_a_corrupted_tensor(streamed, tiny_pool, tiny_source_dirs, tmp_path, monkeypatch):
+BESIDE = pytest.mark.parametrize("beside", [False, True], ids=["busy machine", "free core"])
+"""Both ways the verification runs: the stitched model's side when the check asks for it (a busy machine), or in
+a thread beside the writing (a free core: `overlap.spare_core`)."""
+
+
+@BESIDE
+@pytest.mark.parametrize(("streamed", "settings", "against"), [
+    (True, {}, "PoolTensors"),  # the sources loaded for the logit check (stored in the written dtype)
+    (True, {"dtype": "float32", "out_dtype": "bfloat16"}, "FileTensors"),  # their files, read again
+    (False, {}, "PoolTensors"),  # the in-memory export's own pool
+], ids=["streamed, checked against the loaded sources", "streamed, checked against the files", "in memory"])
+def test_default_verification_refuses_a_corrupted_tensor(streamed, settings, against, beside, tiny_pool,
+                                                         tiny_source_dirs, tmp_path, monkeypatch):
+    """A float32 merge written in bfloat16 is checked against its files: a loaded bfloat16 source does not hold
+    the float32 values that the writing cast."""
     bad = "model.layers.4.mlp.down_proj.weight"
     monkeypatch.setattr(export, "_save_shard", _corrupting_writer(export._save_shard, bad))
-    g = genome(tiny_source_dirs)
+    monkeypatch.setattr(export, "spare_core", lambda: beside)
+    checked_against = []
+    real_check = export.check_tensors
+
+    def check(folder, entries, feed, **kwargs):
+        checked_against.append(type(feed.tensors).__name__)
+        return real_check(folder, entries, feed, **kwargs)
+
+    monkeypatch.setattr(export, "check_tensors", check)
+    g = genome(tiny_source_dirs, **settings)
     with pytest.raises(ExportError) as err:
         export_genome(g, tmp_path / "out") if streamed else export_checkpoint(tiny_pool, g, tmp_path / "out")
     msg = str(err.value)
     assert "\n" not in msg and "verify failed" in msg and bad in msg and "source 1 layer 2" in msg, msg
+    assert checked_against == [against]
     assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("dfs-merge")]  # none left running
     export_genome(g, tmp_path / "unchecked", verify="off")  # what --verify off would have published
     assert (tmp_path / "unchecked" / "config.json").is_file()
 
 
-def test_default_verification_refuses_a_wrong_fold(tiny_source_dirs, tmp_path, monkeypatch):
+def test_a_check_against_loaded_sources_that_plan_other_tensors_reads_the_files(tiny_source_dirs, tmp_path,
+                                                                              monkeypatch):
+    """Where the sources as transformers loaded them would plan other tensors than their files (a loader that
+    renames or adds some), the tensor check reads the files instead, and the export goes through."""
+    from dfs_merge.models.sources import SourcePool
+
+    real_plan, real_check, against = export.plan_tensors, export.check_tensors, []
+
+    def plan(tensors, route, dtype=None):
+        entries = real_plan(tensors, route, dtype)
+        return entries[:-1] if isinstance(tensors, SourcePool) else entries
+
+    def check(folder, entries, feed, **kwargs):
+        against.append(type(feed.tensors).__name__)
+        return real_check(folder, entries, feed, **kwargs)
+
+    monkeypatch.setattr(export, "plan_tensors", plan)
+    monkeypatch.setattr(export, "check_tensors", check)
+    out = export_genome(genome(tiny_source_dirs), tmp_path / "out")
+    assert against == ["FileTensors"] and "read back equal bit for bit" in (out / "README.md").read_text()
+
+
+@BESIDE
+def test_default_verification_refuses_a_wrong_fold(beside, tiny_source_dirs, tmp_path, monkeypatch):
     """A fold that is wrong in the plan itself passes the tensor check; the logit check refuses it."""
     monkeypatch.setattr(export, "running_products", lambda route: [2.0] * len(route))
+    monkeypatch.setattr(export, "spare_core", lambda: beside)
     with pytest.raises(ExportError) as err:
         export_genome(genome(tiny_source_dirs), tmp_path / "out")
     assert "logits differ" in str(err.value) and "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@BESIDE
+def test_cli_refuses_a_corrupted_tensor_and_wrong_logits_in_one_line(beside, tiny_source_dirs, tmp_path,
+                                                                      monkeypatch):
+    """`dfs-merge export` with its default verification: exit code 2, one line, no traceback, nothing published,
+    whether a written tensor is corrupted or the checkpoint's logits are not the stitched model's."""
+    monkeypatch.setattr(export, "spare_core", lambda: beside)
+    save_genome(genome(tiny_source_dirs), tmp_path / "g.yaml")
+    exports = tmp_path / "exports"
+    bad = "model.layers.7.self_attn.q_proj.weight"
+    with monkeypatch.context() as m:
+        m.setattr(export, "_save_shard", _corrupting_writer(export._save_shard, bad))
+        corrupted = run_cli("export", tmp_path / "g.yaml", "--out", exports / "corrupted")
+    assert_refused(corrupted, "verify failed", bad, "differs from its source tensor", "nothing was written")
+    assert len(message_lines(corrupted.err)) == 1, corrupted.err
+    with monkeypatch.context() as m:
+        m.setattr(export, "running_products", lambda route: [2.0] * len(route))
+        folded = run_cli("export", tmp_path / "g.yaml", "--out", exports / "folded")
+    assert_refused(folded, "verify failed", "logits differ", "nothing was written")
+    assert len(message_lines(folded.err)) == 1, folded.err
+    assert list(exports.iterdir()) == []
+    assert run_cli("export", tmp_path / "g.yaml", "--out", exports / "good").code == 0
+    assert [p.name for p in exports.iterdir()] == ["good"]
+
+
+@BESIDE
+def test_a_failed_reference_is_the_export_s_error(beside, tiny_source_dirs, tmp_path, monkeypatch):
+    """The sources failing to load for the comparison (in the background or not) is the export's error, raised
+    as itself, with nothing published and no thread left running."""
+
+    def fail(*args, **kwargs):
+        raise SourceError("the sources moved away")
+
+    monkeypatch.setattr(export.SourcePool, "load", fail)
+    monkeypatch.setattr(export, "spare_core", lambda: beside)
+    with pytest.raises(SourceError, match="the sources moved away"):
+        export_genome(genome(tiny_source_dirs), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("dfs-merge")]
+
+
+def test_the_same_files_either_way(tiny_source_dirs, tmp_path, monkeypatch):
+    """The verification beside the writing or after it: the very same published files."""
+    g = genome(tiny_source_dirs, out_dtype="bfloat16")
+    folders = []
+    for beside in (False, True):
+        monkeypatch.setattr(export, "spare_core", lambda beside=beside: beside)
+        folders.append(export_genome(g, tmp_path / f"beside-{beside}", max_shard_size="200KB"))
+    a, b = folders
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and len(list(a.glob("*.safetensors"))) > 1
+    for name in names:
+        if name != "README.md":  # the card names its folder
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_verify_flags(tiny_source_dirs, tmp_path):
