@@ -231,13 +231,15 @@ def prefix_keys(route: Route) -> list[str]:
 
 def _adopt_ends(shell: nn.Module, pool: SourcePool, route: Route) -> None:
     """Point the shell's embeddings at `route.embed_source`'s modules, its final norm and LM head at
-    `route.head_source`'s (the family's non-layer weights: those named `embed` are the embeddings)."""
+    `route.head_source`'s (the family's non-layer weights: those named `embed` are the embeddings); each must have
+    the base's vocabulary."""
     embed, head = route.embed_source, route.head_source
     if not embed and not head:
         return
     for what, i in (("embed_source", embed), ("head_source", head)):
         if not 0 <= i < len(pool.sources):
             raise GenomeError(f"{what} {i} names no source (there are {len(pool.sources)})")
+    pool.vocab.check_settings({"embed_source": embed, "head_source": head})
     if embed != head and any(ties_embeddings(pool.sources[i].config) for i in (embed, head)):
         raise GenomeError(
             f"embed_source {embed} and head_source {head} differ, but the sources tie the LM head to the "

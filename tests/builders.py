@@ -220,6 +220,20 @@ def build_vlm_tokenizer():
     return tok
 
 
+def swap_tokens(tokenizer, a: int, b: int):
+    """A copy of a fast tokenizer whose tokens at ids `a` and `b` trade places: the same strings, a reordered
+    vocabulary (neither the original's nor a prefix of it)."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    first, second = (next(t for t, i in vocab.items() if i == k) for k in (a, b))
+    vocab[first], vocab[second] = b, a
+    return type(tokenizer)(tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token=tokenizer.bos_token,
+                           eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+                           model_max_length=tokenizer.model_max_length)
+
+
 def tiny_vlm_text_config(tokenizer, hidden: int = HIDDEN):
     """The Llama config of the tiny VLM's language model and of the tiny LLM merged with it: the tiny sources' (at
     `hidden` wide), with an RMSNorm epsilon of 1e-10, so that a hop's scale folds into an export exactly to float32

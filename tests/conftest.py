@@ -13,6 +13,9 @@ Everything is built offline and deterministically:
 - `tiny_vlm_dirs`: a random tiny LLaVA (a CLIP vision tower, a projector, a Llama language model of the
   same shape as the tiny sources) and a random tiny Llama LLM with the same tokenizer (the tiny one plus
   `<image>`); `tiny_vlm_pool`: the two loaded, the VLM as the base.
+- `tiny_short_llm_dir`: a random tiny Llama of the same shape with the tiny tokenizer alone (no `<image>`), whose
+  vocabulary (320) is a prefix of the tiny VLM's (321), as Mistral-7B's is of LLaVA-1.6-Mistral's;
+  `tiny_prefix_pool`: the tiny VLM (the base) and it, loaded.
 - `tiny_suite_dir`: a folder of three lm-eval tasks over tiny local JSONL files
   (multiple choice, rolling perplexity, greedy generation), data paths relative to the
   YAMLs, like the bundled `eval_suites/`.
@@ -235,3 +238,24 @@ def tiny_vlm_pool(tiny_vlm_dirs):
     from dfs_merge.models.sources import SourcePool
 
     return SourcePool.load([str(tiny_vlm_dirs["vlm"]), str(tiny_vlm_dirs["llm"])])
+
+
+@pytest.fixture(scope="session")
+def tiny_short_llm_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama of the tiny VLM's language model's shape whose tokenizer is the tiny one without `<image>`
+    (vocabulary 320, a prefix of the VLM's 321), as an HF folder."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(4)
+    llm = LlamaForCausalLM(tiny_vlm_text_config(tokenizer)).eval()
+    return save_source(llm, tokenizer, tmp_path_factory.mktemp("tiny_short_llm") / "llm")
+
+
+@pytest.fixture(scope="session")
+def tiny_prefix_pool(tiny_vlm_dirs, tiny_short_llm_dir):
+    """The tiny VLM (the base, 321 tokens) and the tiny LLM of 320 tokens (`tiny_short_llm_dir`), loaded."""
+    from dfs_merge.models.sources import SourcePool
+
+    return SourcePool.load([str(tiny_vlm_dirs["vlm"]), str(tiny_short_llm_dir)])

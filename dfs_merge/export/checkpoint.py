@@ -233,7 +233,7 @@ def _export_streamed(genome: CandidateGenome, folders: list[Path], out: str | Pa
     for f in folders:
         read.setdefault(f.resolve(), read_config(f))
     pairs = [read[f.resolve()] for f in folders]
-    check_compatible(pairs, _tokenizers_if_differ(folders))
+    check_compatible(pairs, _tokenizers_if_differ(folders)).check_settings(genome.settings())
     check_layers(tuple(int(c.num_hidden_layers) for c, _ in pairs), genome)
     if any(genome.fingerprints):
         check_same_sources(genome.sources, genome.fingerprints, list(genome.sources))

@@ -18,9 +18,11 @@ __all__ = ["check_layers", "check_pool", "written_pool"]
 
 
 def check_pool(pool: SourcePool, genome: CandidateGenome) -> None:
-    """The pool must hold the genome's sources: same number, same layer counts, the same weights."""
+    """The pool must hold the genome's sources: same number, same layer counts, the same weights; the sources its
+    settings take the embeddings, head and tokenizer from must have the base's vocabulary (`VocabMap.check_settings`)."""
     check_layers(pool.layers_per_source, genome)
     check_same_sources(genome.sources, genome.fingerprints, pool.paths)
+    pool.vocab.check_settings(genome.settings())
 
 
 def check_layers(have: tuple[int, ...], genome: CandidateGenome) -> None:

@@ -19,6 +19,11 @@ bfloat16 source's size, once a float32 one's). So what is kept is bounded (`keep
 the sources' weights take: keeping at most doubles a worker's memory. Tensors met once the bound is reached
 are pruned from scratch each time (the same result, at the uncached cost); `keep=0` keeps nothing, nor does
 a one-off merge (`recipe_model`).
+
+Where the sources' vocabularies differ, one a prefix of the other (a LLaVA base, whose language model adds
+`<image>`, beside its base LLM: `models.vocab`), the embeddings and the LM head are merged over the rows every
+source holds for the same tokens (`VocabMap.rows`) and keep the base's (source 0's) rows past them; the export
+writes this same merge (`recipe_model`).
 """
 
 from __future__ import annotations
@@ -43,11 +48,21 @@ class _Tensor:
 
     name: str
     param: torch.nn.Parameter
-    inputs: list[torch.Tensor]
+    inputs: list[torch.Tensor]  # what is merged: the sources' tensors (their first `rows` rows, where set)
+    base: torch.Tensor  # source 0's whole tensor: the resident model's where nothing is merged
+    rows: int | None  # the rows merged where the sources' vocabularies differ (`VocabMap.rows`); None: all
     layer: int | None  # the decoder layer it belongs to; None before the layers (pre) or after them (post)
     pre: bool
     shared: bool  # the same tensor in every source
     own: bool = False  # its buffer is the resident model's own (no longer the base's tensor)
+
+    def buffer(self) -> torch.Tensor:
+        """Where its merge is written: the resident parameter's rows that are merged. On the first write the
+        parameter gets a buffer of its own, holding the base's rows past the merged ones."""
+        if not self.own:
+            self.param.data = torch.empty_like(self.base) if self.rows is None else self.base.clone()
+            self.own = True
+        return self.param.data if self.rows is None else self.param.data[:self.rows]
 
 
 class Blender:
@@ -63,13 +78,14 @@ class Blender:
         models = [s.model for s in pool.sources]
         states = [dict(m.named_parameters()) for m in models]
         names = list(states[0])
+        rows = {n: pool.vocab.rows(n, pool.family) for n in names}
         for i, st in enumerate(states[1:], start=1):
             if list(st) != names:
                 other = sorted(set(st) ^ set(names))
                 raise IncompatibleSources(f"sources 0 and {i} differ in tensor names (e.g. {other[0] if other else '?'}); "
                                           "a parameter-space merge needs sources of one architecture")
             for n in names:
-                if st[n].shape != states[0][n].shape:
+                if st[n][:rows[n]].shape != states[0][n][:rows[n]].shape:
                     raise IncompatibleSources(f"sources 0 and {i} differ in the shape of {n}: "
                                               f"{tuple(states[0][n].shape)} vs {tuple(st[n].shape)}")
         base = models[0]
@@ -83,9 +99,10 @@ class Blender:
         for n in names:
             m = layer_re.match(n)
             seen_layers = seen_layers or m is not None
-            inputs = [st[n] for st in states]
+            inputs = [st[n] if rows[n] is None else st[n].detach()[:rows[n]] for st in states]  # a view: no copy
             shared = all(t.data_ptr() == inputs[0].data_ptr() or torch.equal(t, inputs[0]) for t in inputs)
-            self.tensors.append(_Tensor(n, params[n], inputs, int(m.group(1)) if m else None, not seen_layers, shared))
+            self.tensors.append(_Tensor(n, params[n], inputs, states[0][n], rows[n], int(m.group(1)) if m else None,
+                                        not seen_layers, shared))
         self.layers = len(pool.base.layers)
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for st in states for t in st.values()}
         self.keep = sum(storages.values()) if keep is None else keep
@@ -108,7 +125,7 @@ class Blender:
         for t in self.tensors:
             if t.shared and spec.takes_base and recipe.base is not None:
                 if t.own:  # a linear merge wrote here before: back to the base's own tensor
-                    t.param.data = t.inputs[0]
+                    t.param.data = t.base
                     t.own = False
                 self._last.pop(t.name, None)
                 continue
@@ -118,10 +135,7 @@ class Blender:
                          recipe.seed, recipe.options, weights, densities)
             if self._last.get(t.name) == signature:
                 continue
-            if not t.own:
-                t.param.data = torch.empty_like(t.inputs[0])
-                t.own = True
-            buffer = t.param.data
+            buffer = t.buffer()
             merged = self._merge(t, recipe, weights, densities, buffer)
             if merged.data_ptr() != buffer.data_ptr():
                 buffer.copy_(merged)
@@ -147,7 +161,7 @@ class Blender:
     def _delta(self, t: _Tensor, method: Method, base: int, source: int) -> Delta:
         key = (t.name, base, source)
         if key not in self._deltas:
-            need = t.param.numel() * 4 if method.sparsify in RANKED else 0  # a 4-byte rank a value
+            need = t.inputs[0].numel() * 4 if method.sparsify in RANKED else 0  # a 4-byte rank a value
             ranked = need > 0 and self._reserved + need <= self.keep
             self._reserved += need if ranked else 0
             self._deltas[key] = Delta(t.inputs[source], t.inputs[base], ranked)

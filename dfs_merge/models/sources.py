@@ -14,6 +14,9 @@ A vision-language model (a LLaVA folder) is a source too: its language model sta
 of its text family, and its vision tower, projector and processor stay with it (`Source.vision`, see
 `families.vision`). With a VLM as the base, a candidate is scored as that VLM around the stitched or merged
 language model (`SourcePool.candidate`).
+
+The sources' vocabularies are the base's, or in a prefix relation with it (LLaVA's language model holds its base
+LLM's tokens and `<image>`): `vocab` checks them and says how their rows line up (`SourcePool.vocab`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from dfs_merge.models.families.vision import VisionFamily, VisionModel
 from dfs_merge.models.folders import locate, read_config, vision_family
 from dfs_merge.models.kinds import source_kind
 from dfs_merge.models.metadata import layer_counts, source_license
+from dfs_merge.models.vocab import VocabMap, vocab_map
 
 __all__ = ["DTYPES", "Source", "SourcePool", "available_devices", "check_compatible", "layer_counts",
            "load_processor", "load_tokenizer", "locate", "read_config", "resolve_device", "ties_embeddings"]
@@ -110,8 +114,10 @@ def ties_embeddings(config: Any) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
 
 
-def check_compatible(configs: list[tuple[Any, Family]], tokenizers: list[Any] | None = None) -> None:
-    """Refuse sources that cannot share a hidden space, naming the first field that differs."""
+def check_compatible(configs: list[tuple[Any, Family]], tokenizers: list[Any] | None = None) -> VocabMap:
+    """Refuse sources that cannot share a hidden space, naming the first field that differs; their vocabularies
+    may differ where one is a prefix of the other (with `tokenizers`: see `vocab`). Returns how their vocabulary
+    rows line up."""
     base_cfg, base_fam = configs[0]
     for i, (cfg, fam) in enumerate(configs[1:], start=1):
         if fam is not base_fam:
@@ -121,30 +127,30 @@ def check_compatible(configs: list[tuple[Any, Family]], tokenizers: list[Any] | 
             )
         for field in base_fam.compat_fields:
             a, b = base_fam.config_value(base_cfg, field), fam.config_value(cfg, field)
-            if a != b:
+            if a != b and field != "vocab_size":  # the vocabularies: `vocab_map`
                 raise IncompatibleSources(f"sources 0 and {i} differ in {field}: {a} vs {b}")
-    if tokenizers:
-        base_vocab = tokenizers[0].get_vocab()
-        for i, tok in enumerate(tokenizers[1:], start=1):
-            vocab = tok.get_vocab()
-            if vocab != base_vocab:
-                diff = len(set(vocab.items()) ^ set(base_vocab.items()))
-                raise IncompatibleSources(
-                    f"sources 0 and {i} differ in tokenizer: {len(base_vocab)} vs {len(vocab)} tokens, "
-                    f"{diff} entries differ"
-                )
+    return vocab_map(configs, tokenizers)
 
 
 class SourcePool:
     """The loaded sources: the layer pool `(source, layer)`, their embeddings, norms and heads, the base's
-    tokenizer (`tokenizer`) and each source's (`tokenizer_for`)."""
+    tokenizer (`tokenizer`) and each source's (`tokenizer_for`), and how their vocabularies line up (`vocab`)."""
 
     def __init__(self, sources: list[Source], tokenizer: Any, paths: list[str] | None = None,
-                 tokenizers: list[Any] | None = None):
+                 tokenizers: list[Any] | None = None, vocab: VocabMap | None = None):
         self.sources = sources
         self.tokenizer = tokenizer
         self.paths = paths or [s.path for s in sources]
         self.tokenizers = tokenizers
+        self._vocab = vocab
+
+    @property
+    def vocab(self) -> VocabMap:
+        """How the sources' vocabulary rows line up with the base's (`vocab.VocabMap`); for a pool built without
+        one, made from its sources' configs and tokenizers."""
+        if self._vocab is None:
+            self._vocab = vocab_map([(s.config, s.family) for s in self.sources], self.tokenizers)
+        return self._vocab
 
     def tokenizer_for(self, source: int = 0) -> Any:
         """The tokenizer of `source` (a genome's `tokenizer_source`); the base's for a pool built without the
@@ -171,7 +177,7 @@ class SourcePool:
         distinct = list(dict.fromkeys(f.resolve() for f in folders))
         configs = {f: read_config(f, trust_remote_code) for f in distinct}
         tokenizers = {f: load_tokenizer(f, trust_remote_code) for f in distinct}
-        check_compatible(
+        vocab = check_compatible(
             [configs[f.resolve()] for f in folders], [tokenizers[f.resolve()] for f in folders]
         )
         kinds = {p: kind for p in paths if (kind := source_kind(p)) is not None}  # each loads its own
@@ -205,7 +211,8 @@ class SourcePool:
                 model = merged[key]
             sources.append(Source(str(p), model, configs[f.resolve()][1], f.resolve(), source_license(base, f.resolve()),
                                   adapter.resolve() if adapter is not None else None, visions.get(f.resolve())))
-        return cls(sources, tokenizers[folders[0].resolve()], list(paths), [tokenizers[f.resolve()] for f in folders])
+        return cls(sources, tokenizers[folders[0].resolve()], list(paths), [tokenizers[f.resolve()] for f in folders],
+                   vocab)
 
     @property
     def base(self) -> Source:
@@ -223,7 +230,10 @@ class SourcePool:
     def candidate(self, lm: PreTrainedModel, tokenizer_source: int = 0) -> tuple[PreTrainedModel, Any]:
         """What a candidate `lm` (a route stitched over this pool, or a merge of its sources: a causal LM) is scored
         as, and what tokenises for it: `lm` and the tokenizer of `tokenizer_source`; where the base is a
-        vision-language model, the base VLM around `lm` and its processor (which reads images and text)."""
+        vision-language model, the base VLM around `lm` and its processor (which reads images and text). A
+        `tokenizer_source` of another vocabulary than the base's is a GenomeError."""
+        if tokenizer_source:
+            self.vocab.check_settings({"tokenizer_source": tokenizer_source})
         if self.vision is None:
             return lm, self.tokenizer_for(tokenizer_source)
         return self.vision.with_language_model(lm), self.vision.processor

@@ -44,14 +44,14 @@ def image_fitness(tmp_path_factory):
     return Fitness(TASKS, limit=2, batch_size=2, max_length=256, cache_dir=tmp_path_factory.mktemp("lm-eval"))
 
 
-@pytest.mark.parametrize("kind", ["route", "recipe"])
-def test_scored_on_the_image_suite_then_exported_as_the_vlm(kind, tiny_vlm_pool, image_fitness, tmp_path):
-    pool = tiny_vlm_pool
-    genome = route_genome(pool) if kind == "route" else recipe(pool)
-    scored = CandidateScorer(pool, image_fitness).genome(genome)
+def score_export_and_compare(pool, genome, fitness, folder):
+    """Score `genome` over `pool` on the image suite, export it as the VLM (verified in full), check the folder, and
+    compare the export's logits on a picture and a question (and on text) with the stitched (merged) VLM's; the
+    loaded export."""
+    scored = CandidateScorer(pool, fitness).genome(genome)
     assert scored.ok and set(scored.tasks) == set(TASKS), scored.error
 
-    out = export_vlm(pool, genome, tmp_path / "vlm", verify="full")
+    out = export_vlm(pool, genome, folder, verify="full")
     assert (out / "processor_config.json").is_file() and (out / "tokenizer.json").is_file()
     card = (out / "README.md").read_text()
     assert all(f"`{p}`" in card for p in pool.paths) and "| llava |" in card and "| llama |" in card
@@ -59,14 +59,14 @@ def test_scored_on_the_image_suite_then_exported_as_the_vlm(kind, tiny_vlm_pool,
     assert "greedy generations (16 new tokens) identical" in card
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
-    assert config["text_config"]["num_hidden_layers"] == (len(SCALES) if kind == "route" else 4)
+    assert config["text_config"]["num_hidden_layers"] == (len(SCALES) if isinstance(genome, Genome) else 4)
 
     loaded = AutoModelForImageTextToText.from_pretrained(out).eval()
     assert type(loaded) is LlavaForConditionalGeneration
     processor = AutoProcessor.from_pretrained(out)
     inputs = dict(processor(images=[picture((30, 60, 220))], text=[f"{IMAGE_TOKEN}\nWhat is it? Answer:"],
                             return_tensors="pt"))
-    lm = stitch(pool, genome.check()) if kind == "route" else Blender(pool, keep=0).apply(genome)
+    lm = stitch(pool, genome.check()) if isinstance(genome, Genome) else Blender(pool, keep=0).apply(genome)
     stitched, _ = pool.candidate(lm)
     with torch.no_grad():
         want, got = stitched(**inputs).logits, loaded(**inputs).logits
@@ -78,8 +78,33 @@ def test_scored_on_the_image_suite_then_exported_as_the_vlm(kind, tiny_vlm_pool,
         if name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
             assert torch.equal(t, vlm[name]), name
 
-    again = image_fitness.score(loaded, processor)  # the export scores as the candidate did
+    again = fitness.score(loaded, processor)  # the export scores as the candidate did
     assert {n: t.value for n, t in again.tasks.items()} == {n: t.value for n, t in scored.tasks.items()}
+    return loaded
+
+
+@pytest.mark.parametrize("kind", ["route", "recipe"])
+def test_scored_on_the_image_suite_then_exported_as_the_vlm(kind, tiny_vlm_pool, image_fitness, tmp_path):
+    pool = tiny_vlm_pool
+    genome = route_genome(pool) if kind == "route" else recipe(pool)
+    score_export_and_compare(pool, genome, image_fitness, tmp_path / "vlm")
+
+
+@pytest.mark.parametrize("kind", ["route", "recipe"])
+def test_an_llm_of_a_prefix_vocabulary_scores_and_exports_with_the_vlm(kind, tiny_prefix_pool, image_fitness,
+                                                                        tmp_path):
+    """The tiny LLM's 320 tokens are a prefix of the VLM's 321 (`<image>` appended), as Mistral-7B's are of
+    LLaVA-1.6-Mistral's: the route keeps the VLM's embeddings and head; the recipe merges their first 320 rows."""
+    pool = tiny_prefix_pool
+    genome = route_genome(pool) if kind == "route" else recipe(pool)
+    loaded = score_export_and_compare(pool, genome, image_fitness, tmp_path / "vlm")
+    written = {"embed": loaded.model.language_model.embed_tokens.weight, "head": loaded.lm_head.weight}
+    base = {"embed": pool.base.model.model.embed_tokens.weight, "head": pool.base.model.lm_head.weight}
+    llm = {"embed": pool.sources[1].model.model.embed_tokens.weight, "head": pool.sources[1].model.lm_head.weight}
+    for part, w in (("embed", 0.5), ("head", 0.2)):  # the recipe's first and last layer group's weights
+        assert written[part].shape == (321, 48) and torch.equal(written[part][320:], base[part][320:])
+        want = base[part] if kind == "route" else base[part][:320] + 0.8 * w * (llm[part] - base[part][:320])
+        assert torch.allclose(written[part][:320], want[:320], rtol=0, atol=1e-6), part
 
 
 def test_the_identity_route_exports_the_vlm_itself(tiny_vlm_pool, tmp_path):

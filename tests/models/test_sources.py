@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from builders import HIDDEN, message_lines, save_source, tiny_llama_config
+from builders import HIDDEN, message_lines, save_source, swap_tokens, tiny_llama_config
 
 from dfs_merge.cli import main
-from dfs_merge.errors import IncompatibleSources, SourceError
+from dfs_merge.errors import ExportError, GenomeError, IncompatibleSources, SourceError
 from dfs_merge.genome import Hop, Route, seed_genomes
 from dfs_merge.genome_files import load_genome, save_genome
 from dfs_merge.models.sources import SourcePool
@@ -20,7 +21,7 @@ from dfs_merge.stitch import stitch
 
 @pytest.fixture(scope="module")
 def odd_sources(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
-    """Sources that must be refused next to the tiny Llama: wider, another family, another tokenizer."""
+    """Sources that must be refused next to the tiny Llama: wider, another family, a reordered vocabulary."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("odd")
@@ -32,8 +33,7 @@ def odd_sources(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
         num_hidden_layers=4, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads,
     )
-    other_tok = type(tiny_tokenizer).from_pretrained(save_source(LlamaForCausalLM(cfg), tiny_tokenizer, root / "tmp"))
-    other_tok.add_tokens(["<extra>"])
+    other_tok = swap_tokens(tiny_tokenizer, 100, 101)
     dirs = {
         "wide": save_source(LlamaForCausalLM(wide), tiny_tokenizer, root / "wide"),
         "gemma": save_source(Gemma3ForCausalLM(gemma_cfg), tiny_tokenizer, root / "gemma"),
@@ -76,7 +76,7 @@ def test_identity_route_over_loaded_folder_matches_plain_load(tiny_source_dirs, 
     [
         ("wide", IncompatibleSources, f"sources 0 and 1 differ in hidden_size: {HIDDEN} vs {2 * HIDDEN}"),
         ("gemma", IncompatibleSources, r"sources 0 and 1 differ in family: llama \(llama\) vs gemma3 \(gemma3_text\)"),
-        ("other_tok", IncompatibleSources, r"sources 0 and 1 differ in tokenizer"),
+        ("other_tok", IncompatibleSources, r"^sources 0 and 1 differ in tokenizer at token id 100: '¤' vs '¥' "),
         ("not_a_model", SourceError, r"not a Hugging Face model folder \(no config.json\)"),
         ("pickled", SourceError, r"no .safetensors weights"),
     ],
@@ -84,6 +84,62 @@ def test_identity_route_over_loaded_folder_matches_plain_load(tiny_source_dirs, 
 def test_incompatible_or_unusable_sources_are_refused(tiny_source_dirs, odd_sources, second, error, message):
     with pytest.raises(error, match=message):
         SourcePool.load([str(tiny_source_dirs[0]), str(odd_sources[second])])
+
+
+@pytest.fixture(scope="module")
+def extended_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama whose tokenizer is the tiny one with two tokens appended, and a row for each in its embeddings and
+    head: the tiny sources' vocabulary (320) is a prefix of its (322), as a base's is of a fine-tune's that added
+    special tokens."""
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("extended")
+    tok = type(tiny_tokenizer).from_pretrained(save_source(LlamaForCausalLM(tiny_llama_config(320)), tiny_tokenizer,
+                                                           root / "tmp"))
+    tok.add_tokens(["<extra>", "<more>"])
+    torch.manual_seed(5)
+    return save_source(LlamaForCausalLM(tiny_llama_config(len(tok))), tok, root / "extended")
+
+
+def test_llms_whose_vocabularies_are_in_a_prefix_relation_share_a_pool(extended_dir, tiny_source_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dfs_merge.export.checkpoint import export_genome
+    from dfs_merge.export.mergekit.recipe import write_recipe_config
+    from dfs_merge.genome import Genome
+    from dfs_merge.merging.blend import Blender
+    from dfs_merge.merging.recipe import Recipe
+    from dfs_merge.models.vocab import VocabMap
+
+    paths = [str(extended_dir), str(tiny_source_dirs[1])]
+    pool = SourcePool.load(paths)
+    assert pool.vocab == VocabMap((322, 320), (True, False), 320)
+    recipe = Recipe(tuple(paths), 4, "task_arithmetic", 0, 1, ((0.5,),))
+    merged = Blender(pool).apply(recipe)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        base, other = pool.base.model.get_parameter(name), pool.sources[1].model.get_parameter(name)
+        assert torch.allclose(merged.get_parameter(name)[:320], base[:320] + 0.5 * (other - base[:320]), atol=1e-6)
+        assert torch.equal(merged.get_parameter(name)[320:], base[320:])
+    with pytest.raises(ExportError, match=r"^sources 0 and 1 differ in vocab_size \(322 vs 320\): .* mergekit config "
+                                          r"cannot say; export an HF checkpoint instead \(--format hf\)$"):
+        write_recipe_config(recipe, tmp_path / "recipe.yaml")
+
+    genome = Genome.from_route(Route.parse("0:0-1, 1:1-2, 0:3"), paths, [4, 4], 2)
+    out = export_genome(genome, tmp_path / "route")  # streamed from the folders, verified against the stitched model
+    ids = torch.tensor([[1, 40, 41, 42, 321, 320]])  # the two appended tokens too: rows only the base has
+    with torch.no_grad():
+        want = stitch(pool, genome.check())(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert want.shape[-1] == 322 and torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    shorter_ends = dataclasses.replace(genome, embed_source=1)  # refused before a file is written, verified or not
+    with pytest.raises(GenomeError, match=r"^embed_source 1: source 1's vocabulary \(320 rows\) is not the base's"):
+        export_genome(shorter_ends, tmp_path / "ends", verify="off")
+    assert not (tmp_path / "ends").exists()
+
+    reverse = SourcePool.load(paths[::-1])  # the shorter vocabulary as the base: the same shared rows
+    assert reverse.vocab == VocabMap((320, 322), (True, False), 320)
+    assert Blender(reverse).apply(Recipe(tuple(paths[::-1]), 4, "task_arithmetic", 0, 1, ((0.5,),))) \
+        .get_parameter("lm_head.weight").shape == (320, HIDDEN)
 
 
 def test_missing_model_is_refused(tmp_path):

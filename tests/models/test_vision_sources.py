@@ -8,12 +8,25 @@ import json
 
 import pytest
 import torch
-from builders import IMAGE_TOKEN, assert_refused, build_vlm_tokenizer, picture, run_cli, save_vlm, tiny_vlm
+from builders import (
+    IMAGE_TOKEN,
+    assert_refused,
+    build_tokenizer,
+    build_vlm_tokenizer,
+    picture,
+    run_cli,
+    save_source,
+    save_vlm,
+    swap_tokens,
+    tiny_vlm,
+    tiny_vlm_text_config,
+)
 
-from dfs_merge.errors import IncompatibleSources, SourceError
+from dfs_merge.errors import GenomeError, IncompatibleSources, SourceError
 from dfs_merge.merging.blend import Blender
 from dfs_merge.merging.recipe import Recipe
 from dfs_merge.models.sources import SourcePool
+from dfs_merge.models.vocab import VocabMap
 from dfs_merge.route import Route
 from dfs_merge.stitch import stitch
 
@@ -112,6 +125,17 @@ def unsupported_vlm_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def swapped_llm_dir(tmp_path_factory):
+    """A tiny LLM whose tokenizer is the tiny one with the tokens at ids 100 and 101 swapped: 320 tokens, not a
+    prefix of the VLM's."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = swap_tokens(build_tokenizer(), 100, 101)
+    model = LlamaForCausalLM(tiny_vlm_text_config(tokenizer)).eval()
+    return save_source(model, tokenizer, tmp_path_factory.mktemp("swapped") / "llm")
+
+
 def test_a_language_model_of_another_hidden_size_is_refused_naming_it(narrow_vlm_dir, tiny_vlm_dirs):
     with pytest.raises(IncompatibleSources, match=r"^sources 0 and 1 differ in hidden_size: 32 vs 48$"):
         SourcePool.load([str(narrow_vlm_dir), str(tiny_vlm_dirs["llm"])])
@@ -122,17 +146,105 @@ def test_an_unsupported_vlm_family_is_refused_naming_it(unsupported_vlm_dir, tin
         SourcePool.load([str(unsupported_vlm_dir), str(tiny_vlm_dirs["llm"])])
 
 
-@pytest.mark.parametrize("which", ["narrow", "unsupported"])
-def test_the_cli_refuses_them_in_one_line_with_exit_2(which, narrow_vlm_dir, unsupported_vlm_dir, tiny_vlm_dirs,
-                                                      tmp_path):
+def test_a_tokenizer_that_is_not_a_prefix_is_refused_naming_the_first_id_that_differs(tiny_vlm_dirs, swapped_llm_dir):
+    with pytest.raises(IncompatibleSources, match=r"^sources 0 and 1 differ in tokenizer at token id 100: '¤' vs '¥' "
+                                                  r"\(321 vs 320 tokens; one vocabulary must be the other's or a "
+                                                  r"prefix of it\)$"):
+        SourcePool.load([str(tiny_vlm_dirs["vlm"]), str(swapped_llm_dir)])
+
+
+@pytest.mark.parametrize("which", ["narrow", "unsupported", "swapped"])
+def test_the_cli_refuses_them_in_one_line_with_exit_2(which, narrow_vlm_dir, unsupported_vlm_dir, swapped_llm_dir,
+                                                      tiny_vlm_dirs, tmp_path):
     import yaml
 
-    vlm = narrow_vlm_dir if which == "narrow" else unsupported_vlm_dir
+    vlm = {"narrow": narrow_vlm_dir, "unsupported": unsupported_vlm_dir}.get(which, tiny_vlm_dirs["vlm"])
+    llm = swapped_llm_dir if which == "swapped" else tiny_vlm_dirs["llm"]
     config = tmp_path / "vlm.yaml"
-    config.write_text(yaml.safe_dump({"sources": [str(vlm), str(tiny_vlm_dirs["llm"])],
+    config.write_text(yaml.safe_dump({"sources": [str(vlm), str(llm)],
                                       "tasks": {"image_qa_e_dev": 1.0}, "limit": 2, "out": str(tmp_path / "run")}))
     result = run_cli("eval", str(config))
-    assert_refused(result, "hidden_size: 32 vs 48" if which == "narrow" else "'idefics3'")
+    assert_refused(result, {"narrow": "hidden_size: 32 vs 48", "unsupported": "'idefics3'",
+                            "swapped": "differ in tokenizer at token id 100"}[which])
+
+
+# ---- an LLM whose vocabulary is a prefix of the VLM's (LLaVA adds `<image>`): Mistral-7B beside LLaVA-1.6-Mistral
+
+def test_an_llm_whose_vocabulary_is_a_prefix_of_the_vlms_joins_the_pool(tiny_prefix_pool):
+    pool = tiny_prefix_pool
+    assert pool.vocab == VocabMap((321, 320), (True, False), 320)
+    assert pool.sources[1].model.model.embed_tokens.weight.shape[0] == 320
+    route = Route.parse("0:0-1, 1:1-3, 0:3", [1.0, 1.0, 0.9, 1.0, 1.1, 1.0])
+    lm = stitch(pool, route)
+    assert lm.model.embed_tokens is pool.base.model.model.embed_tokens and lm.lm_head is pool.base.model.lm_head
+    model, _ = pool.candidate(lm)
+    inputs = image_inputs(pool)
+    assert int(inputs["input_ids"].max()) == 320  # `<image>`: a row only the base has
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[-1] == 321 and torch.isfinite(logits).all()
+
+
+def test_a_recipe_merges_the_shared_rows_and_keeps_the_bases_others(tiny_prefix_pool):
+    pool = tiny_prefix_pool
+    merged = Blender(pool).apply(Recipe(tuple(pool.paths), 4, "task_arithmetic", 0, 2, ((0.5, 0.2),), lam=0.8))
+    base, llm = pool.base.model, pool.sources[1].model
+    for name, w in (("model.embed_tokens.weight", 0.5), ("lm_head.weight", 0.2)):  # group 0's weight, the last's
+        got, b, other = merged.get_parameter(name), base.get_parameter(name), llm.get_parameter(name)
+        assert got.shape == (321, 48)
+        assert torch.allclose(got[:320], b[:320] + 0.8 * w * (other - b[:320]), atol=1e-6), name
+        assert torch.equal(got[320:], b[320:]), name  # `<image>`'s row: the VLM's own
+    name = "model.layers.3.mlp.down_proj.weight"
+    want = base.get_parameter(name) + 0.8 * 0.2 * (llm.get_parameter(name) - base.get_parameter(name))
+    assert torch.allclose(merged.get_parameter(name), want, atol=1e-6)
+    assert base.model.embed_tokens.weight.data_ptr() != merged.model.embed_tokens.weight.data_ptr()
+    model, _ = pool.candidate(merged)
+    with torch.no_grad():
+        assert torch.isfinite(model(**image_inputs(pool)).logits).all()
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_other_methods_keep_the_bases_extra_rows_too(tiny_prefix_pool, method):
+    pool = tiny_prefix_pool
+    densities = ((0.5,),) if method == "ties" else ()
+    weights = ((0.6,), (0.4,)) if method == "linear" else ((0.7,),)
+    blender = Blender(pool)
+    for _ in range(2):  # the second apply reuses the resident buffers (and TIES's kept ranks)
+        merged = blender.apply(Recipe(tuple(pool.paths), 4, method, 0, 1, weights, densities))
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(merged.get_parameter(name)[320:], pool.base.model.get_parameter(name)[320:])
+    if method == "linear":
+        name = "lm_head.weight"
+        want = 0.6 * pool.base.model.get_parameter(name)[:320] + 0.4 * pool.sources[1].model.get_parameter(name)
+        assert torch.allclose(merged.get_parameter(name)[:320], want, atol=1e-6)
+
+
+def test_the_ends_and_tokenizer_of_the_shorter_vocabulary_are_refused(tiny_prefix_pool):
+    pool = tiny_prefix_pool
+    message = (r"^{}: source 1's vocabulary \(320 rows\) is not the base's \(321\); where the sources' vocabularies "
+               r"differ, the embeddings, LM head and tokenizer are the base's \(source 0\)$")
+    with pytest.raises(GenomeError, match=message.format("embed_source 1")):
+        stitch(pool, Route(Route.parse("0:0-3").hops, embed_source=1))
+    with pytest.raises(GenomeError, match=message.format("head_source 1")):
+        stitch(pool, Route(Route.parse("0:0-3").hops, head_source=1))
+    with pytest.raises(GenomeError, match=message.format("tokenizer_source 1")):
+        pool.candidate(stitch(pool, Route.parse("0:0-3")), tokenizer_source=1)
+
+
+def test_the_reverse_pair_the_shorter_vocabulary_as_the_base_merges_the_same_rows(tiny_vlm_dirs, tiny_short_llm_dir,
+                                                                                  tiny_prefix_pool):
+    pool = SourcePool.load([str(tiny_short_llm_dir), str(tiny_vlm_dirs["vlm"])])
+    assert pool.vocab == VocabMap((320, 321), (True, False), 320) and pool.vision is None
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        assert stitch(pool, Route.parse("0:0-1, 1:2-3")).forward(ids).logits.shape[-1] == 320
+    recipe = Recipe(tuple(pool.paths), 4, "task_arithmetic", 0, 1, ((0.5,),))
+    merged = Blender(pool).apply(recipe)
+    forward = Blender(tiny_prefix_pool).apply(Recipe(tuple(tiny_prefix_pool.paths), 4, "task_arithmetic", 1, 1,
+                                                     ((0.5,),)))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # the same merge of the shared rows, either way
+        assert merged.get_parameter(name).shape == (320, 48)
+        assert torch.allclose(merged.get_parameter(name), forward.get_parameter(name)[:320], atol=1e-6)
 
 
 def test_each_source_alone_is_scored_as_itself(tiny_vlm_pool):

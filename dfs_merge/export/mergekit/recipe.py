@@ -101,8 +101,9 @@ def recipe_config(recipe: Recipe, *, dtype: str | None = None) -> dict[str, Any]
     final norm and head (last slice) at `t = 0`. `base_model` is the base
     (for `linear` only when the recipe has one); `parameters` holds `normalize`, `lambda`
     when it is not 1 and, for DARE, `rescale`. `dtype` defaults to the base's stored dtype.
-    Sources are checked (config.json only): their layer counts, no model listed twice, and
-    no source of a kind built in memory (`kinds`: a recipe file), which mergekit has no name for.
+    Sources are checked (config.json only): their layer counts, one `vocab_size` (mergekit cannot say a merge
+    over vocabularies in a prefix relation), no model listed twice, and no source of a kind built in memory
+    (`kinds`: a recipe file), which mergekit has no name for.
     """
     for i, p in enumerate(recipe.sources):
         kind = source_kind(p)
@@ -114,6 +115,10 @@ def recipe_config(recipe: Recipe, *, dtype: str | None = None) -> dict[str, Any]
         if cfg.num_hidden_layers != recipe.layers:
             raise SourceError(f"source {i} ({recipe.sources[i]}) has {cfg.num_hidden_layers} layers, "
                               f"the recipe says {recipe.layers}")
+        if cfg.vocab_size != configs[0].vocab_size:  # `models.vocab`: one vocabulary a prefix of the other's
+            raise ExportError(f"sources 0 and {i} differ in vocab_size ({configs[0].vocab_size} vs {cfg.vocab_size}): "
+                              "dfs-merge merges the rows of the tokens they share and keeps the base's others, which a "
+                              "mergekit config cannot say; export an HF checkpoint instead (--format hf)")
     folders = [model_reference(p) for p in recipe.sources]
     spec = recipe.spec
     with_base = spec.takes_base and recipe.base is not None

@@ -37,6 +37,12 @@ class Family:
         "vocab_size",
     )
 
+    @property
+    def vocab_weights(self) -> tuple[str, str]:
+        """The weights with a row per token of the vocabulary: the embeddings and the LM head (the first and the last
+        of `non_layer_weights`)."""
+        return self.non_layer_weights[0], self.non_layer_weights[-1]
+
     def config_value(self, config: Any, name: str) -> Any:
         """A config field, with `head_dim` derived when the config leaves it implicit."""
         value = getattr(config, name, None)
