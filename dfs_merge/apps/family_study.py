@@ -30,6 +30,7 @@ from dfs_merge.config import load_config
 from dfs_merge.errors import ConfigError
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.fitness.score import Fitness
+from dfs_merge.models.metadata import fingerprint
 from dfs_merge.models.sources import SourcePool
 from dfs_merge.route import Hop, Route
 from dfs_merge.search.evolution import run_evolution
@@ -67,6 +68,14 @@ class Candidate:
     model: Any = None
     text: str = ""
     scorer: CandidateScorer | None = field(default=None, repr=False)
+
+    @property
+    def memo_key(self) -> str:
+        """What a memoised row must match: the text, and for a genome its sources' content fingerprints (a hybrid's
+        route reads the same over another parameter-space merge)."""
+        if self.genome is None:
+            return self.text
+        return self.text + " | " + ", ".join(str(fingerprint(p)) for p in self.genome.sources)
 
     @property
     def hops(self) -> int:
@@ -180,18 +189,18 @@ def score_rows(candidates: Sequence[Candidate], split: str, log: Callable[[str],
     if memo is not None and memo.is_file():
         for line in memo.read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
-            done[(entry["label"], entry["split"], entry["text"])] = entry
+            done[(entry["label"], entry["split"], entry.get("key", entry["text"]))] = entry
     rows = []
     for c in candidates:
         t0 = time.perf_counter()
-        entry = done.get((c.label, split, c.text))
+        entry = done.get((c.label, split, c.memo_key))
         if entry is not None and Evaluation.from_dict(entry["others"]).tasks.keys() == set(tasks):
             rows.append(Row(c, Evaluation.from_dict(entry["target"]), Evaluation.from_dict(entry["others"])))
             continue
         rows.append(Row(c, c.score(target, docs=(0.0, 1.0)), c.score(others)))
         if memo is not None and rows[-1].target.ok and rows[-1].others.ok:
             with memo.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"label": c.label, "split": split, "text": c.text,
+                fh.write(json.dumps({"label": c.label, "split": split, "text": c.text, "key": c.memo_key,
                                      "target": rows[-1].target.to_dict(), "others": rows[-1].others.to_dict()}) + "\n")
         log(f"[{split}] {c.label}: {rows[-1].target.tasks.get(TARGET[split])} ({time.perf_counter() - t0:.0f} s)")
     return rows

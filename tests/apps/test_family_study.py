@@ -44,3 +44,23 @@ def test_an_unknown_search_is_one_line_and_exit_2_before_anything_is_loaded_or_w
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "'nope' is not a search here; known: ps, dfs, hybrid" in err, err
     assert not out.exists()
+
+
+def test_a_memoised_row_of_a_genome_is_keyed_by_its_sources_contents(tiny_source_dirs, tmp_path):
+    """A hybrid's chosen route reads the same ("0:0-3") over another parameter-space merge: its memoised test row
+    must not be reused for it, so a genome's row is keyed by its text and its sources' fingerprints."""
+    import shutil
+
+    from dfs_merge.genome import Genome, Route
+
+    copy = shutil.copytree(tiny_source_dirs[0], tmp_path / "same")
+    changed = shutil.copytree(tiny_source_dirs[0], tmp_path / "changed")
+    (changed / "config.json").write_text((changed / "config.json").read_text().replace("{", '{"_edited": 1, ', 1))
+
+    def row(source):
+        genome = Genome.from_route(Route.parse("0:0-3"), [str(source)], [4], 1)
+        return fs.Candidate("evolved hybrid", pool=None, genome=genome, text="0:0-3")
+
+    assert row(tiny_source_dirs[0]).memo_key == row(copy).memo_key  # the same contents: reused
+    assert row(changed).memo_key != row(tiny_source_dirs[0]).memo_key
+    assert fs.Candidate("J", pool=None, text="").memo_key == ""  # a parent's row: its text, as before
