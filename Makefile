@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo demo-self bench gpu-check models clean zoo zoo-table study-smollm2 study-smollm2-raced family study-family
+.PHONY: install test test-fast lint demo demo-self bench gpu-check models clean zoo zoo-table study-smollm2 study-smollm2-raced study-qwen family study-family
 
 install: $(STAMP)
 
@@ -55,6 +55,12 @@ study-smollm2: $(VENV)/.smollm2
 # writes runs/smollm2-self-raced/results.md.
 study-smollm2-raced: $(VENV)/.smollm2
 	$(VENV)/bin/dfs-merge study genomes/smollm2-self-raced.yaml
+
+# The same study on Qwen2.5-Coder-0.5B-Instruct (genomes/qwen-coder-self.yaml: 24 layers; prose, cloze and the bundled
+# Python completion suite; racing; no scaling: none rerun; exports the best member of 20 hops or fewer); writes
+# runs/qwen-coder-self/results.md (60-100 min on 2 cores, estimated from per-document costs, not yet run; resumes).
+study-qwen: $(VENV)/.qwen-coder
+	$(VENV)/bin/dfs-merge study genomes/qwen-coder-self.yaml --prune-hops 20 --no-ablation
 
 test: install $(VENV)/.smollm2
 	$(VENV)/bin/ruff check dfs_merge tests bench

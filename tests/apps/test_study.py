@@ -147,3 +147,30 @@ def test_seed_genomes_add_routes_once():
     template = Genome.empty(["m"], (4,), 2, "slot")
     seeds = seed_genomes(template, ["0:0-3", "0:0-1, 0:1-3", "0:0-1, 0:1-3"])
     assert [g.decode().text() for g in seeds] == ["0:0-3", "0:0-1, 0:1-3"]
+
+
+def test_the_qwen_study_config_is_the_smollm2_study_with_the_code_suite():
+    """genomes/qwen-coder-self.yaml (`make study-qwen`): a study config (one source, nsga2 on [score, hops], report
+    tasks), whose dev, validation and held-out splits score the same bundled suites, the code completion suite
+    among them, and whose constraints hold every heuristic's route at n = 2, 4, 6, 8 of Qwen2.5-Coder's 24 layers."""
+    from lm_eval.tasks import TaskManager
+
+    from dfs_merge import CHECKOUT
+    from dfs_merge.apps.baselines import naive_deepening_route
+    from dfs_merge.fitness.tasks import default_suites_dir
+
+    cfg = load_config(CHECKOUT / "genomes" / "qwen-coder-self.yaml")
+    assert cfg.sources == ["qwen2.5-coder-0.5b-instruct"] and cfg.algorithm == "nsga2"
+    assert cfg.objectives == ["score", "hops"] and cfg.racing is not None
+    bundled = set(TaskManager(include_path=str(default_suites_dir()), include_defaults=False).all_subtasks)
+    suites = {split: {t.rsplit("_", 1)[0] for t in cfg.split_tasks(split)[0]} for split in ("dev", "val", "test")}
+    assert suites["dev"] == suites["val"] == suites["test"] and "code_complete" in suites["dev"]
+    assert {t for split in ("dev", "val", "test") for t in cfg.split_tasks(split)[0]} <= bundled
+    template = Genome.empty(cfg.sources, (24,), cfg.repeats, cfg.scaling, cfg.constraints)
+    for n in (2, 4, 6, 8):  # the first and last layer kept, as the heuristics' routes keep them on SmolLM2
+        kept = [i for i in range(24) if not 1 <= i <= n] if n % 4 else [i for i in range(24) if not 22 - n < i < 23]
+        route = Route.parse(", ".join(f"0:{i}" for i in kept))
+        assert len(seed_genomes(template, [route.text()])) == 2
+    assert len(naive_deepening_route(24)) == 32  # scored as a point of its own, not a seed
+    makefile = (CHECKOUT / "Makefile").read_text()
+    assert "dfs-merge study genomes/qwen-coder-self.yaml --prune-hops 20 --no-ablation" in makefile

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,12 +27,21 @@ TASKS = {
     "cloze_mc_test": ("multiple_choice", 200, {"id", "query", "choices", "gold", "answer"}),
     "arith_gen_dev": ("generate_until", 100, {"id", "question", "answer"}),
     "arith_gen_test": ("generate_until", 100, {"id", "question", "answer"}),
+    "code_complete_dev": ("loglikelihood", 120, {"id", "module", "function", "line", "context", "target", "rest"}),
+    "code_complete_val": ("loglikelihood", 120, {"id", "module", "function", "line", "context", "target", "rest"}),
+    "code_complete_test": ("loglikelihood", 200, {"id", "module", "function", "line", "context", "target", "rest"}),
+    "code_ppl_dev": ("loglikelihood_rolling", 40, {"id", "module", "function", "line", "text"}),
+    "code_ppl_val": ("loglikelihood_rolling", 40, {"id", "module", "function", "line", "text"}),
+    "code_ppl_test": ("loglikelihood_rolling", 80, {"id", "module", "function", "line", "text"}),
 }
+CODE_SUITES = ("code_complete", "code_ppl")  # val is a file of its own (other modules), not a slice of dev's
 PAIRS = [("prose_ppl", "text"), ("cloze_mc", "query"), ("arith_gen", "question")]
 METRICS = {
     "prose_ppl": ["word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"],
     "cloze_mc": ["acc,none", "acc_norm,none"],
     "arith_gen": ["exact_match,strip"],
+    "code_complete": ["acc,none", "perplexity,none"],
+    "code_ppl": ["word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"],
 }
 
 
@@ -95,11 +107,88 @@ def test_sizes_and_fields(task_dict, name):
             assert all(len(c.split()) <= 3 for c in d["choices"])
         golds = [d["gold"] for d in docs]
         assert min(golds.count(g) for g in range(4)) > len(docs) / 8  # the answer's place varies
+    if name.startswith("code_complete"):
+        for d in docs:
+            # the context ends inside the target's line, after its indentation and first word; the target is the
+            # rest of that line up to its last letter or digit, `rest` what follows it on the line
+            assert d["context"].startswith(("def ", "async def ")), d["id"]
+            head = d["context"].rsplit("\n", 1)[1]
+            assert re.fullmatch(r" +([A-Za-z_][A-Za-z0-9_]*)?[A-Za-z0-9]", head), (d["id"], head)
+            assert re.fullmatch(r"[^A-Za-z0-9_\n][^\n]*[A-Za-z0-9]", d["target"]), d["id"]
+            assert len(d["target"].strip()) >= 3 and re.fullmatch(r"[^A-Za-z0-9\n]*", d["rest"]), d["id"]
+    if name.startswith("code_ppl"):
+        for d in docs:
+            assert d["text"].startswith(("def ", "async def ")) and d["text"].endswith("\n"), d["id"]
+            assert 250 <= len(d["text"]) <= 900
     if name.startswith("arith_gen"):
         for d in docs:
             a, op, b = d["question"].split()
             want = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
             assert d["answer"] == str(want)
+
+
+@pytest.mark.parametrize("suite", CODE_SUITES)
+def test_code_splits_are_disjoint_by_module(task_dict, suite):
+    """dev, val and test of a code suite come from different top-level packages of the standard library, so no
+    function (nor any copy of its text) is in two splits."""
+    docs = {split: _docs(task_dict, f"{suite}_{split}") for split in ("dev", "val", "test")}
+    packages = {split: {d["module"].split(".")[0] for d in ds} for split, ds in docs.items()}
+    functions = {split: {(d["module"], d["function"]) for d in ds} for split, ds in docs.items()}
+    field = "context" if suite == "code_complete" else "text"
+    texts = {split: {" ".join(d[field].split()) for d in ds} for split, ds in docs.items()}
+    for a, b in (("dev", "val"), ("dev", "test"), ("val", "test")):
+        assert not packages[a] & packages[b], (a, b, packages[a] & packages[b])
+        assert not functions[a] & functions[b] and not texts[a] & texts[b]
+    for split, ds in docs.items():
+        assert len(functions[split]) == len(ds)  # one document per function
+        assert len(packages[split]) >= 30  # spread over many packages, not one large one
+        first = {d["module"].split(".")[0] for d in ds[:20]}
+        assert len(first) >= 15  # ... from the first rows on, so that any limit spans them
+
+
+@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the code suites were made from Python 3.11.7's library")
+def test_the_code_suites_are_what_the_script_writes(tmp_path):
+    """`make_code_data.py` on the library they were made from writes the committed files byte for byte."""
+    subprocess.run([sys.executable, str(SUITES / "make_code_data.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True, timeout=300)
+    written = sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    assert written == sorted(f"{t}.jsonl" for t in TASKS if t.startswith(CODE_SUITES))
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (SUITES / "data" / name).read_bytes(), name
+
+
+def test_the_code_script_refuses_another_python_without_a_library(tmp_path):
+    """On another Python than the suites' own, the script says how to get the same data instead of writing other
+    data silently."""
+    code = ("import runpy, sys; sys.version_info = (3, 99, 0, 'final', 0); sys.argv = ['make_code_data.py', '--out', "
+            f"{str(tmp_path)!r}]; runpy.run_path({str(SUITES / 'make_code_data.py')!r}, run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "3.11.7" in res.stderr and "--stdlib" in res.stderr, res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"])
+def test_code_targets_start_where_the_tokenizers_split(model):
+    """lm-eval scores a target as the tokens of context + target after the context's own tokens: each item's
+    context must tokenize as the start of the whole, and the whole as the start of its line with what follows it,
+    else the model would read, or be asked for, other tokens than a file's."""
+    from transformers import AutoTokenizer
+
+    from dfs_merge.models.store import is_complete, models_dir
+
+    folder = models_dir() / model
+    if not is_complete(folder):
+        pytest.skip(f"{model} is not converted here (make models)")
+    tok = AutoTokenizer.from_pretrained(folder)
+    for split in ("dev", "val", "test"):
+        for line in (SUITES / "data" / f"code_complete_{split}.jsonl").open():
+            d = json.loads(line)
+            context = tok(d["context"])["input_ids"]
+            whole = tok(d["context"] + d["target"])["input_ids"]
+            assert whole[: len(context)] == context, d["id"]
+            for after in ("\n", "\n    pass\n", "\n\n\ndef f():\n"):
+                line = tok(d["context"] + d["target"] + d["rest"] + after)["input_ids"]
+                assert line[: len(whole)] == whole, (d["id"], after)
 
 
 @pytest.mark.parametrize("prefix,field", PAIRS)
