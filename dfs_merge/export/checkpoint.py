@@ -99,7 +99,7 @@ log = logging.getLogger(__name__)
 GENOME_FILE = "dfs-merge-genome.yaml"
 """The errors of a full disk (or quota), as `run_evolution` tells them."""
 # staging folder beside DIR: .<DIR name>.dfs-export-<pid>-<hex>; a replaced DIR: .<DIR name>.dfs-replaced-<pid>-<hex>
-_STAGING = Staging(tag="dfs-export", old_tag="dfs-replaced", what="export")
+EXPORT_STAGING = Staging(tag="dfs-export", old_tag="dfs-replaced", what="export")
 TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -139,6 +139,39 @@ def export_checkpoint(
     a bar to stderr (the CLI's; off for library calls). `export_genome` streams from the sources' files
     instead of a pool.
     """
+    job = start_pool_export(pool, genome, out, force=force, verify=verify, max_shard_size=max_shard_size,
+                            dtype=dtype, progress=progress)
+    written = job.written
+    inputs = ExportInputs(
+        PoolTensors(written), list(pool.paths), [s.folder for s in written.sources],
+        [s.config for s in written.sources], type(written.base.model).__name__,
+        card_sources(genome.sources, [s.folder for s in pool.sources], [s.config for s in pool.sources],
+                     genome.source_layers, [s.license for s in pool.sources]),
+        pool=written, device=str(pool.device),
+    )
+    return _export(inputs, genome, job.route, job.out, job.settings, mode=job.mode, limit=job.limit, force=force,
+                   show=job.show, command=command, copy_tokenizer=copy_tokenizer)
+
+
+@dataclass(frozen=True)
+class PoolExport:
+    """What an export over a loaded pool starts from: its progress display, verification mode and settings, the
+    checked route, the pool it writes (a recipe's merge applied), the checked output path and the shard limit."""
+
+    show: Progress
+    mode: str
+    settings: Settings
+    route: Route
+    written: SourcePool
+    out: Path
+    limit: int
+
+
+def start_pool_export(pool: SourcePool, genome: CandidateGenome, out: str | Path, *, force: bool,
+                      verify: bool | str, max_shard_size: int | str, dtype: str | None,
+                      progress: bool | Progress) -> PoolExport:
+    """Check an export of `genome` over `pool` into `out` (the arguments of `export_checkpoint`) before anything
+    is written, and apply a recipe's merge: shared by the language-model and the vision-language exports."""
     show = Progress.of(progress)
     mode = verify_mode(verify)
     settings = export_settings(genome, dtype)
@@ -147,17 +180,7 @@ def export_checkpoint(
     written = written_pool(pool, genome, show)
     out = check_output(out, kind="folder", force=force, inputs=[*genome.sources, *pool.paths], error=ExportError,
                        what=None, force_hint="force=True (--force)")
-    limit = parse_size(max_shard_size)
-    configs = [s.config for s in written.sources]
-    inputs = ExportInputs(
-        PoolTensors(written), list(pool.paths), [s.folder for s in written.sources], configs,
-        type(written.base.model).__name__,
-        card_sources(genome.sources, [s.folder for s in pool.sources], [s.config for s in pool.sources],
-                     genome.source_layers, [s.license for s in pool.sources]),
-        pool=written, device=str(pool.device),
-    )
-    return _export(inputs, genome, route, out, settings, mode=mode, limit=limit, force=force, show=show,
-                   command=command, copy_tokenizer=copy_tokenizer)
+    return PoolExport(show, mode, settings, route, written, out, parse_size(max_shard_size))
 
 
 def export_genome(genome: CandidateGenome, out: str | Path, *, device: str = "cpu", dtype: str | None = None,
@@ -307,7 +330,7 @@ def _export(inputs: ExportInputs, genome: CandidateGenome, route: Route, out: Pa
     """The one path of every HF export: plan, write into a staging folder, verify, card, publish."""
     entries = plan_tensors(inputs.tensors, route, settings.out_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _STAGING.remove_leftovers(out)
+    EXPORT_STAGING.remove_leftovers(out)
     try:
         return _write_staged(inputs, genome, route, out, settings, entries, mode=mode, limit=limit, force=force,
                              show=show, command=command, copy_tokenizer=copy_tokenizer)
@@ -330,7 +353,7 @@ def _write_staged(inputs: ExportInputs, genome: CandidateGenome, route: Route, o
     published, and a failure waits for them before the folder is removed.
     """
     gate = MemoryGate(_largest_layer(entries))
-    with one_thread(), _STAGING.folder(out, replace=force, refuse=_appeared) as staging, \
+    with one_thread(), EXPORT_STAGING.folder(out, replace=force, refuse=appeared) as staging, \
             contextlib.ExitStack() as background:
         flusher = background.enter_context(Flusher())
         logits = _logit_check(inputs, entries, settings, mode)
@@ -357,7 +380,8 @@ def _write_staged(inputs: ExportInputs, genome: CandidateGenome, route: Route, o
     return out
 
 
-def _appeared(out: Path) -> ExportError:
+def appeared(out: Path) -> ExportError:
+    """The refusal of an export whose target folder appeared while it was being written (not forced)."""
     return ExportError(f"{out}: appeared while exporting; pass force=True (--force) to replace it")
 
 

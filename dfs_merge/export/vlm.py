@@ -27,28 +27,27 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dfs_merge.atomic import Staging
 from dfs_merge.errors import ExportError
 from dfs_merge.export.card import card_sources, model_card
 from dfs_merge.export.checkpoint import (
+    EXPORT_STAGING,
     GENOME_FILE,
     TOKENIZER_FILES,
     ExportInputs,
+    appeared,
     export_config,
     precheck,
+    start_pool_export,
     stored_dtype,
-    verify_mode,
     written_dtype,
 )
-from dfs_merge.export.pool import check_pool, written_pool
 from dfs_merge.export.progress import Progress
 from dfs_merge.export.providers import INDEX_NAME, WEIGHTS_NAME, PoolTensors
-from dfs_merge.export.settings import Settings, chat_template_text, export_settings, write_chat_template
+from dfs_merge.export.settings import Settings, chat_template_text, write_chat_template
 from dfs_merge.export.tensors import (
     Entry,
     FoldedLayers,
     one_thread,
-    parse_size,
     plan_tensors,
     running_products,
     save_shard,
@@ -66,7 +65,6 @@ from dfs_merge.export.verify import (
 from dfs_merge.genome_files import save_genome
 from dfs_merge.models.families.vision import VisionModel
 from dfs_merge.models.sources import SourcePool, locate
-from dfs_merge.outputs import check_output
 from dfs_merge.route import Route
 from dfs_merge.stitch import stitch
 
@@ -82,7 +80,6 @@ log = logging.getLogger(__name__)
 
 PROCESSOR_FILES = (*TOKENIZER_FILES, "processor_config.json", "preprocessor_config.json")
 """A VLM folder's files that its processor reads (its tokenizer's, its image processor's, its chat template)."""
-_STAGING = Staging(tag="dfs-export", old_tag="dfs-replaced", what="export")
 
 
 class VisionLayers(FoldedLayers):
@@ -108,19 +105,14 @@ def export_vlm(pool: SourcePool, genome: CandidateGenome, out: str | Path, *, fo
     """Write `genome` (a route, or a parameter-space recipe) over `pool`, whose base is a vision-language model, as
     that VLM in `out`; returns its path. The arguments are `checkpoint.export_checkpoint`'s; the processor written
     is always the base's (a genome's `tokenizer_source` names another tokenizer of the same vocabulary)."""
-    show = Progress.of(progress)
     vision = pool.vision
     if vision is None:
         raise ExportError(f"source 0 ({pool.paths[0]}) is not a vision-language model: export_checkpoint writes "
                           "its merge")
-    mode = verify_mode(verify)
-    settings = export_settings(genome, dtype)
-    route = genome.check()
-    check_pool(pool, genome)
-    written = written_pool(pool, genome, show)
-    out = check_output(out, kind="folder", force=force, inputs=[*genome.sources, *pool.paths], error=ExportError,
-                       what=None, force_hint="force=True (--force)")
-    limit = parse_size(max_shard_size)
+    job = start_pool_export(pool, genome, out, force=force, verify=verify, max_shard_size=max_shard_size,
+                            dtype=dtype, progress=progress)
+    show, mode, settings, route, written, out, limit = (job.show, job.mode, job.settings, job.route, job.written,
+                                                         job.out, job.limit)
     configs = [s.vision.model.config if s.vision is not None else s.config for s in pool.sources]
     inputs = ExportInputs(
         PoolTensors(written), list(pool.paths), [s.folder for s in written.sources],
@@ -134,8 +126,8 @@ def export_vlm(pool: SourcePool, genome: CandidateGenome, out: str | Path, *, fo
         for e in text_entries]
     feed = VisionLayers(written, route, vision.vision_tensors(), settings.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _STAGING.remove_leftovers(out)
-    with one_thread(), _STAGING.folder(out, replace=force, refuse=_appeared) as staging:
+    EXPORT_STAGING.remove_leftovers(out)
+    with one_thread(), EXPORT_STAGING.folder(out, replace=force, refuse=appeared) as staging:
         with show.stage(f"writing the {vision.model_type} model with {len(route)} language-model hops: "
                         f"{len(entries)} tensors", "written"):
             write_weights(staging, entries, feed, limit)
@@ -222,10 +214,6 @@ def _write_side_files(pool: SourcePool, vision: VisionModel, folder: Path, setti
         text = chat_template_text(settings.chat_template, [s.folder for s in pool.sources])
         if text is not None:
             write_chat_template(folder, text)
-
-
-def _appeared(out: Path) -> ExportError:
-    return ExportError(f"{out}: appeared while exporting; pass force=True (--force) to replace it")
 
 
 def verify_inputs(vision: VisionModel, device: torch.device, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
