@@ -197,12 +197,18 @@ def export_genome(genome: CandidateGenome, out: str | Path, *, device: str = "cp
     folders = stream_folders(genome)
     if folders is not None:
         return _export_streamed(genome, folders, out, device=device, dtype=dtype, show=show, **kwargs)
+    return export_checkpoint(load_genome_pool(genome, device, dtype, show), genome, out, dtype=dtype, progress=show,
+                             **kwargs)
+
+
+def load_genome_pool(genome: CandidateGenome, device: str, dtype: str | None, show: Progress) -> SourcePool:
+    """`genome`'s own sources loaded whole, in the genome's `dtype`, else `dtype` (the written one), else the
+    genome's `out_dtype`, else the base's stored one."""
     given = genome.settings()
     name = (given.get("dtype") or dtype or given.get("out_dtype") or stored_dtype(locate(genome.sources[0]))
             or "float32")
     with show.loading(len(genome.sources), device, name):
-        pool = SourcePool.load(list(genome.sources), device=device, dtype=name)
-    return export_checkpoint(pool, genome, out, dtype=dtype, progress=show, **kwargs)
+        return SourcePool.load(list(genome.sources), device=device, dtype=name)
 
 
 def precheck(genome: CandidateGenome, options: ExportOptions) -> None:

@@ -36,9 +36,9 @@ from dfs_merge.export.checkpoint import (
     ExportInputs,
     appeared,
     export_config,
+    load_genome_pool,
     precheck,
     start_pool_export,
-    stored_dtype,
     written_dtype,
 )
 from dfs_merge.export.progress import Progress
@@ -64,7 +64,7 @@ from dfs_merge.export.verify import (
 )
 from dfs_merge.genome_files import save_genome
 from dfs_merge.models.families.vision import VisionModel
-from dfs_merge.models.sources import SourcePool, locate
+from dfs_merge.models.sources import SourcePool
 from dfs_merge.route import Route
 from dfs_merge.stitch import stitch
 
@@ -153,12 +153,7 @@ def export_vlm_genome(genome: CandidateGenome, out: str | Path, *, device: str =
     """Export `genome`, whose base is a vision-language model, from its own sources: loaded whole (in the genome's
     `dtype`, else the written one, else the base's stored one), then written by `export_vlm`."""
     show = Progress.of(progress)
-    given = genome.settings()
-    name = (given.get("dtype") or dtype or given.get("out_dtype") or stored_dtype(locate(genome.sources[0]))
-            or "float32")
-    with show.loading(len(genome.sources), device, name):
-        pool = SourcePool.load(list(genome.sources), device=device, dtype=name)
-    return export_vlm(pool, genome, out, dtype=dtype, progress=show, **kwargs)
+    return export_vlm(load_genome_pool(genome, device, dtype, show), genome, out, dtype=dtype, progress=show, **kwargs)
 
 
 def write(genome: CandidateGenome, out: Path, options: ExportOptions, progress: Progress) -> Path:
