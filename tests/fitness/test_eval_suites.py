@@ -167,7 +167,8 @@ def test_the_code_script_refuses_another_python_without_a_library(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("model", ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"])
+@pytest.mark.parametrize("model", [pytest.param("qwen2.5-coder-0.5b-instruct", marks=[pytest.mark.slow, pytest.mark.qwen]),
+                                   "smollm2-135m-instruct"])
 def test_code_targets_start_where_the_tokenizers_split(model):
     """lm-eval scores a target as the tokens of context + target after the context's own tokens: each item's
     context must tokenize as the start of the whole, and the whole as the start of its line with what follows it,
