@@ -146,12 +146,17 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush one written file's data to disk."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush a folder's files and the folder itself, so that renaming it publishes durable data."""
     for path in folder.iterdir():
         if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(path)
     fsync_dir(folder)
 
 

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from dfs_merge.atomic import fsync_file
+
 __all__ = ["Background", "Flusher", "MemoryGate", "spare_core"]
 
 T = TypeVar("T")
@@ -101,7 +103,7 @@ class Flusher:
 
     def flush(self, path: Path) -> None:
         """Start writing `path`'s data to disk."""
-        self._pending.append(Background(lambda: _fsync(path), name="dfs-merge-fsync"))
+        self._pending.append(Background(lambda: fsync_file(path), name="dfs-merge-fsync"))
 
     def wait(self) -> None:
         """Every flush started so far, done; the first error among them raised."""
@@ -156,6 +158,3 @@ class MemoryGate:
             yield
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
