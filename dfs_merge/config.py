@@ -101,9 +101,10 @@ class RacingConfig(BaseModel):
     A generation's new candidates are scored on the first `stages[0]` of each task's documents, then the ones
     that can still matter on up to `stages[1]`, ..., the last stage being all of them. A candidate stops when
     the paired bound says, at `confidence`, that enough others beat it for it not to matter to the algorithm
-    (see the module); `keep` (below 1) also stops all but the best `keep` fraction of a stage's candidates,
-    with no such guarantee, ranked by `keep_by`: `probability` (the prefix score with each multiple-choice
-    accuracy replaced by the mean probability of the right choice) or `score` (the prefix score itself).
+    (see the module), on the statistic `bound_by` names: `probability` (each task scored by accuracy counted as
+    the mean probability of the right answer, a low-variance measure of the same answers) or `metric` (the
+    tasks' own metrics). `keep` (below 1) also stops all but the best `keep` fraction of a stage's candidates,
+    with no such guarantee, ranked by `keep_by`: `probability` (as above) or `score` (the prefix score itself).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -112,6 +113,7 @@ class RacingConfig(BaseModel):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     keep: float = Field(1.0, gt=0, le=1)
     keep_by: Literal["probability", "score"] = "probability"
+    bound_by: Literal["probability", "metric"] = "probability"
 
     @model_validator(mode="after")
     def _nested(self) -> RacingConfig:

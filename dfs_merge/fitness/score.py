@@ -328,7 +328,7 @@ class Fitness:
                     per_doc[name] = {"aggregation": aggregation_name(spec.task, spec.metric),
                                      "start": window.start, "total": spec.docs,
                                      "items": document_items(samples, spec, window)}
-                    probs = choice_probabilities(samples, spec, window)
+                    probs = right_probabilities(samples, spec, window)
                     if probs is not None:
                         per_doc[name]["probability"] = probs
         return out
@@ -405,21 +405,28 @@ def document_items(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window:
     return [items[d] for d in window]
 
 
-def choice_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window: range) -> list[float] | None:
-    """Per document of a multiple-choice task scored by `acc`: the probability the model gives the right choice
-    (its choices' loglikelihoods normalised over the choices), a smoother measure of the same answers than 0/1,
-    which racing's `keep` ranks by; None for any other task, or when lm-eval's samples do not say."""
-    if spec.metric != "acc" or getattr(spec.task, "OUTPUT_TYPE", None) != "multiple_choice":
+def right_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window: range) -> list[float] | None:
+    """Per document of a task scored by `acc`, the probability the model gives the right answer: for a
+    multiple-choice task its choices' loglikelihoods normalised over the choices, for a loglikelihood (answer)
+    task the answer's own likelihood. A smoother measure of the same answers than 0/1, which racing ranks
+    (`keep_by`) and bounds (`bound_by`) by; None for any other task, or when lm-eval's samples do not say."""
+    kind = getattr(spec.task, "OUTPUT_TYPE", None)
+    if spec.metric != "acc" or kind not in ("multiple_choice", "loglikelihood"):
         return None
     probs: dict[int, float] = {}
     for doc, s in logged_documents(samples, spec).items():
-        target = s.get("target")
-        golds = target if isinstance(target, list) else [target]
         try:
             lls = [float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in s["filtered_resps"]]
+            if kind == "loglikelihood":
+                if len(lls) != 1:
+                    return None
+                probs[doc] = math.exp(lls[0])
+                continue
+            target = s.get("target")
+            golds = target if isinstance(target, list) else [target]
             if not lls or not all(isinstance(g, int) and 0 <= g < len(lls) for g in golds):
                 return None
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, IndexError):
             return None
         top = max(lls)
         weights = [math.exp(x - top) for x in lls]

@@ -6,14 +6,20 @@ candidate is scored once, and every candidate of a stage is scored on the same d
 paired). After each stage but the last, a candidate stops when it **cannot still matter**:
 
 - *the paired bound*: another candidate r is confidently better than c when the upper confidence bound of
-  score(c) - score(r) on all documents is below 0. The estimate is the difference of their scores on the
-  documents seen (lm-eval's own aggregation of the prefix); its uncertainty comes from the per-document
-  differences d of each task (weighted, signed): the documents not yet seen are taken as a sample without
-  replacement from the task's documents, so the mean of the unseen differences lies within
-  t x sd(d) x sqrt((1 - n/N) / n) of the seen mean (Student's t with n - 1 degrees of freedom for the fewest
-  documents seen; the tasks' terms added in variance). `confidence` holds for all of a candidate's decisions
-  together: t's level is Bonferroni-corrected over the others it is compared with and the stages, so the candidate best on all documents is stopped with probability at most
-  1 - confidence. A task seen on fewer than 2 documents proves nothing and keeps c in.
+  score(c) - score(r) on all documents is below 0, on the statistic `bound_by` names: with `probability` (the
+  default) a task scored by accuracy counts as the mean probability of the right answer (`right_probabilities`:
+  the right choice's share of a multiple-choice item, an answer's likelihood), a per-document value that moves
+  smoothly where 0/1 accuracy jumps, so that the few points siblings differ by show on fewer documents; other
+  tasks (and guarded ones) count with their own metric, as with `metric`. The estimate is the difference of the
+  two prefix scores; its uncertainty comes from the per-document differences d of each task (weighted,
+  signed): the documents not yet seen are taken as a sample without replacement from the task's documents, so
+  the mean of the unseen differences lies within t x sd(d) x sqrt((1 - n/N) / n) of the seen mean (Student's t
+  with n - 1 degrees of freedom for the fewest documents seen; the tasks' terms added in variance). `confidence`
+  holds for all of a candidate's decisions together (`Race.level`): the candidate best on all documents by the
+  statistic stops only when `cut` others are wrongly called better at some stage, so each comparison's level
+  is 1 - confidence x cut / (others x deciding stages) (Markov's inequality on the count of wrong calls, a
+  union over stages), and that happens with probability at most 1 - confidence. A task seen on fewer than 2
+  documents proves nothing and keeps c in.
 - *the cut* (per algorithm, `Algorithm.race_cut`): c stops once at least `cut` others are confidently better
   (with hops in the objectives: confidently better *and* no more hops, i.e. dominating it). `ga`: half the
   population (a candidate below the population's median seldom wins a tournament); `nsga2`: the population size
@@ -25,10 +31,13 @@ paired). After each stage but the last, a candidate stops when it **cannot still
   first the largest gain over the front (`front_gain`: how far the prefix score is above the best reference
   with no more hops, on the same documents), so a candidate that would improve the front at any hop count
   goes before one that only scores high because it keeps more layers.
-  With `keep_by: probability` (the default) that prefix score counts a multiple-choice task scored by accuracy
-  as the mean probability the candidate gives the right choice (`choice_probabilities`): on the 5 items of a
-  first stage accuracy moves in steps of 0.2, more than most siblings differ by on all documents, while the
-  probability of the same answers moves smoothly. The bound always uses the task's own metric.
+  With `keep_by: probability` (the default) that prefix score counts a task scored by accuracy as the mean
+  probability of the right answer (`right_probabilities`): on the 5 items of a first stage accuracy moves in
+  steps of 0.2, more than most siblings differ by on all documents, while the probability of the same answers
+  moves smoothly.
+- The bound's guarantee is about its statistic: where the probability of the right answer and accuracy rank
+  two candidates differently (one confidently wrong where the other spreads its probability), the candidate
+  best by accuracy may stop; `bound_by: metric` puts the guarantee on the tasks' own metrics.
 - The incumbents never stop: generation 0's seeds (each source unchanged, `seed_routes`) are always scored on
   every document.
 
@@ -188,6 +197,17 @@ class Race:
             out[name] = TaskResult(name, metric, aggregate(sc.tasks[name]["aggregation"], items), hib, n, 0.0)
         return out
 
+    def _probabilities(self, key: str, sizes: Mapping[str, int]) -> dict[str, list[float]]:
+        """Per task scored by accuracy and not guarded, the probability of the right answer on each of its first
+        documents (`right_probabilities`), where every one of them has it."""
+        tasks = self.known[key].tasks
+        out = {}
+        for name, n in sizes.items():
+            probs = tasks[name]["probability"]
+            if n and name not in self.guards and all(i in probs for i in range(n)):
+                out[name] = [probs[i] for i in range(n)]
+        return out
+
     def _prefix(self, key: str, upto: float) -> Prefix | None:
         """The candidate on the first `upto` of each task's documents; None when it has not been scored on them."""
         sc = self.known[key]
@@ -195,19 +215,22 @@ class Race:
         results = self._prefix_results(key, sizes)
         if results is None:
             return None
+        probable = self._probabilities(key, sizes)
+        as_probability = {**results, **{name: replace(results[name], value=math.fsum(p) / len(p), higher_is_better=True)
+                                        for name, p in probable.items()}}
+        by_probability = self.cfg.bound_by == "probability"
         values = {}
         for name, n in sizes.items():
-            w = self.weights.get(name, 1.0) * (1.0 if sc.metrics[name][1] else -1.0)
-            values[name] = [w * aggregate(sc.tasks[name]["aggregation"], [item]) for item in sc.prefix(name, n) or []]
-        score = weighted_score(results, self.weights, self.guards)
-        rank = score
-        if self.cfg.keep_by == "probability":
-            for name, n in sizes.items():
-                probs = sc.tasks[name]["probability"]
-                if n and all(i in probs for i in range(n)):
-                    r = results[name]
-                    results[name] = replace(r, value=math.fsum(probs[i] for i in range(n)) / n, higher_is_better=True)
-            rank = weighted_score(results, self.weights, self.guards)
+            w = self.weights.get(name, 1.0)
+            if by_probability and name in probable:
+                values[name] = [w * p for p in probable[name]]
+            else:
+                sign = 1.0 if sc.metrics[name][1] else -1.0
+                values[name] = [w * sign * aggregate(sc.tasks[name]["aggregation"], [item])
+                                for item in sc.prefix(name, n) or []]
+        score = weighted_score(as_probability if by_probability else results, self.weights, self.guards)
+        rank = weighted_score(as_probability if self.cfg.keep_by == "probability" else results, self.weights,
+                              self.guards)
         return Prefix(score, values, {name: t["total"] for name, t in sc.tasks.items()}, rank)
 
     @staticmethod
@@ -233,12 +256,20 @@ class Race:
             return diff < 0
         return diff + float(student.ppf(1 - alpha, fewest - 1)) * math.sqrt(var) < 0
 
+    def level(self, compared: int) -> float:
+        """Each paired comparison's level: the best candidate stops only when at least `cut` of the `compared` others
+        are wrongly called better at some stage; the expected number of wrong calls at a stage is at most
+        compared x level, so by Markov's inequality and a union over the deciding stages that happens with
+        probability at most compared x level x stages / cut, which this level sets to 1 - confidence."""
+        compared = max(1, compared)
+        return (1 - self.cfg.confidence) * min(self.cut, compared) / (compared * max(1, len(self.cfg.stages) - 1))
+
     def _stops(self, alive: list[str], refs: list[str], upto: float, incumbents: set[str]) -> dict[str, str]:
         """The candidates that stop after the stage ending at `upto`, with why."""
         out: dict[str, str] = {}
         racing = [c for c in alive if c not in incumbents]
         others = alive + refs
-        alpha = (1 - self.cfg.confidence) / max(1, (len(others) - 1) * (len(self.cfg.stages) - 1))
+        alpha = self.level(len(others) - 1)
         prefix = {k: self._prefix(k, upto) for k in others}  # once per candidate, not once per pair
         for c in racing:
             beaten = sum(1 for r in others if r != c and (not self.dominance or self.known[r].hops <= self.known[c].hops)

@@ -128,7 +128,33 @@ def test_the_answer_task_scores_greedy_accuracy_by_default_and_the_answers_perpl
     acc, answers = by_metric[None]
     assert acc.metric == "acc" and acc.higher_is_better
     assert acc.value == pytest.approx(sum(greedy for _, greedy in answers) / len(answers))
+    # racing's per-document statistic: the answer's probability, exp of its log-likelihood
+    fit = Fitness({"tiny_ll": 1.0}, suites=[suite], max_length=512, batch_size=3, cache_dir=tmp_path)
+    per_doc = fit.score(model, tiny_pool.tokenizer, docs=(0.0, 1.0)).per_doc["tiny_ll"]
+    assert per_doc["probability"] == pytest.approx([math.exp(ll) for ll, _ in answers], rel=1e-9)
     ppl, answers = by_metric["perplexity"]
     assert ppl.metric == "perplexity" and not ppl.higher_is_better
     assert ppl.value == pytest.approx(math.exp(-sum(ll for ll, _ in answers) / len(answers)), rel=1e-9)
     assert ppl.value > 1.0
+
+
+def test_the_probability_of_the_right_answer_per_document():
+    """What racing bounds and ranks by (`right_probabilities`): the right choice's share of a multiple-choice item's
+    likelihood, an answer task's own likelihood; nothing for a task scored by another metric."""
+    from types import SimpleNamespace
+
+    from dfs_merge.fitness.score import right_probabilities
+    from dfs_merge.fitness.tasks import TaskSpec
+
+    def spec(kind: str, metric: str = "acc") -> TaskSpec:
+        return TaskSpec("t", SimpleNamespace(OUTPUT_TYPE=kind), metric, "none", True, 2)
+
+    mc = [{"doc_id": 0, "filter": "none", "target": 1, "filtered_resps": [[-2.0, False], [-1.0, True]]},
+          {"doc_id": 1, "filter": "none", "target": 0, "filtered_resps": [[-1.0, True], [-1.0, False]]}]
+    assert right_probabilities(mc, spec("multiple_choice"), range(2)) == pytest.approx([1 / (1 + math.e ** -1), 0.5])
+    answers = [{"doc_id": d, "filter": "none", "target": " 13", "filtered_resps": [[ll, False]]}
+               for d, ll in ((0, -0.5), (1, -3.0))]
+    assert right_probabilities(answers, spec("loglikelihood"), range(2)) == pytest.approx([math.exp(-0.5), math.exp(-3)])
+    assert right_probabilities(answers, spec("loglikelihood"), range(3)) is None  # a document without its result
+    assert right_probabilities(answers, spec("loglikelihood", "perplexity"), range(2)) is None
+    assert right_probabilities(mc, spec("generate_until", "exact_match"), range(2)) is None

@@ -70,17 +70,31 @@ def race_once(values: dict[str, list[float]], tmp: Path, cut: int = 1, probabili
     return out, table.scored
 
 
+def noisy_generation(rng: random.Random, docs: int = 96) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """12 candidates of known quality: per document the probability each gives the right answer (its mean plus
+    noise shared by the documents' difficulty) and the 0/1 accuracy drawn from it."""
+    means = [rng.uniform(0.2, 0.8) for _ in range(12)]
+    difficulty = [rng.gauss(0, 0.15) for _ in range(docs)]
+    probability = {f"c{i}": [min(1.0, max(0.0, m + d + rng.gauss(0, 0.1))) for d in difficulty]
+                   for i, m in enumerate(means)}
+    values = {k: [float(rng.random() < p) for p in ps] for k, ps in probability.items()}
+    return values, probability
+
+
 @pytest.mark.slow
-def test_the_true_best_is_never_stopped_and_the_bound_holds_at_its_confidence(tmp_path):
-    """Many generations of 12 candidates whose per-document accuracy (0/1) has known means: the candidate best
-    on all documents always finishes, and "confidently better" is wrong at most as often as the confidence allows."""
+@pytest.mark.parametrize("bound_by, cut", [("metric", 1), ("metric", 4), ("probability", 1), ("probability", 4)])
+def test_the_true_best_is_never_stopped_and_the_bound_holds_at_its_confidence(tmp_path, bound_by, cut):
+    """Many generations of 12 candidates with known per-document values: the candidate best on all documents by the
+    bound's statistic (accuracy, or the probability of the right answer) finishes in at least 95% of them, with
+    a cut of 1 or of 4 (the bound's level is set by the cut), and every finished score is the accuracy."""
     rng = random.Random(0)
     trials, decisions, best_stopped, saved = 200, 0, 0, 0
     for trial in range(trials):
-        means = [rng.uniform(0.2, 0.8) for _ in range(12)]
-        values = {f"c{i}": [float(rng.random() < m) for _ in range(96)] for i, m in enumerate(means)}
-        full = {k: sum(v) / len(v) for k, v in values.items()}
-        out, scored = race_once(values, tmp_path / str(trial), confidence=0.95)
+        values, probability = noisy_generation(rng)
+        statistic = probability if bound_by == "probability" else values
+        full = {k: sum(v) / len(v) for k, v in statistic.items()}
+        out, scored = race_once(values, tmp_path / str(trial), cut=cut, probability=probability, confidence=0.95,
+                                bound_by=bound_by)
         saved += 12 * 96 - scored
         best = max(full.values())
         for k, ev in out.items():
@@ -89,8 +103,30 @@ def test_the_true_best_is_never_stopped_and_the_bound_holds_at_its_confidence(tm
                 best_stopped += full[k] == best
             else:  # a full score: lm-eval's aggregation over every document, as unraced
                 assert ev.score == sum(values[k]) / 96 and ev.race["docs"] == {"t": 96}
-    assert decisions > trials and saved > 0.2 * trials * 12 * 96  # the race stops candidates and saves documents
+    assert decisions > trials and saved > 0.1 * trials * 12 * 96  # the race stops candidates and saves documents
     assert best_stopped <= 0.05 * trials  # the bound's promise: at most 1 - confidence of the generations
+
+
+def test_the_probability_of_the_right_answer_stops_more_than_accuracy(tmp_path):
+    """The same generations raced by accuracy and by the probability of the right answer (whose per-document
+    differences vary less): at the same cut the probability scores fewer documents."""
+    rng = random.Random(1)
+    scored = {}
+    for trial in range(20):
+        values, probability = noisy_generation(rng)
+        for bound_by in ("metric", "probability"):
+            for cut in (1, 4):
+                _, n = race_once(values, tmp_path / f"{trial}-{bound_by}-{cut}", cut=cut, probability=probability,
+                                 bound_by=bound_by)
+                scored[bound_by, cut] = scored.get((bound_by, cut), 0) + n
+    assert all(scored["probability", cut] < 0.8 * scored["metric", cut] for cut in (1, 4))
+
+
+def test_the_level_of_each_comparison_follows_the_cut():
+    race = Race(RacingConfig(stages=[0.25, 0.5, 1.0], confidence=0.9), None, {"t": 1.0}, {}, cut=5, dominance=False)
+    assert race.level(19) == pytest.approx(0.1 * 5 / (19 * 2))
+    assert race.level(3) == pytest.approx(0.1 * 3 / (3 * 2))  # a cut above the others: as if it were theirs
+    assert Race(RacingConfig(stages=[0.5, 1.0]), None, {}, {}, cut=1, dominance=False).level(9) == pytest.approx(0.05 / 9)
 
 
 def test_clear_differences_stop_at_the_first_stage_and_keep_caps_the_rest(tmp_path):
@@ -127,6 +163,8 @@ def test_keep_ranks_by_the_probability_of_the_right_choice_or_by_score(tmp_path)
         assert out[winner].score == sum(values[winner]) / 16 and scored == 4 * 4 + 12
     with pytest.raises(ValueError, match="keep_by"):
         RacingConfig(keep_by="tokens")
+    with pytest.raises(ValueError, match="bound_by"):
+        RacingConfig(bound_by="score")
 
 
 def test_with_hops_keep_goes_by_the_gain_over_the_front(tmp_path):
