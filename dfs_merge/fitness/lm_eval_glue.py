@@ -217,10 +217,41 @@ def logits_to_keep(rows: list[list[int]], first: dict[tuple[int, ...], int]) -> 
     return width - start if start > 0 else 0
 
 
+def shared_context_groups(requests: Any, max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Split loglikelihood requests `(strings, context tokens, continuation tokens)` by their context: the groups
+    of 2 or more requests with the same context tokens (as indices into `requests`), and every other request's
+    index. A request HFLM would left-truncate (context + continuation over `max_length + 1` tokens) or with an
+    empty context is among the others: its model input is not its context followed by its continuation."""
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (_, context, continuation) in enumerate(requests):
+        if context and len(context) + len(continuation) <= max_length + 1:
+            by_context.setdefault(tuple(context), []).append(i)
+    groups = [g for g in by_context.values() if len(g) > 1]
+    grouped = {i for g in groups for i in g}
+    return groups, [i for i in range(len(requests)) if i not in grouped]
+
+
+def context_batches(requests: Any, groups: list[list[int]], limit: int) -> list[list[list[int]]]:
+    """The groups of `shared_context_groups` in batches for one forward each: contexts of one length together, so
+    that no padding sits between a context and its continuations (every row's positions are the cache's length
+    on), longest first, at most `limit` requests a batch (a larger group alone)."""
+    batches: list[list[list[int]]] = []
+    rows = 0
+    for g in sorted(groups, key=lambda g: -len(requests[g[0]][1])):
+        same_length = batches and len(requests[batches[-1][0][0]][1]) == len(requests[g[0]][1])
+        if same_length and rows + len(g) <= limit:
+            batches[-1].append(g)
+            rows += len(g)
+        else:
+            batches.append([g])
+            rows = len(g)
+    return batches
+
+
 @functools.cache
 def candidate_lm_class() -> type:
     """HFLM, minus progress bars, plus tokenisation memoised across candidates, plus logits only where they are
-    scored (built lazily).
+    scored, plus each shared context run once (built lazily).
 
     `HFLM(pretrained=<model object>)` is cheap to construct (about 1 ms: no config or weights are
     loaded for a model object), so each candidate gets a fresh one. Every candidate shares the base's
@@ -233,6 +264,17 @@ def candidate_lm_class() -> type:
     transformers' `logits_to_keep`; lm-eval's own arithmetic for a shorter logits tensor (its "virtual
     tokens" offset) then picks the same positions. Rolling perplexity scores every position and keeps them
     all. `scored_logits_only=False` restores the full computation (the reference in tests and benchmarks).
+
+    Shared contexts: lm-eval scores a multiple-choice item as one request per choice, each running the whole
+    question again (with 4 choices of 1-3 tokens after a question of 20, nearly 3/4 of the positions are
+    a repeat). Here the requests with the same context tokens (`shared_context_groups`) run it once, keeping its
+    KV cache and its last position's logits (the first continuation token's), then every continuation but its
+    last token as one right-padded batch over that cache, repeated per request: the same attention over the same
+    keys as the full sequence, so the same scores within float rounding, summed and compared with the greedy
+    tokens as lm-eval does, in lm-eval's order. A context alone (answer tasks), a request lm-eval would truncate,
+    rolling perplexity (whose windows share at most a one-token prefix) and a model that keeps no KV cache go
+    the way above. A stitched model's prefix cache (`stitch.ActivationCache`) sits out these forwards, as it does
+    any forward with a KV cache. `shared_contexts=False` runs every request whole (the reference in tests).
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -240,11 +282,15 @@ def candidate_lm_class() -> type:
         """An `HFLM` over a model object whose tokenisations are shared through `memo`."""
 
         def __init__(self, *args: Any, memo: dict[Any, list[int] | tuple[list[int], list[int]]],
-                     scored_logits_only: bool = True, **kwargs: Any):
+                     scored_logits_only: bool = True, shared_contexts: bool = True, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self._memo = memo
             self._first_scored: dict[tuple[int, ...], int] | None = None
-            self._trim = scored_logits_only and "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            params = inspect.signature(self.model.forward).parameters
+            self._keeps_logits = "logits_to_keep" in params
+            self._trim = scored_logits_only and self._keeps_logits
+            self._share = shared_contexts and "past_key_values" in params and "use_cache" in params
+            self._rolling = False
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                        left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
@@ -267,13 +313,39 @@ def candidate_lm_class() -> type:
             return super().loglikelihood(requests, disable_tqdm=True)
 
         def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+            self._rolling = True
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)
+            finally:
+                self._rolling = False
 
         def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
             return super().generate_until(requests, disable_tqdm=True)
 
         def _loglikelihood_tokens(self, requests: Any, disable_tqdm: bool = False,
                                   override_bs: int | None = None) -> Any:
+            results: list[tuple[float, bool] | None] = [None] * len(requests)
+            rest = list(range(len(requests)))
+            if self._share and self.backend == "causal" and not self._rolling:
+                groups, rest = shared_context_groups(requests, self.max_length)
+                limit = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
+                for batch in context_batches(requests, groups, limit):
+                    answers = self._shared_context_scores(requests, batch) if self._share else None
+                    if answers is None:  # the model kept no KV cache: this batch and the next go the plain way
+                        self._share = False
+                        rest.extend(i for g in batch for i in g)
+                        continue
+                    for i, answer in answers.items():
+                        results[i] = answer
+                rest.sort()
+            if rest:
+                plain = self._whole_requests([requests[i] for i in rest], override_bs)
+                for i, answer in zip(rest, plain, strict=True):
+                    results[i] = answer
+            return results
+
+        def _whole_requests(self, requests: Any, override_bs: int | None) -> Any:
+            """HFLM's scoring, each request's context and continuation in one forward (logits where scored)."""
             if self._trim and self.backend == "causal":
                 self._first_scored = first_scored_positions(requests, self.max_length)
             try:
@@ -281,14 +353,62 @@ def candidate_lm_class() -> type:
             finally:
                 self._first_scored = None
 
+        def _shared_context_scores(self, requests: Any, batch: list[list[int]]) -> dict[int, tuple[float, bool]] | None:
+            """(log-likelihood, is greedy) of each request of `batch`'s groups (one context length), by index; None
+            where the model returns no KV cache."""
+            import torch
+            import torch.nn.functional as F
+
+            contexts = torch.tensor([requests[g[0]][1] for g in batch], dtype=torch.long, device=self.device)
+            # the requests that score more than their first token: their continuations run over their group's cache
+            longer = [(k, i) for k, g in enumerate(batch) for i in g if len(requests[i][2]) > 1]
+            with self._forward_context():
+                out = self.model(contexts, use_cache=True, **({"logits_to_keep": 1} if self._keeps_logits else {}))
+                cache = out.past_key_values
+                if cache is None or not hasattr(cache, "batch_select_indices"):
+                    return None
+                first = F.log_softmax(out.logits[:, -1], dim=-1, dtype=self.softmax_dtype)  # [groups, vocab]
+                if longer:
+                    width = max(len(requests[i][2]) - 1 for _, i in longer)
+                    inps = torch.zeros(len(longer), width, dtype=torch.long, device=self.device)  # right-padded
+                    for row, (_, i) in enumerate(longer):
+                        cont = requests[i][2][:-1]
+                        inps[row, :len(cont)] = torch.tensor(cont, dtype=torch.long)
+                    cache.batch_select_indices(torch.tensor([k for k, _ in longer], device=self.device))
+                    after = F.log_softmax(self.model(inps, past_key_values=cache, use_cache=True).logits, dim=-1,
+                                          dtype=self.softmax_dtype)  # [longer requests, width, vocab]
+                del cache, out
+            row_of = {i: row for row, (_, i) in enumerate(longer)}
+            answers: dict[int, tuple[float, bool]] = {}
+            for k, g in enumerate(batch):
+                for i in g:
+                    request_str, _, continuation = requests[i]
+                    logits = first[k:k + 1]
+                    if i in row_of:
+                        logits = torch.cat([logits, after[row_of[i], :len(continuation) - 1]])
+                    cont = torch.tensor(continuation, dtype=torch.long, device=self.device)
+                    greedy = bool((logits.argmax(dim=-1) == cont).all())
+                    answer = (float(torch.gather(logits, 1, cont.unsqueeze(-1)).sum()), greedy)
+                    if request_str is not None:
+                        self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                    answers[i] = answer
+            return answers
+
+        def _forward_context(self) -> Any:
+            """What `HFLM._model_call` runs the model under: no gradients, autocast where mixed precision is set."""
+            import torch
+
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                               enabled=self.mixed_precision_dtype is not None))
+            return stack
+
         def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
             if self._first_scored is None or attn_mask is not None or labels is not None:
                 return super()._model_call(inps, attn_mask, labels)
-            import torch
-
             keep = logits_to_keep(inps.tolist(), self._first_scored)
-            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                                 enabled=self.mixed_precision_dtype is not None):
+            with self._forward_context():
                 return self.model(inps, logits_to_keep=keep).logits
 
     return CandidateLM

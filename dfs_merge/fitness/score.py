@@ -59,8 +59,10 @@ class Fitness:
     (`metric` or `metric,filter`); `limit` caps the documents, for every task or per task; `suites`
     adds suite folders after the bundled one; `cache_dir` is where `offline_env` points Hugging Face
     and lm-eval. `reuse_requests=False` lets lm-eval rebuild every request per candidate (same results,
-    slower); `scored_logits_only=False` computes the LM head at every position, as lm-eval's HFLM does (the
-    same scores within float rounding, slower: see `candidate_lm_class`).
+    slower); `scored_logits_only=False` computes the LM head at every position, as lm-eval's HFLM does, and
+    `shared_contexts=False` runs a context once per request that shares it (a multiple-choice item's question
+    once per choice), as HFLM does (each: the same scores within float rounding, slower; see
+    `candidate_lm_class`).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class Fitness:
         reuse_requests: bool = True,
         guards: Mapping[str, float] | None = None,
         scored_logits_only: bool = True,
+        shared_contexts: bool = True,
     ):
         if not tasks:
             raise FitnessError("no tasks given: fitness needs at least one lm-eval task")
@@ -103,6 +106,7 @@ class Fitness:
         self.seed = int(seed)
         self.reuse_requests = reuse_requests
         self.scored_logits_only = scored_logits_only
+        self.shared_contexts = shared_contexts
         self.cache_dir = offline_env(cache_dir)
         self.suite_dirs = suite_dirs(suites)
         self.build_count = 0
@@ -276,6 +280,7 @@ class Fitness:
         return candidate_lm_class()(
             pretrained=model, tokenizer=tokenizer, backend="causal", max_length=max_length,
             batch_size=self.batch_size, memo=memo, scored_logits_only=self.scored_logits_only,
+            shared_contexts=self.shared_contexts,
         )
 
     def _evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | ProcessorMixin,

@@ -78,7 +78,7 @@ def test_scores_equal_the_full_logits_and_the_head_runs_only_where_scored(tiny_p
                 model = build()
                 seen = head_positions(model)
                 one = Fitness({name: 1.0}, suites=[suite], max_length=512, batch_size=3, cache_dir=tmp_path,
-                              scored_logits_only=trim)
+                              scored_logits_only=trim, shared_contexts=False)  # every request whole
                 ev = one.score(model, tiny_pool.tokenizer)
                 assert ev.ok, (label, name, ev.error)
                 per_task[name] = (ev.tasks[name].value, responses(one)[name], sum(seen))
