@@ -8,8 +8,10 @@ one deepened route (SmolLM2: 40 hops, layers 0-19 then 10-29), the same document
 - B, what a user does without it: `write_mergekit_config`, mergekit builds the passthrough merge
   in a temporary folder (**write**), `from_pretrained` of that model and its tokenizer (**load**),
   then the same `Fitness.score` (**score**);
-- C, the floor: `model(input_ids)` alone over exactly the token batches lm-eval fed A (recorded
-  by a forward hook during A, as bench_fitness.py does).
+- C, the naive floor: `model(input_ids)` alone, all logits, over exactly the token batches lm-eval's own HFLM
+  feeds a model (each request whole: recorded by a forward hook on a warm-up run with `shared_contexts=False`
+  and `scored_logits_only=False`, as bench_fitness.py does), so that A/C counts what A's scoring saves (the LM
+  head only where scored, a multiple-choice item's question run once).
 
 Each repeat runs A, C, B in turn, so that a drifting machine load treats them alike. The forward
 passes inside A are timed too (hooks): A / forward-in-A is the engine's overhead measured within
@@ -115,17 +117,24 @@ def bench_task(pool: SourcePool, route: Route, genome: Genome, task: str, limit:
                repeats: int, tmp: Path) -> dict[str, Any]:
     fit = Fitness({task: 1.0}, limit=limit, batch_size=args.batch_size)
     # Warm-up on a 1-hop route (cheap): every request is tokenised once (memoised for later candidates,
-    # as in a run) and lazy initialisations happen. lm-eval's batches depend on the documents, not the route.
+    # as in a run) and lazy initialisations happen. lm-eval's batches depend on the documents, not the route:
+    # the naive ones (every request whole) are recorded here for C.
     fit.score(stitch(pool, Route.parse("0:0")), pool.tokenizer)
+    naive = Fitness({task: 1.0}, limit=limit, batch_size=args.batch_size, scored_logits_only=False,
+                    shared_contexts=False)
+    warm = stitch(pool, Route.parse("0:0"))
+    batches, hooks = record_batches(warm)
+    naive.score(warm, pool.tokenizer)
+    hooks.remove()
     runs = []
     for _ in range(repeats):
         a = run_a(fit, pool, route)
-        model, batches = a.pop("model"), a.pop("batches")
+        model, fed = a.pop("model"), a.pop("batches")
         c = time_floor(model, batches, 1)[0]
         del model
         b = run_b(genome, fit, pool.dtype, tmp, args.mergekit_cli)
-        runs.append({"a": a, "c_s": c, "b": b, "batches": len(batches),
-                     "tokens": sum(x.numel() for x in batches), "loadavg": loadavg()})
+        runs.append({"a": a, "c_s": c, "b": b, "batches": len(batches), "tokens": sum(x.numel() for x in batches),
+                     "tokens_in_a": sum(x.numel() for x in fed), "loadavg": loadavg()})
         print(f"  {task}: A {a['s']:.2f}s (forward {a['forward_s']:.2f}s)  C {c:.2f}s  B {b['s']:.2f}s "
               f"(write {b['write_s']:.2f} load {b['load_s']:.2f} score {b['score_s']:.2f})  load {loadavg()}",
               file=sys.stderr, flush=True)
@@ -150,7 +159,8 @@ def summarise(task: str, described: dict[str, Any], runs: list[dict[str, Any]]) 
         "value_b": metric_b,
         "a_equals_b": len(metrics_a) == 1 and metric_b in metrics_a,
         "batches": runs[-1]["batches"],
-        "tokens_forwarded": runs[-1]["tokens"],
+        "tokens_forwarded": runs[-1]["tokens"],  # C's: every request whole
+        "tokens_in_a": runs[-1]["tokens_in_a"],
         "A_s": round(a_s, 4),
         "A_stitch_s": round(med(lambda r: r["a"]["stitch_s"]), 5),
         "A_forward_s": round(med(lambda r: r["a"]["forward_s"]), 4),
