@@ -34,6 +34,7 @@ SCRIPTS = {
                              "--out", "bench/results/prefix_cache_noscale.json"],
     "fitness": ["bench_fitness.py"],  # bench_throughput measures its A and C figures too
     "racing": ["bench_racing.py", "--budget", "wall"],  # about 25 min idle: SmolLM2 searches and held-out fronts
+    "racing_zoo": ["bench_racing_zoo.py", "--seeds", "3,4,5"],  # 3-6 min: racing's defaults on the zoo's GA
 }
 DEFAULT = "throughput,prefix_cache,scaling,memory,ps,export"
 
@@ -111,6 +112,14 @@ def targets() -> list[dict[str, Any]]:
                 add("PS merge step >= 20x faster than mergekit-yaml + load", f"{r['method']} ({case.replace('_', ' ')})",
                     round(r[f"speedup_{case}"], 1), r[f"speedup_{case}"] >= 20, ps["machine"]["loadavg"],
                     ps["machine"]["date"])
+    rz = _read("racing_zoo")
+    if rz:
+        for r in rz["seeds"]:
+            load, date = r["raced"]["loadavg"], rz["machine"]["date"]
+            add("racing at its defaults: <= 0.6x the unraced wall time (zoo GA)", f"seed {r['seed']} raced / unraced",
+                r["wall_ratio"], r["wall_ratio"] <= 0.6, load, date)
+            add("racing at its defaults: best within 0.02 of the unraced best (zoo GA)", f"seed {r['seed']} difference",
+                r["best_difference"], abs(r["best_difference"]) <= 0.02, load, date)
     ex = _read("export")
     if ex:
         for r in ex["rows"]:

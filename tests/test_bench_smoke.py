@@ -33,6 +33,19 @@ def test_throughput_runs_a_b_c_on_the_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_racing_zoo_bench_compares_a_raced_search_with_the_same_unraced(tmp_path):
+    import bench_racing_zoo
+
+    out = tmp_path / "racing_zoo.json"
+    bench_racing_zoo.main(["--seeds", "3", "--generations", "1", "--population", "4", "--problems", "24",
+                           "--work", str(tmp_path / "runs"), "--out", str(out)])
+    (row,) = json.loads(out.read_text())["seeds"]
+    assert row["unraced"]["documents"] > row["raced"]["documents"] > 0
+    assert row["documents_ratio"] == round(row["raced"]["documents"] / row["unraced"]["documents"], 3)
+    assert row["unraced"]["best"]["score"] > -1e8 and row["raced"]["best"]["score"] > -1e8
+
+
+@pytest.mark.slow
 def test_prefix_cache_bench_is_identical_with_and_without_the_cache(tmp_path, tiny_source_dirs):
     import bench_prefix_cache
 
