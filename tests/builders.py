@@ -209,15 +209,33 @@ def tiny_llama_config(vocab_size: int):
 
 IMAGE_TOKEN = "<image>"
 VISION_SIZE, VISION_PATCH = 16, 8
-"""The tiny VLM's pictures: 16 x 16 pixels in 8-pixel patches, so 4 image tokens in the text for each."""
+"""The tiny LLaVA's pictures: 16 x 16 pixels in 8-pixel patches, so 4 image tokens in the text for each."""
+IDEFICS3_TOKENS = ("<fake_token_around_image>", IMAGE_TOKEN, "<end_of_utterance>", "<global-img>",
+                   *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
+"""What Idefics3's (and SmolVLM's) processor writes around a picture's `<image>` tokens, one token each."""
+GEMMA3_MARKS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+"""Gemma 3's image tokens, by the names its processor reads them from the tokenizer (`<start_of_image>` in a prompt
+becomes the picture's `<image_soft_token>`s between the two marks)."""
+GEMMA3_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+"""The tiny Gemma 3's attention types: sliding and full layers in turn, so that a route mixes both."""
+VLM_KINDS = ("llava", "idefics3", "smolvlm", "gemma3")
+"""The tiny VLMs that the tests over every supported family build (`tiny_vlm`); LLaVA-NeXT's (`llava_next`), whose
+language model and head sit where LLaVA's do, is tested on its own."""
+IMAGE_TOKENS_PER_PICTURE = {"llava": 4, "idefics3": 20, "smolvlm": 20, "gemma3": 4}
+"""The image tokens a `picture()` (32 x 32) becomes in the text, by kind: Idefics3's processor splits it into 2 x 2
+tiles of 16 x 16 and adds the whole picture shrunk to one, 4 tokens each."""
 
 
-def build_vlm_tokenizer():
-    """The tiny tokenizer with LLaVA's image token added (`IMAGE_TOKEN`, the last id): what the tiny VLM and the
-    LLMs merged with it share."""
+def build_vlm_tokenizer(kind: str = "llava"):
+    """The tiny tokenizer with the image tokens of a VLM of `kind` added (LLaVA's `IMAGE_TOKEN`, the last id;
+    `IDEFICS3_TOKENS`; `GEMMA3_MARKS`, named): what the tiny VLM and the LLMs merged with it share."""
     tok = build_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    return tok
+    added = {"gemma3": GEMMA3_MARKS.values(), "idefics3": IDEFICS3_TOKENS, "smolvlm": IDEFICS3_TOKENS}
+    tok.add_special_tokens({"additional_special_tokens": list(added.get(kind, [IMAGE_TOKEN]))})
+    if kind != "gemma3":
+        return tok
+    return type(tok)(tokenizer_object=tok.backend_tokenizer, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                     pad_token=tok.pad_token, model_max_length=tok.model_max_length, extra_special_tokens=GEMMA3_MARKS)
 
 
 def swap_tokens(tokenizer, a: int, b: int):
@@ -234,32 +252,90 @@ def swap_tokens(tokenizer, a: int, b: int):
                            model_max_length=tokenizer.model_max_length)
 
 
-def tiny_vlm_text_config(tokenizer, hidden: int = HIDDEN):
-    """The Llama config of the tiny VLM's language model and of the tiny LLM merged with it: the tiny sources' (at
-    `hidden` wide), with an RMSNorm epsilon of 1e-10, so that a hop's scale folds into an export exactly to float32
-    rounding (the fold is exact but for the norm's epsilon, DESIGN.md: with 1e-6 and these tiny random weights,
-    whose hidden states are small, it moves the logits by about 1e-3)."""
+def tiny_vlm_text_config(tokenizer, hidden: int = HIDDEN, kind: str = "llava"):
+    """The config of the tiny VLM's language model and of the tiny LLM merged with it: the tiny sources' Llama (at
+    `hidden` wide), a Gemma 3 text model of that shape for `gemma3` (sliding layers of an 8-token window between
+    full ones, its embeddings tied to its head as Gemma 3's are); with an RMSNorm epsilon of 1e-10, so that a hop's
+    scale folds into an export exactly to float32 rounding (the fold is exact but for the norm's epsilon,
+    DESIGN.md: with 1e-6 and these tiny random weights, whose hidden states are small, it moves the logits by about
+    1e-3)."""
+    if kind == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                                head_dim=hidden // HEADS, max_position_embeddings=512, rms_norm_eps=1e-10,
+                                sliding_window=8, layer_types=GEMMA3_LAYER_TYPES, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=0)
     text = tiny_llama_config(len(tokenizer))
     text.hidden_size, text.intermediate_size, text.rms_norm_eps = hidden, 2 * hidden, 1e-10
     return text
 
 
-def tiny_vlm(tokenizer, seed: int, hidden: int = HIDDEN, next_: bool = False):
-    """A random tiny LLaVA (float32): a 1-layer CLIP vision tower (16 x 16 pictures, 8-pixel patches), a projector
-    and a tiny Llama language model of `hidden` (the shared hidden size by default); with its processor. `next_`:
-    a LLaVA-NeXT (`LlavaNextForConditionalGeneration`, any-resolution tiles of 16 x 16) instead."""
+def random_gemma_weights(model):
+    """`model` with its Gemma norms and Gemma 3's image projector random: Gemma initialises them to 0 (a norm
+    multiplies by 1 + w, which hides a missing shift; a zero projector, a picture that changes nothing)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "mm_input_projection" in name:
+                torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def tiny_vlm_llm(tokenizer, kind: str = "llava", seed: int = 1, hidden: int = HIDDEN):
+    """A random tiny LLM of the tiny VLM's language model's family and shape (`tiny_vlm_text_config`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_vlm_text_config(tokenizer, hidden, kind)).eval()
+    return random_gemma_weights(model) if kind == "gemma3" else model
+
+
+def tiny_vlm(tokenizer, seed: int, hidden: int = HIDDEN, kind: str = "llava"):
+    """A random tiny VLM of `kind` (float32) over a tiny language model of `hidden` (`tiny_vlm_text_config`), with
+    its processor; a 1-layer vision tower of width 32 each:
+
+    - `llava`: a CLIP tower (16 x 16 pictures, 8-pixel patches) and a projector; `llava_next`: a LLaVA-NeXT
+      (`LlavaNextForConditionalGeneration`, any-resolution tiles of 16 x 16) instead;
+    - `idefics3`, `smolvlm`: Idefics3's SigLIP tower (16 x 16 tiles of 4-pixel patches, 4 tokens each after the
+      connector's pixel shuffle), pictures of up to 32 x 32 split into tiles plus the whole one; `tokenizer` from
+      `build_vlm_tokenizer(kind)`. The SmolVLM's processor is Idefics3's, which expands a picture into the same
+      tokens: SmolVLM's own needs `num2words` and torchvision (for its video processor), which are not installed;
+    - `gemma3`: a SigLIP tower (16 x 16 pictures, 4-pixel patches pooled to 4 tokens) and Gemma 3's projector over
+      a Gemma 3 text model; `tokenizer` from `build_vlm_tokenizer("gemma3")`."""
     import torch
     import transformers as tf
 
-    text = tiny_vlm_text_config(tokenizer, hidden)
-    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 image_size=VISION_SIZE, patch_size=VISION_PATCH, projection_dim=32)
+    text = tiny_vlm_text_config(tokenizer, hidden, kind)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(seed)
+    if kind in ("idefics3", "smolvlm"):
+        config, model_class = {"idefics3": (tf.Idefics3Config, tf.Idefics3ForConditionalGeneration),
+                               "smolvlm": (tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration)}[kind]
+        vision = tf.Idefics3VisionConfig(**tower, image_size=VISION_SIZE, patch_size=4)
+        model = model_class(config(vision_config=vision, text_config=text, scale_factor=2,
+                                   image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)))
+        images = tf.Idefics3ImageProcessor(size={"longest_edge": 2 * VISION_SIZE},
+                                           max_image_size={"longest_edge": VISION_SIZE})
+        return model.eval(), tf.Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4)
+    if kind == "gemma3":
+        ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA3_MARKS.items()}
+        vision = tf.SiglipVisionConfig(**tower, image_size=VISION_SIZE, patch_size=4)
+        model = tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(
+            vision_config=vision, text_config=text, mm_tokens_per_image=4, boi_token_index=ids["boi_token"],
+            eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"]))
+        images = tf.Gemma3ImageProcessor(size={"height": VISION_SIZE, "width": VISION_SIZE})
+        processor = tf.Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=4)
+        return random_gemma_weights(model).eval(), processor
+    vision = tf.CLIPVisionConfig(**tower, image_size=VISION_SIZE, patch_size=VISION_PATCH, projection_dim=32)
     common = dict(vision_config=vision, text_config=text, projector_hidden_act="gelu", vision_feature_layer=-1,
                   image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                   vision_feature_select_strategy="default")
     sizes = dict(size={"shortest_edge": VISION_SIZE}, crop_size={"height": VISION_SIZE, "width": VISION_SIZE})
-    torch.manual_seed(seed)
-    if next_:
+    if kind == "llava_next":
         grid = [[VISION_SIZE, VISION_SIZE], [VISION_SIZE, 2 * VISION_SIZE], [2 * VISION_SIZE, VISION_SIZE]]
         model = tf.LlavaNextForConditionalGeneration(tf.LlavaNextConfig(**common, image_grid_pinpoints=grid))
         images, processor_class = tf.LlavaNextImageProcessor(**sizes, image_grid_pinpoints=grid), tf.LlavaNextProcessor
@@ -277,6 +353,15 @@ def save_vlm(model, processor, folder: Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     return folder
+
+
+def save_vlm_sources(kind: str, root: Path) -> dict[str, Path]:
+    """`vlm`: a random tiny VLM of `kind` (seed 0); `llm`: a random tiny LLM of its language model's family and
+    shape with its tokenizer (seed 1); as HF folders under `root`."""
+    tokenizer = build_vlm_tokenizer(kind)
+    vlm, processor = tiny_vlm(tokenizer, seed=0, kind=kind)
+    return {"vlm": save_vlm(vlm, processor, root / "vlm"),
+            "llm": save_source(tiny_vlm_llm(tokenizer, kind), tokenizer, root / "llm")}
 
 
 def picture(rgb: tuple[int, int, int] = (220, 30, 30), size: int = 32):

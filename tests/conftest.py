@@ -12,7 +12,8 @@ Everything is built offline and deterministically:
 - `tiny_pool`: the two random sources loaded as a `SourcePool`.
 - `tiny_vlm_dirs`: a random tiny LLaVA (a CLIP vision tower, a projector, a Llama language model of the
   same shape as the tiny sources) and a random tiny Llama LLM with the same tokenizer (the tiny one plus
-  `<image>`); `tiny_vlm_pool`: the two loaded, the VLM as the base.
+  `<image>`); `tiny_vlm_pool`: the two loaded, the VLM as the base. `vlm_pool`: the same for each supported
+  VLM family (`builders.VLM_KINDS`: LLaVA, Idefics3, SmolVLM, Gemma 3 over a Gemma 3 text model), parametrised.
 - `tiny_short_llm_dir`: a random tiny Llama of the same shape with the tiny tokenizer alone (no `<image>`), whose
   vocabulary (320) is a prefix of the tiny VLM's (321), as Mistral-7B's is of LLaVA-1.6-Mistral's;
   `tiny_prefix_pool`: the tiny VLM (the base) and it, loaded.
@@ -41,13 +42,12 @@ from pathlib import Path
 
 import pytest
 from builders import (
+    VLM_KINDS,
     build_tokenizer,
-    build_vlm_tokenizer,
     save_source,
-    save_vlm,
+    save_vlm_sources,
     tiny_llama_config,
-    tiny_vlm,
-    tiny_vlm_text_config,
+    tiny_vlm_llm,
     train_briefly,
     write_tiny_suite,
 )
@@ -221,15 +221,7 @@ def tiny_suite_dir(tmp_path_factory) -> Path:
 def tiny_vlm_dirs(tmp_path_factory) -> dict[str, Path]:
     """`vlm`: a random tiny LLaVA; `llm`: a random tiny Llama of its language model's shape and tokenizer; as HF
     folders (see `builders.tiny_vlm`)."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("tiny_vlm")
-    tokenizer = build_vlm_tokenizer()
-    vlm, processor = tiny_vlm(tokenizer, seed=0)
-    torch.manual_seed(1)
-    llm = LlamaForCausalLM(tiny_vlm_text_config(tokenizer)).eval()
-    return {"vlm": save_vlm(vlm, processor, root / "vlm"), "llm": save_source(llm, tokenizer, root / "llm")}
+    return save_vlm_sources("llava", tmp_path_factory.mktemp("tiny_vlm"))
 
 
 @pytest.fixture(scope="session")
@@ -240,17 +232,24 @@ def tiny_vlm_pool(tiny_vlm_dirs):
     return SourcePool.load([str(tiny_vlm_dirs["vlm"]), str(tiny_vlm_dirs["llm"])])
 
 
+@pytest.fixture(scope="session", params=VLM_KINDS)
+def vlm_pool(request, tmp_path_factory):
+    """A tiny VLM of each supported family (`builders.VLM_KINDS`: the base) and a tiny LLM of its language model's
+    family and shape, loaded: `tiny_vlm_pool` for LLaVA."""
+    from dfs_merge.models.sources import SourcePool
+
+    if request.param == "llava":
+        return request.getfixturevalue("tiny_vlm_pool")
+    dirs = save_vlm_sources(request.param, tmp_path_factory.mktemp(f"tiny_{request.param}"))
+    return SourcePool.load([str(dirs["vlm"]), str(dirs["llm"])])
+
+
 @pytest.fixture(scope="session")
 def tiny_short_llm_dir(tmp_path_factory) -> Path:
     """A random tiny Llama of the tiny VLM's language model's shape whose tokenizer is the tiny one without `<image>`
     (vocabulary 320, a prefix of the VLM's 321), as an HF folder."""
-    import torch
-    from transformers import LlamaForCausalLM
-
     tokenizer = build_tokenizer()
-    torch.manual_seed(4)
-    llm = LlamaForCausalLM(tiny_vlm_text_config(tokenizer)).eval()
-    return save_source(llm, tokenizer, tmp_path_factory.mktemp("tiny_short_llm") / "llm")
+    return save_source(tiny_vlm_llm(tokenizer, seed=4), tokenizer, tmp_path_factory.mktemp("tiny_short_llm") / "llm")
 
 
 @pytest.fixture(scope="session")

@@ -45,12 +45,13 @@ RECIPES: dict[str, dict[str, Any]] = {
           # the hidden state after the bottom block at each J word pulled towards the base's at the aligned word
           # of the E rendering (weight 3, 8 parallel stories a step), so that the middle reads J as it reads E
           "align": {"after_layer": BOTTOM[-1], "weight": 3.0, "docs": 8},
-          # and on E stories the bottom block's output kept at the base's (replay, in hidden-state form)
-          "preserve": {"kind": "e_story", "after_layer": BOTTOM[-1], "weight": 1.0, "docs": 4}},
+          # and on E stories the bottom block's output kept at the base's (replay, in hidden-state form; attempt
+          # 7 of docs/family.md also kept the top block's, after_layers [7, 29]: the merge's arithmetic did not move)
+          "preserve": {"kind": "e_story", "after_layers": [BOTTOM[-1]], "weight": 1.0, "docs": 4}},
     "m": {"mix": {"e_arith": 1.0}, "layers": MIDDLE, "answer_only": True, "steps": 800, "batch": 8,
           "max_tokens": 64, "lr": 1e-3, "seed": 12,
           # on E stories the middle block's output kept at the base's: M changes what arithmetic needs only
-          "preserve": {"kind": "e_story", "after_layer": MIDDLE[-1], "weight": 1.0, "docs": 4}},
+          "preserve": {"kind": "e_story", "after_layers": [MIDDLE[-1]], "weight": 1.0, "docs": 4}},
 }
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": LINEAR}
 VAL_SEED, VAL_SIZE = 107, 300  # J problems for the final choice (validation), disjoint from dev and test
@@ -141,24 +142,26 @@ def align_loss(model: Any, tok: Any, rng: random.Random, after_layer: int, docs:
     return (got[b, jt] - target).pow(2).mean() / target.pow(2).mean()
 
 
-def preserve_loss(model: Any, tok: Any, texts: Sequence[str], after_layer: int, max_tokens: int) -> Any:
-    """The adapted model's hidden state after layer `after_layer` on `texts`, pulled towards the base's (adapters
-    off) at every position; normalised MSE. Keeps an adapter's block acting as the base's on text it must not
-    change (replay in hidden-state form). Only the layers up to `after_layer + 1` run."""
+def preserve_loss(model: Any, tok: Any, texts: Sequence[str], after_layers: Sequence[int], max_tokens: int) -> Any:
+    """The adapted model's hidden state after each layer of `after_layers` on `texts`, pulled towards the base's
+    (adapters off) at every position; the sum of normalised MSEs. Keeps an adapter's blocks acting as the base's
+    on text they must not change (replay in hidden-state form). Only the layers up to the last one named run."""
     import torch
 
     ids, attention, _ = batch_of(texts, tok, False, max_tokens)
     inner = model.base_model.model.model
     layers = inner.layers
-    inner.layers = layers[: after_layer + 2]  # hidden_states[k + 1] is layer k's output before the final norm
+    inner.layers = layers[: max(after_layers) + 2]  # hidden_states[k + 1] is layer k's output before the final norm
     try:
         with torch.no_grad(), model.disable_adapter():
-            ref = inner(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[after_layer + 1]
-        got = inner(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[after_layer + 1]
+            ref = inner(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
+        got = inner(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
     finally:
         inner.layers = layers
     keep = attention.bool()
-    return (got[keep] - ref[keep]).pow(2).mean() / ref[keep].pow(2).mean()
+    losses = [(got[k + 1][keep] - ref[k + 1][keep]).pow(2).mean() / ref[k + 1][keep].pow(2).mean()
+              for k in after_layers]
+    return sum(losses[1:], losses[0])
 
 
 def loss_where_labelled(model: Any, ids: Any, attention: Any, labels: Any) -> Any:
@@ -226,7 +229,7 @@ def train(name: str, out_dir: Path = FAMILY_DIR, log: Callable[[str], Any] = pri
         if "preserve" in recipe:
             p = recipe["preserve"]
             texts_kept = [next(kept_texts) for _ in range(p["docs"])]
-            loss = loss + p["weight"] * preserve_loss(model, tok, texts_kept, p["after_layer"], recipe["max_tokens"])
+            loss = loss + p["weight"] * preserve_loss(model, tok, texts_kept, p["after_layers"], recipe["max_tokens"])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,11 +1,11 @@
 """Writing a merge whose base is a vision-language model as that VLM: a plain checkpoint of the base's own class.
 
-Where source 0 is a VLM (a LLaVA), `dfs-merge export --format hf` writes the base VLM with its language model
-replaced by the route's (or the recipe's merge): a folder that `LlavaForConditionalGeneration` (and
-`AutoModelForImageTextToText`) loads, with no code of this project. The language model's tensors are the ones
-the HF export plans (`tensors.plan_tensors`: each hop's layer, its running scale product folded in by the
-family; the embeddings, final norm and LM head), under the VLM's names (`VisionFamily.checkpoint_name`); the
-vision tower's and the projector's are the base VLM's own, unchanged. The config is the base VLM's with its text
+Where source 0 is a VLM (a LLaVA, an Idefics3 or SmolVLM, a Gemma 3), `dfs-merge export --format hf` writes the
+base VLM with its language model replaced by the route's (or the recipe's merge): a folder that the base's class
+(`LlavaForConditionalGeneration`, ..., and `AutoModelForImageTextToText`) loads, with no code of this project.
+The language model's tensors are the ones the HF export plans (`tensors.plan_tensors`: each hop's layer, its
+running scale product folded in by the family; the embeddings, final norm and LM head), under the VLM's names
+(`VisionFamily.checkpoint_name`); the vision tower's and the projector's are the base VLM's own, unchanged. The config is the base VLM's with its text
 config the route's (`checkpoint.export_config`); the processor files (tokenizer, image processor, chat
 template) and generation config are the base folder's. Everything is written into a staging folder, checked
 there (each tensor read back bit for bit, then the written VLM's logits on a picture and a question, and on text

@@ -421,13 +421,19 @@ def candidate_vlm_class() -> type:
 
     lm-eval 0.4.13 drops a processor object given as `tokenizer=` (its `_create_tokenizer` returns it unset); here
     it becomes the LM's `processor`, its tokenizer the LM's `tokenizer`, as they are for a model lm-eval loads
-    itself. lm-eval scores image tasks by generation (`generate_until`); its multimodal loglikelihood is not
+    itself. A task's `<image>` becomes the placeholder the processor expands (its `image_token`), not the token
+    the model's config names: Gemma 3's processor expands `<start_of_image>` into the `<image_soft_token>`s its
+    config names. lm-eval scores image tasks by generation (`generate_until`); its multimodal loglikelihood is not
     implemented there, so an image task must be a generation task.
     """
     from lm_eval.models.hf_vlms import HFMultimodalLM
 
     class CandidateVLM(HFMultimodalLM):
         """An `HFMultimodalLM` over a vision-language model object, its processor given as `tokenizer`."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.image_token = getattr(self.processor, "image_token", None) or self.image_token
 
         def _create_tokenizer(self, pretrained: Any, tokenizer: Any, **kwargs: Any) -> None:
             self.processor = tokenizer

@@ -10,10 +10,10 @@ A source may also be a base plus a LoRA adapter, `BASE+ADAPTER` (see `adapters`)
 registered in `kinds` (a parameter-space recipe file: a hybrid's source). A loaded source remembers where it
 came from (its folder, adapter and licence), for the export.
 
-A vision-language model (a LLaVA folder) is a source too: its language model stands in the pool as a causal LM
-of its text family, and its vision tower, projector and processor stay with it (`Source.vision`, see
-`families.vision`). With a VLM as the base, a candidate is scored as that VLM around the stitched or merged
-language model (`SourcePool.candidate`).
+A vision-language model (a LLaVA, Idefics3, SmolVLM or Gemma 3 folder) is a source too: its language model stands
+in the pool as a causal LM of its text family, and its vision tower, projector and processor stay with it
+(`Source.vision`, see `families.vision`). With a VLM as the base, a candidate is scored as that VLM around the
+stitched or merged language model (`SourcePool.candidate`).
 
 The sources' vocabularies are the base's, or in a prefix relation with it (LLaVA's language model holds its base
 LLM's tokens and `<image>`): `vocab` checks them and says how their rows line up (`SourcePool.vocab`).

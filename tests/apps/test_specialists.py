@@ -42,13 +42,15 @@ def test_the_preservation_term_is_zero_at_the_base_and_grows_with_the_adapter(ti
     model = get_peft_model(LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer))),
                            LoraConfig(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1, 2]))
     texts = ["The cat sat on the mat.", "Alice was beginning to get very tired."]
-    assert float(sp.preserve_loss(model, tiny_tokenizer, texts, 2, 32)) == 0.0  # LoRA's B starts at zero
+    assert float(sp.preserve_loss(model, tiny_tokenizer, texts, [0, 2], 32)) == 0.0  # LoRA's B starts at zero
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.5)
-    after_0, after_2 = (float(sp.preserve_loss(model, tiny_tokenizer, texts, k, 32)) for k in (0, 2))
+    after_0, after_2 = (float(sp.preserve_loss(model, tiny_tokenizer, texts, [k], 32)) for k in (0, 2))
     assert after_0 == 0.0 < after_2  # layer 0 has no adapter; layers 1-2 do
+    both = float(sp.preserve_loss(model, tiny_tokenizer, texts, [0, 2], 32))
+    assert abs(both - after_2) < 1e-6 * after_2  # the terms add, from one forward
 
 
 def test_each_specialist_trains_only_its_block_of_layers():

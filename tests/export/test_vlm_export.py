@@ -1,7 +1,7 @@
-"""A merge whose base is a vision-language model, exported as that VLM: a tiny LLaVA (source 0) and a tiny Llama LLM
-of its hidden space; a DFS route and a PS recipe over them, scored on the bundled image suite through lm-eval, then
-written as a plain LLaVA checkpoint whose logits on a picture and a question are the stitched (merged) model's;
-mergekit and GGUF refused in one line."""
+"""A merge whose base is a vision-language model, exported as that VLM: a tiny VLM (source 0) of each supported
+family (LLaVA, Idefics3, SmolVLM, Gemma 3) and a tiny LLM of its hidden space; a DFS route and a PS recipe over them,
+scored on the bundled image suite through lm-eval, then written as a plain checkpoint of the VLM's class whose logits
+on a picture and a question are the stitched (merged) model's; mergekit and GGUF refused in one line."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from builders import IMAGE_TOKEN, assert_refused, picture, run_cli, tree_state
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dfs_merge.candidate import CandidateScorer
 from dfs_merge.errors import ExportError
@@ -25,6 +25,7 @@ from dfs_merge.stitch import stitch
 ROUTE = "0:0-2, 1:1-3, 0:1-3"  # both sources, a repeated block, pinned ends
 SCALES = [1.0, 1.25, 1.0, 0.8, 1.0, 1.1, 1.0, 0.9, 1.0]
 TASKS = {"image_qa_e_dev": 1.0, "image_qa_j_dev": 1.0}
+QUESTION = "What is it? Answer:"
 
 
 def route_genome(pool) -> Genome:
@@ -54,29 +55,32 @@ def score_export_and_compare(pool, genome, fitness, folder):
     out = export_vlm(pool, genome, folder, verify="full")
     assert (out / "processor_config.json").is_file() and (out / "tokenizer.json").is_file()
     card = (out / "README.md").read_text()
-    assert all(f"`{p}`" in card for p in pool.paths) and "| llava |" in card and "| llama |" in card
+    assert all(f"`{p}`" in card for p in pool.paths)
+    assert f"| {pool.vision.model_type} |" in card and f"| {pool.family.name} |" in card
     assert "AutoModelForImageTextToText.from_pretrained" in card
     assert "greedy generations (16 new tokens) identical" in card
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    assert config["architectures"] == [type(pool.vision.model).__name__]
     assert config["text_config"]["num_hidden_layers"] == (len(SCALES) if isinstance(genome, Genome) else 4)
 
     loaded = AutoModelForImageTextToText.from_pretrained(out).eval()
-    assert type(loaded) is LlavaForConditionalGeneration
+    assert type(loaded) is type(pool.vision.model)
     processor = AutoProcessor.from_pretrained(out)
-    inputs = dict(processor(images=[picture((30, 60, 220))], text=[f"{IMAGE_TOKEN}\nWhat is it? Answer:"],
+    inputs = dict(processor(images=[picture((30, 60, 220))], text=[f"{processor.image_token}\n{QUESTION}"],
                             return_tensors="pt"))
     lm = stitch(pool, genome.check()) if isinstance(genome, Genome) else Blender(pool, keep=0).apply(genome)
     stitched, _ = pool.candidate(lm)
     with torch.no_grad():
         want, got = stitched(**inputs).logits, loaded(**inputs).logits
-        text = {"input_ids": inputs["input_ids"][:, 6:]}
+        text = {"input_ids": processor.tokenizer([QUESTION], return_tensors="pt")["input_ids"]}
         assert relative(stitched(**text).logits, loaded(**text).logits) < 1e-5
     assert relative(want, got) < 1e-5, relative(want, got)
-    vlm = pool.vision.model.state_dict()
-    for name, t in loaded.state_dict().items():  # the vision tower and projector: the base VLM's own
-        if name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
-            assert torch.equal(t, vlm[name]), name
+    written = loaded.state_dict()
+    for name, t in pool.vision.vision_tensors().items():  # the vision tower and projector: the base VLM's own
+        assert torch.equal(written[name], t), name
+    if pool.family.name == "gemma3":  # each written layer's attention type: its hop's layer's (a recipe's: the base's)
+        hops = genome.check() if isinstance(genome, Genome) else Route.parse("0:0-3")
+        assert config["text_config"]["layer_types"] == [pool.layer_type(h.source, h.layer) for h in hops]
 
     again = fitness.score(loaded, processor)  # the export scores as the candidate did
     assert {n: t.value for n, t in again.tasks.items()} == {n: t.value for n, t in scored.tasks.items()}
@@ -84,8 +88,8 @@ def score_export_and_compare(pool, genome, fitness, folder):
 
 
 @pytest.mark.parametrize("kind", ["route", "recipe"])
-def test_scored_on_the_image_suite_then_exported_as_the_vlm(kind, tiny_vlm_pool, image_fitness, tmp_path):
-    pool = tiny_vlm_pool
+def test_scored_on_the_image_suite_then_exported_as_the_vlm(kind, vlm_pool, image_fitness, tmp_path):
+    pool = vlm_pool
     genome = route_genome(pool) if kind == "route" else recipe(pool)
     score_export_and_compare(pool, genome, image_fitness, tmp_path / "vlm")
 
@@ -107,12 +111,12 @@ def test_an_llm_of_a_prefix_vocabulary_scores_and_exports_with_the_vlm(kind, tin
         assert torch.allclose(written[part][:320], want[:320], rtol=0, atol=1e-6), part
 
 
-def test_the_identity_route_exports_the_vlm_itself(tiny_vlm_pool, tmp_path):
-    pool = tiny_vlm_pool
+def test_the_identity_route_exports_the_vlm_itself(vlm_pool, tmp_path):
+    pool = vlm_pool
     genome = Genome.from_route(Route.parse("0:0-3"), list(pool.paths), [4, 4], 2)
-    loaded = LlavaForConditionalGeneration.from_pretrained(export_vlm(pool, genome, tmp_path / "same")).eval()
+    loaded = AutoModelForImageTextToText.from_pretrained(export_vlm(pool, genome, tmp_path / "same")).eval()
     vlm = pool.vision.model.state_dict()
-    assert set(loaded.state_dict()) == set(vlm)
+    assert type(loaded) is type(pool.vision.model) and set(loaded.state_dict()) == set(vlm)
     assert all(torch.equal(t, vlm[n]) for n, t in loaded.state_dict().items())
 
 
@@ -129,10 +133,11 @@ def genome_file(tiny_vlm_pool, tmp_path_factory):
     return path
 
 
-def test_the_cli_exports_the_vlm_with_format_hf(genome_file, tmp_path):
-    result = run_cli("export", genome_file, "--out", tmp_path / "vlm")
+def test_the_cli_exports_the_vlm_with_format_hf(vlm_pool, tmp_path):
+    save_genome(route_genome(vlm_pool), tmp_path / "vlm.yaml")
+    result = run_cli("export", tmp_path / "vlm.yaml", "--out", tmp_path / "vlm")
     assert result.code == 0, result.err
-    assert json.loads((tmp_path / "vlm" / "config.json").read_text())["model_type"] == "llava"
+    assert json.loads((tmp_path / "vlm" / "config.json").read_text())["model_type"] == vlm_pool.vision.model_type
 
 
 @pytest.mark.parametrize("fmt,why", [("mergekit", "mergekit's configs merge language models only"),
@@ -151,7 +156,8 @@ def next_pool(tiny_vlm_dirs, tmp_path_factory):
 
     from dfs_merge.models.sources import SourcePool
 
-    folder = save_vlm(*tiny_vlm(build_vlm_tokenizer(), seed=3, next_=True), tmp_path_factory.mktemp("next") / "vlm")
+    folder = save_vlm(*tiny_vlm(build_vlm_tokenizer(), seed=3, kind="llava_next"),
+                      tmp_path_factory.mktemp("next") / "vlm")
     return SourcePool.load([str(folder), str(tiny_vlm_dirs["llm"])])
 
 

@@ -1,6 +1,8 @@
-"""A vision-language model (a tiny LLaVA) as source 0 beside a tiny Llama LLM of the same hidden space: its language
-model's layers join the pool, its vision tower and projector stay its own, and a stitched route or a parameter-space
-merge over (VLM, LLM) runs on image + text inputs and on text alone."""
+"""A vision-language model as source 0 beside a tiny LLM of the same hidden space: its language model's layers join the
+pool, its vision tower and projector stay its own, and a stitched route or a parameter-space merge over (VLM, LLM)
+runs on image + text inputs and on text alone. The tests over `vlm_pool` run for each supported family (a tiny
+LLaVA, Idefics3 and SmolVLM beside a tiny Llama, a Gemma 3 beside a tiny Gemma 3 text model); the rest on the tiny
+LLaVA."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 import pytest
 import torch
 from builders import (
-    IMAGE_TOKEN,
+    IMAGE_TOKENS_PER_PICTURE,
     assert_refused,
     build_tokenizer,
     build_vlm_tokenizer,
@@ -19,7 +21,7 @@ from builders import (
     save_vlm,
     swap_tokens,
     tiny_vlm,
-    tiny_vlm_text_config,
+    tiny_vlm_llm,
 )
 
 from dfs_merge.errors import GenomeError, IncompatibleSources, SourceError
@@ -32,62 +34,83 @@ from dfs_merge.stitch import stitch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PROMPT = f"{IMAGE_TOKEN}\nWhat colour is the shape? Answer:"
+QUESTION = "What colour is the shape? Answer:"
+TEXT_MODELS = {"gemma3": ("gemma3", "Gemma3ForCausalLM")}
+"""The family and causal LM class of a VLM's language model, by its model_type (else Llama's)."""
 
 
 def image_inputs(pool: SourcePool) -> dict[str, torch.Tensor]:
-    """A picture and a question, through the base VLM's processor."""
-    return dict(pool.vision.processor(images=[picture()], text=[PROMPT], return_tensors="pt"))
+    """A picture and a question, through the base VLM's processor (its placeholder for the picture first)."""
+    processor = pool.vision.processor
+    return dict(processor(images=[picture()], text=[f"{processor.image_token}\n{QUESTION}"], return_tensors="pt"))
 
 
-def test_the_language_model_joins_the_pool_and_the_rest_stays_the_vlms(tiny_vlm_pool):
-    pool = tiny_vlm_pool
+def text_inputs(pool: SourcePool) -> torch.Tensor:
+    """The question alone, as the base VLM's tokenizer reads it."""
+    return pool.vision.processor.tokenizer([QUESTION], return_tensors="pt")["input_ids"]
+
+
+def language_model(pool: SourcePool, vlm: torch.nn.Module) -> torch.nn.Module:
+    """The language model inside `vlm`, a model of the pool's base VLM's class."""
+    return pool.vision.family.language_model(vlm)
+
+
+def test_the_language_model_joins_the_pool_and_the_rest_stays_the_vlms(vlm_pool):
+    pool = vlm_pool
     vlm = pool.vision.model
+    family, causal_lm = TEXT_MODELS.get(pool.vision.model_type, ("llama", "LlamaForCausalLM"))
     assert pool.layers_per_source == (4, 4)
-    assert type(pool.base.model).__name__ == "LlamaForCausalLM" and pool.family.name == "llama"
-    assert pool.layer(0, 2) is vlm.model.language_model.layers[2]  # the VLM's own layer, not a copy
+    assert type(pool.base.model).__name__ == causal_lm and pool.family.name == family
+    assert pool.layer(0, 2) is language_model(pool, vlm).layers[2]  # the VLM's own layer, not a copy
     assert pool.base.model.lm_head is vlm.lm_head
     assert pool.sources[1].vision is None
 
 
-def test_the_identity_route_reproduces_the_vlm_exactly(tiny_vlm_pool):
-    pool = tiny_vlm_pool
+def test_the_identity_route_reproduces_the_vlm_exactly(vlm_pool):
+    pool = vlm_pool
     inputs = image_inputs(pool)
-    assert (inputs["input_ids"] == pool.vision.model.config.image_token_id).sum() == 4  # the picture is in the text
+    image_tokens = int((inputs["input_ids"] == pool.vision.model.config.image_token_id).sum())
+    assert image_tokens == IMAGE_TOKENS_PER_PICTURE[pool.vision.model_type]  # the picture is in the text
     with torch.no_grad():
         expected = pool.vision.model(**inputs).logits
         model, processor = pool.candidate(stitch(pool, Route.parse("0:0-3")))
         got = model(**inputs).logits
     assert processor is pool.vision.processor
-    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(model) is type(pool.vision.model)
     assert torch.equal(got, expected)
 
 
-def test_a_route_over_the_vlm_and_the_llm_reads_pictures_and_text(tiny_vlm_pool):
-    pool = tiny_vlm_pool
+def test_a_route_over_the_vlm_and_the_llm_reads_pictures_and_text(vlm_pool):
+    pool = vlm_pool
     vlm = pool.vision.model
     route = Route.parse("0:0-1, 1:1-3, 0:3", [1.0, 1.0, 0.9, 1.0, 1.1, 1.0])
     lm = stitch(pool, route)
     model, _ = pool.candidate(lm)
-    inputs = image_inputs(pool)
-    assert model.model.vision_tower is vlm.model.vision_tower
-    assert model.model.multi_modal_projector is vlm.model.multi_modal_projector
-    assert model.model.language_model.layers[3].layer is pool.layer(1, 2)  # the LLM's layer, referenced
+    inputs, text = image_inputs(pool), text_inputs(pool)
+    inner = pool.vision.family.language_model_attr.split(".")[-1]
+    for name, module in vlm.model.named_children():  # the vision tower, the projector: the VLM's own
+        assert name == inner or getattr(model.model, name) is module, name
+    assert language_model(pool, model).layers[3].layer is pool.layer(1, 2)  # the LLM's layer, referenced
     with torch.no_grad():
         with_picture = model(**inputs).logits
-        text_only = model(input_ids=inputs["input_ids"][:, 5:]).logits
-        assert torch.equal(text_only, lm(input_ids=inputs["input_ids"][:, 5:]).logits)
-        other = dict(inputs, pixel_values=torch.zeros_like(inputs["pixel_values"]))
+        assert torch.equal(model(input_ids=text).logits, lm(input_ids=text).logits)
+        other = dict(inputs, pixel_values=-inputs["pixel_values"])  # not zeros: Idefics3 drops a zero picture
         assert not torch.allclose(model(**other).logits, with_picture)  # the picture reaches the language model
         cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
         uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.isfinite(with_picture).all()
     assert torch.equal(cached, uncached)
     assert model.config.text_config.num_hidden_layers == len(route)
+    if pool.family.name == "gemma3":  # each hop keeps its layer's attention type; the picture's tokens see each other
+        assert model.config.text_config.layer_types == [pool.layer_type(h.source, h.layer) for h in route]
+        one_way = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+        with torch.no_grad():
+            assert not torch.allclose(model(**one_way).logits, with_picture)
 
 
-def test_a_parameter_space_merge_of_the_vlm_and_the_llm_reads_pictures(tiny_vlm_pool):
-    pool = tiny_vlm_pool
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_a_parameter_space_merge_of_the_vlm_and_the_llm_reads_pictures(vlm_pool, method):
+    pool = vlm_pool
     inputs = image_inputs(pool)
     blender = Blender(pool)
     sources = tuple(pool.paths)
@@ -95,16 +118,18 @@ def test_a_parameter_space_merge_of_the_vlm_and_the_llm_reads_pictures(tiny_vlm_
     model, _ = pool.candidate(unchanged)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, pool.vision.model(**inputs).logits)
-    merged = blender.apply(Recipe(sources, 4, "linear", 0, 2, ((0.7, 0.4), (0.3, 0.6))))
+    weights = ((0.7, 0.4), (0.3, 0.6)) if method == "linear" else ((0.3, 0.6),)
+    merged = blender.apply(Recipe(sources, 4, method, 0, 2, weights))
     model, _ = pool.candidate(merged)
     name = "model.layers.3.mlp.down_proj.weight"
-    want = 0.4 * pool.base.model.get_parameter(name) + 0.6 * pool.sources[1].model.get_parameter(name)
-    assert torch.allclose(model.model.language_model.layers[3].mlp.down_proj.weight, want, atol=1e-6)
+    base, llm = pool.base.model.get_parameter(name), pool.sources[1].model.get_parameter(name)
+    want = 0.4 * base + 0.6 * llm if method == "linear" else base + 0.6 * (llm - base)
+    assert torch.allclose(language_model(pool, model).layers[3].mlp.down_proj.weight, want, atol=1e-6)
     with torch.no_grad():
         logits = model(**inputs).logits
     assert torch.isfinite(logits).all() and not torch.equal(logits, pool.vision.model(**inputs).logits)
-    assert pool.vision.model.model.language_model.layers[3].mlp.down_proj.weight.data_ptr() != \
-        model.model.language_model.layers[3].mlp.down_proj.weight.data_ptr()  # the VLM's own weights untouched
+    assert language_model(pool, pool.vision.model).layers[3].mlp.down_proj.weight.data_ptr() != \
+        language_model(pool, model).layers[3].mlp.down_proj.weight.data_ptr()  # the VLM's own weights untouched
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +141,11 @@ def narrow_vlm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unsupported_vlm_dir(tmp_path_factory):
-    """A folder whose config is a vision-language architecture no family handles (Idefics3, SmolVLM's)."""
-    folder = tmp_path_factory.mktemp("idefics3") / "vlm"
+    """A folder whose config is a vision-language architecture no family handles (Qwen2-VL's)."""
+    folder = tmp_path_factory.mktemp("qwen2_vl") / "vlm"
     folder.mkdir()
-    text = {"model_type": "llama", "hidden_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4}
-    (folder / "config.json").write_text(json.dumps({"model_type": "idefics3", "vision_config": {},
+    text = {"model_type": "qwen2", "hidden_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4}
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": {},
                                                     "text_config": text}))
     return folder
 
@@ -129,11 +154,8 @@ def unsupported_vlm_dir(tmp_path_factory):
 def swapped_llm_dir(tmp_path_factory):
     """A tiny LLM whose tokenizer is the tiny one with the tokens at ids 100 and 101 swapped: 320 tokens, not a
     prefix of the VLM's."""
-    from transformers import LlamaForCausalLM
-
     tokenizer = swap_tokens(build_tokenizer(), 100, 101)
-    model = LlamaForCausalLM(tiny_vlm_text_config(tokenizer)).eval()
-    return save_source(model, tokenizer, tmp_path_factory.mktemp("swapped") / "llm")
+    return save_source(tiny_vlm_llm(tokenizer), tokenizer, tmp_path_factory.mktemp("swapped") / "llm")
 
 
 def test_a_language_model_of_another_hidden_size_is_refused_naming_it(narrow_vlm_dir, tiny_vlm_dirs):
@@ -142,7 +164,8 @@ def test_a_language_model_of_another_hidden_size_is_refused_naming_it(narrow_vlm
 
 
 def test_an_unsupported_vlm_family_is_refused_naming_it(unsupported_vlm_dir, tiny_vlm_dirs):
-    with pytest.raises(SourceError, match=r"unsupported vision-language architecture 'idefics3'; supported: llava"):
+    supported = "gemma3, idefics3, llava, llava_next, smolvlm"
+    with pytest.raises(SourceError, match=rf"unsupported vision-language architecture 'qwen2_vl'; supported: {supported}$"):
         SourcePool.load([str(unsupported_vlm_dir), str(tiny_vlm_dirs["llm"])])
 
 
@@ -164,7 +187,7 @@ def test_the_cli_refuses_them_in_one_line_with_exit_2(which, narrow_vlm_dir, uns
     config.write_text(yaml.safe_dump({"sources": [str(vlm), str(llm)],
                                       "tasks": {"image_qa_e_dev": 1.0}, "limit": 2, "out": str(tmp_path / "run")}))
     result = run_cli("eval", str(config))
-    assert_refused(result, {"narrow": "hidden_size: 32 vs 48", "unsupported": "'idefics3'",
+    assert_refused(result, {"narrow": "hidden_size: 32 vs 48", "unsupported": "'qwen2_vl'",
                             "swapped": "differ in tokenizer at token id 100"}[which])
 
 
@@ -247,12 +270,12 @@ def test_the_reverse_pair_the_shorter_vocabulary_as_the_base_merges_the_same_row
         assert torch.allclose(merged.get_parameter(name), forward.get_parameter(name)[:320], atol=1e-6)
 
 
-def test_each_source_alone_is_scored_as_itself(tiny_vlm_pool):
-    vlm, processor = tiny_vlm_pool.alone(0)
-    llm, tokenizer = tiny_vlm_pool.alone(1)
-    assert vlm is not tiny_vlm_pool.vision.model and type(vlm).__name__ == "LlavaForConditionalGeneration"
-    assert processor is tiny_vlm_pool.vision.processor
-    assert llm is tiny_vlm_pool.sources[1].model and tokenizer is tiny_vlm_pool.tokenizer_for(1)
+def test_each_source_alone_is_scored_as_itself(vlm_pool):
+    vlm, processor = vlm_pool.alone(0)
+    llm, tokenizer = vlm_pool.alone(1)
+    assert vlm is not vlm_pool.vision.model and type(vlm) is type(vlm_pool.vision.model)
+    assert processor is vlm_pool.vision.processor
+    assert llm is vlm_pool.sources[1].model and tokenizer is vlm_pool.tokenizer_for(1)
 
 
 def test_the_cli_scores_a_vlm_config(tiny_vlm_dirs, tmp_path):
@@ -272,12 +295,15 @@ def test_the_cli_scores_a_vlm_config(tiny_vlm_dirs, tmp_path):
     assert "failed: FitnessError: tasks image_qa_j_dev show images" in rows["source 1"]  # a text LLM alone
 
 
-def test_a_vlm_whose_config_claims_fewer_layers_than_its_weights_is_refused(tiny_vlm_dirs, tmp_path):
+def test_a_vlm_whose_config_claims_fewer_layers_than_its_weights_is_refused(vlm_pool, tmp_path):
     import shutil
 
-    folder = shutil.copytree(tiny_vlm_dirs["vlm"], tmp_path / "short")
+    folder = shutil.copytree(vlm_pool.paths[0], tmp_path / "short")
     config = json.loads((folder / "config.json").read_text())
-    config["text_config"]["num_hidden_layers"] = 3
+    text = config["text_config"]
+    text["num_hidden_layers"] = 3
+    if "layer_types" in text:
+        text["layer_types"] = text["layer_types"][:3]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(SourceError, match=r"config.json says 3 layers \(num_hidden_layers\) while its weights hold 4"):
         SourcePool.load([str(folder)])

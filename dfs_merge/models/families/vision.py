@@ -1,16 +1,21 @@
 """Vision-language models (VLMs) as sources: their language model in the layer pool, the rest the VLM's.
 
-A LLaVA-style VLM (`LlavaForConditionalGeneration`: a vision tower, a projector, a language model and an LM
-head) stands in the pool as its language model, seen as the causal LM of its text family (`text_model`): a
-`LlamaForCausalLM` whose decoder layers, embeddings, final norm and LM head are the VLM's own modules, so that
-stitching, parameter-space merging and text scoring treat it as any LLM source, and its layers join those of
-LLMs of the same hidden space. `VisionModel.with_language_model(lm)` puts a stitched or merged causal LM back
-inside the VLM for image + text inputs: the vision tower, the projector and the image-token handling stay the
-VLM's own, nothing is copied.
+A VLM (a vision tower, a projector, a language model and an LM head) stands in the pool as its language model,
+seen as the causal LM of its text family (`text_model`): a `LlamaForCausalLM` (a `Gemma3ForCausalLM` for Gemma 3)
+whose decoder layers, embeddings, final norm and LM head are the VLM's own modules, so that stitching,
+parameter-space merging and text scoring treat it as any LLM source, and its layers join those of LLMs of the same
+hidden space. `VisionModel.with_language_model(lm)` puts a stitched or merged causal LM back inside the VLM for
+image + text inputs: the vision tower, the projector and the image-token handling stay the VLM's own, nothing is
+copied, and the VLM's text config becomes the candidate's (its hops' count and attention types, which the VLM's
+masks and KV cache follow).
 
 `VisionFamily` holds the few facts that differ between VLM architectures (where the language model and the head
-live, the Auto class that loads the VLM); `VISION_FAMILIES` lists those that are supported. Importing this module
-imports neither torch nor transformers.
+live, the Auto class that loads the VLM); `VISION_FAMILIES` lists those that are supported: LLaVA and LLaVA-NeXT
+(`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`), Idefics3 and SmolVLM (a SigLIP tower whose
+pictures are split into tiles, a pixel-shuffle connector, the language model at `model.text_model`) and Gemma 3
+(`Gemma3ForConditionalGeneration`: a Gemma 3 text model, whose picture tokens attend to each other both ways by the
+processor's `token_type_ids`). Another VLM (a `vision_config` in its config) is refused naming it
+(`folders.vision_family`). Importing this module imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -116,6 +121,9 @@ class VisionModel:
 VISION_FAMILIES: list[VisionFamily] = [
     VisionFamily("llava", ("llava",)),
     VisionFamily("llava_next", ("llava_next",)),
+    VisionFamily("idefics3", ("idefics3",), language_model_attr="model.text_model"),
+    VisionFamily("smolvlm", ("smolvlm",), language_model_attr="model.text_model"),
+    VisionFamily("gemma3", ("gemma3",)),
 ]
 
 
