@@ -58,7 +58,7 @@ study-smollm2-raced: $(VENV)/.smollm2
 
 # The same study on Qwen2.5-Coder-0.5B-Instruct (genomes/qwen-coder-self.yaml: 24 layers; prose, cloze and the bundled
 # Python completion suite; racing; no scaling: none rerun; exports the best member of 20 hops or fewer); writes
-# runs/qwen-coder-self/results.md (60-100 min on 2 cores, estimated from per-document costs, not yet run; resumes).
+# runs/qwen-coder-self/results.md (1 h 52 min on one core beside other work, 2026-12-07: docs/qwen-study.md; resumes).
 study-qwen: $(VENV)/.qwen-coder
 	$(VENV)/bin/dfs-merge study genomes/qwen-coder-self.yaml --prune-hops 20 --no-ablation
 
