@@ -387,3 +387,11 @@ def test_a_bad_racing_block_is_one_line_exit_2_and_writes_nothing(sources, tmp_p
     before = tree_state(tmp_path)
     assert_refused(run_cli("evolve", cfg), phrase)
     assert tree_state(tmp_path) == before
+
+
+def test_the_probability_counts_only_where_every_candidate_compared_has_it(tmp_path):
+    """A run resumed from records made before a task logged its probabilities: c1 has them, c0 has not, so the two
+    are compared by accuracy (paired values of one statistic), where c0 is right on every document and c1 on none."""
+    values = {"c0": [1.0] * 40, "c1": [0.0] * 40}
+    out, _ = race_once(values, tmp_path, probability={"c1": [1.0] * 40}, stages=[0.25, 1.0])
+    assert out["c1"].dropped and not out["c0"].dropped
