@@ -164,6 +164,25 @@ def write_tiny_suite(folder: Path) -> Path:
     return folder
 
 
+# An answer-likelihood task on the bundled answer template (the family suites'), its data read from the suite's folder
+TINY_LL_YAML = f"""\
+    include: {CHECKOUT / "eval_suites" / "_template_family_arith.yaml"}
+    task: tiny_ll
+    custom_dataset: null
+    dataset_kwargs:
+      data_files:
+        test: data/tiny_ll.jsonl
+    doc_to_text: "Question: {{{{question}}}} = ? Answer:"
+    """
+
+
+def write_answer_task(folder: Path, rows: list[dict[str, Any]]) -> Path:
+    """Add the answer-likelihood task `tiny_ll` (the bundled answer template over `rows`) to a suite folder."""
+    write_jsonl(folder / "data" / "tiny_ll.jsonl", rows)
+    (folder / "tiny_ll.yaml").write_text(textwrap.dedent(TINY_LL_YAML))
+    return folder
+
+
 def build_tokenizer():
     """The tiny byte-level BPE tokenizer as a `PreTrainedTokenizerFast` (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -6,14 +6,12 @@ cache and a parameter-space merge."""
 from __future__ import annotations
 
 import math
-import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from builders import GEN_ROWS, write_jsonl, write_tiny_suite
+from builders import GEN_ROWS, write_answer_task, write_tiny_suite
 
-from dfs_merge import CHECKOUT
 from dfs_merge.fitness.lm_eval_glue import first_scored_positions, logits_to_keep
 from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Route
@@ -23,23 +21,12 @@ from dfs_merge.stitch import ActivationCache, stitch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TASKS = {"tiny_mc": 1.0, "tiny_ppl": 1.0, "tiny_ll": 1.0}
-# the bundled answer-likelihood template (the family suites'), with its data read from this suite's folder
-TINY_LL = f"""\
-    include: {CHECKOUT / "eval_suites" / "_template_family_arith.yaml"}
-    task: tiny_ll
-    custom_dataset: null
-    dataset_kwargs:
-      data_files:
-        test: data/tiny_ll.jsonl
-    doc_to_text: "Question: {{{{question}}}} = ? Answer:"
-    """
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> Path:
-    folder = write_tiny_suite(tmp_path_factory.mktemp("suite"))
-    write_jsonl(folder / "data" / "tiny_ll.jsonl", GEN_ROWS + [{"question": "1 + 1 + 1 + 1 + 1", "answer": "5"}])
-    (folder / "tiny_ll.yaml").write_text(textwrap.dedent(TINY_LL))
+    folder = write_answer_task(write_tiny_suite(tmp_path_factory.mktemp("suite")),
+                               GEN_ROWS + [{"question": "1 + 1 + 1 + 1 + 1", "answer": "5"}])
     return folder
 
 

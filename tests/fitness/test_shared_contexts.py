@@ -6,15 +6,13 @@ merge and sliding-window models, while rolling perplexity and an answer task run
 from __future__ import annotations
 
 import contextlib
-import textwrap
 from collections import defaultdict
 
 import pytest
 import torch
-from builders import GEN_ROWS, build_tokenizer, write_jsonl, write_tiny_suite
+from builders import GEN_ROWS, build_tokenizer, write_answer_task, write_tiny_suite
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
 
-from dfs_merge import CHECKOUT
 from dfs_merge.fitness.lm_eval_glue import candidate_lm_class, context_batches, shared_context_groups
 from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Route
@@ -26,15 +24,6 @@ from dfs_merge.stitch import ActivationCache, stitch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TASKS = ("tiny_mc", "tiny_ppl", "tiny_ll")
-TINY_LL = f"""\
-    include: {CHECKOUT / "eval_suites" / "_template_family_arith.yaml"}
-    task: tiny_ll
-    custom_dataset: null
-    dataset_kwargs:
-      data_files:
-        test: data/tiny_ll.jsonl
-    doc_to_text: "Question: {{{{question}}}} = ? Answer:"
-    """
 WAYS = {  # how the requests are run: each shared context once (the default), or every request whole
     "shared": {},
     "whole": {"shared_contexts": False},
@@ -45,9 +34,7 @@ WAYS = {  # how the requests are run: each shared context once (the default), or
 @pytest.fixture(scope="module")
 def fitnesses(tmp_path_factory) -> dict[tuple[str, str], Fitness]:
     """One `Fitness` per (way, task): one task each, to count each task's positions."""
-    folder = write_tiny_suite(tmp_path_factory.mktemp("suite"))
-    write_jsonl(folder / "data" / "tiny_ll.jsonl", GEN_ROWS)
-    (folder / "tiny_ll.yaml").write_text(textwrap.dedent(TINY_LL))
+    folder = write_answer_task(write_tiny_suite(tmp_path_factory.mktemp("suite")), GEN_ROWS)
     cache = tmp_path_factory.mktemp("cache")
     return {(way, task): Fitness({task: 1.0}, suites=[folder], max_length=512, batch_size=3, cache_dir=cache, **kw)
             for way, kw in WAYS.items() for task in TASKS}
