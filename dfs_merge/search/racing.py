@@ -208,15 +208,14 @@ class Race:
                 out[name] = [probs[i] for i in range(n)]
         return out
 
-    def _prefix(self, key: str, upto: float, probable_tasks: set[str]) -> Prefix | None:
-        """The candidate on the first `upto` of each task's documents, the tasks of `probable_tasks` by the
-        probability of the right answer; None when it has not been scored on them."""
+    def _prefix(self, key: str, upto: float, probable: Mapping[str, list[float]]) -> Prefix | None:
+        """The candidate on the first `upto` of each task's documents, the tasks of `probable` by their
+        probabilities of the right answer there; None when it has not been scored on them."""
         sc = self.known[key]
         sizes = self._sizes(key, upto)
         results = self._prefix_results(key, sizes)
         if results is None:
             return None
-        probable = {name: p for name, p in self._probabilities(key, sizes).items() if name in probable_tasks}
         as_probability = {**results, **{name: replace(results[name], value=math.fsum(p) / len(p), higher_is_better=True)
                                         for name, p in probable.items()}}
         by_probability = self.cfg.bound_by == "probability"
@@ -273,8 +272,10 @@ class Race:
         alpha = self.level(len(others) - 1)
         # a task counts by its probability only where every candidate compared has it (a run resumed from records
         # made before a task logged it compares by the metric), so that paired values are of one statistic
-        common = set.intersection(*(set(self._probabilities(k, self._sizes(k, upto))) for k in others)) if others else set()
-        prefix = {k: self._prefix(k, upto, common) for k in others}  # once per candidate, not once per pair
+        probable = {k: self._probabilities(k, self._sizes(k, upto)) for k in others}
+        common = set.intersection(*(set(p) for p in probable.values())) if others else set()
+        prefix = {k: self._prefix(k, upto, {name: p for name, p in probable[k].items() if name in common})
+                  for k in others}  # once per candidate, not once per pair
         for c in racing:
             beaten = sum(1 for r in others if r != c and (not self.dominance or self.known[r].hops <= self.known[c].hops)
                          and self.better(prefix[r], prefix[c], alpha))
