@@ -153,6 +153,29 @@ def quiet_lm_eval() -> None:
         logging.getLogger(name).addFilter(TRUNCATIONS)
 
 
+@functools.cache
+def compile_templates_once() -> None:
+    """Keep each Jinja template lm-eval compiles: `lm_eval.utils.apply_template` compiles its template string anew
+    for every document (the target of every scored document, the prompt of every request), which cost a quarter
+    of a zoo search's time. A compiled template renders as the string does; the cache holds one per distinct
+    template string of the tasks built (a few per task)."""
+    import lm_eval.utils
+
+    env = lm_eval.utils.env
+    compile_string = env.from_string
+
+    @functools.lru_cache(maxsize=4096)
+    def compiled(source: str) -> Any:
+        return compile_string(source)
+
+    def from_string(source: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(source, str) and not args and not kwargs:
+            return compiled(source)
+        return compile_string(source, *args, **kwargs)
+
+    env.from_string = from_string
+
+
 @contextlib.contextmanager
 def no_request_bars() -> Iterator[None]:
     """Hide the progress bar that `Task.build_all_requests` draws (lm-eval offers no switch for it)."""
@@ -231,21 +254,38 @@ def shared_context_groups(requests: Any, max_length: int) -> tuple[list[list[int
     return groups, [i for i in range(len(requests)) if i not in grouped]
 
 
-def context_batches(requests: Any, groups: list[list[int]], limit: int) -> list[list[list[int]]]:
-    """The groups of `shared_context_groups` in batches for one forward each: contexts of one length together, so
-    that no padding sits between a context and its continuations (every row's positions are the cache's length
-    on), longest first, at most `limit` requests a batch (a larger group alone)."""
+def context_batches(requests: Any, groups: list[list[int]], limit: int,
+                    mixed_lengths: bool = False) -> list[list[list[int]]]:
+    """The groups of `shared_context_groups` in batches for one forward each, longest context first. With
+    `mixed_lengths`, up to `limit` contexts a batch (and at most 4 x `limit` requests), right-padded to the longest;
+    without, only contexts of one length together (up to `limit` requests), so that no padding sits between a
+    context and its continuations. A group over the request bound goes alone."""
     batches: list[list[list[int]]] = []
     rows = 0
     for g in sorted(groups, key=lambda g: -len(requests[g[0]][1])):
-        same_length = batches and len(requests[batches[-1][0][0]][1]) == len(requests[g[0]][1])
-        if same_length and rows + len(g) <= limit:
+        if not batches:
+            fits = False
+        elif mixed_lengths:
+            fits = len(batches[-1]) < limit and rows + len(g) <= 4 * limit
+        else:
+            fits = len(requests[batches[-1][0][0]][1]) == len(requests[g[0]][1]) and rows + len(g) <= limit
+        if fits:
             batches[-1].append(g)
             rows += len(g)
         else:
             batches.append([g])
             rows = len(g)
     return batches
+
+
+def same_attention_everywhere(config: Any) -> bool:
+    """Whether every layer attends over the whole sequence (no sliding window): then a row's keys can be told apart
+    by an attention mask alone, and contexts of different lengths can share a padded batch. A sliding window
+    counts distances in cache positions, which padding between a context and its continuation would stretch."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return all(t == "full_attention" for t in layer_types)
+    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
 
 
 @functools.cache
@@ -271,7 +311,10 @@ def candidate_lm_class() -> type:
     KV cache and its last position's logits (the first continuation token's), then every continuation but its
     last token as one right-padded batch over that cache, repeated per request: the same attention over the same
     keys as the full sequence, so the same scores within float rounding, summed and compared with the greedy
-    tokens as lm-eval does, in lm-eval's order. A context alone (answer tasks), a request lm-eval would truncate,
+    tokens as lm-eval does, in lm-eval's order. Questions of different lengths share a batch, right-padded (the
+    padding after a question changes nothing before it; over the cache, an attention mask hides it and each row's
+    positions go on from its own question's length), except in a model with sliding-window layers, whose batches hold
+    questions of one length. A context alone (answer tasks), a request lm-eval would truncate,
     rolling perplexity (whose windows share at most a one-token prefix) and a model that keeps no KV cache go
     the way above. A stitched model's prefix cache (`stitch.ActivationCache`) sits out these forwards, as it does
     any forward with a KV cache. `shared_contexts=False` runs every request whole (the reference in tests).
@@ -329,7 +372,8 @@ def candidate_lm_class() -> type:
             if self._share and self.backend == "causal" and not self._rolling:
                 groups, rest = shared_context_groups(requests, self.max_length)
                 limit = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
-                for batch in context_batches(requests, groups, limit):
+                mixed = same_attention_everywhere(self.model.config)
+                for batch in context_batches(requests, groups, limit, mixed_lengths=mixed):
                     answers = self._shared_context_scores(requests, batch) if self._share else None
                     if answers is None:  # the model kept no KV cache: this batch and the next go the plain way
                         self._share = False
@@ -354,20 +398,30 @@ def candidate_lm_class() -> type:
                 self._first_scored = None
 
         def _shared_context_scores(self, requests: Any, batch: list[list[int]]) -> dict[int, tuple[float, bool]] | None:
-            """(log-likelihood, is greedy) of each request of `batch`'s groups (one context length), by index; None
-            where the model returns no KV cache."""
+            """(log-likelihood, is greedy) of each request of `batch`'s groups, by index; None where the model returns
+            no KV cache. Contexts of different lengths are right-padded; their continuations then run under an
+            attention mask that hides the padding, at positions that go on from each context's own length."""
             import torch
             import torch.nn.functional as F
 
-            contexts = torch.tensor([requests[g[0]][1] for g in batch], dtype=torch.long, device=self.device)
+            lengths = [len(requests[g[0]][1]) for g in batch]
+            width_ctx = max(lengths)
+            padded = min(lengths) < width_ctx
+            contexts = torch.zeros(len(batch), width_ctx, dtype=torch.long, device=self.device)
+            for k, g in enumerate(batch):
+                contexts[k, :lengths[k]] = torch.tensor(requests[g[0]][1], dtype=torch.long)
+            keep = width_ctx - min(lengths) + 1  # the trailing positions that hold every context's last one
             # the requests that score more than their first token: their continuations run over their group's cache
             longer = [(k, i) for k, g in enumerate(batch) for i in g if len(requests[i][2]) > 1]
             with self._forward_context():
-                out = self.model(contexts, use_cache=True, **({"logits_to_keep": 1} if self._keeps_logits else {}))
+                out = self.model(contexts, use_cache=True, **({"logits_to_keep": keep} if self._keeps_logits else {}))
                 cache = out.past_key_values
                 if cache is None or not hasattr(cache, "batch_select_indices"):
                     return None
-                first = F.log_softmax(out.logits[:, -1], dim=-1, dtype=self.softmax_dtype)  # [groups, vocab]
+                offset = out.logits.shape[1] - width_ctx  # position p is logits row p + offset
+                last = torch.tensor([n - 1 + offset for n in lengths], device=self.device)
+                first = F.log_softmax(out.logits[torch.arange(len(batch), device=self.device), last], dim=-1,
+                                      dtype=self.softmax_dtype)  # [groups, vocab]
                 if longer:
                     width = max(len(requests[i][2]) - 1 for _, i in longer)
                     inps = torch.zeros(len(longer), width, dtype=torch.long, device=self.device)  # right-padded
@@ -375,8 +429,15 @@ def candidate_lm_class() -> type:
                         cont = requests[i][2][:-1]
                         inps[row, :len(cont)] = torch.tensor(cont, dtype=torch.long)
                     cache.batch_select_indices(torch.tensor([k for k, _ in longer], device=self.device))
-                    after = F.log_softmax(self.model(inps, past_key_values=cache, use_cache=True).logits, dim=-1,
-                                          dtype=self.softmax_dtype)  # [longer requests, width, vocab]
+                    extra: dict[str, Any] = {}
+                    if padded:  # hide each row's padding after its context; its positions follow its context
+                        starts = torch.tensor([lengths[k] for k, _ in longer], device=self.device)
+                        mask = (torch.arange(width_ctx + width, device=self.device)[None] < starts[:, None]).long()
+                        mask[:, width_ctx:] = 1
+                        extra = {"attention_mask": mask,
+                                 "position_ids": starts[:, None] + torch.arange(width, device=self.device)[None]}
+                    after = F.log_softmax(self.model(inps, past_key_values=cache, use_cache=True, **extra).logits,
+                                          dim=-1, dtype=self.softmax_dtype)  # [longer requests, width, vocab]
                 del cache, out
             row_of = {i: row for row, (_, i) in enumerate(longer)}
             answers: dict[int, tuple[float, bool]] = {}

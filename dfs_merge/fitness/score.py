@@ -31,6 +31,7 @@ from dfs_merge.evaluation import Evaluation, TaskResult
 from dfs_merge.fitness.lm_eval_glue import (
     candidate_lm_class,
     candidate_vlm_class,
+    compile_templates_once,
     no_build_bars,
     no_request_bars,
     offline_env,
@@ -146,6 +147,7 @@ class Fitness:
         """Index the suites, load every task and its data, check it, and build its requests: once."""
         t0 = time.perf_counter()
         quiet_lm_eval()
+        compile_templates_once()
         self.build_count += 1
         with no_build_bars():
             specs = build_tasks(

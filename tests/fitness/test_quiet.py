@@ -52,3 +52,19 @@ def test_truncation_is_warned_once_per_task_not_per_candidate(tiny_pool, tiny_su
     assert len(shown) == 1, shown
     assert "task tiny_mc" in shown[0] and "shown once" in shown[0]
     assert TRUNCATIONS.counts["tiny_mc"] >= 2 * 6  # 6 documents x 4 choices per candidate, counted, not shown
+
+
+def test_lm_eval_templates_are_compiled_once_and_render_as_before():
+    import lm_eval.utils
+
+    from dfs_merge.fitness.lm_eval_glue import compile_templates_once
+
+    source = "{{question}} = {{answer | regex_replace('a', 'b')}}"
+    doc = {"question": "2 + 2", "answer": "4a"}
+    fresh = lm_eval.utils.env.from_string(source).render(**doc)
+    compile_templates_once()
+    compile_templates_once()  # once per process: a second call wraps nothing again
+    first, again = lm_eval.utils.env.from_string(source), lm_eval.utils.env.from_string(source)
+    assert first is again
+    assert lm_eval.utils.apply_template(source, doc) == first.render(**doc) == fresh == "2 + 2 = 4b"
+    assert lm_eval.utils.env.from_string("{{x}}", globals={"x": 1}).render() == "1"  # other calls pass through

@@ -146,7 +146,7 @@ def test_a_model_without_a_kv_cache_runs_every_request_whole(tiny_pool, fitnesse
     assert_same_answers(shared[1], whole[1], "no KV cache")
 
 
-def test_requests_are_grouped_by_their_whole_context_and_batched_by_its_length():
+def test_requests_are_grouped_by_their_whole_context_and_batched_longest_first():
     requests = [(("q", " a"), [5, 6, 7], [8]), (("q", " b"), [5, 6, 7], [9, 10]),  # one question, two choices
                 (("r", " a"), [5, 6], [8]),  # a context alone
                 (("s", " a"), [4, 6, 7], [8]), (("s", " b"), [4, 6, 7], [3, 3, 3]),  # the last is truncated
@@ -158,6 +158,10 @@ def test_requests_are_grouped_by_their_whole_context_and_batched_by_its_length()
     assert context_batches(requests, groups, limit=4) == [[[0, 1], [3, 4]], [[5, 6]]]  # same length, 4 requests
     assert context_batches(requests, groups, limit=3) == [[[0, 1]], [[3, 4]], [[5, 6]]]
     assert context_batches(requests, [[0, 1, 0, 1, 0]], limit=2) == [[[0, 1, 0, 1, 0]]]  # a larger group alone
+    # contexts of different lengths together (right-padded): up to `limit` contexts and 4 x `limit` requests
+    assert context_batches(requests, groups, limit=3, mixed_lengths=True) == [[[0, 1], [3, 4], [5, 6]]]
+    assert context_batches(requests, groups, limit=2, mixed_lengths=True) == [[[0, 1], [3, 4]], [[5, 6]]]
+    assert context_batches(requests, [[0] * 5, [1] * 4], limit=2, mixed_lengths=True) == [[[0] * 5], [[1] * 4]]
 
 
 # ---- sliding-window attention, contexts longer than the window, at the level of lm-eval's token requests
