@@ -7,7 +7,12 @@ per-document noise, so the ranking on all documents is known and the paired boun
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -226,16 +231,26 @@ def test_a_raced_search_scores_fewer_documents_and_reports_only_full_scores(sour
 
 
 class DiesAfterWindows(NoisyDocs):
-    """Scores `n` windows, then 'dies' (raises Interrupt, not an Exception) on the next one."""
+    """Scores `n` windows, then dies on the next one: 'dies' by raising Interrupt (not an Exception), or with `kill`
+    SIGKILLs its own process, in the middle of the work. `log`: a file each scored window is appended to as
+    "key start stop", which outlives a killed process."""
 
-    def __init__(self, n: int, **kw):
+    def __init__(self, n: int, kill: bool = False, log: str | None = None, **kw):
         super().__init__(**kw)
         self.n = n
+        self.kill = kill
+        self.log = log
 
     def __call__(self, genome, docs=None):
         if len(self.windows) >= self.n:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise Interrupt
-        return super().__call__(genome, docs)
+        ev = super().__call__(genome, docs)
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write("{} {} {}\n".format(*self.windows[-1]))
+        return ev
 
 
 class Interrupt(BaseException):
@@ -271,6 +286,90 @@ def _docs(out: Path) -> list[dict]:
 
 def _stage(start: int, docs: int = 48) -> int:
     return {0: 0, 12: 1, 24: 2}[start]
+
+
+KILLED_RUN = """\
+import sys
+sys.path[:0] = {paths!r}
+from pathlib import Path
+from synthetic import make_config
+from test_racing import DiesAfterWindows
+from dfs_merge.search.evolution import run_evolution
+run_evolution(make_config({sources!r}, Path({out!r}), **{kw!r}), resume={resume},
+              evaluate=DiesAfterWindows({n}, kill=True, log={log!r}, noise=0.3), progress=False)
+"""
+TESTS = Path(__file__).resolve().parents[1]  # synthetic.py
+
+
+@pytest.mark.parametrize("algorithm", ["ga", "nsga2"])
+def test_a_run_with_racing_at_its_defaults_resumes_exactly_after_sigkill(sources, tmp_path, algorithm):
+    """`racing: {}` (every setting at its default). A real process running the search is SIGKILLed from inside its
+    evaluator in the middle of a race, twice (in the first stage of generation 1, then, resumed in another process,
+    in the last stage of a later generation whose first stage stopped candidates, so that evals.jsonl holds part of
+    that generation); after each kill the test adds a torn last line (a write a kill cut short), to docs.jsonl,
+    then to evals.jsonl. Resumed in process to the end, the run is the one never killed: the same outcome and the same
+    evaluation of every key, every (key, stage) logged once, and no window a log held scored again."""
+    t0 = time.perf_counter()
+    kw = {"algorithm": algorithm, "generations": 4, "population": 8, "seed": 5, "racing": {}}
+    if algorithm == "nsga2":
+        kw["objectives"] = ["score", "hops"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert make_config(sources, straight, **kw).racing == RacingConfig()  # on, every setting at its default
+    run_evolution(make_config(sources, straight, **kw), evaluate=NoisyDocs(noise=0.3), **QUIET)
+    want = _docs(straight)
+    stopped_first = [e["generation"] for e in evals(straight) if e["evaluation"]["race"].get("dropped") == 0]
+
+    def middle(gen: int, stage: int) -> int:  # the index in docs.jsonl of a window in the middle of that stage
+        at = [i for i, d in enumerate(want) if (d["generation"], d["stage"]) == (gen, stage)]
+        assert len(at) >= 2, (gen, stage, len(at))
+        return at[len(at) // 2]
+
+    later = min(g for g in stopped_first if g >= 2)  # a generation whose first stage stopped some candidates
+    kills = [(1, middle(1, 0)), (later, middle(later, 2))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    before = [0]  # the docs.jsonl lines logged before each process started
+    for i, (gen, at) in enumerate(kills):
+        log = tmp_path / f"windows{i}.log"
+        script = KILLED_RUN.format(paths=[str(TESTS), str(TESTS / "search")], sources=sources, out=str(broken), kw=kw,
+                                   resume=i > 0, n=at - before[-1], log=str(log))
+        res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == -signal.SIGKILL, res.stdout[-2000:] + res.stderr[-2000:]
+        if i:
+            assert "took over the lock of process" in res.stdout and "resuming after generation" in res.stdout
+        done = _docs(broken)
+        # killed in the middle of generation `gen`'s race: every window before it logged, that one not
+        assert len(done) == at and {(d["key"], d["stage"]) for d in done} == {(d["key"], d["stage"]) for d in want[:at]}
+        assert json.loads((broken / "checkpoint.json").read_text())["generation"] == gen - 1
+        # the windows this process scored are those it logged, none of them logged before it started
+        scored = [(k, _stage(int(a))) for k, a, _ in (line.split() for line in log.read_text().splitlines())]
+        assert sorted(scored) == sorted((d["key"], d["stage"]) for d in done[before[-1]:])
+        before.append(at)
+        # a SIGKILL that lands in the middle of a write (this one cannot) leaves a torn last line: half a record
+        torn = broken / ("docs.jsonl" if i == 0 else "evals.jsonl")
+        next_line = (straight / torn.name).read_text().splitlines()[at if i == 0 else len(evals(broken))]
+        with torn.open("a") as f:
+            f.write(next_line[: len(next_line) // 2])
+    fn, lines = NoisyDocs(noise=0.3), []
+    run_evolution(make_config(sources, broken, **kw), resume=True, evaluate=fn, progress=False, log=lines.append)
+    assert any("took over the lock of process" in line for line in lines)
+    done = _docs(broken)
+    assert not {(d["key"], d["stage"]) for d in done[: before[-1]]} & {(k, _stage(a)) for k, a, _ in fn.windows}
+    assert outcome(broken) == outcome(straight)
+    stages = [(d["key"], d["stage"]) for d in done]
+    assert len(stages) == len(set(stages)) and sorted(stages) == sorted((d["key"], d["stage"]) for d in want)
+    keys = [e["key"] for e in evals(broken)]
+    assert len(keys) == len(set(keys))
+
+    def scores(out: Path) -> dict[str, tuple]:
+        return {e["key"]: (e["score"], e["tasks"], e["evaluation"]["race"]) for e in evals(out)}
+
+    assert scores(broken) == scores(straight)  # the same candidates stopped, at the same stage, with the same scores
+    # nothing partial left behind: whole lines only, no temporary file, the lock let go
+    for name in ("docs.jsonl", "evals.jsonl"):
+        assert (broken / name).read_text().endswith("\n")
+    assert sorted(p.name for p in broken.iterdir() if p.name.startswith(".")) == [".dfs-merge.lock"]
+    assert (broken / ".dfs-merge.lock").read_text() == ""
+    print(f"\n{algorithm}: killed at windows {[at for _, at in kills]} of {len(want)}, {time.perf_counter() - t0:.1f}s")
 
 
 @pytest.mark.slow
