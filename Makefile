@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-qwen test-fast lint demo demo-self bench gpu-check models clean zoo zoo-table study-smollm2 study-smollm2-raced study-qwen family study-family
+.PHONY: install test test-qwen test-fast lint demo demo-self bench gpu-check models clean zoo zoo-table study-smollm2 study-smollm2-unraced study-smollm2-raced study-qwen family study-family
 
 install: $(STAMP)
 
@@ -46,13 +46,16 @@ demo-self: $(VENV)/.smollm2
 	$(VENV)/bin/dfs-merge demo genomes/demo.yaml
 
 # SmolLM2's own layer path evolved (and the scaling: none ablation) against ShortGPT, angular-distance pruning and
-# naive deepening, scored held out; writes runs/smollm2-self/results.md and pareto.png (about 90 min on 2 cores,
-# estimated from its parts; resumes).
+# naive deepening, scored held out; raced, two one-thread workers; writes runs/smollm2-self/results.md and
+# pareto.png (docs/smollm2-study.md has its time from a fresh clone; resumes).
 study-smollm2: $(VENV)/.smollm2
 	$(VENV)/bin/dfs-merge study genomes/smollm2-self.yaml
 
-# The same study with racing (candidates scored on nested prefixes of the dev documents; README "Racing");
-# writes runs/smollm2-self-raced/results.md.
+# The same study unraced, in one process (genomes/smollm2-self-unraced.yaml): the reference for racing's figures.
+study-smollm2-unraced: $(VENV)/.smollm2
+	$(VENV)/bin/dfs-merge study genomes/smollm2-self-unraced.yaml
+
+# The same study raced in one process, the configuration docs/racing.md measured; writes runs/smollm2-self-raced/.
 study-smollm2-raced: $(VENV)/.smollm2
 	$(VENV)/bin/dfs-merge study genomes/smollm2-self-raced.yaml
 

@@ -347,5 +347,19 @@ def _stdout_closed() -> int:
     return SIGPIPE_EXIT
 
 
+def run() -> None:
+    """The `dfs-merge` command: `main`, then exit without the interpreter's last garbage collection.
+
+    At exit Python collects every object the command left (models, modules, lm-eval's tasks): 0.6-2.5 s after an
+    export on 2 cores, a tenth of it and more than the export's own verification. `gc.freeze()` leaves them to the
+    end of the process; `atexit` handlers (log flushing, temporary folders) still run. Only the command does this:
+    `main` called in a process that goes on (tests, other programs) collects as usual."""
+    import gc
+
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -305,6 +306,16 @@ class Genome:
                 f"(it decodes to {out.decode().text()}; check pin_ends and the first hop's scale)"
             )
         return out
+
+    @classmethod
+    def exact(cls, route: Route, sources: Sequence[str], layers: Sequence[int]) -> Genome:
+        """The genome that checks to exactly `route` whatever a run's constraints: the fewest repeats that hold
+        it, one scale per slot, no pinned ends or hop limits. For scoring a given route (a heuristic's, the
+        naive deepening) through the evaluators, which take genomes."""
+        lay = SlotLayout(tuple(int(n) for n in layers))
+        order = [lay.offset(h.source) + h.layer for h in route]
+        repeats = 1 + sum(b <= a for a, b in pairwise(order))  # a hop at or before the one before: the next repeat
+        return cls.from_route(route, sources, layers, repeats, "slot", ConstraintsConfig(pin_ends=False))
 
 
 _DEFAULTS = {name: Genome.__dataclass_fields__[name].default for name in SETTINGS}

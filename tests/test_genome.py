@@ -8,7 +8,7 @@ import yaml
 from dfs_merge.config import ConstraintsConfig
 from dfs_merge.errors import GenomeError
 from dfs_merge.genome import Genome, Hop, Route, seed_genomes
-from dfs_merge.genome_files import genome_to_dict, load_genome, save_genome
+from dfs_merge.genome_files import genome_from_dict, genome_to_dict, load_genome, save_genome
 
 SOURCES = ("a", "b")
 
@@ -82,6 +82,18 @@ def test_from_route_round_trip_with_repeats():
     assert g.decode() == route
     with pytest.raises(GenomeError, match="cannot follow"):
         Genome.from_route(Route.parse("0:0-3, 0:0-3, 0:0-3"), SOURCES, (4, 4), 2)
+
+
+@pytest.mark.parametrize("text, scales, repeats", [
+    ("0:1-2", None, 1),  # neither end pinned
+    ("0:0-2, 0:1-3", None, 2),  # naive deepening of 4 layers
+    ("0:3, 0:3, 1:0, 0:0", [0.5, 2.0, 1.0, 1.25], 3),  # a layer twice, a scaled first hop
+])
+def test_exact_genome_checks_to_the_route_whatever_the_constraints(text, scales, repeats):
+    route = Route.parse(text, scales)
+    g = Genome.exact(route, SOURCES, (4, 4))
+    assert g.layout.repeats == repeats and g.check() == route and g.key() == route.key()
+    assert genome_from_dict(genome_to_dict(g)).check() == route  # as a worker gets it
 
 
 def test_file_round_trip(tmp_path):

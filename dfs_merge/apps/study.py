@@ -18,10 +18,14 @@ with objectives [score, hops] and:
    and `pareto.png`; exports the pruned member the selection score prefers at `prune_hops` or
    fewer hops and generates from it. The held-out split never chooses anything.
 
+The validation and held-out routes (and the heuristics the searches did not score on dev) are
+scored through the config's evaluation backend, as the searches' candidates are: all of a split's
+at once, so that with `workers: 2` two routes are scored at a time (`ScoreLog.fill`).
+
 Everything resumes: each evolution resumes from its folder, validation and held-out scores
 are appended to `val_scores.jsonl` / `test_scores.jsonl` (the dev scores of heuristics the
 searches did not score to `dev_scores.jsonl`) the moment they are made, and reused while the
-split is the same (a changed limit scores them again).
+split is the same (a changed limit scores them again); a finished study starts no worker.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import datetime
 import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,20 +43,19 @@ from typing import Any
 from dfs_merge.apps.baselines import baseline_routes, calibration_texts, check_sizes
 from dfs_merge.atomic import append_jsonl, read_jsonl, write_atomic
 from dfs_merge.candidate import CandidateScorer
-from dfs_merge.config import load_config
-from dfs_merge.errors import ConfigError, GenomeError
+from dfs_merge.config import RunConfig, load_config
+from dfs_merge.errors import ConfigError, DfsMergeError, GenomeError
 from dfs_merge.evaluation import Evaluation
-from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Route, seed_genomes
 from dfs_merge.genome_files import genome_from_dict
 from dfs_merge.models.metadata import layer_counts
 from dfs_merge.outputs import check_output
 from dfs_merge.plots import save_png
-from dfs_merge.search.backends import ModelEvaluator
+from dfs_merge.search.backends import Evaluator, LazyEvaluator, ModelEvaluator, Window
 from dfs_merge.search.evolution import run_evolution
 from dfs_merge.search.rundir import RunDir
 from dfs_merge.search.selection import Candidate, choose, front_span, per_hop_count, selection_score
-from dfs_merge.stitch import ActivationCache, stitch
+from dfs_merge.stitch import stitch
 
 PRINT = functools.partial(print, flush=True)  # progress lines reach a log file as they happen
 PROMPTS = (
@@ -96,10 +100,13 @@ class ScoreLog:
 
     Only lines made on the split `score` scores now are reused (a full score on as many documents of the same
     tasks: `Fitness.matches`); with `per_document`, only lines holding each document's result, and new scores
-    keep them (`Fitness.score(..., docs=(0, 1))`), for `Fitness.difference_interval`."""
+    keep them (`Fitness.score(..., docs=(0, 1))`), for `Fitness.difference_interval`. `fill` scores many routes
+    through `backend` (the config's workers, on the same split), one route alone here, with `score`."""
 
-    def __init__(self, path: Path, score: CandidateScorer, per_document: bool = False):
-        self.path, self.score, self.per_document = path, score, per_document
+    def __init__(self, path: Path, score: CandidateScorer, per_document: bool = False,
+                 backend: Evaluator | None = None):
+        self.path, self.score, self.per_document, self.backend = path, score, per_document, backend
+        self.docs: Window = (0.0, 1.0) if per_document else None
         self.known: dict[str, Evaluation] = {}
         for r in read_jsonl(path):
             ev = Evaluation.from_dict(r["eval"])
@@ -111,14 +118,58 @@ class ScoreLog:
         """Take an evaluation made elsewhere (a search's) as this split's, without logging it again."""
         self.known.setdefault(key, ev)
 
+    def record(self, route: Route, ev: Evaluation) -> None:
+        """Log a new evaluation of `route` (so that a resumed study reuses it) and keep it."""
+        key = route.key()
+        with open(self.path, "a", encoding="utf-8") as f:
+            append_jsonl(f, {"key": key, "route": route.text(), "eval": ev.to_dict()})
+        self.known[key] = ev
+
     def __call__(self, route: Route) -> Evaluation:
         key = route.key()
         if key not in self.known:
-            ev = self.score(route, docs=(0.0, 1.0) if self.per_document else None)
-            with open(self.path, "a", encoding="utf-8") as f:
-                append_jsonl(f, {"key": key, "route": route.text(), "eval": ev.to_dict()})
-            self.known[key] = ev
+            self.record(route, self.score(route, docs=self.docs))
         return self.known[key]
+
+    def fill(self, routes: Iterable[Route]) -> None:
+        """Score the routes not known yet all at once through `backend` (several at a time with several workers),
+        each logged the moment it arrives; a single one, or without a backend, here. A route lost to an
+        infrastructure fault (its worker kept dying) is no score: it is not logged, and the study stops, naming
+        how many, once the others are."""
+        todo = {r.key(): r for r in routes if r.key() not in self.known}
+        if self.backend is None or len(todo) < 2:
+            for route in todo.values():
+                self(route)
+            return
+        layers = self.score.pool.layers_per_source
+        genomes = [Genome.exact(route, self.score.pool.paths, layers) for route in todo.values()]
+        lost = []
+        for key, ev in self.backend.submit(genomes, self.docs):
+            if ev.infrastructure:
+                lost.append(key)
+            else:
+                self.record(todo[key], ev)
+        if lost:
+            raise DfsMergeError(f"{self.path.name}: {len(lost)} of {len(todo)} route(s) lost to infrastructure "
+                                f"faults (their workers kept dying), so not scored: "
+                                f"{'; '.join(todo[k].text() for k in lost)}; run the study again to score them")
+
+    def close(self) -> None:
+        """Release the backend's workers."""
+        if self.backend is not None:
+            self.backend.close()
+
+    def __enter__(self) -> ScoreLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def split_log(cfg: RunConfig, root: Path, fn: ModelEvaluator, per_document: bool = False) -> ScoreLog:
+    """The score log of `fn`'s split (`root/SPLIT_scores.jsonl`), scoring with `fn`'s fitness, many routes through
+    the config's backend, which starts only when routes need it (a finished study resumes without a worker)."""
+    return ScoreLog(root / f"{fn.split}_scores.jsonl", fn.setup(), per_document, LazyEvaluator(cfg, fn))
 
 
 def heuristic_kind(name: str) -> str:
@@ -275,36 +326,42 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
         run_info[label] = {"out": run_cfg.out, "evaluations": result.evaluations, "generations": result.generations,
                            "seconds_this_call": round(time.perf_counter() - t0, 1), "front": len(result.pareto)}
 
-    cache = ActivationCache(cfg.prefix_cache_mb) if cfg.prefix_cache_mb else None
-    score_dev = CandidateScorer(pool, scorer.fitness, cache)
-    test_fitness = Fitness.from_config(cfg, "test")
-    held_out = ScoreLog(root / "test_scores.jsonl", score_dev.with_fitness(test_fitness),
-                        per_document=test_fitness.per_document())
-    val = (ScoreLog(root / "val_scores.jsonl", score_dev.with_fitness(Fitness.from_config(cfg, "val")))
-           if cfg.select_tasks else None)
-    dev = ScoreLog(root / "dev_scores.jsonl", score_dev)
-    for key, ev in searched.items():  # the seeded heuristics were scored on dev in generation 0 already
-        if ev.ok:  # not a candidate a race stopped early (it has no full dev score)
-            dev.remember(key, ev)
-    top = cfg.select_top if val else 1
+    top = cfg.select_top if cfg.select_tasks else 1
+    lists = {label: (front_span if cfg.select_tasks else per_hop_count)(
+        evaluated[label], [ev.hops for _, ev in front if ev.ok], top) for label, front in fronts.items()}
+    test_fn = evaluator.for_split("test")
+    test_fitness = test_fn.setup().fitness
     out("[3/4] each front's member per hop count: " + (
-        f"best on {', '.join(cfg.select_tasks)} of the {top} best by dev" if val else "best by dev")
+        f"best on {', '.join(cfg.select_tasks)} of the {top} best by dev" if cfg.select_tasks else "best by dev")
         + "; held-out scores of the base, the heuristics and those members")
-    points: list[Point] = []
-    for name, route in heuristics.items():
-        points.append(Point(name, heuristic_kind(name), route, dev(route), held_out(route), val(route) if val else None))
-        out(f"  {name:<26} {len(route):>3} hops  test score {points[-1].test.score:.4f}")
-    members: dict[str, list[Candidate]] = {}
-    for label, front in fronts.items():
-        front_hops = [ev.hops for _, ev in front if ev.ok]
-        lists = (front_span if val else per_hop_count)(evaluated[label], front_hops, top)
-        chosen = choose(lists, (lambda g: val(g.decode())) if val else None)
-        members[label] = [chosen[h] for h in sorted(chosen)]
-        for c in members[label]:
+    with ExitStack() as stack:  # each split's workers, released before the export
+        held_out = stack.enter_context(split_log(cfg, root, test_fn, test_fitness.per_document()))
+        val = stack.enter_context(split_log(cfg, root, evaluator.for_split("val"))) if cfg.select_tasks else None
+        dev = stack.enter_context(split_log(cfg, root, evaluator))
+        for key, ev in searched.items():  # the seeded heuristics were scored on dev in generation 0 already
+            if ev.ok:  # not a candidate a race stopped early (it has no full dev score)
+                dev.remember(key, ev)
+        if val:
+            val.fill([*heuristics.values(),
+                      *(c.genome.decode() for shortlists in lists.values() for cs in shortlists.values() for c in cs)])
+            val.close()  # its workers go before the held-out split's start
+        members: dict[str, list[Candidate]] = {}
+        for label, shortlists in lists.items():
+            chosen = choose(shortlists, (lambda g: val(g.decode())) if val else None)
+            members[label] = [chosen[h] for h in sorted(chosen)]
+        held_out.fill([*heuristics.values(), *(c.genome.decode() for cs in members.values() for c in cs)])
+        held_out.close()
+        dev.fill(heuristics.values())
+    points = [Point(name, heuristic_kind(name), route, dev(route), held_out(route), val(route) if val else None)
+              for name, route in heuristics.items()]
+    for point in points:
+        out(f"  {point.name:<26} {point.hops:>3} hops  test score {point.test.score:.4f}")
+    for label, cs in members.items():
+        for c in cs:
             route = c.genome.decode()
             points.append(Point(f"{label} {len(route)}", label, route, c.dev, held_out(route), c.val))
             out(f"  {points[-1].name:<26} {len(route):>3} hops  test score {points[-1].test.score:.4f}"
-                + (f" (of {len(lists[c.dev.hops])} shortlisted)" if val else ""))
+                + (f" (of {len(lists[label][c.dev.hops])} shortlisted)" if val else ""))
 
     out("[4/4] tables, plot, export of the best pruned member")
     comparisons = {label: compare(points, label, test_fitness.difference_interval) for label in fronts}

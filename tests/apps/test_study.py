@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from builders import write_self_merge_config
 
+from dfs_merge.apps.study import ScoreLog
 from dfs_merge.cli import main
 from dfs_merge.config import load_config
+from dfs_merge.errors import DfsMergeError
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.fitness.score import Fitness
 from dfs_merge.genome import Genome, Route, seed_genomes
 from dfs_merge.models.sources import SourcePool
+from dfs_merge.search.backends import Evaluator, ProcessPoolEvaluator
 from dfs_merge.stitch import stitch
 
 
@@ -27,7 +31,7 @@ def study_config(tmp_path, tiny_trained_dir) -> str:
 
 
 @pytest.mark.slow
-def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, capsys):
+def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 0
@@ -117,6 +121,75 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
     assert (root / "test_scores.jsonl").read_text().count("\n") == counts["test_scores.jsonl"] + len(
         {key_of[p["name"]] for p in res["points"]})
     assert all((root / f).read_text().count("\n") == n for f, n in counts.items() if f != "test_scores.jsonl")
+
+    # With `workers: 2` the study scores its validation and held-out routes in two worker processes, all of a
+    # split's submitted at once, and gives the same points. Stopped (Ctrl-C) after two held-out scores were logged,
+    # it resumes without scoring a logged route again.
+    in_process = json.loads((root / "results.json").read_text())["points"]
+    for f in ("val_scores.jsonl", "test_scores.jsonl", "dev_scores.jsonl"):
+        (root / f).unlink()
+    Path(study_config).write_text(yaml.safe_dump(data | {"report_limit": 2, "workers": 2, "threads": 1}))
+    submitted: list[list[str]] = []
+    pool_submit = ProcessPoolEvaluator.submit
+
+    def spy(self, genomes, docs=None):
+        submitted.append([g.key() for g in genomes])
+        return pool_submit(self, genomes, docs)
+
+    record = ScoreLog.record
+
+    def stop_after_two(self, route, ev):
+        record(self, route, ev)
+        if self.path.name == "test_scores.jsonl" and len(self.known) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ProcessPoolEvaluator, "submit", spy)
+    monkeypatch.setattr(ScoreLog, "record", stop_after_two)
+    assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 130
+    point_keys = {key_of[p["name"]] for p in in_process}
+    logged = [json.loads(line)["key"] for line in (root / "test_scores.jsonl").read_text().splitlines()]
+    val_keys = [json.loads(line)["key"] for line in (root / "val_scores.jsonl").read_text().splitlines()]
+    assert len(submitted) == 2 and len(val_keys) > 2 and len(logged) == 2  # validation's routes, then held-out's
+    assert sorted(submitted[0]) == sorted(val_keys) and sorted(submitted[1]) == sorted(point_keys)
+    monkeypatch.setattr(ScoreLog, "record", record)
+    assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 0
+    assert len(submitted) == 3 and sorted(submitted[2]) == sorted(point_keys - set(logged))  # the rest, at once
+    test_keys = [json.loads(line)["key"] for line in (root / "test_scores.jsonl").read_text().splitlines()]
+    assert sorted(test_keys) == sorted(point_keys)  # each once
+
+    def scores(points):  # what a point says, but how long it took
+        return [(p["name"], p["route"], p["scales"], *(
+            p[s] and (p[s]["score"], p[s]["hops"], p[s]["error"],
+                      {t: (r["metric"], r["value"], r["docs"]) for t, r in p[s]["tasks"].items()})
+            for s in ("dev", "val", "test"))) for p in points]
+
+    assert scores(json.loads((root / "results.json").read_text())["points"]) == scores(in_process)
+
+
+def test_score_log_fill_logs_each_route_as_it_arrives_and_never_a_lost_one(tmp_path):
+    """`ScoreLog.fill` submits the unknown routes at once, each as a genome that checks to exactly it (the naive
+    deepening's beyond any hop limit included); a route lost to an infrastructure fault is not logged, and the
+    study stops naming it, once the others are logged."""
+    submitted = []
+
+    class Backend(Evaluator):
+        def submit(self, genomes, docs=None):
+            for g in genomes:
+                route = g.check()
+                submitted.append((route.text(), docs))
+                yield g.key(), (Evaluation.lost("worker died", len(route)) if route.text() == "0:0-1"
+                                else Evaluation(-float(len(route)), len(route)))
+
+    score = SimpleNamespace(pool=SimpleNamespace(paths=["m"], layers_per_source=(4,)))
+    path = tmp_path / "test_scores.jsonl"
+    log = ScoreLog(path, score, per_document=True, backend=Backend())
+    log.remember(Route.parse("0:0-2").key(), Evaluation(-3.0, 3))
+    routes = [Route.parse(t) for t in ("0:0-3", "0:0-1", "0:0-2", "0:0-2, 0:1-3", "0:0-3")]
+    with pytest.raises(DfsMergeError, match=r"test_scores.jsonl: 1 of 3 route\(s\) lost .*: 0:0-1; run the study"):
+        log.fill(routes)
+    assert submitted == [(t, (0.0, 1.0)) for t in ("0:0-3", "0:0-1", "0:0-2, 0:1-3")]
+    assert [json.loads(line)["route"] for line in path.read_text().splitlines()] == ["0:0-3", "0:0-2, 0:1-3"]
+    assert log(Route.parse("0:0-2, 0:1-3")).score == -6.0 and Route.parse("0:0-1").key() not in log.known
 
 
 def test_seed_routes_are_checked_before_anything_runs(tmp_path, tiny_source_dirs, capsys):
