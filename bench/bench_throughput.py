@@ -52,6 +52,7 @@ from dfs_merge.stitch import stitch
 ROUTES = {"tiny": "0:0-2, 0:1-3", "smollm2": "0:0-19, 0:10-29", "qwen": "0:0-15, 0:8-23"}
 REPEATS = {"tiny": 3, "smollm2": 2, "qwen": 2}  # a SmolLM2 repeat costs 2.5-4 minutes on 2 cores
 TASKS = "cloze_mc_dev:100,prose_ppl_dev:16"
+NO_B = {"s": float("nan"), "write_s": float("nan"), "load_s": float("nan"), "score_s": float("nan"), "metric": None}
 
 
 def build_with_mergekit(config: Path, out: Path, cli: bool = False) -> None:
@@ -133,7 +134,7 @@ def bench_task(pool: SourcePool, route: Route, genome: Genome, task: str, limit:
         model, fed = a.pop("model"), a.pop("batches")
         c = time_floor(model, batches, 1)[0]
         del model
-        b = run_b(genome, fit, pool.dtype, tmp, args.mergekit_cli)
+        b = run_b(genome, fit, pool.dtype, tmp, args.mergekit_cli) if not args.no_b else NO_B
         runs.append({"a": a, "c_s": c, "b": b, "batches": len(batches), "tokens": sum(x.numel() for x in batches),
                      "tokens_in_a": sum(x.numel() for x in fed), "loadavg": loadavg()})
         print(f"  {task}: A {a['s']:.2f}s (forward {a['forward_s']:.2f}s)  C {c:.2f}s  B {b['s']:.2f}s "
@@ -158,7 +159,7 @@ def summarise(task: str, described: dict[str, Any], runs: list[dict[str, Any]]) 
         "metric": described["metric"],
         "value_a": runs[-1]["a"]["metric"],
         "value_b": metric_b,
-        "a_equals_b": len(metrics_a) == 1 and metric_b in metrics_a,
+        "a_equals_b": None if metric_b is None else len(metrics_a) == 1 and metric_b in metrics_a,
         "batches": runs[-1]["batches"],
         "tokens_forwarded": runs[-1]["tokens"],  # C's: every request whole
         "tokens_in_a": runs[-1]["tokens_in_a"],
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice); 1 is steadier on a "
                     "shared machine")
     ap.add_argument("--mergekit-cli", action="store_true", help="B runs the mergekit-yaml CLI (default: its API)")
+    ap.add_argument("--no-b", action="store_true", help="A and C only (B, mergekit's write and load, not run)")
     ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     args = ap.parse_args(argv)
     if args.threads:
