@@ -129,7 +129,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     from dfs_merge.apps.study import run_study
 
     run_study(args.config, sizes=args.sizes, prune_hops=args.prune_hops,
-              ablation=not args.no_ablation)
+              ablation=not args.no_ablation, held_out=args.held_out)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numbers of layers the heuristics remove, comma-separated")
     s.add_argument("--prune-hops", type=int, default=26, help="export the best front member with at most this many hops")
     s.add_argument("--no-ablation", action="store_true", help="skip the scaling: none rerun")
+    s.add_argument("--held-out", choices=("compared", "all"), default="compared",
+                   help="front members scored held out besides the heuristics: those the comparisons take (default), "
+                   "or all of them (the whole points table and plot; the held-out split is the largest, so slower)")
     download_flag(s)
     s.set_defaults(func=cmd_study)
 

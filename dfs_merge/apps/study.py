@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dfs_merge.apps.baselines import baseline_routes, calibration_texts, check_sizes
 from dfs_merge.atomic import append_jsonl, read_jsonl, write_atomic
@@ -73,7 +73,7 @@ class Point:
     kind: str  # base | shortgpt | angular | deepening | evolved | evolved (scaling none)
     route: Route
     dev: Evaluation | None
-    test: Evaluation
+    test: Evaluation | None  # None: not scored held out (`held_out="compared"` and no comparison needs it)
     val: Evaluation | None = None
 
     @property
@@ -177,19 +177,33 @@ def heuristic_kind(name: str) -> str:
     return {"shortgpt": "shortgpt", "angular": "angular", "naive": "deepening"}.get(name.split()[0], "base")
 
 
+def compared_member(points: Sequence[Point], front_kind: str, heuristic: Point) -> Point | None:
+    """The `front_kind` member with no more hops than `heuristic` that the selection score (validation, else dev)
+    prefers: the one its held-out score is compared with (the held-out split chooses nothing)."""
+    fits = [p for p in points if p.kind == front_kind and p.hops <= heuristic.hops]
+    return max(fits, key=lambda p: (p.selection_score, p.hops), default=None)
+
+
+def held_out_routes(points: Sequence[Point], fronts: Sequence[str], scope: str = "compared") -> list[Route]:
+    """The routes to score held out: every point not of a front (the base, the heuristics) and the front members a
+    comparison takes (`compared_member`), or with `scope="all"` every member."""
+    compared = {id(m) for label in fronts for h in points if h.kind in ("shortgpt", "angular")
+                if (m := compared_member(points, label, h)) is not None}
+    return [p.route for p in points if p.kind not in fronts or scope == "all" or id(p) in compared]
+
+
 def compare(points: Sequence[Point], front_kind: str,
             interval: Callable[[Evaluation, Evaluation], tuple[float, float] | None] | None = None,
             ) -> list[dict[str, Any]]:
-    """For each pruning heuristic: the held-out score of the `front_kind` member with no more hops that the
-    selection score (validation, else dev) prefers, and (`interval`) how far the difference could be the
-    held-out documents' luck; the held-out split only reports."""
-    front = [p for p in points if p.kind == front_kind and p.test.ok]
+    """For each pruning heuristic: the held-out score of its `compared_member`, and (`interval`) how far the
+    difference could be the held-out documents' luck; the held-out split only reports."""
     rows = []
     for h in points:
         if h.kind not in ("shortgpt", "angular"):
             continue
-        fits = [p for p in front if p.hops <= h.hops]
-        best = max(fits, key=lambda p: (p.selection_score, p.hops), default=None)
+        best = compared_member(points, front_kind, h)
+        if best is not None and not (best.test and best.test.ok):
+            best = None  # its held-out score failed: nothing to compare (points_table shows the failure)
         diff = None if best is None else best.test.score - h.test.score
         verdict = "no member" if best is None else "better" if diff > 0 else "equal" if diff == 0 else "worse"
         span = interval(best.test, h.test) if best is not None and interval is not None else None
@@ -202,7 +216,7 @@ def compare(points: Sequence[Point], front_kind: str,
 
 def points_table(points: Sequence[Point], tasks: Sequence[str], report_tasks: Sequence[str]) -> str:
     """Markdown: one row per point, hops, dev (and validation) score, each held-out task's metric, held-out score."""
-    first = next(p for p in points if p.test.ok)
+    first = next(p for p in points if p.test and p.test.ok)
     with_val = any(p.val is not None for p in points)
     head = ["model", "kind", "hops", "dev score"] + (["val score"] if with_val else [])
     head += [f"{t} {first.test.tasks[t].metric}" for t in report_tasks] + ["test score", "route"]
@@ -211,8 +225,9 @@ def points_table(points: Sequence[Point], tasks: Sequence[str], report_tasks: Se
         cells = [p.name, p.kind, str(p.hops), f"{p.dev.score:.4f}" if p.dev and p.dev.ok else "-"]
         if with_val:
             cells.append(f"{p.val.score:.4f}" if p.val and p.val.ok else "-")
-        cells += [f"{p.test.tasks[t].value:.4f}" if t in p.test.tasks else "-" for t in report_tasks]
-        cells.append(f"{p.test.score:.4f}" if p.test.ok else f"failed: {p.test.error}")
+        cells += [f"{p.test.tasks[t].value:.4f}" if p.test and t in p.test.tasks else "-" for t in report_tasks]
+        cells.append("not scored" if p.test is None else f"{p.test.score:.4f}" if p.test.ok
+                     else f"failed: {p.test.error}")
         scaled = any(h.scale != 1.0 for h in p.route)
         cells.append(f"`{p.route.text()}`" + (" (scaled)" if scaled else ""))
         lines.append("| " + " | ".join(cells) + " |")
@@ -241,7 +256,7 @@ def pareto_png(points: Sequence[Point], report_tasks: Sequence[str], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [p for p in points if p.test.ok]
+    ok = [p for p in points if p.test and p.test.ok]
     panels = [("test score", lambda ev: ev.score)] + [
         (f"{t}\n{ok[0].test.tasks[t].metric}", lambda ev, t=t: ev.tasks[t].value) for t in report_tasks]
     style = {"evolved": ("tab:blue", "o", "-"), "evolved (scaling none)": ("tab:orange", "o", "--"),
@@ -273,8 +288,13 @@ def choose_pruned(members: Sequence[Candidate], max_hops: int) -> Genome | None:
 
 
 def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hops: int = 26,
-              ablation: bool = True, out: Callable[[str], None] = PRINT) -> dict[str, Any]:
-    """Run (or resume) the whole study of a config; returns what it wrote to `results.json`."""
+              ablation: bool = True, held_out: Literal["compared", "all"] = "compared",
+              out: Callable[[str], None] = PRINT) -> dict[str, Any]:
+    """Run (or resume) the whole study of a config; returns what it wrote to `results.json`.
+
+    `held_out`: which front members are scored on the held-out split besides the heuristics: those a comparison
+    takes (`compared_member`, the default: the held-out table needs no other), or every member (`all`, for the
+    points table and the plot; the held-out split is the study's largest, so this costs the most time)."""
     from dfs_merge.apps.demo import sample
     from dfs_merge.export.checkpoint import export_checkpoint
 
@@ -333,35 +353,34 @@ def run_study(config: str | Path, sizes: Sequence[int] = (2, 4, 6, 8), prune_hop
     test_fitness = test_fn.setup().fitness
     out("[3/4] each front's member per hop count: " + (
         f"best on {', '.join(cfg.select_tasks)} of the {top} best by dev" if cfg.select_tasks else "best by dev")
-        + "; held-out scores of the base, the heuristics and those members")
+        + "; held-out scores of the base, the heuristics and " + (
+            "every member" if held_out == "all" else "the members the comparisons take"))
     with ExitStack() as stack:  # each split's workers, released before the export
-        held_out = stack.enter_context(split_log(cfg, root, test_fn, test_fitness.per_document()))
+        test_log = stack.enter_context(split_log(cfg, root, test_fn, test_fitness.per_document()))
         val = stack.enter_context(split_log(cfg, root, evaluator.for_split("val"))) if cfg.select_tasks else None
         dev = stack.enter_context(split_log(cfg, root, evaluator))
         for key, ev in searched.items():  # the seeded heuristics were scored on dev in generation 0 already
             if ev.ok:  # not a candidate a race stopped early (it has no full dev score)
                 dev.remember(key, ev)
-        if val:
-            val.fill([*heuristics.values(),
-                      *(c.genome.decode() for shortlists in lists.values() for cs in shortlists.values() for c in cs)])
+        dev.fill(heuristics.values())
+        if val:  # the shortlisted routes (a heuristic's validation score chooses nothing)
+            val.fill([c.genome.decode() for shortlists in lists.values() for cs in shortlists.values() for c in cs])
             val.close()  # its workers go before the held-out split's start
+        points = [Point(name, heuristic_kind(name), route, dev(route), None, val.known.get(route.key()) if val else None)
+                  for name, route in heuristics.items()]
         members: dict[str, list[Candidate]] = {}
         for label, shortlists in lists.items():
             chosen = choose(shortlists, (lambda g: val(g.decode())) if val else None)
             members[label] = [chosen[h] for h in sorted(chosen)]
-        held_out.fill([*heuristics.values(), *(c.genome.decode() for cs in members.values() for c in cs)])
-        held_out.close()
-        dev.fill(heuristics.values())
-    points = [Point(name, heuristic_kind(name), route, dev(route), held_out(route), val(route) if val else None)
-              for name, route in heuristics.items()]
-    for point in points:
-        out(f"  {point.name:<26} {point.hops:>3} hops  test score {point.test.score:.4f}")
-    for label, cs in members.items():
-        for c in cs:
-            route = c.genome.decode()
-            points.append(Point(f"{label} {len(route)}", label, route, c.dev, held_out(route), c.val))
-            out(f"  {points[-1].name:<26} {len(route):>3} hops  test score {points[-1].test.score:.4f}"
-                + (f" (of {len(lists[label][c.dev.hops])} shortlisted)" if val else ""))
+            points += [Point(f"{label} {len(route)}", label, route, c.dev, None, c.val)
+                       for c in members[label] for route in [c.genome.decode()]]
+        test_log.fill(held_out_routes(points, list(members), held_out))
+        test_log.close()
+    for p in points:
+        p.test = test_log.known.get(p.route.key())
+        shortlisted = f" (of {len(lists[p.kind][p.hops])} shortlisted)" if val and p.kind in lists else ""
+        out(f"  {p.name:<26} {p.hops:>3} hops  " + (f"test score {p.test.score:.4f}" if p.test else "not scored held out")
+            + shortlisted)
 
     out("[4/4] tables, plot, export of the best pruned member")
     comparisons = {label: compare(points, label, test_fitness.difference_interval) for label in fronts}

@@ -54,12 +54,14 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
         assert heuristic_keys <= gen0
     assert {Route.parse(t).key() for t in res["seed_routes"]} == heuristic_keys
 
-    # Validation and held-out scores are the fitness of the stitched route on that split.
+    # Validation and held-out scores are the fitness of the stitched route on that split (a front member's validation
+    # score, the base's held-out one).
     pool = SourcePool.load(cfg.sources)
     base = next(p for p in res["points"] if p["kind"] == "base")
-    for split in ("val", "test"):
-        direct = Fitness.from_config(cfg, split).score(stitch(pool, Route.parse(base["route"])), pool.tokenizer)
-        assert base[split]["score"] == direct.score
+    member = next(p for p in res["points"] if p["kind"] == "evolved")
+    for split, point in (("val", member), ("test", base)):
+        route = Route.parse(point["route"], point["scales"])
+        assert point[split]["score"] == Fitness.from_config(cfg, split).score(stitch(pool, route), pool.tokenizer).score
 
     # Each hop count's member is the best on validation among the 2 best by dev at that hop count.
     evals = [json.loads(line)["evaluation"] | {"key": json.loads(line)["key"]}
@@ -99,6 +101,13 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
         assert row["interval"][0] <= row["difference"] <= row["interval"][1]
     assert "95% interval" in (root / "results.md").read_text()
 
+    # Held out: the base, every heuristic and the members a comparison takes, no other route (`--held-out compared`,
+    # the default; a member whose route is a heuristic's shows that score).
+    compared = {r["front_member"] for label in res["comparisons"] for r in res["comparisons"][label]}
+    wanted = {key_of[p["name"]] for p in res["points"] if p["name"] in compared or not p["kind"].startswith("evolved")}
+    assert set(test_log) == wanted
+    assert {key_of[p["name"]] for p in res["points"] if p["test"] is not None} == wanted
+
     # The best pruned member is exported and loads as a plain checkpoint.
     assert res["export"]["hops"] <= 3 and len(res["export"]["samples"]) == 3
     model = AutoModelForCausalLM.from_pretrained(res["export"]["folder"])
@@ -117,9 +126,10 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
     Path(study_config).write_text(yaml.safe_dump(data | {"report_limit": 2}))
     assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 0
     res = json.loads((root / "results.json").read_text())
-    assert {r.docs for p in res["points"] for r in Evaluation.from_dict(p["test"]).tasks.values()} == {2}
+    held = [p for p in res["points"] if p["test"] is not None]
+    assert {r.docs for p in held for r in Evaluation.from_dict(p["test"]).tasks.values()} == {2}
     assert (root / "test_scores.jsonl").read_text().count("\n") == counts["test_scores.jsonl"] + len(
-        {key_of[p["name"]] for p in res["points"]})
+        {key_of[p["name"]] for p in held})
     assert all((root / f).read_text().count("\n") == n for f, n in counts.items() if f != "test_scores.jsonl")
 
     # With `workers: 2` the study scores its validation and held-out routes in two worker processes, all of a
@@ -146,7 +156,7 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
     monkeypatch.setattr(ProcessPoolEvaluator, "submit", spy)
     monkeypatch.setattr(ScoreLog, "record", stop_after_two)
     assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3"]) == 130
-    point_keys = {key_of[p["name"]] for p in in_process}
+    point_keys = {key_of[p["name"]] for p in in_process if p["test"] is not None}
     logged = [json.loads(line)["key"] for line in (root / "test_scores.jsonl").read_text().splitlines()]
     val_keys = [json.loads(line)["key"] for line in (root / "val_scores.jsonl").read_text().splitlines()]
     assert len(submitted) == 2 and len(val_keys) > 2 and len(logged) == 2  # validation's routes, then held-out's
@@ -164,6 +174,16 @@ def test_study_scores_heuristics_and_fronts_held_out_and_resumes(study_config, c
             for s in ("dev", "val", "test"))) for p in points]
 
     assert scores(json.loads((root / "results.json").read_text())["points"]) == scores(in_process)
+
+    # `--held-out all` scores the other members too (one submit), and changes no comparison.
+    comparisons = json.loads((root / "results.json").read_text())["comparisons"]
+    assert main(["study", study_config, "--sizes", "1,2", "--prune-hops", "3", "--held-out", "all"]) == 0
+    res = json.loads((root / "results.json").read_text())
+    assert all(p["test"] is not None for p in res["points"])
+    missing = {key_of[p["name"]] for p in res["points"]} - point_keys  # here every member is compared or a heuristic
+    assert len(submitted) == 3 + (len(missing) > 1) and set(test_log) | missing == set(
+        json.loads(line)["key"] for line in (root / "test_scores.jsonl").read_text().splitlines())
+    assert res["comparisons"] == comparisons
 
 
 def test_score_log_fill_logs_each_route_as_it_arrives_and_never_a_lost_one(tmp_path):
@@ -247,3 +267,25 @@ def test_the_qwen_study_config_is_the_smollm2_study_with_the_code_suite():
     assert len(naive_deepening_route(24)) == 32  # scored as a point of its own, not a seed
     makefile = (CHECKOUT / "Makefile").read_text()
     assert "dfs-merge study genomes/qwen-coder-self.yaml --prune-hops 20 --no-ablation" in makefile
+
+
+def test_held_out_takes_the_heuristics_and_the_members_the_comparisons_take():
+    """`held_out_routes`: with `compared`, the members no comparison takes (the 3- and 5-hop ones: both heuristics
+    compare with the 4-hop one, best on validation) are not scored held out; with `all` they are."""
+    from dfs_merge.apps.study import Point, held_out_routes
+
+    def ev(score: float, hops: int) -> Evaluation:
+        return Evaluation(score=score, hops=hops, seconds=0.0)
+
+    def point(name: str, kind: str, route: str, val: float | None = None) -> Point:
+        r = Route.parse(route)
+        return Point(name, kind, r, ev(0.0, len(r)), None, None if val is None else ev(val, len(r)))
+
+    points = [point("base", "base", "0:0-5"), point("shortgpt -2", "shortgpt", "0:0-3"),
+              point("angular -1", "angular", "0:0-4"), point("naive deepening", "deepening", "0:0-5, 0:2-5"),
+              point("evolved 3", "evolved", "0:0-2", val=-2.0), point("evolved 4", "evolved", "0:0-1, 0:3-4", val=-1.0),
+              point("evolved 5", "evolved", "0:0-1, 0:3-5", val=-1.5)]
+    names = {p.route.key(): p.name for p in points}
+    chosen = [names[r.key()] for r in held_out_routes(points, ["evolved"])]
+    assert chosen == ["base", "shortgpt -2", "angular -1", "naive deepening", "evolved 4"]
+    assert [names[r.key()] for r in held_out_routes(points, ["evolved"], "all")] == [p.name for p in points]
