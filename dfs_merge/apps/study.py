@@ -11,7 +11,8 @@ with objectives [score, hops] and:
    count the dev front skips included: a route dominated on dev by one with fewer hops may still
    win on validation): with `select_tasks`, the one with the best validation score among the
    `select_top` best by dev at that hop count (`selection.py`), else the best by dev; scores on
-   the held-out split the base, every heuristic and every picked member;
+   the held-out split the base, every heuristic and the members step 4 compares (`held_out="all"`:
+   every picked member, for the whole points table and plot);
 4. compares, for each heuristic, the front member at no more hops that the selection score
    (validation, else dev) prefers, by its held-out score, with a paired bootstrap interval of the
    difference over the held-out documents (`Fitness.difference_interval`); writes `results.md`, `results.json`

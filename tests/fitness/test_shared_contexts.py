@@ -223,3 +223,16 @@ def test_sliding_window_models_score_shared_contexts_as_whole_requests(family):
         assert len(out[way]) == len(requests)
         for i, ((ll, greedy), (ll_want, greedy_want)) in enumerate(zip(out[way], out["reference"], strict=True)):
             assert abs(ll - ll_want) <= 1e-5 and greedy == greedy_want, (family, way, i, ll, ll_want)
+
+
+def test_only_models_without_a_sliding_window_share_a_batch_between_question_lengths():
+    from transformers import LlamaConfig, MistralConfig
+
+    from dfs_merge.fitness.lm_eval_glue import same_attention_everywhere
+
+    assert same_attention_everywhere(LlamaConfig())
+    assert same_attention_everywhere(Qwen2Config(use_sliding_window=False, sliding_window=4096))
+    assert not same_attention_everywhere(tiny_qwen2_sliding().config)
+    assert not same_attention_everywhere(tiny_gemma3().config)
+    assert not same_attention_everywhere(MistralConfig(sliding_window=4096))
+    assert same_attention_everywhere(MistralConfig(sliding_window=None))
