@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         export_checkpoint(pool, genome, tmp / "export")  # raises unless verified within the bf16 tolerance
         result["export"] = {"verified": True, "s": round(time.perf_counter() - t0, 2)}
         shutil.rmtree(tmp / "export")
-        abc_args = argparse.Namespace(batch_size=8, mergekit_cli=False)
+        abc_args = argparse.Namespace(batch_size=8, mergekit_cli=False, no_b=False)
         result["abc"] = bench_task(pool, route, genome, "cloze_mc_dev", docs, abc_args, 1, tmp)
         del pool
         if device == "cuda":
