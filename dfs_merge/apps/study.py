@@ -185,7 +185,8 @@ def compared_member(points: Sequence[Point], front_kind: str, heuristic: Point) 
     return max(fits, key=lambda p: (p.selection_score, p.hops), default=None)
 
 
-def held_out_routes(points: Sequence[Point], fronts: Sequence[str], scope: str = "compared") -> list[Route]:
+def held_out_routes(points: Sequence[Point], fronts: Sequence[str],
+                    scope: Literal["compared", "all"] = "compared") -> list[Route]:
     """The routes to score held out: every point not of a front (the base, the heuristics) and the front members a
     comparison takes (`compared_member`), or with `scope="all"` every member."""
     compared = {id(m) for label in fronts for h in points if h.kind in ("shortgpt", "angular")

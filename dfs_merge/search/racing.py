@@ -17,7 +17,7 @@ paired). After each stage but the last, a candidate stops when it **cannot still
   with n - 1 degrees of freedom for the fewest documents seen; the tasks' terms added in variance). `confidence`
   holds for all of a candidate's decisions together (`Race.level`): the candidate best on all documents by the
   statistic stops only when `cut` others are wrongly called better at some stage, so each comparison's level
-  is 1 - confidence x cut / (others x deciding stages) (Markov's inequality on the count of wrong calls, a
+  is (1 - confidence) x cut / (others x deciding stages) (Markov's inequality on the count of wrong calls, a
   union over stages), and that happens with probability at most 1 - confidence. A task seen on fewer than 2
   documents proves nothing and keeps c in.
 - *the cut* (per algorithm, `Algorithm.race_cut`): c stops once at least `cut` others are confidently better
