@@ -187,9 +187,17 @@ def cmd_zoo(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, whose refusal of a command line (a bad flag value, a missing argument) is one line and exit code 2,
+    as every other user error is: argparse's own prints the whole usage first; `--help` still shows it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    p = argparse.ArgumentParser(prog="dfs-merge", description="Evolve layer routes through existing language models.")
+    p = CommandLineParser(prog="dfs-merge", description="Evolve layer routes through existing language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     download_flag(p, main=True)
     sub = p.add_subparsers(dest="command", required=True)

@@ -215,6 +215,19 @@ def test_a_shard_size_that_is_not_positive_says_so(sources, tmp_path, argv):
                       phrases=("max_shard_size: ", "the size must be positive"))
 
 
+@pytest.mark.parametrize("argv, phrase", [
+    (["study", "--held-out", "some"], "argument --held-out: invalid choice: 'some'"),
+    (["export", "g.genome.yaml", "--out", "x", "--verify", "thorough"], "argument --verify: invalid choice"),
+    (["export", "g.genome.yaml"], "the following arguments are required: --out"),
+    (["no-such-command"], "argument command: invalid choice: 'no-such-command'"),
+])
+def test_a_command_line_argparse_refuses_is_one_line(tmp_path, argv, phrase):
+    """A bad flag value, a missing argument or an unknown command: one line naming it (not argparse's whole usage
+    first), exit code 2, nothing written."""
+    err = refused_unchanged(tmp_path, *argv, phrases=(phrase, "--help)"))
+    assert "usage:" not in err
+
+
 def test_only_a_value_that_looks_negative_is_joined_to_its_flag():
     assert join_dash_values(["export", "g", "--max-shard-size", "-5GB"]) == ["export", "g", "--max-shard-size=-5GB"]
     assert join_dash_values(["export", "g", "--max-shard-size", "--force"]) == ["export", "g", "--max-shard-size",
