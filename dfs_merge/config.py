@@ -109,7 +109,7 @@ class RacingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stages: list[float] = Field([0.25, 0.5, 1.0], min_length=1)
+    stages: list[float] = Field([0.2, 1.0], min_length=1)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     keep: float = Field(1.0, gt=0, le=1)
     keep_by: Literal["probability", "score"] = "probability"
@@ -145,8 +145,10 @@ class SearchConfig(BaseModel):
     # stays within the bound (<= for a lower-is-better metric, >= otherwise) and -weight x the excess beyond it.
     # Validation and report tasks take their dev task's guard (`x_val`, `x_test` <- `x_dev`), as for weights.
     guards: dict[str, float] = {}
-    # Racing (absent: every new candidate is scored on every document, as before).
-    racing: RacingConfig | None = None
+    # Racing: `auto` (the default) races at the defaults where the dev set is large enough for the paired bound to
+    # act (`search/racing.auto_racing`: every dev task with at least 20 documents in the first stage), else not;
+    # a block (`{}` for every default) always races; `off` (or null) never: every candidate on every document.
+    racing: RacingConfig | Literal["auto"] | None = "auto"
     # Documents per task: one number for all, or {task: number}; the same documents for every candidate.
     limit: Documents | dict[str, Documents] | None = None
     eval_suites: list[str] = []
@@ -174,6 +176,14 @@ class SearchConfig(BaseModel):
     resample_duplicates: int = Field(10, ge=0, le=1000)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: StrictBool = False  # only a YAML true/false: "yes" or 1 is refused, not read as true
+
+    @field_validator("racing", mode="before")
+    @classmethod
+    def _racing_words(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false; `on` (true) is a block of every default
+        if v is False or v == "off":
+            return None
+        return {} if v is True or v == "on" else v
 
 
 class RunOptions(BaseModel):

@@ -334,6 +334,12 @@ def candidate_lm_class() -> type:
             self._trim = scored_logits_only and self._keeps_logits
             self._share = shared_contexts and "past_key_values" in params and "use_cache" in params
             self._rolling = False
+            # answer tasks (generate_until) whose gold answer's log-likelihood `generate_until` also records, by
+            # context: racing's smooth statistic for them (`score.right_probabilities`)
+            self.answer_tasks: dict[str, Any] = {}
+            self.answer_loglikelihoods: dict[str, float] = {}
+            self._first_token_wanted: dict[tuple[int, ...], int] = {}
+            self._first_token_seen: dict[tuple[int, ...], float] = {}
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                        left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
@@ -363,7 +369,62 @@ def candidate_lm_class() -> type:
                 self._rolling = False
 
         def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
-            return super().generate_until(requests, disable_tqdm=True)
+            """lm-eval's generations; for the requests of `answer_tasks` also the log-likelihood of each gold answer
+            (the task's target after its delimiter, as a loglikelihood request would put it), into
+            `answer_loglikelihoods`. A one-token answer is read off the generation's own first forward (the log-
+            softmax at the context's last position); a longer one, or a context the generation encoded otherwise,
+            costs one more forward of context and answer (logits where scored)."""
+            answers = {}
+            for r in requests:
+                task = self.answer_tasks.get(getattr(r, "task_name", None))
+                target = task.doc_to_target(r.doc) if task is not None else None
+                if isinstance(target, (str, int)) and not isinstance(target, bool):
+                    context = r.args[0]
+                    answers[context] = self._encode_pair(context, f"{task.config.target_delimiter}{target}")
+            self._first_token_wanted = {tuple(c): a[0] for c, a in answers.values() if len(a) == 1}
+            self._first_token_seen = {}
+            try:
+                out = super().generate_until(requests, disable_tqdm=True)
+            finally:
+                self._first_token_wanted = {}
+            rest = []
+            for context, (context_enc, answer_enc) in answers.items():
+                seen = self._first_token_seen.get(tuple(context_enc)) if len(answer_enc) == 1 else None
+                if seen is None:
+                    rest.append(((context, None), context_enc, answer_enc))
+                else:
+                    self.answer_loglikelihoods[context] = seen
+            if rest:
+                for (key, _, _), (ll, _) in zip(rest, self._loglikelihood_tokens(rest), strict=True):
+                    self.answer_loglikelihoods[key[0]] = ll
+            return out
+
+        def _model_generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
+            """HFLM's generation; the log-probability of each wanted first answer token taken from its first
+            forward (a forward hook, removed after that forward)."""
+            import torch.nn.functional as F
+
+            mask = generation_kwargs.get("attention_mask")
+            rows = {}
+            for i, row in enumerate(context.tolist() if self._first_token_wanted else ()):
+                key = tuple(row if mask is None else [t for t, m in zip(row, mask[i].tolist(), strict=True) if m])
+                if key in self._first_token_wanted:
+                    rows[i] = key
+            if not rows:
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+            def first_forward(module: Any, args: Any, output: Any) -> None:
+                handle.remove()
+                logits = output.logits if hasattr(output, "logits") else output[0]
+                logp = F.log_softmax(logits[:, -1].float(), dim=-1)
+                for i, key in rows.items():
+                    self._first_token_seen[key] = float(logp[i, self._first_token_wanted[key]])
+
+            handle = self.model.register_forward_hook(first_forward)
+            try:
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            finally:
+                handle.remove()
 
         def _loglikelihood_tokens(self, requests: Any, disable_tqdm: bool = False,
                                   override_bs: int | None = None) -> Any:

@@ -176,6 +176,16 @@ class Fitness:
             for name, s in self._specs.items()
         }
 
+    def documents(self) -> dict[str, int] | None:
+        """Each task's number of documents (what `racing: auto` decides by); None when a task's aggregation is not
+        one racing can combine over stages (`aggregation_name`)."""
+        try:
+            for s in self._specs.values():
+                aggregation_name(s.task, s.metric)
+        except FitnessError:
+            return None
+        return {name: s.docs for name, s in self._specs.items()}
+
     def window(self, name: str, docs: tuple[float, float]) -> range:
         """The documents of task `name` in a race stage `docs` = (from, to), fractions of its documents:
         [ceil(from x N), ceil(to x N)), each bound at least 1 document where it is above 0."""
@@ -308,6 +318,12 @@ class Fitness:
                 # The sampler's RNG keeps advancing across evaluate() calls: without this reset every
                 # candidate would see other few-shot examples.
                 spec.task.set_fewshot_seed(self.seed)
+                # before a race's last stage an answer task also records its gold answers' log-likelihoods
+                answers = (window is not None and window.stop < spec.docs
+                           and getattr(spec.task, "OUTPUT_TYPE", None) == "generate_until")
+                if hasattr(lm, "answer_tasks"):
+                    lm.answer_tasks = {name: spec.task} if answers else {}
+                    lm.answer_loglikelihoods = {}
                 with scoring_task(name):
                     res = evaluate(
                         lm=lm,
@@ -335,7 +351,7 @@ class Fitness:
                     per_doc[name] = {"aggregation": aggregation_name(spec.task, spec.metric),
                                      "start": window.start, "total": spec.docs,
                                      "items": document_items(samples, spec, window)}
-                    probs = right_probabilities(samples, spec, window)
+                    probs = right_probabilities(samples, spec, window, getattr(lm, "answer_loglikelihoods", None))
                     if probs is not None:
                         per_doc[name]["probability"] = probs
         return out
@@ -412,12 +428,16 @@ def document_items(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window:
     return [items[d] for d in window]
 
 
-def right_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window: range) -> list[float] | None:
-    """Per document of a task scored by `acc`, the probability the model gives the right answer: for a
-    multiple-choice task its choices' loglikelihoods normalised over the choices, for a loglikelihood (answer)
-    task the answer's own likelihood. A smoother measure of the same answers than 0/1, which racing ranks
-    (`keep_by`) and bounds (`bound_by`) by; None for any other task, or when lm-eval's samples do not say."""
+def right_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window: range,
+                        answers: Mapping[str, float] | None = None) -> list[float] | None:
+    """Per document of a task scored by `acc` (or, generating, by `exact_match`), the probability the model gives
+    the right answer: for a multiple-choice task its choices' loglikelihoods normalised over the choices, for a
+    loglikelihood (answer) task the answer's own likelihood, for a generation task the gold answer's likelihood
+    (`answers`, the log-likelihoods the LM recorded by context). A smoother measure of the same answers than 0/1,
+    which racing ranks (`keep_by`) and bounds (`bound_by`) by; None for any other task, or when they are unknown."""
     kind = getattr(spec.task, "OUTPUT_TYPE", None)
+    if kind == "generate_until" and spec.metric == "exact_match" and spec.higher_is_better and answers:
+        return answer_probabilities(samples, spec, window, answers)
     if spec.metric != "acc" or kind not in ("multiple_choice", "loglikelihood"):
         return None
     probs: dict[int, float] = {}
@@ -438,6 +458,23 @@ def right_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, wi
         top = max(lls)
         weights = [math.exp(x - top) for x in lls]
         probs[doc] = math.fsum(weights[g] for g in set(golds)) / math.fsum(weights)
+    if any(d not in probs for d in window):
+        return None
+    return [probs[d] for d in window]
+
+
+def answer_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window: range,
+                         answers: Mapping[str, float]) -> list[float] | None:
+    """Per document of a generation task, the likelihood of its gold answer after the context it was generated
+    from (`answers`: log-likelihood by context); None unless every document of `window` has it."""
+    probs: dict[int, float] = {}
+    for doc, s in logged_documents(samples, spec).items():
+        try:
+            ll = answers.get(s["arguments"][0][0])
+        except (KeyError, TypeError, IndexError):
+            return None
+        if ll is not None:
+            probs[doc] = math.exp(ll)
     if any(d not in probs for d in window):
         return None
     return [probs[d] for d in window]

@@ -250,6 +250,42 @@ def _freeze_requests(task: Any, limit: int | None) -> None:
         task._instances = chosen
 
     task.build_all_requests = build_all_requests
+    _keep_documents(task, limit)
+
+
+def _keep_documents(task: Any, limit: int | None) -> None:
+    """Decode the task's documents once: `evaluate()` walks them every time (`doc_iterator`) to score the responses,
+    and a `datasets.Dataset` decodes each row it yields anew (with racing's `samples`, every row of the split for a
+    window of them). The same documents in the same order, numbered as lm-eval numbers them; each document's target
+    rendered once (`doc_to_target`, a Jinja template, asked for every document of every candidate). Only the first
+    `limit` documents are kept: no evaluation of the task goes further."""
+    from itertools import islice
+
+    from lm_eval import utils
+
+    docs = list(islice(task.eval_docs, limit))
+    targets: dict[int, tuple[Any, Any]] = {}  # id(doc) -> (doc, target): the doc kept, so its id stays its own
+    render = task.doc_to_target
+
+    def doc_iterator(*, rank: int = 0, limit: int | None = None, world_size: int = 1,
+                     samples: list[int] | None = None) -> Any:
+        if samples:
+            chosen = set(samples)
+            return utils.create_iterator(enumerate(d for i, d in enumerate(docs) if i in chosen), rank=int(rank),
+                                         limit=None, world_size=int(world_size))
+        return utils.create_iterator(enumerate(docs), rank=int(rank), limit=int(limit) if limit else None,
+                                     world_size=int(world_size))
+
+    def doc_to_target(doc: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return render(doc, *args, **kwargs)
+        hit = targets.get(id(doc))
+        if hit is None or hit[0] is not doc:
+            hit = targets[id(doc)] = (doc, render(doc))
+        return hit[1]
+
+    task.doc_iterator = doc_iterator
+    task.doc_to_target = doc_to_target
 
 
 # --------------------------------------------------------------------------- building the tasks

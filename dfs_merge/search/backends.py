@@ -35,6 +35,8 @@ from dfs_merge.network import check_reachable
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
 
+    from dfs_merge.fitness.score import Fitness
+
 GenomeEvaluator = Callable[..., Evaluation]
 """`fn(genome)` -> its Evaluation; with racing also `fn(genome, docs=(from, to))`: only that window of each task's
 documents (fractions), with per-document results (`Fitness.score`)."""
@@ -54,6 +56,7 @@ class ModelEvaluator:
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self.scorer: CandidateScorer | None = None
         self.shared: CandidateScorer | None = None
+        self.fitness: Fitness | None = None  # the built tasks, before (or without) the sources: `documents`
 
     def setup(self) -> CandidateScorer:
         """Load the sources (unless shared) and build the fitness tasks, once; the scorer over them."""
@@ -63,8 +66,6 @@ class ModelEvaluator:
             torch.set_num_threads(int(os.environ[THREADS_ENV]))
         if self.scorer is not None:
             return self.scorer
-        from dfs_merge.fitness.score import Fitness
-
         shared = self.shared
         if shared is not None:
             pool, cache, blender = shared.pool, shared.activation_cache, shared.blender
@@ -75,11 +76,23 @@ class ModelEvaluator:
             pool = SourcePool.load(list(self.cfg.sources), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code)
             cache = ActivationCache(self.cfg.prefix_cache_mb) if self.cfg.prefix_cache_mb > 0 else None
             blender = None  # the resident model of parameter-space candidates, made on the first one
-        kwargs = {"cache_dir": self.cache_dir} if self.cache_dir is not None else {}
-        fitness = Fitness.from_config(self.cfg, split=self.split, **kwargs)
+        fitness = self.tasks()
         check_images(pool, fitness)
         self.scorer = CandidateScorer(pool, fitness, cache, blender)
         return self.scorer
+
+    def tasks(self) -> Fitness:
+        """The fitness tasks of this split, built once in this process (no model is loaded for them)."""
+        if self.fitness is None:
+            from dfs_merge.fitness.score import Fitness
+
+            kwargs = {"cache_dir": self.cache_dir} if self.cache_dir is not None else {}
+            self.fitness = Fitness.from_config(self.cfg, split=self.split, **kwargs)
+        return self.fitness
+
+    def documents(self) -> dict[str, int] | None:
+        """Each task's number of documents (`Fitness.documents`), for `racing: auto`."""
+        return self.tasks().documents()
 
     def for_split(self, split: str) -> ModelEvaluator:
         """The same work on another split, sharing the loaded sources (a second copy is not loaded)."""
@@ -92,7 +105,8 @@ class ModelEvaluator:
 
     def __getstate__(self) -> dict[str, Any]:
         # Loaded models and tasks stay in their process; a worker builds its own in setup().
-        return {"cfg": self.cfg, "split": self.split, "cache_dir": self.cache_dir, "scorer": None, "shared": None}
+        return {"cfg": self.cfg, "split": self.split, "cache_dir": self.cache_dir, "scorer": None, "shared": None,
+                "fitness": None}
 
 
 def setup_evaluator(fn: GenomeEvaluator) -> None:
@@ -182,6 +196,12 @@ class Evaluator(ABC):
     def submit(self, genomes: Sequence[CandidateGenome], docs: Window = None) -> Iterator[tuple[str, Evaluation]]:
         """Evaluate `genomes` (distinct keys; on the race window `docs` where given, the same for all of them);
         yield `(genome.key(), Evaluation)` as each finishes."""
+
+    def documents(self) -> dict[str, int] | None:
+        """Each fitness task's number of documents where the genome evaluator can say without scoring (its
+        `documents()`), else None: what `racing: auto` decides by."""
+        documents = getattr(getattr(self, "fn", None), "documents", None)
+        return documents() if callable(documents) else None
 
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release workers."""

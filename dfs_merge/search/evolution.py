@@ -22,7 +22,7 @@ from typing import Any, Literal
 from deap import tools
 
 from dfs_merge.atomic import NO_SPACE
-from dfs_merge.config import RunConfig
+from dfs_merge.config import RacingConfig, RunConfig
 from dfs_merge.errors import ConfigError, DfsMergeError, FitnessError, GenomeError, one_line
 from dfs_merge.evaluation import Evaluation
 from dfs_merge.genome import Genome
@@ -81,11 +81,9 @@ class Evolution:
         self.tracking = tracking or Tracking()  # the experiment tracker (`tracking:`), or none
         self.ledger = Ledger(rundir, evaluator, cfg.objectives, progress, self.tracking)
         self.algo = algorithm_class(cfg.algorithm)(cfg, template, self.ledger.known)
-        if cfg.racing is not None:
-            from dfs_merge.search.racing import Race
-
-            self.ledger.race = Race(cfg.racing, rundir, cfg.split_tasks("dev")[0], cfg.split_guards("dev"),
-                                    self.algo.race_cut(), "hops" in cfg.objectives, log)
+        if isinstance(cfg.racing, RacingConfig):
+            self.start_race(cfg.racing)
+        self.racing_undecided = cfg.racing == "auto"  # decided before the first generation this process runs
         self.rng = RunRandom(cfg.seed)
         self.hof = tools.HallOfFame(1, similar=same_key)
         self.generation = -1
@@ -106,6 +104,8 @@ class Evolution:
             self.log(f"resuming after generation {self.generation} ({self.ledger.counters['evaluations']} "
                      f"evaluations; {self.recovered} more recovered from {self.rundir.evals.name})")
         for gen in range(self.generation + 1, self.cfg.generations + 1):
+            if self.racing_undecided:
+                self.decide_racing()
             t0 = time.perf_counter()
             with self.rng.active():
                 asked = self.algo.ask(gen)
@@ -116,6 +116,25 @@ class Evolution:
             with self.rng.active():
                 seen = self.algo.tell(gen, asked)
             self.after_generation(gen, seen, time.perf_counter() - t0)
+
+    def start_race(self, racing: RacingConfig) -> None:
+        """Race each generation's new candidates (`search/racing.py`)."""
+        from dfs_merge.search.racing import Race
+
+        self.ledger.race = Race(racing, self.rundir, self.cfg.split_tasks("dev")[0], self.cfg.split_guards("dev"),
+                                self.algo.race_cut(), "hops" in self.cfg.objectives, self.log)
+
+    def decide_racing(self) -> None:
+        """`racing: auto`: race or not by the dev tasks' sizes (`auto_racing`), the same choice on every resume;
+        a race started here takes what a killed run logged."""
+        from dfs_merge.search.racing import auto_racing
+
+        self.racing_undecided = False
+        racing, why = auto_racing(self.ledger.evaluator.documents())
+        self.log(why)
+        if racing is not None:
+            self.start_race(racing)
+            self.ledger.race.recover(self.rundir.read_docs())
 
     def after_generation(self, gen: int, seen: list[Any], seconds: float) -> None:
         """Update hall of fame and front, history, best genome, checkpoint; print the summary line."""

@@ -5,12 +5,14 @@ cache and a parameter-space merge."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from builders import GEN_ROWS, write_answer_task, write_tiny_suite
+from builders import GEN_ROWS, TINY_TASK_YAMLS, write_answer_task, write_tiny_suite
 
 from dfs_merge.fitness.lm_eval_glue import first_scored_positions, logits_to_keep
 from dfs_merge.fitness.score import Fitness
@@ -27,6 +29,9 @@ TASKS = {"tiny_mc": 1.0, "tiny_ppl": 1.0, "tiny_ll": 1.0}
 def suite(tmp_path_factory) -> Path:
     folder = write_answer_task(write_tiny_suite(tmp_path_factory.mktemp("suite")),
                                GEN_ROWS + [{"question": "1 + 1 + 1 + 1 + 1", "answer": "5"}])
+    # tiny_gen with the answer right after the cue: a one-digit answer is one token of the tiny tokenizer
+    tight = TINY_TASK_YAMLS["tiny_gen"].replace("task: tiny_gen", "task: tiny_gen_tight")
+    (folder / "tiny_gen_tight.yaml").write_text(textwrap.dedent(tight) + 'target_delimiter: ""\n')
     return folder
 
 
@@ -145,3 +150,44 @@ def test_the_probability_of_the_right_answer_per_document():
     assert right_probabilities(answers, spec("loglikelihood"), range(3)) is None  # a document without its result
     assert right_probabilities(answers, spec("loglikelihood", "perplexity"), range(2)) is None
     assert right_probabilities(mc, spec("generate_until", "exact_match"), range(2)) is None
+
+
+def test_a_generation_task_records_its_gold_answers_likelihood_before_a_race_s_last_stage(tiny_pool, suite, tmp_path,
+                                                                                         monkeypatch):
+    """Racing's statistic for an answer generated and compared exactly: the gold answer's likelihood after the
+    generation's context, what lm-eval's own full computation of that loglikelihood request gives (float rounding),
+    whether read off the generation's first forward (one-token answers) or from one more forward (longer ones);
+    the generations and exact-match results the same as without it; none at the last stage, which decides nothing."""
+    from types import SimpleNamespace
+
+    from dfs_merge.fitness.lm_eval_glue import candidate_lm_class
+
+    lm_class = candidate_lm_class()
+    extra: list[int] = []  # the answers scored by one more forward, call by call
+    plain = lm_class._loglikelihood_tokens
+    monkeypatch.setattr(lm_class, "_loglikelihood_tokens",
+                        lambda self, requests, *a, **k: extra.append(len(requests)) or plain(self, requests, *a, **k))
+    for (label, build), (task, delimiter) in itertools.product(candidates(tiny_pool),
+                                                              (("tiny_gen", " "), ("tiny_gen_tight", ""))):
+        model = build()
+        fit = Fitness({task: 1.0}, suites=[suite], max_length=512, batch_size=2, cache_dir=tmp_path)
+        whole = fit.score(model, tiny_pool.tokenizer, docs=(0.0, 1.0))
+        generated = {i.doc_id: i.resps[0] for i in fit.tasks[task].instances}
+        contexts = {i.doc_id: i.args[0] for i in fit.tasks[task].instances}
+        assert "probability" not in whole.per_doc[task], label
+        extra.clear()
+        staged = fit.score(model, tiny_pool.tokenizer, docs=(0.0, 0.8))
+        per_doc, calls = staged.per_doc[task], list(extra)
+        n = len(per_doc["items"])
+        assert n == len(GEN_ROWS) - 1 and per_doc["items"] == whole.per_doc[task]["items"][:n], label
+        assert {i.doc_id: i.resps[0] for i in fit.tasks[task].instances} == {d: generated[d] for d in range(n)}
+        reference = candidate_lm_class()(pretrained=model, tokenizer=tiny_pool.tokenizer, backend="causal",
+                                         max_length=512, batch_size=1, memo={}, shared_contexts=False,
+                                         scored_logits_only=False)
+        answers = [reference._encode_pair(contexts[d], delimiter + GEN_ROWS[d]["answer"]) for d in range(n)]
+        lls = reference.loglikelihood([SimpleNamespace(args=(contexts[d], delimiter + GEN_ROWS[d]["answer"]))
+                                       for d in range(n)])
+        assert per_doc["probability"] == pytest.approx([math.exp(ll) for ll, _ in lls], rel=1e-5, abs=1e-7), label
+        lengths = {len(answer) for _, answer in answers}
+        assert lengths == ({2, 3} if delimiter else {1, 2}), (label, task, lengths)  # the tight task: both ways
+        assert calls == [sum(len(answer) > 1 for _, answer in answers)], (label, task, calls)  # one-token: free

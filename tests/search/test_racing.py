@@ -325,7 +325,7 @@ def test_a_run_with_racing_at_its_defaults_resumes_exactly_after_sigkill(sources
         return at[len(at) // 2]
 
     later = min(g for g in stopped_first if g >= 2)  # a generation whose first stage stopped some candidates
-    kills = [(1, middle(1, 0)), (later, middle(later, 2))]
+    kills = [(1, middle(1, 0)), (later, middle(later, len(RacingConfig().stages) - 1))]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     before = [0]  # the docs.jsonl lines logged before each process started
     for i, (gen, at) in enumerate(kills):
@@ -430,6 +430,39 @@ def test_racing_off_is_bit_identical_to_before(sources, tmp_path, algorithm):
     assert len(got_lines) == len(want_lines)
     for k, (got, want) in enumerate(zip(got_lines, want_lines, strict=True)):
         assert got == want, f"evaluation {k} differs"
+
+
+# ---- racing: auto, the default ----------------------------------------------------------------------
+class SizedDocs(NoisyDocs):
+    """NoisyDocs that says how many documents its task has without scoring, as `ModelEvaluator.documents` does."""
+
+    def documents(self) -> dict[str, int]:
+        return {"synthetic": self.docs}
+
+
+def test_auto_races_at_the_defaults_where_the_first_stage_holds_20_documents(sources, tmp_path):
+    """`racing: auto`, what a config without `racing:` means: with 100 documents (20 in the default first stage) the
+    run is the one `racing: {}` makes, with 95 (19) the one `racing: off` makes, and with no way to count them it
+    is unraced; the log says which and why."""
+    assert make_config(sources, tmp_path / "x").racing == "auto"
+    kw = {"generations": 2, "population": 6, "seed": 3}
+    for docs, same_as, fn, said in ((100, {}, SizedDocs, "racing on (racing: auto)"),
+                                    (95, "off", SizedDocs, "racing off (racing: auto): synthetic has 95 dev documents"),
+                                    (100, "off", NoisyDocs, "racing off (racing: auto): the dev tasks' document counts")):
+        lines: list[str] = []
+        auto, other = tmp_path / f"auto-{docs}-{fn.__name__}", tmp_path / f"other-{docs}-{fn.__name__}"
+        run_evolution(make_config(sources, auto, **kw), evaluate=fn(docs, noise=0.3), progress=False, log=lines.append)
+        run_evolution(make_config(sources, other, racing=same_as, **kw), evaluate=NoisyDocs(docs, noise=0.3), **QUIET)
+        assert outcome(auto) == outcome(other), (docs, fn)
+        assert (auto / "docs.jsonl").exists() == (same_as == {})
+        assert any(line.startswith(said) for line in lines), lines
+
+
+def test_racing_words():
+    """`off` (YAML reads a bare off as false) and null never race; `on` and true race at every default."""
+    for word, want in (("off", None), (False, None), (None, None), ("on", RacingConfig()), (True, RacingConfig()),
+                       ("auto", "auto")):
+        assert make_config(["a"], Path("x"), racing=word).racing == want, word
 
 
 # ---- a real fitness ---------------------------------------------------------------------------------
