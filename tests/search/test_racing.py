@@ -284,8 +284,11 @@ def _docs(out: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
 
-def _stage(start: int, docs: int = 48) -> int:
-    return {0: 0, 12: 1, 24: 2}[start]
+def _stage(start: int, stages: list[float] = RACING["stages"], docs: int = 48) -> int:
+    """The stage whose window of `docs` documents starts at document `start`."""
+    from dfs_merge.fitness.score import prefix_size
+
+    return [prefix_size(s, docs) for s in [0.0, *stages[:-1]]].index(start)
 
 
 KILLED_RUN = """\
@@ -341,7 +344,8 @@ def test_a_run_with_racing_at_its_defaults_resumes_exactly_after_sigkill(sources
         assert len(done) == at and {(d["key"], d["stage"]) for d in done} == {(d["key"], d["stage"]) for d in want[:at]}
         assert json.loads((broken / "checkpoint.json").read_text())["generation"] == gen - 1
         # the windows this process scored are those it logged, none of them logged before it started
-        scored = [(k, _stage(int(a))) for k, a, _ in (line.split() for line in log.read_text().splitlines())]
+        scored = [(k, _stage(int(a), RacingConfig().stages)) for k, a, _ in
+                  (line.split() for line in log.read_text().splitlines())]
         assert sorted(scored) == sorted((d["key"], d["stage"]) for d in done[before[-1]:])
         before.append(at)
         # a SIGKILL that lands in the middle of a write (this one cannot) leaves a torn last line: half a record
@@ -353,7 +357,8 @@ def test_a_run_with_racing_at_its_defaults_resumes_exactly_after_sigkill(sources
     run_evolution(make_config(sources, broken, **kw), resume=True, evaluate=fn, progress=False, log=lines.append)
     assert any("took over the lock of process" in line for line in lines)
     done = _docs(broken)
-    assert not {(d["key"], d["stage"]) for d in done[: before[-1]]} & {(k, _stage(a)) for k, a, _ in fn.windows}
+    assert not {(d["key"], d["stage"]) for d in done[: before[-1]]} & {(k, _stage(a, RacingConfig().stages))
+                                                                        for k, a, _ in fn.windows}
     assert outcome(broken) == outcome(straight)
     stages = [(d["key"], d["stage"]) for d in done]
     assert len(stages) == len(set(stages)) and sorted(stages) == sorted((d["key"], d["stage"]) for d in want)
@@ -492,10 +497,16 @@ def test_raced_lm_eval_scores_equal_unraced_ones(tiny_source_dirs, tiny_suite_di
             assert e["tasks"][name] == pytest.approx(r.value, rel=1e-6, abs=1e-9), name
         assert e["score"] == pytest.approx(ev.score, rel=1e-6, abs=1e-9)
     # The multiple-choice task's stages also log the probability of the right choice, one per document in [0, 1];
-    # where it is above 1/2 the right choice had the highest likelihood, so the document's accuracy is 1.
+    # where it is above 1/2 the right choice had the highest likelihood, so the document's accuracy is 1. The
+    # generation task logs its gold answers' likelihoods in the first stage (the one a decision follows) only.
     for rec in _docs(tmp_path / "run"):
         per_doc = rec["evaluation"]["per_doc"]
-        assert "probability" not in per_doc["tiny_ppl"] and "probability" not in per_doc["tiny_gen"]
+        assert "probability" not in per_doc["tiny_ppl"]
+        gen = per_doc["tiny_gen"]
+        if rec["stage"] == 0:
+            assert len(gen["probability"]) == len(gen["items"]) and all(0 < p <= 1 for p in gen["probability"])
+        else:
+            assert "probability" not in gen
         mc = per_doc["tiny_mc"]
         assert len(mc["probability"]) == len(mc["items"]) and all(0 <= p <= 1 for p in mc["probability"])
         assert all(acc == 1.0 for acc, p in zip(mc["items"], mc["probability"], strict=True) if p > 0.5)
