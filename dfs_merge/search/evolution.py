@@ -43,7 +43,7 @@ from dfs_merge.search.backends import (
 )
 from dfs_merge.search.ledger import Ledger, finite
 from dfs_merge.search.operators import member, repair, restore_members, same_key
-from dfs_merge.search.rundir import RESTART_HINT, RunDir, search_settings
+from dfs_merge.search.rundir import RESTART_HINT, RunDir, racing_as_recorded, search_settings
 from dfs_merge.search.state import RunRandom
 from dfs_merge.search.tracking import Tracking
 
@@ -397,6 +397,8 @@ def run_evolution(
     check_task_names(cfg, evaluate, report_evaluate, select_evaluate, report)
     if cfg.ray:
         check_ray_address(cfg.ray)  # before anything is written: nothing listening there is one line, no wait
+    if resume:
+        cfg = racing_as_recorded(cfg)
     rundir = RunDir.open(cfg, resume)
     try:
         return _run(cfg, template, rundir, resume, evaluate, report_evaluate, select_evaluate, report, progress, log)

@@ -70,7 +70,25 @@ def search_digest(cfg: RunConfig) -> str:
     fields = type(cfg).model_fields
     given = {k: v for k, v in search_settings(cfg).items()
              if fields[k].is_required() or v != _json_default(fields[k].get_default(call_default_factory=True))}
+    if given.get("racing", "auto") is None:  # off: racing's default before `auto`, so runs made then keep their digest
+        del given["racing"]
     return hashlib.sha1(json.dumps(given, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def racing_as_recorded(cfg: RunConfig) -> RunConfig:
+    """The config a resumed run continues under: a run whose folder's config.yaml records racing off (what a config
+    without `racing:` meant before `auto` became the default, 2026-12-07), resumed with a config that leaves racing
+    at its default, stays unraced, as it was computed; any other config as given."""
+    saved = RunDir(cfg.out).config
+    if cfg.racing != "auto" or not saved.is_file():
+        return cfg
+    try:
+        recorded = yaml.safe_load(saved.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return cfg  # `RunDir.open` says what is wrong with it
+    if isinstance(recorded, dict) and "racing" in recorded and recorded["racing"] is None:
+        return cfg.model_copy(update={"racing": None})
+    return cfg
 
 
 class RunLock:

@@ -463,6 +463,24 @@ def test_auto_races_at_the_defaults_where_the_first_stage_holds_20_documents(sou
         assert any(line.startswith(said) for line in lines), lines
 
 
+def test_a_run_made_unraced_before_auto_resumes_unraced(sources, tmp_path):
+    """A run whose checkpoint records racing off (what a config without `racing:` meant before `auto`), resumed with
+    a config that says nothing of racing, goes on unraced with the same evaluation digest: the run it would have
+    been; a run started under `auto` still refuses to resume as `off`."""
+    kw = {"population": 6, "seed": 3}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_evolution(make_config(sources, straight, racing="off", generations=3, **kw), evaluate=SizedDocs(100), **QUIET)
+    run_evolution(make_config(sources, resumed, racing="off", generations=1, **kw), evaluate=SizedDocs(100), **QUIET)
+    run_evolution(make_config(sources, resumed, generations=3, **kw), resume=True, evaluate=SizedDocs(100), **QUIET)
+    assert not (resumed / "docs.jsonl").exists()
+    assert outcome(resumed) == outcome(straight)
+    auto = tmp_path / "auto"
+    run_evolution(make_config(sources, auto, generations=1, **kw), evaluate=SizedDocs(100), **QUIET)
+    with pytest.raises(ConfigError, match="racing differs"):
+        run_evolution(make_config(sources, auto, racing="off", generations=2, **kw), resume=True,
+                      evaluate=SizedDocs(100), **QUIET)
+
+
 def test_racing_words():
     """`off` (YAML reads a bare off as false) and null never race; `on` and true race at every default."""
     for word, want in (("off", None), (False, None), (None, None), ("on", RacingConfig()), (True, RacingConfig()),
