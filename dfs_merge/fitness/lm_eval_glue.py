@@ -288,6 +288,17 @@ def same_attention_everywhere(config: Any) -> bool:
     return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
 
 
+def gold_answer(task: Any, doc: Any) -> str | None:
+    """The answer a generation task compares its generation with, as lm-eval's `process_results` takes it (a choice
+    named by its index where the task has choices); None for a task with several right answers."""
+    target = task.doc_to_target(doc)
+    if task.config.doc_to_choice is not None and isinstance(target, int):
+        target = task.doc_to_choice(doc)[target]
+    if getattr(task, "multiple_target", False) or isinstance(target, (list, tuple, dict, bool)) or target is None:
+        return None
+    return str(target)
+
+
 @functools.cache
 def candidate_lm_class() -> type:
     """HFLM, minus progress bars, plus tokenisation memoised across candidates, plus logits only where they are
@@ -377,8 +388,8 @@ def candidate_lm_class() -> type:
             answers = {}
             for r in requests:
                 task = self.answer_tasks.get(getattr(r, "task_name", None))
-                target = task.doc_to_target(r.doc) if task is not None else None
-                if isinstance(target, (str, int)) and not isinstance(target, bool):
+                target = gold_answer(task, r.doc) if task is not None else None
+                if target is not None:
                     context = r.args[0]
                     answers[context] = self._encode_pair(context, f"{task.config.target_delimiter}{target}")
             self._first_token_wanted = {tuple(c): a[0] for c, a in answers.values() if len(a) == 1}

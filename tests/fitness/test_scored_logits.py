@@ -191,3 +191,21 @@ def test_a_generation_task_records_its_gold_answers_likelihood_before_a_race_s_l
         lengths = {len(answer) for _, answer in answers}
         assert lengths == ({2, 3} if delimiter else {1, 2}), (label, task, lengths)  # the tight task: both ways
         assert calls == [sum(len(answer) > 1 for _, answer in answers)], (label, task, calls)  # one-token: free
+
+
+def test_the_gold_answer_is_what_lm_eval_compares_a_generation_with():
+    """`gold_answer`: the target as text; a choice named by its index where the task has choices; none where a
+    document has several right answers (racing then bounds that task by its metric)."""
+    from types import SimpleNamespace
+
+    from dfs_merge.fitness.lm_eval_glue import gold_answer
+
+    def task(target, choices=None, multiple=False):
+        return SimpleNamespace(doc_to_target=lambda doc: target, doc_to_choice=lambda doc: choices,
+                               config=SimpleNamespace(doc_to_choice=choices), multiple_target=multiple)
+
+    assert gold_answer(task("13"), {}) == "13"
+    assert gold_answer(task(13), {}) == "13"
+    assert gold_answer(task(1, ["ni", "san"]), {}) == "san"
+    assert gold_answer(task(["13", "thirteen"]), {}) is None
+    assert gold_answer(task("13", multiple=True), {}) is None
