@@ -7,8 +7,9 @@ paired). After each stage but the last, a candidate stops when it **cannot still
 
 - *the paired bound*: another candidate r is confidently better than c when the upper confidence bound of
   score(c) - score(r) on all documents is below 0, on the statistic `bound_by` names: with `probability` (the
-  default) a task scored by accuracy counts as the mean probability of the right answer (`right_probabilities`:
-  the right choice's share of a multiple-choice item, an answer's likelihood), a per-document value that moves
+  default) a task scored by accuracy (or a generation by exact match) counts as the mean probability of the right
+  answer (`right_probabilities`: the right choice's share of a multiple-choice item, an answer's likelihood, a
+  generated answer's gold likelihood after its context), a per-document value that moves
   smoothly where 0/1 accuracy jumps, so that the few points siblings differ by show on fewer documents; other
   tasks (and guarded ones) count with their own metric, as with `metric`. The estimate is the difference of the
   two prefix scores; its uncertainty comes from the per-document differences d of each task (weighted,
