@@ -183,7 +183,12 @@ class SearchConfig(BaseModel):
         # YAML reads a bare `off` as false; `on` (true) is a block of every default
         if v is False or v == "off":
             return None
-        return {} if v is True or v == "on" else v
+        if v is True or v == "on":
+            return {}
+        if v is not None and v != "auto" and not isinstance(v, (dict, RacingConfig)):
+            raise ValueError(f"must be auto, on, off or a block of racing settings ({{stages: [0.2, 1.0], ...}}), "
+                             f"not {v!r}")
+        return v
 
 
 class RunOptions(BaseModel):

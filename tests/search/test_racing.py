@@ -538,6 +538,8 @@ def test_raced_lm_eval_scores_equal_unraced_ones(tiny_source_dirs, tiny_suite_di
     ({"stage": [0.5, 1.0]}, "stage"),
     ({"keep_by": "tokens"}, "keep_by"),
     ({"bound_by": "score"}, "bound_by"),
+    ("sometimes", "racing: Value error, must be auto, on, off or a block of racing settings"),
+    (3, "not 3"),
 ])
 def test_a_bad_racing_block_is_one_line_exit_2_and_writes_nothing(sources, tmp_path, racing, phrase):
     import yaml
