@@ -168,7 +168,7 @@ def test_two_node_ray_cluster_loses_a_node_mid_generation(sources, tmp_path):
         watcher = threading.Thread(target=remove_when_held, daemon=True)
         watcher.start()
         cfg = make_config(sources, tmp_path / "cluster", workers=2, threads=1, ray=cluster.address, **kw)
-        run_evolution(cfg, evaluate=Logged(log, sleep=0.05, hold=(second, 7)), **QUIET)
+        run_evolution(cfg, evaluate=Logged(log, sleep=0.4, hold=(second, 7)), **QUIET)  # slow enough for a late actor
         assert not ray.is_initialized()
     finally:
         stop.set()
