@@ -458,9 +458,7 @@ def right_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, wi
         top = max(lls)
         weights = [math.exp(x - top) for x in lls]
         probs[doc] = math.fsum(weights[g] for g in set(golds)) / math.fsum(weights)
-    if any(d not in probs for d in window):
-        return None
-    return [probs[d] for d in window]
+    return in_window(probs, window)
 
 
 def answer_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, window: range,
@@ -475,9 +473,14 @@ def answer_probabilities(samples: Sequence[Mapping[str, Any]], spec: TaskSpec, w
             return None
         if ll is not None:
             probs[doc] = math.exp(ll)
-    if any(d not in probs for d in window):
+    return in_window(probs, window)
+
+
+def in_window(values: Mapping[int, float], window: range) -> list[float] | None:
+    """The values of the documents of `window`, in order; None unless every one of them has a value."""
+    if any(d not in values for d in window):
         return None
-    return [probs[d] for d in window]
+    return [values[d] for d in window]
 
 
 def _hops_of(model: PreTrainedModel) -> int:
