@@ -52,7 +52,8 @@ from dfs_merge.stitch import stitch
 ROUTES = {"tiny": "0:0-2, 0:1-3", "smollm2": "0:0-19, 0:10-29", "qwen": "0:0-15, 0:8-23"}
 REPEATS = {"tiny": 3, "smollm2": 2, "qwen": 2}  # a SmolLM2 repeat costs 2.5-4 minutes on 2 cores
 TASKS = "cloze_mc_dev:100,prose_ppl_dev:16"
-NO_B = {"s": float("nan"), "write_s": float("nan"), "load_s": float("nan"), "score_s": float("nan"), "metric": None}
+B_KEYS = ("value_b", "a_equals_b", "B_s", "B_write_s", "B_load_s", "B_score_s", "B_over_A", "B_over_A_each",
+          "B_minus_A_s")
 
 
 def build_with_mergekit(config: Path, out: Path, cli: bool = False) -> None:
@@ -134,11 +135,12 @@ def bench_task(pool: SourcePool, route: Route, genome: Genome, task: str, limit:
         model, fed = a.pop("model"), a.pop("batches")
         c = time_floor(model, batches, 1)[0]
         del model
-        b = run_b(genome, fit, pool.dtype, tmp, args.mergekit_cli) if not args.no_b else NO_B
+        b = None if args.no_b else run_b(genome, fit, pool.dtype, tmp, args.mergekit_cli)
         runs.append({"a": a, "c_s": c, "b": b, "batches": len(batches), "tokens": sum(x.numel() for x in batches),
                      "tokens_in_a": sum(x.numel() for x in fed), "loadavg": loadavg()})
-        print(f"  {task}: A {a['s']:.2f}s (forward {a['forward_s']:.2f}s)  C {c:.2f}s  B {b['s']:.2f}s "
-              f"(write {b['write_s']:.2f} load {b['load_s']:.2f} score {b['score_s']:.2f})  load {loadavg()}",
+        b_line = "" if b is None else (f"  B {b['s']:.2f}s (write {b['write_s']:.2f} load {b['load_s']:.2f} "
+                                       f"score {b['score_s']:.2f})")
+        print(f"  {task}: A {a['s']:.2f}s (forward {a['forward_s']:.2f}s)  C {c:.2f}s{b_line}  load {loadavg()}",
               file=sys.stderr, flush=True)
     return summarise(task, fit.describe()[task], runs)
 
@@ -150,16 +152,13 @@ def summarise(task: str, described: dict[str, Any], runs: list[dict[str, Any]]) 
     def med(f: Any) -> float:
         return median([f(r) for r in runs])
 
-    a_s, c_s, b_s = med(lambda r: r["a"]["s"]), med(lambda r: r["c_s"]), med(lambda r: r["b"]["s"])
+    a_s, c_s = med(lambda r: r["a"]["s"]), med(lambda r: r["c_s"])
     metrics_a = {r["a"]["metric"] for r in runs}
-    metric_b = runs[-1]["b"]["metric"]
-    return {
+    row = {
         "task": task,
         "docs": described["docs"],
         "metric": described["metric"],
         "value_a": runs[-1]["a"]["metric"],
-        "value_b": metric_b,
-        "a_equals_b": None if metric_b is None else len(metrics_a) == 1 and metric_b in metrics_a,
         "batches": runs[-1]["batches"],
         "tokens_forwarded": runs[-1]["tokens"],  # C's: every request whole
         "tokens_in_a": runs[-1]["tokens_in_a"],
@@ -167,19 +166,26 @@ def summarise(task: str, described: dict[str, Any], runs: list[dict[str, Any]]) 
         "A_stitch_s": round(med(lambda r: r["a"]["stitch_s"]), 5),
         "A_forward_s": round(med(lambda r: r["a"]["forward_s"]), 4),
         "C_s": round(c_s, 4),
-        "B_s": round(b_s, 4),
-        "B_write_s": round(med(lambda r: r["b"]["write_s"]), 4),
-        "B_load_s": round(med(lambda r: r["b"]["load_s"]), 4),
-        "B_score_s": round(med(lambda r: r["b"]["score_s"]), 4),
         "A_over_C": round(med(lambda r: r["a"]["s"] / r["c_s"]), 4),
         "A_over_C_each": [round(r["a"]["s"] / r["c_s"], 4) for r in runs],
         "A_over_C_best": round(min(r["a"]["s"] for r in runs) / min(r["c_s"] for r in runs), 4),
         "A_over_forward_in_A": round(med(lambda r: r["a"]["s"] / r["a"]["forward_s"]), 4),
+    }
+    if any(r["b"] is None for r in runs):  # B was not run (--no-b): its figures are null
+        return row | dict.fromkeys(B_KEYS) | {"runs": runs}
+    metric_b = runs[-1]["b"]["metric"]
+    row |= {
+        "value_b": metric_b,
+        "a_equals_b": None if metric_b is None else len(metrics_a) == 1 and metric_b in metrics_a,
+        "B_s": round(med(lambda r: r["b"]["s"]), 4),
+        "B_write_s": round(med(lambda r: r["b"]["write_s"]), 4),
+        "B_load_s": round(med(lambda r: r["b"]["load_s"]), 4),
+        "B_score_s": round(med(lambda r: r["b"]["score_s"]), 4),
         "B_over_A": round(med(lambda r: r["b"]["s"] / r["a"]["s"]), 4),
         "B_over_A_each": [round(r["b"]["s"] / r["a"]["s"], 4) for r in runs],
         "B_minus_A_s": round(med(lambda r: r["b"]["s"] - r["a"]["s"]), 4),
-        "runs": runs,
     }
+    return row | {"runs": runs}
 
 
 def bench_model(name: str, folder: Path, tasks: list[tuple[str, int]], args: Any, tmp: Path) -> dict[str, Any]:
@@ -211,8 +217,10 @@ def print_table(models: list[dict[str, Any]]) -> None:
         for r in m["tasks"]:
             print(f"{m['model']:8} {r['task']:14} {r['docs']:>4} {r['tokens_forwarded']:>6} {r['A_s']:>8.2f} "
                   f"{r['C_s']:>8.2f} {r['A_over_C']:>5.2f} {r['A_over_C_best']:>5.2f} "
-                  f"{r['A_over_forward_in_A']:>5.2f} {r['B_s']:>8.2f} "
-                  f"{r['B_write_s']:>6.2f} {r['B_load_s']:>5.2f} {r['B_score_s']:>8.2f} {r['B_over_A']:>5.2f}")
+                  f"{r['A_over_forward_in_A']:>5.2f} " + (
+                      "       -      -     -        -     -" if r["B_s"] is None else
+                      f"{r['B_s']:>8.2f} {r['B_write_s']:>6.2f} {r['B_load_s']:>5.2f} {r['B_score_s']:>8.2f} "
+                      f"{r['B_over_A']:>5.2f}"))
         mem = m["memory"]
         print(f"{m['model']:8} RSS 1 live candidate {mem['rss_1_mb']:.1f} MB, 32: {mem['rss_32_mb']:.1f} MB "
               f"({mem['ratio_32_vs_1']:.4f}x, {mem['kb_per_extra_candidate']:.1f} KB per extra candidate)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -77,7 +76,7 @@ def targets() -> list[dict[str, Any]]:
                 if m["model"] == "smollm2":
                     add("A/C <= 1.15 (SmolLM2, no prefix cache)", f"{r['task']} A / forward inside A",
                         r["A_over_forward_in_A"], r["A_over_forward_in_A"] <= 1.15, load, date)
-                    if r["task"].startswith("cloze_mc") and not math.isnan(r["B_over_A"]):  # NaN: B was not run (--no-b)
+                    if r["task"].startswith("cloze_mc") and r["B_over_A"] is not None:  # None: B was not run (--no-b)
                         add("B/A >= 5 (SmolLM2, multiple choice)", f"{r['task']} B/A", r["B_over_A"],
                             r["B_over_A"] >= 5, load, date)
             mem = m["memory"]

@@ -33,6 +33,20 @@ def test_throughput_runs_a_b_c_on_the_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_throughput_without_b_writes_null_for_b_in_strict_json(tmp_path):
+    import bench_throughput
+
+    out = tmp_path / "throughput.json"
+    bench_throughput.main(["--models", "tiny", "--tasks", "cloze_mc_dev:2", "--repeats", "1", "--threads", "0",
+                           "--no-b", "--out", str(out)])
+    # NaN is not JSON: a strict parser refuses it
+    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the result file"))
+    (row,) = result["models"][0]["tasks"]
+    assert row["A_s"] > 0 and row["C_s"] > 0
+    assert row["B_s"] is None and row["B_over_A"] is None and row["a_equals_b"] is None
+
+
+@pytest.mark.slow
 def test_racing_zoo_bench_compares_a_raced_search_with_the_same_unraced(tmp_path):
     import bench_racing_zoo
 
