@@ -144,3 +144,28 @@ def test_export_bench_times_our_export_and_mergekit_side_by_side(tmp_path, tiny_
     rows = {r["variant"]: r for r in result["rows"]}
     assert len(rows) == 2 and all(r["seconds"] > 0 and r["peak_mb"] > 0 for r in rows.values())
     assert rows["dfs-merge (default: quick verify)"]["verify_s"] > 0
+
+
+def test_racing_floor_counts_dominating_candidates_of_the_same_or_earlier_generations(tmp_path):
+    import racing_floor
+
+    search = tmp_path / "evolved"
+    search.mkdir()
+    (search / "config.yaml").write_text(yaml.safe_dump({"sources": ["m"], "seed_routes": [], "population": 3,
+                                                        "objectives": ["score", "hops"]}))
+    rows = [(0, -1.0, 10),   # the seed: scored whole
+            (0, -2.0, 8),    # no one has fewer hops and a better score: on the front
+            (1, -3.0, 10),   # dominated by both generation-0 candidates
+            (1, -0.5, 12),   # best score: on the front
+            (2, -0.9, 9)]    # on the front when it is made (the -0.5 has more hops)
+    (search / "evals.jsonl").write_text("".join(
+        json.dumps({"generation": g, "score": s, "hops": h}) + "\n" for g, s, h in rows))
+    result = racing_floor.floors(search, cuts=[1, 2], first_stages=[0.2, 0.0])
+    assert result["seeds"] == 1 and result["candidates"] == 5
+    by = {(f["cut"], f["first_stage"]): (f["may_stop"], f["floor"]) for f in result["floors"]}
+    # one candidate of the four may stop, at either cut: (1 seed + 3 kept + f x 1) / 5
+    assert by[(1, 0.2)] == (1, round(4.2 / 5, 3)) and by[(2, 0.0)] == (1, 0.8)
+    with (search / "evals.jsonl").open("a") as log:
+        log.write(json.dumps({"generation": 3, "score": -5.0, "hops": 9, "evaluation": {"race": {"dropped": 0}}}))
+    with pytest.raises(SystemExit, match="a raced search"):
+        racing_floor.floors(search, cuts=[1], first_stages=[0.2])
