@@ -83,10 +83,10 @@ def racing_as_recorded(cfg: RunConfig) -> RunConfig:
     if cfg.racing != "auto" or not saved.is_file():
         return cfg
     try:
-        recorded = yaml.safe_load(saved.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        recorded = read_yaml(saved, ConfigError)  # the safe reader: aliases refused before they are expanded
+    except ConfigError:
         return cfg  # `RunDir.open` says what is wrong with it
-    if isinstance(recorded, dict) and "racing" in recorded and recorded["racing"] is None:
+    if "racing" in recorded and recorded["racing"] is None:
         return cfg.model_copy(update={"racing": None})
     return cfg
 

@@ -479,6 +479,11 @@ def test_a_run_made_unraced_before_auto_resumes_unraced(sources, tmp_path):
     with pytest.raises(ConfigError, match="racing differs"):
         run_evolution(make_config(sources, auto, racing="off", generations=2, **kw), resume=True,
                       evaluate=SizedDocs(100), **QUIET)
+    # the run folder's config.yaml is read with the safe reader (`read_yaml`) when looking for its racing: an alias
+    # is refused in one line
+    (auto / "config.yaml").write_text("racing: &r null\nmore: [*r, *r]\n")
+    with pytest.raises(ConfigError, match=r"YAML aliases are not accepted \(\*r"):
+        run_evolution(make_config(sources, auto, generations=2, **kw), resume=True, evaluate=SizedDocs(100), **QUIET)
 
 
 def test_racing_words():
