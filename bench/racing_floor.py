@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from dfs_merge.errors import ConfigError, DfsMergeError
+from dfs_merge.inputs import read_yaml
 
 
 def dominators(rows: list[dict[str, Any]], candidates: list[dict[str, Any]], with_hops: bool) -> list[int]:
@@ -40,11 +41,14 @@ def dominators(rows: list[dict[str, Any]], candidates: list[dict[str, Any]], wit
 
 def floors(search: Path, cuts: list[int], first_stages: list[float]) -> dict[str, Any]:
     """The floor of documents per candidate for each cut and first-stage fraction, on one unraced search."""
-    rows = [json.loads(x) for x in (search / "evals.jsonl").read_text().splitlines() if x.strip()]
-    cfg = yaml.safe_load((search / "config.yaml").read_text())
+    cfg = read_yaml(search / "config.yaml", ConfigError)
+    try:
+        rows = [json.loads(x) for x in (search / "evals.jsonl").read_text().splitlines() if x.strip()]
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"{search / 'evals.jsonl'}: not a search's log ({err})") from None
     if any("race" in r.get("evaluation", {}) for r in rows):
-        raise SystemExit(f"{search}: a raced search (its evaluations have race records); the floor needs every "
-                         "candidate's score on every document")
+        raise ConfigError(f"{search}: a raced search (its evaluations have race records); the floor needs every "
+                          "candidate's score on every document")
     # generation 0 opens with the seeds (each source unchanged, then seed_routes): racing never stops them
     n_seeds = min(len(cfg["sources"]) + len(cfg.get("seed_routes") or []), cfg["population"])
     raced = rows[n_seeds:]
@@ -65,15 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-stages", default="0.2,0.125,0", help="comma list of first-stage fractions")
     args = ap.parse_args(argv)
     stages = [float(x) for x in args.first_stages.split(",")]
+    rows = []
+    try:
+        for search in args.searches:
+            pop = read_yaml(search / "config.yaml", ConfigError)["population"]
+            r = floors(search, [int(x) for x in args.cuts.split(",")] if args.cuts else [1, pop], stages)
+            rows += [f"| {search} | {r['candidates']} | {r['seeds']} | {f['cut']} | {f['may_stop']} | "
+                     f"{f['first_stage']} | {f['floor']:.3f} |" for f in r["floors"]]
+    except (DfsMergeError, KeyError, TypeError) as err:
+        print(f"racing_floor: {err}", file=sys.stderr)
+        return 2
     print("| search | candidates | seeds | cut | may stop | first stage | documents per candidate >= |")
-    print("|---|---|---|---|---|---|---|")
-    for search in args.searches:
-        pop = yaml.safe_load((search / "config.yaml").read_text())["population"]
-        cuts = [int(x) for x in args.cuts.split(",")] if args.cuts else [1, pop]
-        r = floors(search, cuts, stages)
-        for f in r["floors"]:
-            print(f"| {search} | {r['candidates']} | {r['seeds']} | {f['cut']} | {f['may_stop']} | "
-                  f"{f['first_stage']} | {f['floor']:.3f} |")
+    print("|---|---|---|---|---|---|---|", *rows, sep="\n")
     return 0
 
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from dfs_merge import CHECKOUT
+from dfs_merge.errors import ConfigError
 
 BENCH = CHECKOUT / "bench"
 sys.path.insert(0, str(BENCH))
@@ -167,5 +168,7 @@ def test_racing_floor_counts_dominating_candidates_of_the_same_or_earlier_genera
     assert by[(1, 0.2)] == (1, round(4.2 / 5, 3)) and by[(2, 0.0)] == (1, 0.8)
     with (search / "evals.jsonl").open("a") as log:
         log.write(json.dumps({"generation": 3, "score": -5.0, "hops": 9, "evaluation": {"race": {"dropped": 0}}}))
-    with pytest.raises(SystemExit, match="a raced search"):
+    with pytest.raises(ConfigError, match="a raced search"):
         racing_floor.floors(search, cuts=[1], first_stages=[0.2])
+    assert racing_floor.main([str(search)]) == 2  # one line, no table
+    assert racing_floor.main([str(tmp_path / "missing")]) == 2
